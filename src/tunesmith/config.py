@@ -1,0 +1,168 @@
+"""The run configuration: YAML validated by pydantic. Unknown keys and wrong types name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunesmith.errors import ConfigError
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Strict):
+    path: str = Field(DEFAULT_MODEL, description="builtin:NAME, a local HF folder, or a hub id")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class LoraSettings(Strict):
+    name: Literal["lora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: list(ALL_LINEAR),
+        description="module name suffixes, or a regex string matched against full module names",
+    )
+    rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+
+
+class DataSettings(Strict):
+    train: str | list[str]
+    eval: str | list[str] | None = None
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    max_length: int = Field(1024, gt=8)
+    overlong: Literal["drop", "truncate", "split"] | None = Field(
+        None, description="what to do with examples over max_length; default: drop for sft, split for text"
+    )
+    train_on_prompt: bool = False
+    packing: bool = True
+    system_prompt: str | None = None
+    max_examples: int | None = Field(None, gt=0)
+
+
+class TrainSettings(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 42
+    bf16: bool = Field(False, description="bf16 autocast with fp32 master weights")
+    threads: int | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class ReportSettings(Strict):
+    compare: bool = True
+    heldout_samples: int = Field(3, ge=0)
+    trained_samples: int = Field(3, ge=0)
+    max_new_tokens: int = Field(64, gt=0)
+
+
+class RunConfig(Strict):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    method: LoraSettings = Field(default_factory=LoraSettings)
+    objective: Literal["sft", "text"] = "sft"
+    data: DataSettings
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    output_dir: str = "runs/latest"
+
+    @model_validator(mode="after")
+    def _objective_fits_data(self) -> "RunConfig":
+        if self.objective == "sft" and self.data.overlong == "split":
+            raise ValueError("data.overlong: 'split' cuts chat examples mid-turn; use 'drop' or 'truncate' for sft")
+        return self
+
+    @property
+    def overlong(self) -> str:
+        return self.data.overlong or ("split" if self.objective == "text" else "drop")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: the configuration is not valid:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {field}: unknown key (check the spelling; see `tunesmith train --help`)")
+        elif e["type"] == "missing":
+            lines.append(f"  - {field}: required but missing")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {field}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}={raw}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
+    tree: dict = dict(base or {})
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, method, data, ...), got {type(loaded).__name__}")
+        tree.update(loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

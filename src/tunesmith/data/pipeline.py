@@ -1,0 +1,72 @@
+"""Read → validate → normalise → tokenize → length policy, for the train and eval sets of a run."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tunesmith.config import RunConfig
+from tunesmith.data.formats import Chat, normalize_all
+from tunesmith.data.sources import read_many
+from tunesmith.data.templates import LengthReport, Tokenized, apply_length_policy, tokenize_all
+from tunesmith.errors import DataError
+
+OBJECTIVE_FORMATS = {"sft": ("alpaca", "sharegpt", "messages"), "text": ("text",)}
+
+
+@dataclass
+class Datasets:
+    train: list[Tokenized]
+    eval: list[Tokenized]
+    train_items: list  # normalised chats/documents, for sample generations
+    eval_items: list
+    format: str
+    train_report: LengthReport
+    eval_report: LengthReport | None
+
+
+def load_items(paths, cfg: RunConfig, field: str) -> tuple[str, list]:
+    fmt, items = normalize_all(read_many(paths), cfg.data.format, cfg.data.system_prompt)
+    allowed = OBJECTIVE_FORMATS[cfg.objective]
+    if fmt not in allowed:
+        raise DataError(
+            f"{field}: the data is in '{fmt}' format but objective '{cfg.objective}' expects {' or '.join(allowed)}"
+            + (" (raw documents with a 'text' field)" if cfg.objective == "text" else " (conversations)")
+        )
+    return fmt, items
+
+
+def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
+    fmt, train_items = load_items(cfg.data.train, cfg, "data.train")
+    if cfg.data.max_examples:
+        train_items = train_items[: cfg.data.max_examples]
+    if cfg.data.eval:
+        _, eval_items = load_items(cfg.data.eval, cfg, "data.eval")
+    elif cfg.data.eval_fraction > 0:
+        rng = random.Random(cfg.train.seed)
+        order = list(range(len(train_items)))
+        rng.shuffle(order)
+        n_eval = max(1, int(round(len(order) * cfg.data.eval_fraction)))
+        held = set(order[:n_eval])
+        eval_items = [x for i, x in enumerate(train_items) if i in held]
+        train_items = [x for i, x in enumerate(train_items) if i not in held]
+    else:
+        eval_items = []
+    train, train_report = apply_length_policy(
+        tokenize_all(tokenizer, train_items, cfg.data.train_on_prompt), cfg.data.max_length, cfg.overlong
+    )
+    eval_report = None
+    evals: list[Tokenized] = []
+    if eval_items:
+        evals, eval_report = apply_length_policy(
+            tokenize_all(tokenizer, eval_items, cfg.data.train_on_prompt), cfg.data.max_length, cfg.overlong
+        )
+    return Datasets(train, evals, train_items, eval_items, fmt, train_report, eval_report)
+
+
+def prompt_and_answer(item) -> tuple[list[dict], str] | None:
+    """Split a chat at its last assistant turn, for sample generations."""
+    if not isinstance(item, Chat):
+        return None
+    last = max(i for i, m in enumerate(item.messages) if m["role"] == "assistant")
+    return item.messages[:last], item.messages[last]["content"]

@@ -1,0 +1,28 @@
+"""Text generation with the tokenizer's chat template."""
+
+from __future__ import annotations
+
+import torch
+
+from tunesmith.data.templates import ensure_chat_template, render
+
+
+@torch.no_grad()
+def generate_chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                  top_p: float = 1.0) -> str:
+    ensure_chat_template(tokenizer)
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "use_cache": True,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), **kwargs)
+    if was_training:
+        model.train()
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

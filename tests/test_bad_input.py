@@ -1,0 +1,145 @@
+"""Each bad input: a one-paragraph error naming where and what, exit code 2, no traceback, nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from tunesmith.cli import main
+
+
+def _run(tmp_path, cfg: dict, *extra) -> tuple[int, str]:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, main(["train", str(path), "--quiet", *extra])
+
+
+def _check(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_missing_data_file(tiny_config, tmp_path, capsys):
+    tiny_config["data"]["train"] = str(tmp_path / "nope.jsonl")
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "nope.jsonl: data file not found")
+    assert not Path(tiny_config["output_dir"]).exists()
+
+
+def test_malformed_jsonl_line_names_file_and_line(tiny_config, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    tiny_config["data"]["train"] = str(bad)
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, f"{bad}:2: malformed JSON")
+    assert not Path(tiny_config["output_dir"]).exists()
+
+
+def test_record_missing_field(tiny_config, tmp_path, capsys):
+    tiny_config["data"]["train"] = str(write_jsonl(tmp_path / "m.jsonl", [
+        {"instruction": "a", "output": "b"}, {"instruction": "only a question"}]))
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "m.jsonl:2: record is missing 'output'", "alpaca format expects")
+
+
+def test_empty_assistant_turn(tiny_config, tmp_path, capsys):
+    tiny_config["data"]["train"] = str(write_jsonl(tmp_path / "e.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "   "}]}]))
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "e.jsonl:1: turn 1 is an empty assistant turn")
+
+
+def test_non_utf8_bytes(tiny_config, tmp_path, capsys):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "x"}\n')
+    tiny_config["data"]["train"] = str(bad)
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "latin1.jsonl:2: not valid UTF-8")
+
+
+def test_every_example_over_max_length(tiny_config, tmp_path, capsys):
+    tiny_config["data"]["max_length"] = 12
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "longer than data.max_length=12", "data.overlong: truncate")
+    assert not Path(tiny_config["output_dir"]).exists()
+
+
+def test_unknown_config_key(tiny_config, tmp_path, capsys):
+    tiny_config["train"]["learning_rate"] = 1e-4
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "train.learning_rate: unknown key")
+
+
+def test_wrong_type(tiny_config, tmp_path, capsys):
+    tiny_config["train"]["batch_size"] = "eight"
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "train.batch_size", "'eight'")
+
+
+def test_wrong_type_via_set(tiny_config, tmp_path, capsys):
+    _, code = _run(tmp_path, tiny_config, "--set", "method.r=-3")
+    _check(capsys, code, "method.r", "greater than 0")
+
+
+def test_output_dir_with_another_run(tiny_config, tmp_path, capsys):
+    out = Path(tiny_config["output_dir"])
+    out.mkdir()
+    (out / "config.yaml").write_text("something: else\n")
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "already holds a run", "--overwrite", "--resume")
+    assert (out / "config.yaml").read_text() == "something: else\n"  # untouched
+
+
+def test_overwrite_replaces_the_old_run(tiny_config, tmp_path, capsys):
+    out = Path(tiny_config["output_dir"])
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    tiny_config["train"]["max_steps"] = 1
+    _, code = _run(tmp_path, tiny_config, "--overwrite")
+    assert code == 0
+    assert not (out / "stale.txt").exists() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_without_checkpoint(tiny_config, tmp_path, capsys):
+    _, code = _run(tmp_path, tiny_config, "--resume")
+    _check(capsys, code, "nothing to resume")
+
+
+def test_debug_shows_traceback(tiny_config, tmp_path):
+    tiny_config["train"]["learning_rate"] = 1e-4
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", str(path)])
+
+
+def test_config_file_missing(tmp_path, capsys):
+    code = main(["train", str(tmp_path / "absent.yaml")])
+    _check(capsys, code, "absent.yaml: config file not found")
+
+
+def test_objective_data_mismatch(tiny_config, tmp_path, capsys):
+    tiny_config["objective"] = "text"
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "data.train: the data is in 'alpaca' format but objective 'text' expects text")
+
+
+def test_unknown_builtin_model(tiny_config, tmp_path, capsys):
+    tiny_config["model"]["path"] = "builtin:gpt-17"
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "unknown builtin model", "builtin:smollm2-135m-instruct")
+
+
+def test_hub_id_offline_is_explained(tiny_config, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_config["model"]["path"] = "someorg/some-model-that-is-not-cached"
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, "could not reach the Hugging Face Hub", "local folder")
