@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tunesmith train examples/demo_lora_sft.yaml --overwrite --compare
+	$(BIN)/tunesmith train examples/demo_lora_sft.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

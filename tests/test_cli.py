@@ -39,13 +39,18 @@ def test_merge_command_gives_a_plain_model_with_the_adapters_outputs(tiny_model_
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_generate_with_adapter_and_base_differ(tiny_model_dir, tmp_path, capsys):
+def test_generate_runs_with_and_without_adapter_and_the_adapter_is_applied(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.infer.adapters import load_with_adapter
+
     adapter = _trained_adapter(tiny_model_dir, tmp_path)
     assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "Hello"]) == 0
-    base_out = capsys.readouterr().out
     assert main(["generate", "--adapter", str(adapter), "--max-new-tokens", "8", "Hello"]) == 0
-    adapted_out = capsys.readouterr().out
-    assert base_out.strip() and adapted_out.strip() and base_out != adapted_out
+    assert capsys.readouterr().out.count("\n") == 2
+    base, _ = load_with_adapter(str(tiny_model_dir), None)
+    adapted, _ = load_with_adapter(None, str(adapter))  # base found through adapter_config.json
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        assert (base(ids).logits - adapted(ids).logits).abs().max() > 1e-3
 
 
 def test_chat_reads_turns_until_empty_line(tiny_model_dir, monkeypatch, capsys):

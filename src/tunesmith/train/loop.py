@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -214,20 +215,17 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
         start_step, position = meta["step"], meta["data_position"]
         console.print(f"[bold]resume[/bold] from {last.name} (step {start_step})")
 
-    compare = cfg.report.compare and not resume
-    before_loss = evaluate(model, objective, data.eval, cfg, device, pad_id) if compare else None
-    before_heldout = sample_generations(model, tokenizer, data.eval_items, cfg.report.heldout_samples,
-                                        cfg.report.max_new_tokens) if compare else []
-    before_trained = sample_generations(model, tokenizer, data.train_items, cfg.report.trained_samples,
-                                        cfg.report.max_new_tokens) if compare else []
-    if before_loss is not None:
-        console.print(f"[bold]eval[/bold] held-out loss before training: {before_loss:.4f}")
+    baseline = _baseline(run_dir, resume, cfg, model, objective, data, tokenizer, device, pad_id)
+    if baseline["eval_loss"] is not None:
+        console.print(f"[bold]eval[/bold] held-out loss before training: {baseline['eval_loss']:.4f}")
 
     stream = ExampleStream(len(data.train), cfg.train.seed, position)
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
     with MetricsLogger(run_dir, total_steps, start_step, console, quiet) as log:
+        if start_step == 0 and baseline["eval_loss"] is not None:
+            log.log({"step": 0, "eval/loss": baseline["eval_loss"]})
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             micro = [[data.train[i] for i in stream.take(cfg.train.batch_size)] for _ in range(cfg.train.grad_accum)]
@@ -262,15 +260,30 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     seconds = time.perf_counter() - started
 
     method.save(model, cfg.method, run_dir / "adapter", cfg.model.path)
-    result = RunResult(run_dir, total_steps, before_loss, after_loss, trainable, total, seconds)
-    result.summary = _summarize(cfg, data, result, tokens_seen, model, tokenizer, compare,
-                                before_heldout, before_trained)
+    result = RunResult(run_dir, total_steps, baseline["eval_loss"], after_loss, trainable, total, seconds)
+    result.summary = _summarize(cfg, data, result, tokens_seen, model, tokenizer, baseline)
     plot_losses(run_dir)
     write_report(run_dir, result.summary, config_yaml)
     return result
 
 
-def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, compare, before_heldout, before_trained):
+def _baseline(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id) -> dict:
+    """Held-out loss and sample generations of the untouched model, kept in the run so a resumed run reports them."""
+    path = run_dir / "baseline.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
+    if cfg.report.compare:
+        baseline["eval_loss"] = evaluate(model, objective, data.eval, cfg, device, pad_id)
+        baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
+                                                         cfg.report.heldout_samples, cfg.report.max_new_tokens)
+        baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
+                                                         cfg.report.trained_samples, cfg.report.max_new_tokens)
+    atomic_write_text(path, json.dumps(baseline, indent=1))
+    return baseline
+
+
+def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict) -> dict:
     facts = {
         "model": cfg.model.path,
         "method": f"{cfg.method.name} ({result.trainable:,} trainable of {result.total:,} = "
@@ -285,10 +298,9 @@ def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, comp
     if result.eval_before is not None and result.eval_after is not None:
         summary["before_after"]["held-out loss"] = (result.eval_before, result.eval_after)
         summary["before_after"]["held-out perplexity"] = (math.exp(result.eval_before), math.exp(result.eval_after))
-    if compare:
-        for key, items, before in (("heldout_samples", data.eval_items, before_heldout),
-                                   ("trained_samples", data.train_items, before_trained)):
-            after = sample_generations(model, tokenizer, items, len(before), cfg.report.max_new_tokens)
-            summary[key] = [{"prompt": b["prompt"], "reference": b["reference"], "before": b["output"],
-                             "after": a["output"]} for b, a in zip(before, after)]
+    for key, items in (("heldout_samples", data.eval_items), ("trained_samples", data.train_items)):
+        before = baseline[key]
+        after = sample_generations(model, tokenizer, items, len(before), cfg.report.max_new_tokens) if before else []
+        summary[key] = [{"prompt": b["prompt"], "reference": b["reference"], "before": b["output"],
+                         "after": a["output"]} for b, a in zip(before, after)]
     return summary
