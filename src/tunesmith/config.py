@@ -9,9 +9,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunesmith.errors import ConfigError
+from tunesmith.methods.settings import ALL_LINEAR, METHOD_NAMES, LoraSettings, MethodSettings  # noqa: F401
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class Strict(BaseModel):
@@ -22,18 +22,6 @@ class ModelSettings(Strict):
     path: str = Field(DEFAULT_MODEL, description="builtin:NAME, a local HF folder, or a hub id")
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
-
-
-class LoraSettings(Strict):
-    name: Literal["lora"] = "lora"
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: list(ALL_LINEAR),
-        description="module name suffixes, or a regex string matched against full module names",
-    )
-    rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
 
 
 class DataSettings(Strict):
@@ -80,7 +68,7 @@ class ReportSettings(Strict):
 
 class RunConfig(Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
-    method: LoraSettings = Field(default_factory=LoraSettings)
+    method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name")
     objective: Literal["sft", "text"] = "sft"
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -101,8 +89,14 @@ class RunConfig(Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: the configuration is not valid:"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        loc = list(e["loc"])
+        if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_NAMES:
+            del loc[1]  # the discriminator tag pydantic inserts
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "union_tag_invalid":
+            got = (e.get("ctx") or {}).get("tag")
+            lines.append(f"  - {field}.name: unknown method {got!r}; expected one of: {', '.join(METHOD_NAMES)}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  - {field}: unknown key (check the spelling; see `tunesmith train --help`)")
         elif e["type"] == "missing":
             lines.append(f"  - {field}: required but missing")

@@ -18,15 +18,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def get_method(name: str):
-    from tunesmith.methods import lora
-
-    methods = {"lora": lora}
-    if name not in methods:
-        raise ConfigError(f"method.name: unknown method {name!r}; expected one of {sorted(methods)}")
-    return methods[name]
-
-
 def match_modules(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear,)) -> list[str]:
     """PEFT's rule: a list matches names equal to or ending in '.<entry>'; a string is a full-name regex."""
     names = []
@@ -104,20 +95,43 @@ def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
         raise
 
 
+def read_adapter_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    cfg_path = folder / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise ModelError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    if not cfg_path.is_file():
-        raise ModelError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+    config = read_adapter_config(folder)
+    w_path = folder / ADAPTER_WEIGHTS
     if not w_path.is_file():
         if (folder / "adapter_model.bin").is_file():
             raise ModelError(f"{folder}: holds adapter_model.bin (pickle); tunesmith loads safetensors only. "
                              "Re-save it with peft's save_pretrained(safe_serialization=True).")
         raise ModelError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path}:{e.lineno}: malformed JSON ({e.msg})") from None
     return config, load_file(str(w_path))
+
+
+def check_and_copy(folder, ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the model's, refusing with the differing names/shapes if they do not fit."""
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    wrong = [(k, tuple(theirs[k].shape), tuple(ours[k].shape))
+             for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{folder}: this adapter does not fit the base model (made for a different base?)"]
+        lines += [f"  - {k}: adapter has {a}, model expects {b}" for k, a, b in wrong[:5]]
+        lines += [f"  - missing in adapter: {k}" for k in missing[:3]]
+        lines += [f"  - not in model: {k}" for k in unexpected[:3]]
+        raise ModelError("\n".join(lines))
+    with torch.no_grad():
+        for k, p in ours.items():
+            p.copy_(theirs[k].to(p.dtype))

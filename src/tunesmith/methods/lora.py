@@ -11,14 +11,17 @@ import math
 import torch
 from torch import nn
 
-from tunesmith.config import LoraSettings
+from tunesmith.methods.settings import LoraSettings
 from tunesmith.errors import ModelError
-from tunesmith.methods.base import (
-    freeze_all, match_modules, read_adapter, replace_module, write_adapter,
-)
+from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, replace_module, write_adapter
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
+MERGEABLE = True
+
+
+def claims(config: dict) -> bool:
+    return config.get("peft_type") == "LORA" and not config.get("use_dora")
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
@@ -188,16 +191,5 @@ def load(model: nn.Module, folder, adapter_name: str = DEFAULT) -> LoraSettings:
             ours[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             ours[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
     theirs = {k.replace(f".{adapter_name}.", "."): v for k, v in tensors.items()}
-    missing = sorted(set(ours) - set(theirs))
-    unexpected = sorted(set(theirs) - set(ours))
-    wrong = [(k, tuple(theirs[k].shape), tuple(ours[k].shape)) for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{folder}: this adapter does not fit the base model (made for a different base?)"]
-        lines += [f"  - {k}: adapter has {a}, model expects {b}" for k, a, b in wrong[:5]]
-        lines += [f"  - missing in adapter: {k}" for k in missing[:3]]
-        lines += [f"  - not in model: {k}" for k in unexpected[:3]]
-        raise ModelError("\n".join(lines))
-    with torch.no_grad():
-        for k, p in ours.items():
-            p.copy_(theirs[k].to(p.dtype))
+    check_and_copy(folder, ours, theirs)
     return settings

@@ -18,6 +18,14 @@ def _attention_mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (B, L, H) aligned with batch["input_ids"].
+
+    Virtual-token methods (prompt, prefix, P-tuning v2) attach `model.tunesmith_virtual`, which runs the
+    decoder itself (adding its virtual tokens / key-value prefixes) and returns the same alignment.
+    """
+    virtual = getattr(model, "tunesmith_virtual", None)
+    if virtual is not None:
+        return virtual.hidden_states(model, batch)
     decoder = model.get_decoder()
     dtype = next(model.parameters()).dtype
     out = decoder(

@@ -259,7 +259,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             log.log({"step": total_steps, "eval/loss": after_loss})
     seconds = time.perf_counter() - started
 
-    method.save(model, cfg.method, run_dir / "adapter", cfg.model.path)
+    method.save(model, cfg.method, run_dir / getattr(method, "OUTPUT_NAME", "adapter"), cfg.model.path)
     result = RunResult(run_dir, total_steps, baseline["eval_loss"], after_loss, trainable, total, seconds)
     result.summary = _summarize(cfg, data, result, tokens_seen, model, tokenizer, baseline)
     plot_losses(run_dir)
