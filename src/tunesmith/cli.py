@@ -13,7 +13,11 @@ EPILOG = "Config reference: README.md (section 'Config'). Example configs: examp
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="builtin:NAME, a local HF folder or a hub id "
                    "(default: the adapter's base model, else builtin:smollm2-135m-instruct)")
-    p.add_argument("--adapter", default=None, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter folder (adapter_config.json + adapter_model.safetensors); repeat with NAME=PATH "
+                   "to load several LoRA adapters into one base")
+    p.add_argument("--use", default=None, metavar="NAME",
+                   help="which loaded adapter is active ('none': the bare base model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
 
@@ -91,7 +95,7 @@ def _print_summary(result) -> None:
 def _load_for_inference(args):
     from tunesmith.infer.adapters import load_with_adapter
 
-    return load_with_adapter(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    return load_with_adapter(args.model, args.adapter, args.dtype, args.trust_remote_code, args.use)
 
 
 def cmd_generate(args) -> int:
@@ -109,7 +113,8 @@ def cmd_chat(args) -> int:
 
     model, tok = _load_for_inference(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
+    print("chat: type a message; '/use NAME' switches adapter ('/use none': the base); an empty line or Ctrl-D "
+          "quits.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -117,6 +122,13 @@ def cmd_chat(args) -> int:
             break
         if not line.strip():
             break
+        if line.startswith("/use "):
+            from tunesmith.methods import lora
+
+            name = line.split(None, 1)[1].strip()
+            lora.set_active(model, None if name == "none" else name)
+            print(f"(now using {name})", flush=True)
+            continue
         history.append({"role": "user", "content": line})
         answer = generate_chat(model, tok, history, args.max_new_tokens, args.temperature)
         history.append({"role": "assistant", "content": answer})

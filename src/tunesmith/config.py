@@ -75,6 +75,13 @@ class RunConfig(Strict):
     report: ReportSettings = Field(default_factory=ReportSettings)
     output_dir: str = "runs/latest"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_by_default(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {"name": "lora", **data["method"]}}
+        return data
+
     @model_validator(mode="after")
     def _objective_fits_data(self) -> "RunConfig":
         if self.objective == "sft" and self.data.overlong == "split":

@@ -1,4 +1,4 @@
-"""Base model + adapter for inference, and merging an adapter into a plain HF model folder."""
+"""Base model + adapters for inference (several named LoRA adapters can share one base), and merging."""
 
 from __future__ import annotations
 
@@ -8,43 +8,83 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.config import DEFAULT_MODEL
-from tunesmith.errors import OutputDirError
-from tunesmith.methods.base import read_adapter
+from tunesmith.errors import ConfigError, ModelError, OutputDirError
+from tunesmith.methods import method_for_adapter
+from tunesmith.methods.base import read_adapter_config
 
 
-def adapter_base(adapter: str | None, model: str | None) -> str:
+def adapter_base(adapters: dict[str, str], model: str | None) -> str:
     if model:
         return model
-    if adapter:
-        config, _ = read_adapter(adapter)
-        return config.get("base_model_name_or_path") or DEFAULT_MODEL
+    for path in adapters.values():
+        return read_adapter_config(path).get("base_model_name_or_path") or DEFAULT_MODEL
     return DEFAULT_MODEL
 
 
-def load_with_adapter(model_path: str | None, adapter: str | None, dtype: str = "float32",
-                      trust_remote_code: bool = False):
+def parse_adapter_args(values: list[str] | str | None) -> dict[str, str]:
+    """`--adapter PATH` or `--adapter NAME=PATH` (repeatable) → {name: path}."""
+    if not values:
+        return {}
+    values = [values] if isinstance(values, str) else values
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = ("default" if len(values) == 1 else Path(v).name), v
+        if name in out:
+            raise ConfigError(f"--adapter: the name {name!r} is used twice")
+        out[name] = path
+    return out
+
+
+def load_adapters(model, adapters: dict[str, str]) -> dict[str, str]:
+    """Load each named adapter; returns {name: method}. Only LoRA-family adapters can share one model."""
+    from tunesmith.methods import lora
+
+    methods = {}
+    for name, path in adapters.items():
+        method_name, module = method_for_adapter(path)
+        methods[name] = method_name
+        if len(adapters) > 1 and module is not lora:
+            raise ConfigError(f"--adapter {name}={path}: a {method_name} adapter cannot share the model with "
+                              "others; several adapters at once work for LoRA adapters")
+        if module is lora:
+            lora.load(model, path, name)
+        else:
+            module.load(model, path)
+    return methods
+
+
+def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", trust_remote_code: bool = False,
+                      use: str | None = None):
+    """Load the base and the adapters (`adapter`: a path, a list of NAME=PATH, or None); activate `use`."""
     from tunesmith.methods import lora
     from tunesmith.models import load_model, load_tokenizer
 
-    base = adapter_base(adapter, model_path)
+    adapters = parse_adapter_args(adapter)
+    base = adapter_base(adapters, model_path)
     model = load_model(base, dtype, trust_remote_code)
     tokenizer = load_tokenizer(base, trust_remote_code)
-    if adapter:
-        lora.load(model, adapter)
+    load_adapters(model, adapters)
+    if len(adapters) > 1 or use:
+        if use is not None and use != "none" and use not in adapters:
+            raise ConfigError(f"--use {use}: no adapter of that name; loaded: {', '.join(adapters)}")
+        lora.set_active(model, None if use in (None, "none") else use)
     model.eval()
     return model, tokenizer
 
 
 def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False) -> Path:
     """Merge into the full-precision base and save with save_pretrained (safetensors), atomically."""
-    from tunesmith.methods import lora
-
     dest = Path(out)
+    method_name, module = method_for_adapter(adapter)
+    if not module.MERGEABLE:
+        raise ModelError(f"{adapter}: method {method_name!r} cannot be merged: {module.NOT_MERGEABLE_REASON}")
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
     model, tokenizer = load_with_adapter(model_path, adapter)
-    lora.merge(model)
-    lora.unload(model)
+    module.merge(model)
+    module.unload(model)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from tunesmith.methods.settings import LoraSettings
-from tunesmith.errors import ModelError
+from tunesmith.methods.settings import DoraSettings, LoraSettings
+from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, replace_module, write_adapter
 
 PEFT_PREFIX = "base_model.model."
@@ -44,6 +44,9 @@ class LoraLinear(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        if not name.isidentifier() or hasattr(self.lora_A, name):
+            raise ModelError(f"adapter name {name!r} is not allowed (use a plain identifier that is not a "
+                             "torch.nn.Module attribute such as 'half' or 'train')")
         w = self.base_layer.weight
         a = nn.Linear(self.base_layer.in_features, r, bias=False, device=w.device, dtype=torch.float32)
         b = nn.Linear(r, self.base_layer.out_features, bias=False, device=w.device, dtype=torch.float32)
@@ -58,20 +61,34 @@ class LoraLinear(nn.Module):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return (b.float() @ a.float()) * self.scaling[name]
 
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This adapter's parameters by their PEFT key suffix."""
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w + self.delta_weight(name).to(w.dtype)
+
+    def unmerged_weight(self, name: str) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w - self.delta_weight(name).to(w.dtype)
+
+    @torch.no_grad()
     def merge(self, name: str | None = None) -> None:
         name = name or self.active
         if name is None or name in self.merged:
             return
         w = self.base_layer.weight
-        w.data += self.delta_weight(name).to(w.dtype)
+        w.data = self.merged_weight(name).to(w.dtype)
         self.merged.add(name)
 
+    @torch.no_grad()
     def unmerge(self, name: str | None = None) -> None:
         name = name or self.active
         if name not in self.merged:
             return
         w = self.base_layer.weight
-        w.data -= self.delta_weight(name).to(w.dtype)
+        w.data = self.unmerged_weight(name).to(w.dtype)
         self.merged.discard(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,14 +107,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT) -> dict[str, LoraLinear]:
-    """Freeze the model and add a LoRA adapter to every targeted linear layer."""
+def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
+          layer_cls: type[LoraLinear] = LoraLinear) -> dict[str, LoraLinear]:
+    """Freeze the model and add an adapter (LoRA, or the variant `layer_cls` is) to every targeted linear layer."""
     freeze_all(model)
     for name in match_modules(model, settings.target_modules, kinds=(nn.Linear, LoraLinear)):
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLinear):
-            layer = LoraLinear(layer)
+            layer = layer_cls(layer)
             replace_module(model, name, layer)
+        elif type(layer) is not layer_cls:
+            raise ConfigError(f"{name} already holds {type(layer).__name__} adapters; cannot add a "
+                              f"{layer_cls.__name__} one beside them")
         layer.add_adapter(adapter_name, settings.r, settings.alpha, settings.dropout, settings.rslora)
     return lora_layers(model)
 
@@ -126,12 +147,9 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, layer in lora_layers(model).items():
-        if adapter_name in layer.lora_A:
-            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-    return out
+    return {f"{PEFT_PREFIX}{name}.{suffix}": tensor
+            for name, layer in lora_layers(model).items() if adapter_name in layer.lora_A
+            for suffix, tensor in layer.adapter_tensors(adapter_name).items()}
 
 
 def peft_config(settings: LoraSettings, base_model: str, targets: list[str]) -> dict:
@@ -144,7 +162,7 @@ def peft_config(settings: LoraSettings, base_model: str, targets: list[str]) -> 
         "lora_dropout": settings.dropout,
         "target_modules": sorted(targets) if isinstance(targets, list) else targets,
         "use_rslora": settings.rslora,
-        "use_dora": False,
+        "use_dora": settings.name == "dora",
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -161,11 +179,13 @@ def save(model: nn.Module, settings: LoraSettings, folder, base_model: str, adap
     write_adapter(folder, peft_config(settings, base_model, targets), adapter_tensors(model, adapter_name))
 
 
-def settings_from_peft(config: dict, folder) -> LoraSettings:
+def settings_from_peft(config: dict, folder, use_dora: bool = False) -> LoraSettings:
     if config.get("peft_type") != "LORA":
         raise ModelError(f"{folder}: adapter type is {config.get('peft_type')!r}, not LORA")
+    if bool(config.get("use_dora")) != use_dora:
+        saved, method = ("a DoRA", "dora") if config.get("use_dora") else ("a plain LoRA", "lora")
+        raise ModelError(f"{folder}: holds {saved} adapter; load it with method {method!r}")
     unsupported = {
-        "use_dora": bool(config.get("use_dora")),
         "rank_pattern": bool(config.get("rank_pattern")),
         "alpha_pattern": bool(config.get("alpha_pattern")),
         "modules_to_save": bool(config.get("modules_to_save")),
@@ -176,20 +196,68 @@ def settings_from_peft(config: dict, folder) -> LoraSettings:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ModelError(f"{folder}/adapter_config.json: LoRA options not supported yet: {', '.join(bad)}")
-    return LoraSettings(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                        target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
+    cls = DoraSettings if use_dora else LoraSettings
+    return cls(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+               target_modules=config["target_modules"], rslora=bool(config.get("use_rslora", False)))
 
 
 def load(model: nn.Module, folder, adapter_name: str = DEFAULT) -> LoraSettings:
     """Load a LoRA adapter (ours or peft's) into `model`; shapes are checked against the base."""
     config, tensors = read_adapter(folder)
     settings = settings_from_peft(config, folder)
-    layers = apply(model, settings, adapter_name)
-    ours = {}
-    for name, layer in layers.items():
-        if adapter_name in layer.lora_A:
-            ours[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            ours[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-    theirs = {k.replace(f".{adapter_name}.", "."): v for k, v in tensors.items()}
-    check_and_copy(folder, ours, theirs)
+    apply(model, settings, adapter_name)
+    copy_saved(model, folder, tensors, adapter_name)
     return settings
+
+
+def copy_saved(model: nn.Module, folder, tensors: dict[str, torch.Tensor], adapter_name: str = DEFAULT) -> None:
+    """Copy an adapter file's tensors into the (already applied) adapter, shapes checked."""
+    theirs = {k.replace(f".{adapter_name}.", "."): v for k, v in tensors.items()}
+    check_and_copy(folder, adapter_tensors(model, adapter_name), theirs)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    layers = lora_layers(model)
+    if not any(adapter_name in layer.lora_A for layer in layers.values()):
+        raise ModelError(f"no adapter named {adapter_name!r} is loaded")
+    for layer in layers.values():
+        if adapter_name in layer.lora_A:
+            layer.unmerge(adapter_name)
+            del layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.lora_dropout[adapter_name]
+            del layer.scaling[adapter_name]
+            if layer.active == adapter_name:
+                layer.active = None
+
+
+def combine(model: nn.Module, weights: dict[str, float], new_name: str, how: str = "cat") -> LoraSettings:
+    """A new adapter from a weighted combination of loaded ones.
+
+    cat:    stack the ranks: A = [A_i], B = [w_i s_i B_i], scale 1. Exact: ΔW = Σ w_i s_i B_i A_i.
+    linear: same rank required: A = Σ √(w_i s_i) A_i, B = Σ √(w_i s_i) B_i, scale 1. Exact for one adapter,
+            an approximation otherwise (cross terms B_i A_j), as in PEFT's "linear" combination.
+    """
+    layers = {n: l for n, l in lora_layers(model).items() if all(a in l.lora_A for a in weights)}
+    if not layers:
+        raise ModelError(f"adapters {sorted(weights)} share no layer")
+    rank = 0
+    for layer in layers.values():
+        As = [layer.lora_A[a].weight for a in weights]
+        Bs = [layer.lora_B[a].weight for a in weights]
+        if how == "cat":
+            A = torch.cat(As, 0)
+            B = torch.cat([w * layer.scaling[a] * b for (a, w), b in zip(weights.items(), Bs)], 1)
+        elif how == "linear":
+            if len({a.shape[0] for a in As}) != 1:
+                raise ModelError("linear combination needs adapters of equal rank; use how='cat'")
+            roots = [math.sqrt(w * layer.scaling[a]) for a, w in weights.items()]
+            A = sum(r * a for r, a in zip(roots, As))
+            B = sum(r * b for r, b in zip(roots, Bs))
+        else:
+            raise ModelError(f"unknown combination {how!r}; expected 'cat' or 'linear'")
+        rank = A.shape[0]
+        layer.add_adapter(new_name, rank, float(rank), 0.0, rslora=False)  # alpha = r: scale 1
+        with torch.no_grad():
+            layer.lora_A[new_name].weight.copy_(A)
+            layer.lora_B[new_name].weight.copy_(B)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    return LoraSettings(r=rank, alpha=float(rank), dropout=0.0, target_modules=targets)

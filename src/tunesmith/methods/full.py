@@ -1,0 +1,52 @@
+"""Full fine-tuning: every parameter trains. The result is a whole model folder, not an adapter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from tunesmith.errors import ModelError
+from tunesmith.methods.settings import FullSettings
+
+MERGEABLE = False
+NOT_MERGEABLE_REASON = "a full fine-tune is already a complete model folder; use it directly as --model"
+OUTPUT_NAME = "model"
+
+
+def claims(config: dict) -> bool:
+    return False
+
+
+def apply(model: nn.Module, settings: FullSettings) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def save(model: nn.Module, settings: FullSettings, folder, base_model: str) -> None:
+    """save_pretrained (safetensors) plus the base's tokenizer, into a temp folder renamed into place."""
+    from tunesmith.models import load_tokenizer
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        use_cache = model.config.use_cache
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        model.config.use_cache = use_cache
+        load_tokenizer(base_model).save_pretrained(tmp)
+        tmp.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load(model: nn.Module, folder) -> FullSettings:
+    raise ModelError(f"{folder}: a full fine-tune is a model folder; pass it as --model, not as an adapter")
