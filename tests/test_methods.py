@@ -159,3 +159,16 @@ def test_adapter_made_for_another_base_names_shapes(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ModelError, match=r"adapter has \(8, 64\), model expects \(4, 32\)"):
         method.load(other, tmp_path / "ad")
+
+
+def test_switching_method_from_the_command_line_drops_the_files_other_options(capsys):
+    from conftest import REPO
+    from tunesmith.config import load_config
+
+    cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=adapter"])
+    assert cfg.method.name == "adapter"
+    assert "ignoring the config's method options it does not have: r, alpha\n" in capsys.readouterr().err
+    kept = load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=dora"])
+    assert kept.method.r == 16 and kept.method.alpha == 32
+    with pytest.raises(ConfigError, match="method.r: unknown key"):  # an explicit option is never dropped
+        load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=adapter", "method.r=4"])

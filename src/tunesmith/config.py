@@ -135,6 +135,27 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:
+    """`--set method.name=X` over a file written for another method: drop the file's options X does not have."""
+    new_name = next((yaml.safe_load(v) for k, v in pairs if k == "method.name"), None)
+    section = tree.get("method")
+    if new_name is None or not isinstance(section, dict) or section.get("name", "lora") == new_name:
+        return
+    from tunesmith.methods.settings import settings_class
+
+    known = settings_class(new_name)
+    if known is None:
+        return
+    explicit = {k.split(".", 1)[1] for k, _ in pairs if k.startswith("method.")}
+    dropped = [k for k in section if k not in known.model_fields and k not in explicit]
+    tree["method"] = {k: v for k, v in section.items() if k not in dropped}
+    if dropped:
+        import sys
+
+        print(f"note: method switched to {new_name!r}; ignoring the config's method options it does not have: "
+              + ", ".join(dropped), file=sys.stderr)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
     tree: dict = dict(base or {})
@@ -157,7 +178,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of sections (model, method, data, ...), got {type(loaded).__name__}")
         tree.update(loaded)
-    for key, value in parse_overrides(overrides or []):
+    pairs = parse_overrides(overrides or [])
+    _switch_method(tree, pairs)
+    for key, value in pairs:
         _set_dotted(tree, key, value)
     try:
         return RunConfig.model_validate(tree)

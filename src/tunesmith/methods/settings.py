@@ -94,3 +94,7 @@ MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings 
                   | AdapterSettings | PromptSettings | PrefixSettings | PtuningV2Settings)
 
 METHOD_NAMES = ["full", "freeze", "bitfit", "lora", "dora", "ia3", "adapter", "prompt", "prefix", "ptuning-v2"]
+
+
+def settings_class(name: str):
+    return next((c for c in MethodSettings.__args__ if c.model_fields["name"].default == name), None)

@@ -264,6 +264,10 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     result.summary = _summarize(cfg, data, result, tokens_seen, model, tokenizer, baseline)
     plot_losses(run_dir)
     write_report(run_dir, result.summary, config_yaml)
+    atomic_write_text(run_dir / "summary.json", json.dumps({
+        "method": cfg.method.name, "objective": cfg.objective, "steps": total_steps, "trainable": trainable,
+        "total": total, "eval_before": result.eval_before, "eval_after": after_loss, "train_seconds": seconds,
+        "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(seconds, 1e-9)}, indent=1))
     return result
 
 
@@ -283,6 +287,13 @@ def _baseline(run_dir: Path, resume: bool, cfg, model, objective, data, tokenize
     return baseline
 
 
+def _memory_line(model, trainable: int) -> str:
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    grads_and_state = trainable * 4 * 3  # fp32 gradient + AdamW's two moments per trainable parameter
+    return (f"weights {weights / 2**20:,.0f} MiB; gradients + AdamW state for {trainable:,} trainable parameters "
+            f"{grads_and_state / 2**20:,.0f} MiB")
+
+
 def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict) -> dict:
     facts = {
         "model": cfg.model.path,
@@ -291,6 +302,7 @@ def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, base
         "objective": cfg.objective,
         "data": f"{data.format}; train {data.train_report.summary()}"
                 + (f"; eval {len(data.eval)} examples" if data.eval else ""),
+        "memory": _memory_line(model, result.trainable),
         "steps": f"{result.steps} × batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum}",
         "training time": f"{result.seconds:.1f} s ({tokens_seen / max(result.seconds, 1e-9):.0f} tokens/s)",
     }
