@@ -37,6 +37,7 @@ class DataSettings(Strict):
     packing: bool = True
     system_prompt: str | None = None
     max_examples: int | None = Field(None, gt=0)
+    max_eval_examples: int | None = Field(None, gt=0)
 
 
 class TrainSettings(Strict):

@@ -52,6 +52,8 @@ def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
         train_items = [x for i, x in enumerate(train_items) if i not in held]
     else:
         eval_items = []
+    if cfg.data.max_eval_examples:
+        eval_items = eval_items[: cfg.data.max_eval_examples]
     train, train_report = apply_length_policy(
         tokenize_all(tokenizer, train_items, cfg.data.train_on_prompt), cfg.data.max_length, cfg.overlong
     )
