@@ -61,3 +61,19 @@ def test_training_lowers_loss_on_tiny_model(tiny_config):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
     assert "held-out loss" in (run / "report.md").read_text()
+
+
+def test_text_objective_splits_long_documents_and_trains(tiny_config):
+    from conftest import REPO
+
+    tiny_config["objective"] = "text"
+    tiny_config["data"] = {"train": str(REPO / "data/pydoc_topics/train.jsonl"), "max_examples": 6,
+                           "eval": str(REPO / "data/pydoc_topics/eval.jsonl"), "max_eval_examples": 2,
+                           "max_length": 64}
+    tiny_config["train"].update(max_steps=3)
+    tiny_config["report"] = {"compare": True, "heldout_samples": 2, "trained_samples": 2}
+    result = train(load_config(None, [], base=tiny_config), quiet=True)
+    facts = result.summary["facts"]["data"]
+    assert facts.startswith("text; train ") and "extra pieces from splitting long documents" in facts
+    assert result.eval_after < result.eval_before
+    assert result.summary["heldout_samples"] == []  # documents have no prompt to answer
