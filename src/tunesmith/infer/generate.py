@@ -22,7 +22,13 @@ def generate_chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), **kwargs)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    virtual = getattr(model, "tunesmith_virtual", None)
+    if virtual is not None:  # generate continues from a cache holding the virtual positions; ids stand in for them
+        n, kwargs["past_key_values"] = virtual.generation_cache(model, ids.shape[0])
+        ids = torch.cat([ids.new_full((ids.shape[0], n), tokenizer.pad_token_id or 0), ids], dim=1)
+        mask = torch.ones_like(ids)
+    out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     if was_training:
         model.train()
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,88 @@
+"""DoRA (Liu et al., 2024): LoRA with the weight split into magnitude and direction, computed as PEFT does.
+
+    y = m / ||W0 + s·B·A|| ⊙ (W0·x + s·B·A·x) + b
+
+with the row norms ||·|| (one per output feature) detached from the gradient (the paper's §4.3) and m initialised
+to the norms at init, where B = 0, so the untrained model is the base. Saved in PEFT's format: a LoRA adapter with
+use_dora true and one extra key per layer, `base_model.model.<module>.lora_magnitude_vector`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.methods import lora
+from tunesmith.methods.base import read_adapter
+from tunesmith.methods.lora import DEFAULT, merge, save, set_active, unload, unmerge  # noqa: F401  (the interface)
+from tunesmith.methods.settings import DoraSettings
+
+MERGEABLE = True
+
+
+def claims(config: dict) -> bool:
+    return config.get("peft_type") == "LORA" and bool(config.get("use_dora"))
+
+
+class DoraLinear(lora.LoraLinear):
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__(base_layer)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.merged_norm: dict[str, torch.Tensor] = {}
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        super().add_adapter(name, r, alpha, dropout, rslora)
+        self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name))
+
+    @torch.no_grad()
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """||W0 + s·B·A|| per output feature, in float32."""
+        return torch.linalg.norm(self.base_layer.weight.float() + self.delta_weight(name), dim=1)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {**super().adapter_tensors(name), "lora_magnitude_vector": self.lora_magnitude_vector[name]}
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        # Unmerging cannot recompute the norm from the merged weight, so it is kept.
+        self.merged_norm[name] = norm = self.weight_norm(name)
+        factor = (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
+        return factor * (self.base_layer.weight.float() + self.delta_weight(name))
+
+    def unmerged_weight(self, name: str) -> torch.Tensor:
+        factor = (self.lora_magnitude_vector[name] / self.merged_norm.pop(name)).unsqueeze(1)
+        return self.base_layer.weight.float() / factor - self.delta_weight(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        name = self.active
+        if name is None or name in self.merged:
+            return out
+        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.weight.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            plain = out if bias is None else out - bias  # W0·x
+        else:  # as PEFT: the base output keeps the undropped input, the DoRA correction uses the dropped one
+            h = dropout(h)
+            plain = F.linear(h, self.base_layer.weight.to(h.dtype))
+        scale = self.lora_magnitude_vector[name] / self.weight_norm(name)
+        return out + ((scale - 1) * plain + scale * b(a(h)) * self.scaling[name]).to(out.dtype)
+
+
+def dora_layers(model: nn.Module) -> dict[str, DoraLinear]:
+    return {n: m for n, m in lora.lora_layers(model).items() if isinstance(m, DoraLinear)}
+
+
+def apply(model: nn.Module, settings: DoraSettings, adapter_name: str = DEFAULT) -> dict[str, DoraLinear]:
+    """Freeze the model and add a DoRA adapter to every targeted linear layer."""
+    return lora.apply(model, settings, adapter_name, layer_cls=DoraLinear)
+
+
+def load(model: nn.Module, folder, adapter_name: str = DEFAULT) -> DoraSettings:
+    """Load a DoRA adapter (ours or peft's) into `model`; shapes are checked against the base."""
+    config, tensors = read_adapter(folder)
+    settings = lora.settings_from_peft(config, folder, use_dora=True)
+    apply(model, settings, adapter_name)
+    lora.copy_saved(model, folder, tensors, adapter_name)
+    return settings
