@@ -5,10 +5,9 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from tunesmith.atomic import atomic_folder
 from tunesmith.errors import ModelError
 
 BUILTIN_MODELS = {
@@ -55,19 +54,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         raise ModelError(f"converting {gguf.name}: weights do not match the architecture ({missing[:3]}, {unexpected[:3]})")
     if config.tie_word_embeddings:
         model.tie_weights()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def builtin_folder(name: str) -> Path:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from tunesmith.atomic import atomic_folder
 from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import ConfigError, ModelError, OutputDirError
 from tunesmith.methods import method_for_adapter
@@ -85,17 +83,8 @@ def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overw
     model, tokenizer = load_with_adapter(model_path, adapter)
     module.merge(model)
     module.unload(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

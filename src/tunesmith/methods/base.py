@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tunesmith.atomic import atomic_folder
 from tunesmith.errors import ConfigError, ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -71,28 +69,10 @@ def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
     """Write adapter_config.json + adapter_model.safetensors atomically (temp folder, fsync, rename)."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        tmp.chmod(0o755)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter_config(folder: str | Path) -> dict:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 from torch import nn
 
+from tunesmith.atomic import atomic_folder
 from tunesmith.errors import ModelError
 from tunesmith.methods.settings import FullSettings
 
@@ -30,22 +26,12 @@ def save(model: nn.Module, settings: FullSettings, folder, base_model: str) -> N
     """save_pretrained (safetensors) plus the base's tokenizer, into a temp folder renamed into place."""
     from tunesmith.models import load_tokenizer
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         use_cache = model.config.use_cache
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)
         model.config.use_cache = use_cache
         load_tokenizer(base_model).save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load(model: nn.Module, folder) -> FullSettings:

@@ -15,18 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunesmith.atomic import fsync_tree
+
 CHECKPOINTS = "checkpoints"
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -106,7 +97,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
         meta = {"step": step, "data_position": data_position, "optimizer": opt_meta,
                 "scheduler": scheduler.state_dict(), "rng": rng_meta}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = root / f"step-{step:07d}"
         if final.exists():
             shutil.rmtree(final)
