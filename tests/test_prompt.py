@@ -271,6 +271,6 @@ def real_model_drop(tmp_path, overrides: list[str]) -> tuple[float, float]:
 @pytest.mark.slow
 def test_real_model_prompt_tuning_lowers_heldout_loss(tmp_path):
     before, after = real_model_drop(tmp_path, ["method.name=prompt", "method.num_virtual_tokens=16",
-                                               "train.max_steps=20", "train.lr=3e-2"])
+                                               "train.max_steps=20", "train.lr=1e-2"])
     drop = (before - after) / before  # measured: 4.340 → 4.066 (6.3 %)
     assert drop >= 0.03, f"held-out loss {before:.4f} → {after:.4f} ({drop:.1%})"

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, replace_module, write_adapter
+from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
+                                    write_adapter)
 from tunesmith.methods.settings import IA3Settings
 
 PEFT_PREFIX = "base_model.model."
@@ -165,7 +166,8 @@ def settings_from_peft(config: dict, folder) -> IA3Settings:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ModelError(f"{folder}/adapter_config.json: IA3 options not supported yet: {', '.join(bad)}")
-    return IA3Settings(target_modules=config["target_modules"], feedforward_modules=config.get("feedforward_modules") or [])
+    return IA3Settings(target_modules=config["target_modules"],
+                       feedforward_modules=config.get("feedforward_modules") or [])
 
 
 def load(model: nn.Module, folder, adapter_name: str = DEFAULT) -> IA3Settings:

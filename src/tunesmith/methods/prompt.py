@@ -78,6 +78,7 @@ class PromptEmbeddings(nn.Module):
                                   attention_mask=_attention_mask_for(model, mask, compute_dtype(model)))
         return out.last_hidden_state[:, n:]
 
+    @torch.no_grad()
     def generation_cache(self, model, batch_size: int):
         """The keys/values of the virtual tokens at every layer, as a cache `generate` continues from."""
         from transformers import DynamicCache
