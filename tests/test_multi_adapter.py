@@ -111,3 +111,48 @@ def test_cli_generate_with_named_adapters(two_adapters, capsys):
     assert main(["generate", "--model", str(base_dir), "--adapter", f"a={tmp_path / 'a'}", "--adapter",
                  f"b={tmp_path / 'b'}", "--use", "c", "--max-new-tokens", "2", "hi"]) == 2
     assert "no adapter of that name; loaded: a, b" in capsys.readouterr().err
+
+
+def _dora_adapter(folder, base_dir, seed):
+    from tunesmith.methods import dora
+    from tunesmith.methods.settings import DoraSettings
+
+    model = tiny_llama(vocab_size=300)
+    settings = DoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    dora.apply(model, settings)
+    g = torch.Generator().manual_seed(seed)
+    for layer in dora.dora_layers(model).values():
+        layer.lora_B["default"].weight.data = torch.randn(layer.lora_B["default"].weight.shape, generator=g) * 0.1
+        m = layer.lora_magnitude_vector["default"]
+        m.data = m.data * (1 + 0.1 * torch.randn(m.shape, generator=g))
+    dora.save(model, settings, folder, str(base_dir))
+    return model
+
+
+def test_several_dora_adapters_switch_delete_and_refuse_to_combine(two_adapters):
+    base_dir, _, _, tmp_path = two_adapters
+    c = _dora_adapter(tmp_path / "c", base_dir, seed=3)
+    d = _dora_adapter(tmp_path / "d", base_dir, seed=4)
+    model, _ = load_with_adapter(None, [f"c={tmp_path / 'c'}", f"d={tmp_path / 'd'}"], use="c")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, c(IDS).logits, atol=1e-5, rtol=0)
+        lora.set_active(model, "d")
+        torch.testing.assert_close(model(IDS).logits, d(IDS).logits, atol=1e-5, rtol=0)
+    before = count_parameters(model)[1]
+    lora.delete_adapter(model, "c")
+    own_c = count_parameters(c)[1] - count_parameters(tiny_llama(vocab_size=300))[1]
+    assert count_parameters(model)[1] == before - own_c  # the magnitude vectors went too
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, d(IDS).logits, atol=1e-5, rtol=0)
+    model, _ = load_with_adapter(None, [f"c={tmp_path / 'c'}", f"d={tmp_path / 'd'}"])
+    with pytest.raises(ModelError, match="only plain LoRA adapters can be combined"):
+        lora.combine(model, {"c": 0.5, "d": 0.5}, "cd")
+
+
+def test_lora_and_dora_adapters_cannot_share_a_model(two_adapters):
+    from tunesmith.errors import ConfigError
+
+    base_dir, _, _, tmp_path = two_adapters
+    _dora_adapter(tmp_path / "c", base_dir, seed=3)
+    with pytest.raises(ConfigError, match="cannot share the model with lora adapters"):
+        load_with_adapter(None, [f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"])

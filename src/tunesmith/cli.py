@@ -55,7 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output folder (must not exist unless --overwrite)")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--overwrite", action="store_true")
+    for module in _extension_modules():
+        COMMANDS.update(module.register(sub))
     return parser
+
+
+EXTENSIONS = ("tunesmith.cli_align", "tunesmith.cli_rag")
+
+
+def _extension_modules():
+    """Command groups living beside the core commands: each module's register(sub) adds its sub-parsers
+    and returns {command name: handler(args) -> exit code}."""
+    import importlib
+
+    modules = []
+    for name in EXTENSIONS:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return modules
 
 
 def cmd_train(args) -> int:

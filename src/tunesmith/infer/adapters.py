@@ -36,18 +36,23 @@ def parse_adapter_args(values: list[str] | str | None) -> dict[str, str]:
 
 
 def load_adapters(model, adapters: dict[str, str]) -> dict[str, str]:
-    """Load each named adapter; returns {name: method}. Only LoRA-family adapters can share one model."""
-    from tunesmith.methods import lora
+    """Load each named adapter; returns {name: method}. Several adapters can share one model when all are LoRA
+    or all are DoRA."""
+    from tunesmith.methods import dora, lora
 
     methods = {}
     for name, path in adapters.items():
         method_name, module = method_for_adapter(path)
         methods[name] = method_name
-        if len(adapters) > 1 and module is not lora:
+        if len(adapters) > 1 and module not in (lora, dora):
             raise ConfigError(f"--adapter {name}={path}: a {method_name} adapter cannot share the model with "
-                              "others; several adapters at once work for LoRA adapters")
-        if module is lora:
-            lora.load(model, path, name)
+                              "others; several adapters at once work for LoRA (or DoRA) adapters")
+        if len(set(methods.values())) > 1:
+            raise ConfigError(f"--adapter {name}={path}: a {method_name} adapter cannot share the model with "
+                              f"{', '.join(sorted(set(methods.values()) - {method_name}))} adapters; load "
+                              "adapters of one method together")
+        if module in (lora, dora):
+            module.load(model, path, name)
         else:
             module.load(model, path)
     return methods

@@ -35,6 +35,10 @@ class DoraLinear(lora.LoraLinear):
         super().add_adapter(name, r, alpha, dropout, rslora)
         self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name))
 
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        del self.lora_magnitude_vector[name]
+
     @torch.no_grad()
     def weight_norm(self, name: str) -> torch.Tensor:
         """||W0 + s·B·A|| per output feature, in float32 even under autocast (faster there too)."""

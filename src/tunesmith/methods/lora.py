@@ -57,6 +57,13 @@ class LoraLinear(nn.Module):
         self.scaling[name] = lora_scaling(r, alpha, rslora)
         self.active = name
 
+    def remove_adapter(self, name: str) -> None:
+        self.unmerge(name)
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        del self.scaling[name]
+        if self.active == name:
+            self.active = None
+
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return (b.float() @ a.float()) * self.scaling[name]
@@ -222,11 +229,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ModelError(f"no adapter named {adapter_name!r} is loaded")
     for layer in layers.values():
         if adapter_name in layer.lora_A:
-            layer.unmerge(adapter_name)
-            del layer.lora_A[adapter_name], layer.lora_B[adapter_name], layer.lora_dropout[adapter_name]
-            del layer.scaling[adapter_name]
-            if layer.active == adapter_name:
-                layer.active = None
+            layer.remove_adapter(adapter_name)
 
 
 def combine(model: nn.Module, weights: dict[str, float], new_name: str, how: str = "cat") -> LoraSettings:
@@ -239,6 +242,9 @@ def combine(model: nn.Module, weights: dict[str, float], new_name: str, how: str
     layers = {n: l for n, l in lora_layers(model).items() if all(a in l.lora_A for a in weights)}
     if not layers:
         raise ModelError(f"adapters {sorted(weights)} share no layer")
+    if any(type(layer) is not LoraLinear for layer in layers.values()):
+        raise ModelError(f"adapters {sorted(weights)}: only plain LoRA adapters can be combined; a DoRA adapter's "
+                         "magnitude rescales its whole layer, so weighted sums of DoRA adapters are not DoRA adapters")
     rank = 0
     for layer in layers.values():
         As = [layer.lora_A[a].weight for a in weights]
