@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTENSIONS = ("tunesmith.cli_align", "tunesmith.cli_rag")
+EXTENSIONS = ("tunesmith.cli_align", "tunesmith.cli_rag", "tunesmith.cli_quant")
 
 
 def _extension_modules():
