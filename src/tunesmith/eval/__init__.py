@@ -1,0 +1,1 @@
+"""Evaluation: answer metrics (exact match, token F1) and the few-shot sweep."""
