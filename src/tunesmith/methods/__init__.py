@@ -7,9 +7,6 @@
     load(model, folder) -> settings                the inverse, shapes checked against the base
     claims(adapter_config: dict) -> bool           whether a saved adapter folder is this method's
     merge(model), unload(model) -> model           only where MERGEABLE
-    disabled(model)                                a context manager running the bare base model inside it (adapters
-                                                   off, no copy); only where the base weights stay untouched, so
-                                                   not for full, freeze and bitfit
 """
 
 from __future__ import annotations

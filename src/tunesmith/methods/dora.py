@@ -15,7 +15,7 @@ from torch import nn
 
 from tunesmith.methods import lora
 from tunesmith.methods.base import read_adapter
-from tunesmith.methods.lora import DEFAULT, disabled, merge, save, set_active, unload, unmerge  # noqa: F401  (the interface)
+from tunesmith.methods.lora import DEFAULT, merge, save, set_active, unload, unmerge  # noqa: F401  (the interface)
 from tunesmith.methods.settings import DoraSettings
 
 MERGEABLE = True
