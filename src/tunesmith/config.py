@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tunesmith.errors import ConfigError
 from tunesmith.methods.settings import ALL_LINEAR, METHOD_NAMES, LoraSettings, MethodSettings  # noqa: F401
+from tunesmith.objectives.settings import OBJECTIVE_SECTIONS, DpoSettings, PpoSettings, RewardSettings
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -28,7 +29,7 @@ class DataSettings(Strict):
     train: str | list[str]
     eval: str | list[str] | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = "auto"
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"] = "auto"
     max_length: int = Field(1024, gt=8)
     overlong: Literal["drop", "truncate", "split"] | None = Field(
         None, description="what to do with examples over max_length; default: drop for sft, split for text"
@@ -70,7 +71,10 @@ class ReportSettings(Strict):
 class RunConfig(Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name")
-    objective: Literal["sft", "text"] = "sft"
+    objective: Literal["sft", "text", "reward", "dpo", "ppo"] = "sft"
+    reward: RewardSettings | None = None
+    dpo: DpoSettings | None = None
+    ppo: PpoSettings | None = None
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
@@ -83,10 +87,34 @@ class RunConfig(Strict):
             data = {**data, "method": {"name": "lora", **data["method"]}}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_section_by_default(cls, data):
+        """`objective: dpo` without a `dpo:` section gets the defaults."""
+        name = data.get("objective") if isinstance(data, dict) else None
+        if name in OBJECTIVE_SECTIONS and data.get(name) is None:
+            data = {**data, name: {}}
+        return data
+
     @model_validator(mode="after")
     def _objective_fits_data(self) -> "RunConfig":
         if self.objective == "sft" and self.data.overlong == "split":
             raise ValueError("data.overlong: 'split' cuts chat examples mid-turn; use 'drop' or 'truncate' for sft")
+        if self.objective in ("reward", "dpo", "ppo") and self.data.overlong == "split":
+            raise ValueError(f"data.overlong: 'split' would cut {self.objective} examples apart; use 'drop' or "
+                             "'truncate'")
+        for name in OBJECTIVE_SECTIONS:
+            if name != self.objective and getattr(self, name) is not None:
+                raise ValueError(f"{name}: these are settings of objective '{name}', but objective is "
+                                 f"'{self.objective}'; remove the section or set objective: {name}")
+        if self.objective == "ppo":
+            if not (self.ppo.reward_model or self.ppo.reward_function):
+                raise ValueError("ppo.reward_model / ppo.reward_function: PPO needs a reward source; set "
+                                 "ppo.reward_model to a folder saved by an `objective: reward` run, or "
+                                 "ppo.reward_function to 'module:function'")
+            if self.train.grad_accum != 1:
+                raise ValueError("train.grad_accum: PPO splits each rollout into ppo.minibatch_size pieces itself; "
+                                 "leave grad_accum at 1")
         return self
 
     @property
@@ -111,7 +139,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  - {field}: {e['msg']}{got_s}")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {field}: {msg}{got_s}")
     return "\n".join(lines)
 
 
@@ -190,4 +219,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    unused = {name for name in OBJECTIVE_SECTIONS if getattr(cfg, name) is None}
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=unused), sort_keys=False)

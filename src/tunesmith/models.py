@@ -127,6 +127,10 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
     folder = resolve_model_path(path)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    from tunesmith.quant.folder import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(folder):  # written by `tunesmith quantize`: int4 linear layers, frozen
+        return load_quantized(folder, torch_dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from tunesmith.data.sources import Record
 from tunesmith.errors import DataError
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text")
+FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "chatgpt": "assistant", "bot": "assistant"}
 EXPECTED = {
@@ -15,6 +15,8 @@ EXPECTED = {
     "sharegpt": "'conversations': a list of {'from', 'value'}",
     "messages": "'messages': a list of {'role', 'content'}",
     "text": "'text': a string",
+    "preference": "'prompt' (text or messages), 'chosen' and 'rejected' (text or assistant turns); or 'chosen' and "
+                  "'rejected' as whole conversations that differ only in the last assistant turn",
 }
 
 
@@ -32,6 +34,8 @@ class Document:
 
 def detect_format(record: Record) -> str:
     keys = set(record.fields)
+    if "chosen" in keys or "rejected" in keys or "prompt" in keys:
+        return "preference"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -90,6 +94,10 @@ def _turns(record: Record, fmt: str, key: str, role_key: str, text_key: str) -> 
 
 
 def normalize(record: Record, fmt: str, system_prompt: str | None = None) -> Chat | Document:
+    if fmt == "preference":
+        from tunesmith.data.preference import normalize_pair
+
+        return normalize_pair(record, system_prompt)
     if fmt == "text":
         return Document(_need_str(record, "text", fmt), record.where)
     if fmt == "alpaca":

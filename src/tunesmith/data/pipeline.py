@@ -11,7 +11,11 @@ from tunesmith.data.sources import read_many
 from tunesmith.data.templates import LengthReport, Tokenized, apply_length_policy, tokenize_all
 from tunesmith.errors import DataError
 
-OBJECTIVE_FORMATS = {"sft": ("alpaca", "sharegpt", "messages"), "text": ("text",)}
+OBJECTIVE_FORMATS = {"sft": ("alpaca", "sharegpt", "messages"), "text": ("text",), "reward": ("preference",),
+                     "dpo": ("preference",), "ppo": ("preference", "alpaca", "sharegpt", "messages")}
+DESCRIBED = {"text": " (raw documents with a 'text' field)", "sft": " (conversations)",
+             "reward": " (prompt, chosen, rejected)", "dpo": " (prompt, chosen, rejected)",
+             "ppo": " (prompts: 'prompt' records or conversations)"}
 
 
 @dataclass
@@ -31,12 +35,13 @@ def load_items(paths, cfg: RunConfig, field: str) -> tuple[str, list]:
     if fmt not in allowed:
         raise DataError(
             f"{field}: the data is in '{fmt}' format but objective '{cfg.objective}' expects {' or '.join(allowed)}"
-            + (" (raw documents with a 'text' field)" if cfg.objective == "text" else " (conversations)")
+            + DESCRIBED[cfg.objective]
         )
     return fmt, items
 
 
-def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
+def split_items(cfg: RunConfig) -> tuple[str, list, list]:
+    """The normalised train and eval items: eval from its own file, a held-out fraction, or none; both capped."""
     fmt, train_items = load_items(cfg.data.train, cfg, "data.train")
     if cfg.data.max_examples:
         train_items = train_items[: cfg.data.max_examples]
@@ -54,6 +59,11 @@ def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
         eval_items = []
     if cfg.data.max_eval_examples:
         eval_items = eval_items[: cfg.data.max_eval_examples]
+    return fmt, train_items, eval_items
+
+
+def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
+    fmt, train_items, eval_items = split_items(cfg)
     train, train_report = apply_length_policy(
         tokenize_all(tokenizer, train_items, cfg.data.train_on_prompt), cfg.data.max_length, cfg.overlong
     )
@@ -67,7 +77,11 @@ def build_datasets(cfg: RunConfig, tokenizer) -> Datasets:
 
 
 def prompt_and_answer(item) -> tuple[list[dict], str] | None:
-    """Split a chat at its last assistant turn, for sample generations."""
+    """Split a chat at its last assistant turn, for sample generations (a preference item: its prompt and its
+    chosen answer)."""
+    prompt = getattr(item, "prompt", None)
+    if isinstance(prompt, list):
+        return prompt, item.chosen or ""
     if not isinstance(item, Chat):
         return None
     last = max(i for i, m in enumerate(item.messages) if m["role"] == "assistant")

@@ -77,12 +77,27 @@ def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", t
     return model, tokenizer
 
 
-def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False) -> Path:
-    """Merge into the full-precision base and save with save_pretrained (safetensors), atomically."""
+def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False,
+                    into: str = "full", force: bool = False) -> Path:
+    """Merge into the full-precision base and save with save_pretrained (safetensors), atomically.
+    into="nf4": into the base's 4-bit weights instead (lossy; refused unless forced; the measured logit error
+    is written beside the model as merge_error.json)."""
     dest = Path(out)
     method_name, module = method_for_adapter(adapter)
     if not module.MERGEABLE:
         raise ModelError(f"{adapter}: method {method_name!r} cannot be merged: {module.NOT_MERGEABLE_REASON}")
+    from tunesmith.models import resolve_model_path
+    from tunesmith.quant.folder import refuse_merge_into_int4
+
+    refuse_merge_into_int4(adapter, resolve_model_path(adapter_base({"default": adapter}, model_path)))
+    if into == "nf4":
+        from tunesmith.methods import qlora
+
+        if method_name != "lora":
+            raise ModelError(f"{adapter}: --into nf4 merges LoRA adapters; this one is {method_name}")
+        if not force:
+            raise ModelError(f"{adapter}: --into nf4 refused: {qlora.NF4_MERGE_REFUSAL}")
+        return qlora.merge_into_4bit_folder(adapter, out, model_path, overwrite)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
     model, tokenizer = load_with_adapter(model_path, adapter)

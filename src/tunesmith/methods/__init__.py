@@ -7,6 +7,9 @@
     load(model, folder) -> settings                the inverse, shapes checked against the base
     claims(adapter_config: dict) -> bool           whether a saved adapter folder is this method's
     merge(model), unload(model) -> model           only where MERGEABLE
+    disabled(model)                                a context manager running the bare base model inside it (adapters
+                                                   off, no copy); only where the base weights stay untouched, so
+                                                   not for full, freeze and bitfit
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import importlib
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.settings import METHOD_NAMES
 
-MODULES = {"full": "full", "freeze": "freeze", "bitfit": "bitfit", "lora": "lora", "dora": "dora", "ia3": "ia3",
-           "adapter": "adapter", "prompt": "prompt", "prefix": "prefix", "ptuning-v2": "prefix"}
+MODULES = {"full": "full", "freeze": "freeze", "bitfit": "bitfit", "lora": "lora", "dora": "dora", "qlora": "qlora",
+           "ia3": "ia3", "adapter": "adapter", "prompt": "prompt", "prefix": "prefix", "ptuning-v2": "prefix"}
 
 
 def get_method(name: str):

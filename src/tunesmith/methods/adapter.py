@@ -6,6 +6,7 @@ untrained model equals the base. They add layers the base architecture lacks: no
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -59,6 +60,19 @@ def apply(model: nn.Module, settings: AdapterSettings) -> None:
     for name in match_modules(model, PLACEMENTS[settings.placement]):
         replace_module(model, name, BottleneckAfter(model.get_submodule(name), width, settings.activation,
                                                     settings.dropout))
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the bare base model inside the block: each wrapped layer is swapped for its base layer, then back."""
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, BottleneckAfter)}
+    try:
+        for name, module in wrapped.items():
+            replace_module(model, name, module.base_layer)
+        yield model
+    finally:
+        for name, module in wrapped.items():
+            replace_module(model, name, module)
 
 
 def save(model: nn.Module, settings: AdapterSettings, folder, base_model: str) -> None:

@@ -15,7 +15,8 @@ from torch import nn
 
 from tunesmith.methods import lora
 from tunesmith.methods.base import read_adapter
-from tunesmith.methods.lora import DEFAULT, merge, save, set_active, unload, unmerge  # noqa: F401  (the interface)
+from tunesmith.methods.lora import (DEFAULT, disabled, merge, save, set_active, unload,  # noqa: F401  (the interface)
+                                    unmerge)
 from tunesmith.methods.settings import DoraSettings
 
 MERGEABLE = True

@@ -8,6 +8,7 @@ config with peft_type IA3, target_modules and feedforward_modules.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -113,6 +114,23 @@ def set_active(model: nn.Module, adapter_name: str | None) -> None:
     """Activate one adapter by name, or None to run the bare base model."""
     for layer in ia3_layers(model).values():
         layer.active = adapter_name
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the bare base model inside the block (every vector off, none merged), then restore each layer's state."""
+    layers = list(ia3_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise ModelError("(IA)³ vectors are merged into the base weights, so they cannot be switched off; "
+                         "unmerge first")
+    saved = [layer.active for layer in layers]
+    try:
+        for layer in layers:
+            layer.active = None
+        yield model
+    finally:
+        for layer, active in zip(layers, saved):
+            layer.active = active
 
 
 def merge(model: nn.Module) -> None:

@@ -7,6 +7,7 @@ Saved in PEFT's format: keys `base_model.model.<module>.lora_A.weight`, config w
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -134,6 +135,22 @@ def set_active(model: nn.Module, adapter_name: str | None) -> None:
     """Activate one adapter by name, or None to run the bare base model."""
     for layer in lora_layers(model).values():
         layer.active = adapter_name
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the bare base model inside the block (every adapter off, none merged), then restore each layer's state."""
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise ModelError("adapters are merged into the base weights, so they cannot be switched off; unmerge first")
+    saved = [layer.active for layer in layers]
+    try:
+        for layer in layers:
+            layer.active = None
+        yield model
+    finally:
+        for layer, active in zip(layers, saved):
+            layer.active = active
 
 
 def merge(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from tunesmith.errors import ModelError
 from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
-from tunesmith.methods.prompt import compute_dtype, with_virtual_columns
+from tunesmith.methods.prompt import compute_dtype, disabled, with_virtual_columns  # noqa: F401  (disabled)
 from tunesmith.methods.settings import PrefixSettings, PtuningV2Settings
 from tunesmith.objectives.lm import _attention_mask_for
 

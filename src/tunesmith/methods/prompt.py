@@ -9,6 +9,8 @@ The helpers for masks, positions and dtypes are shared with prefix.py.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -114,6 +116,17 @@ def apply(model: nn.Module, settings: PromptSettings, tokenizer=None) -> PromptE
     freeze_all(model)
     model.tunesmith_virtual = PromptEmbeddings(initial_embeddings(model, settings, tokenizer))
     return model.tunesmith_virtual
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the bare base model inside the block (no virtual tokens), then put them back in the same place."""
+    virtual = getattr(model, "tunesmith_virtual", None)
+    try:
+        model.tunesmith_virtual = None
+        yield model
+    finally:
+        model.tunesmith_virtual = virtual
 
 
 def peft_config(model, settings: PromptSettings, base_model: str) -> dict:

@@ -50,6 +50,14 @@ class DoraSettings(LoraSettings):
     name: Literal["dora"] = "dora"
 
 
+class QloraSettings(LoraSettings):
+    name: Literal["qlora"] = "qlora"
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit code for the frozen base linear weights")
+    double_quant: bool = Field(True, description="also quantise the per-block scales (8-bit), ~0.4 bit/weight less")
+    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype the 4-bit weights are "
+                                                           "dequantised to for each matmul")
+
+
 class IA3Settings(Strict):
     name: Literal["ia3"] = "ia3"
     target_modules: list[str] | str = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
@@ -90,10 +98,10 @@ class PtuningV2Settings(Strict):
     num_virtual_tokens: int = Field(20, gt=0)
 
 
-MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings | DoraSettings | IA3Settings
-                  | AdapterSettings | PromptSettings | PrefixSettings | PtuningV2Settings)
+MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings | DoraSettings | QloraSettings
+                  | IA3Settings | AdapterSettings | PromptSettings | PrefixSettings | PtuningV2Settings)
 
-METHOD_NAMES = ["full", "freeze", "bitfit", "lora", "dora", "ia3", "adapter", "prompt", "prefix", "ptuning-v2"]
+METHOD_NAMES = ["full", "freeze", "bitfit", "lora", "dora", "qlora", "ia3", "adapter", "prompt", "prefix", "ptuning-v2"]
 
 
 def settings_class(name: str):

@@ -1,12 +1,41 @@
-"""Objectives decide the loss. Each returns (sum of per-token losses, number of label tokens, metrics)."""
+"""Objectives decide the loss. The loop asks an objective (a module or an object) only these:
+
+    build_datasets(cfg, tokenizer) -> Datasets      read, validate and tokenize the train and eval sets
+    collate(examples, cfg, pad_id) -> batch         the tensors of one micro-batch
+    units(example) -> int                           what the loss is averaged over: label tokens (sft, text), pairs
+    prepare(model, method, cfg, data, device, pad_id) -> note | None
+                                                    after the method is applied: heads, the reference policy
+    loss_sum(model, batch) -> (loss sum, units, metric sums)    metric sums are over the same units as the loss
+    compare(before, after) -> {name: (before, after)}           the held-out metrics the report shows
+    save(model, method, cfg, folder)                the trained artifact (adapter or model, plus any head)
+    own_loop                                        None, or train(cfg, objective, ...) for an outer loop of its own
+"""
 
 from tunesmith.errors import ConfigError
 
+NAMES = ("sft", "text", "reward", "dpo", "ppo")
 
-def get_objective(name: str):
+
+def get_objective(name: str, settings=None):
+    """The objective called `name`, configured by its config section (`cfg.dpo`, ...) where it has one."""
     from tunesmith.objectives import lm
 
-    objectives = {"sft": lm, "text": lm}
-    if name not in objectives:
-        raise ConfigError(f"objective: unknown objective {name!r}; expected one of {sorted(objectives)}")
-    return objectives[name]
+    if name in ("sft", "text"):
+        return lm
+    if name == "reward":
+        from tunesmith.objectives.reward import RewardObjective
+        from tunesmith.objectives.settings import RewardSettings
+
+        return RewardObjective(settings or RewardSettings())
+    if name == "dpo":
+        from tunesmith.objectives.dpo import DpoObjective
+        from tunesmith.objectives.settings import DpoSettings
+
+        return DpoObjective(settings or DpoSettings())
+    if name == "ppo":
+        from tunesmith.objectives.ppo import PpoObjective
+
+        if settings is None:
+            raise ConfigError("ppo: objective ppo needs its settings (ppo.reward_model or ppo.reward_function)")
+        return PpoObjective(settings)
+    raise ConfigError(f"objective: unknown objective {name!r}; expected one of {sorted(NAMES)}")

@@ -52,3 +52,39 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, 
     logits = logits_at(model, hidden)
     loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")
     return loss, int(where.sum()), {}
+
+
+# The objective interface (see objectives/__init__.py): language modelling on labelled tokens.
+
+own_loop = None
+
+
+def build_datasets(cfg, tokenizer):
+    from tunesmith.data.pipeline import build_datasets as build
+
+    return build(cfg, tokenizer)
+
+
+def collate(examples, cfg, pad_id: int) -> dict[str, torch.Tensor]:
+    from tunesmith.data.packing import collate as collate_examples
+
+    return collate_examples(examples, cfg.data.packing, cfg.data.max_length, pad_id)
+
+
+def units(example) -> int:
+    return example.n_labels
+
+
+def prepare(model, method, cfg, data, device, pad_id: int) -> None:
+    return None
+
+
+def compare(before: dict, after: dict) -> dict[str, tuple[float, float]]:
+    import math
+
+    return {"held-out loss": (before["loss"], after["loss"]),
+            "held-out perplexity": (math.exp(before["loss"]), math.exp(after["loss"]))}
+
+
+def save(model, method, cfg, folder) -> None:
+    method.save(model, cfg.method, folder, cfg.model.path)

@@ -16,9 +16,7 @@ import torch
 from rich.console import Console
 
 from tunesmith.config import RunConfig, dump_config
-from tunesmith.data.packing import collate
-from tunesmith.data.pipeline import Datasets, build_datasets, prompt_and_answer
-from tunesmith.data.templates import Tokenized
+from tunesmith.data.pipeline import Datasets, prompt_and_answer
 from tunesmith.errors import OutputDirError
 from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
@@ -42,6 +40,8 @@ class RunResult:
     total: int = 0
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)
+    eval_metrics_before: dict | None = None  # the objective's held-out metrics, loss included
+    eval_metrics_after: dict | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -121,22 +121,25 @@ def autocast_for(cfg: RunConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, objective, examples: list[Tokenized], cfg: RunConfig, device, pad_id: int) -> float | None:
+def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int) -> dict | None:
+    """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs)."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, sums = 0.0, 0, {}
     bs = cfg.train.batch_size
     for i in range(0, len(examples), bs):
-        batch = to_device(collate(examples[i : i + bs], cfg.data.packing, cfg.data.max_length, pad_id), device)
+        batch = to_device(objective.collate(examples[i : i + bs], cfg, pad_id), device)
         with autocast_for(cfg, device):
-            loss, n, _ = objective.loss_sum(model, batch)
+            loss, n, metrics = objective.loss_sum(model, batch)
         total += float(loss)
         count += n
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
     if was_training:
         model.train()
-    return total / max(count, 1)
+    return {"loss": total / max(count, 1), **{k: v / max(count, 1) for k, v in sums.items()}}
 
 
 def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: int) -> list[dict]:
@@ -153,23 +156,53 @@ def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: in
     return out
 
 
-def accumulate_gradients(model, objective, micro: list[list[Tokenized]], cfg: RunConfig, device, pad_id: int):
-    """Backward over the micro-batches of one optimizer step, normalised by all their label tokens together,
-    so that accumulating k micro-batches gives the gradient of the one big batch."""
-    n_labels = sum(ex.n_labels for mb in micro for ex in mb)
-    n_tokens = sum(len(ex) for mb in micro for ex in mb)
-    loss_total = 0.0
+@dataclass
+class StepTotals:
+    loss: float = 0.0
+    units: int = 0
+    label_tokens: int = 0
+    tokens: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, device, pad_id: int) -> StepTotals:
+    """Backward over the micro-batches of one optimizer step, normalised by all their units (label tokens, pairs)
+    together, so that accumulating k micro-batches gives the gradient of the one big batch."""
+    totals = StepTotals(units=sum(objective.units(ex) for mb in micro for ex in mb),
+                        label_tokens=sum(ex.n_labels for mb in micro for ex in mb),
+                        tokens=sum(len(ex) for mb in micro for ex in mb))
     for mb in micro:
-        batch = to_device(collate(mb, cfg.data.packing, cfg.data.max_length, pad_id), device)
+        batch = to_device(objective.collate(mb, cfg, pad_id), device)
         with autocast_for(cfg, device):
-            loss, _, _ = objective.loss_sum(model, batch)
-        (loss / n_labels).backward()
-        loss_total += float(loss.detach())
-    return loss_total, n_labels, n_tokens
+            loss, _, metrics = objective.loss_sum(model, batch)
+        (loss / totals.units).backward()
+        totals.loss += float(loss.detach())
+        for key, value in metrics.items():
+            totals.metrics[key] = totals.metrics.get(key, 0.0) + value
+    return totals
 
 
-def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-          crash_after_step: int | None = None) -> RunResult:
+@dataclass
+class Run:
+    """What every outer loop (this one, PPO's) sets up the same way."""
+    cfg: RunConfig
+    console: Console
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    data: object
+    model: torch.nn.Module
+    method: object
+    objective: object
+    pad_id: int
+    trainable: int
+    total: int
+    config_yaml: str
+
+
+def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
+    """Refuse a clash in output_dir, seed, load data and model, apply the method, prepare the objective, write
+    config.yaml."""
     from tunesmith.models import load_model, load_tokenizer
 
     console = Console(stderr=True, quiet=quiet)
@@ -181,7 +214,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     device = pick_device(cfg.train.device)
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    data: Datasets = build_datasets(cfg, tokenizer)
+    data: Datasets = objective.build_datasets(cfg, tokenizer)
     console.print(f"[bold]data[/bold] train: {data.train_report.summary()}")
     if data.eval_report:
         console.print(f"[bold]data[/bold] eval: {data.eval_report.summary()}")
@@ -189,33 +222,56 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     method = get_method(cfg.method.name)
     method.apply(model, cfg.method)
     model.to(device)
-    objective = get_objective(cfg.objective)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    note = objective.prepare(model, method, cfg, data, device, pad_id)
     trainable, total = count_parameters(model)
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.3f} %)")
+    if note:
+        console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
     if overwrite and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = dump_config(cfg)
     atomic_write_text(run_dir / "config.yaml", config_yaml)
+    return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
+               config_yaml)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+def make_optimizer(run: Run, total_steps: int):
+    cfg = run.cfg
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  foreach=run.device.type != "mps")
+    scheduler = make_scheduler(optimizer, cfg.train.schedule, cfg.train.warmup_steps, total_steps)
+    return params, optimizer, scheduler
+
+
+def resume_position(run: Run, resume: bool, optimizer, scheduler) -> tuple[int, int]:
+    """(step, data position) of the last checkpoint when resuming, else (0, 0)."""
+    if not resume:
+        return 0, 0
+    last = list_checkpoints(run.run_dir)[-1]
+    meta = load_checkpoint(last, run.model, optimizer, scheduler)
+    run.console.print(f"[bold]resume[/bold] from {last.name} (step {meta['step']})")
+    return meta["step"], meta["data_position"]
+
+
+def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False,
+          crash_after_step: int | None = None) -> RunResult:
+    objective = get_objective(cfg.objective, getattr(cfg, cfg.objective, None))
+    if objective.own_loop is not None:
+        return objective.own_loop(cfg, objective, overwrite=overwrite, resume=resume, quiet=quiet,
+                                  crash_after_step=crash_after_step)
+    run = open_run(cfg, objective, overwrite, resume, quiet)
+    model, data, device, pad_id, console = run.model, run.data, run.device, run.pad_id, run.console
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / per_step))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  foreach=device.type != "mps")
-    scheduler = make_scheduler(optimizer, cfg.train.schedule, cfg.train.warmup_steps, total_steps)
+    params, optimizer, scheduler = make_optimizer(run, total_steps)
+    start_step, position = resume_position(run, resume, optimizer, scheduler)
 
-    start_step, position = 0, 0
-    if resume:
-        last = list_checkpoints(run_dir)[-1]
-        meta = load_checkpoint(last, model, optimizer, scheduler)
-        start_step, position = meta["step"], meta["data_position"]
-        console.print(f"[bold]resume[/bold] from {last.name} (step {start_step})")
-
-    baseline = _baseline(run_dir, resume, cfg, model, objective, data, tokenizer, device, pad_id)
+    baseline = _baseline(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id)
     if baseline["eval_loss"] is not None:
         console.print(f"[bold]eval[/bold] held-out loss before training: {baseline['eval_loss']:.4f}")
 
@@ -223,13 +279,14 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
-    with MetricsLogger(run_dir, total_steps, start_step, console, quiet) as log:
+    after = None
+    with MetricsLogger(run.run_dir, total_steps, start_step, console, quiet) as log:
         if start_step == 0 and baseline["eval_loss"] is not None:
-            log.log({"step": 0, "eval/loss": baseline["eval_loss"]})
+            log.log({"step": 0, **_eval_row(baseline["eval_metrics"])})
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             micro = [[data.train[i] for i in stream.take(cfg.train.batch_size)] for _ in range(cfg.train.grad_accum)]
-            step_loss, n_labels, n_tokens = accumulate_gradients(model, objective, micro, cfg, device, pad_id)
+            totals = accumulate_gradients(model, objective, micro, cfg, device, pad_id)
             grad_norm = None
             if cfg.train.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
@@ -237,10 +294,11 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            tokens_seen += n_tokens
-            row = {"step": step, "loss": step_loss / n_labels, "lr": scheduler.get_last_lr()[0],
-                   "tokens": n_tokens, "label_tokens": n_labels, "tokens_per_s": n_tokens / dt,
+            tokens_seen += totals.tokens
+            row = {"step": step, "loss": totals.loss / totals.units, "lr": scheduler.get_last_lr()[0],
+                   "tokens": totals.tokens, "label_tokens": totals.label_tokens, "tokens_per_s": totals.tokens / dt,
                    "elapsed_s": time.perf_counter() - started}
+            row.update({key: value / totals.units for key, value in totals.metrics.items()})
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             if step % cfg.train.log_every == 0 or step == total_steps:
@@ -248,42 +306,62 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
                 ev = evaluate(model, objective, data.eval, cfg, device, pad_id)
                 if ev is not None:
-                    log.log({"step": step, "eval/loss": ev})
-                    log.note(f"step {step}: held-out loss {ev:.4f}")
+                    log.log({"step": step, **_eval_row(ev)})
+                    log.note(f"step {step}: held-out loss {ev['loss']:.4f}")
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, stream.position, cfg.train.keep_checkpoints)
+                save_checkpoint(run.run_dir, step, model, optimizer, scheduler, stream.position,
+                                cfg.train.keep_checkpoints)
             if crash_after_step is not None and step == crash_after_step:
                 raise SimulatedCrash(step)
-        after_loss = evaluate(model, objective, data.eval, cfg, device, pad_id)
-        if after_loss is not None:
-            log.log({"step": total_steps, "eval/loss": after_loss})
+        after = evaluate(model, objective, data.eval, cfg, device, pad_id)
+        if after is not None:
+            log.log({"step": total_steps, **_eval_row(after)})
     seconds = time.perf_counter() - started
+    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after)
 
-    method.save(model, cfg.method, run_dir / getattr(method, "OUTPUT_NAME", "adapter"), cfg.model.path)
-    result = RunResult(run_dir, total_steps, baseline["eval_loss"], after_loss, trainable, total, seconds)
-    result.summary = _summarize(cfg, data, result, tokens_seen, model, tokenizer, baseline)
-    plot_losses(run_dir)
-    write_report(run_dir, result.summary, config_yaml)
-    atomic_write_text(run_dir / "summary.json", json.dumps({
-        "method": cfg.method.name, "objective": cfg.objective, "steps": total_steps, "trainable": trainable,
-        "total": total, "eval_before": result.eval_before, "eval_after": after_loss, "train_seconds": seconds,
+
+def _eval_row(metrics: dict) -> dict:
+    return {f"eval/{key}": value for key, value in metrics.items()}
+
+
+def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, baseline: dict, after: dict | None,
+               extra_facts: dict | None = None) -> RunResult:
+    """Save the trained artifact, then summary, plot, report.md and summary.json."""
+    cfg, model, method = run.cfg, run.model, run.method
+    run.objective.save(model, method, cfg, run.run_dir / getattr(method, "OUTPUT_NAME", "adapter"))
+    after_loss = after.get("loss") if after else None
+    result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
+    result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
+    result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective)
+    result.summary["facts"].update(extra_facts or {})
+    plot_losses(run.run_dir)
+    write_report(run.run_dir, result.summary, run.config_yaml)
+    atomic_write_text(run.run_dir / "summary.json", json.dumps({
+        "method": cfg.method.name, "objective": cfg.objective, "steps": total_steps, "trainable": run.trainable,
+        "total": run.total, "eval_before": result.eval_before, "eval_after": after_loss, "train_seconds": seconds,
         "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(seconds, 1e-9)}, indent=1))
     return result
 
 
 def _baseline(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id) -> dict:
-    """Held-out loss and sample generations of the untouched model, kept in the run so a resumed run reports them."""
+    """Held-out metrics and sample generations of the untouched model, kept in the run so a resumed run reports them."""
     path = run_dir / "baseline.json"
     if resume and path.is_file():
-        return json.loads(path.read_text())
-    baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
-    if cfg.report.compare:
-        baseline["eval_loss"] = evaluate(model, objective, data.eval, cfg, device, pad_id)
-        baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
-                                                         cfg.report.heldout_samples, cfg.report.max_new_tokens)
-        baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
-                                                         cfg.report.trained_samples, cfg.report.max_new_tokens)
-    atomic_write_text(path, json.dumps(baseline, indent=1))
+        baseline = json.loads(path.read_text())
+    else:
+        baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
+        if cfg.report.compare:
+            metrics = evaluate(model, objective, data.eval, cfg, device, pad_id)
+            baseline["eval_loss"] = metrics["loss"] if metrics else None
+            if metrics and set(metrics) - {"loss"}:
+                baseline["eval_metrics"] = metrics
+            baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
+                                                             cfg.report.heldout_samples, cfg.report.max_new_tokens)
+            baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
+                                                             cfg.report.trained_samples, cfg.report.max_new_tokens)
+        atomic_write_text(path, json.dumps(baseline, indent=1))
+    if "eval_metrics" not in baseline:
+        baseline["eval_metrics"] = None if baseline["eval_loss"] is None else {"loss": baseline["eval_loss"]}
     return baseline
 
 
@@ -294,7 +372,7 @@ def _memory_line(model, trainable: int) -> str:
             f"{grads_and_state / 2**20:,.0f} MiB")
 
 
-def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict) -> dict:
+def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict, objective) -> dict:
     facts = {
         "model": cfg.model.path,
         "method": f"{cfg.method.name} ({result.trainable:,} trainable of {result.total:,} = "
@@ -307,9 +385,13 @@ def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, base
         "training time": f"{result.seconds:.1f} s ({tokens_seen / max(result.seconds, 1e-9):.0f} tokens/s)",
     }
     summary = {"facts": facts, "before_after": {}}
-    if result.eval_before is not None and result.eval_after is not None:
-        summary["before_after"]["held-out loss"] = (result.eval_before, result.eval_after)
-        summary["before_after"]["held-out perplexity"] = (math.exp(result.eval_before), math.exp(result.eval_after))
+    before, after = result.eval_metrics_before, result.eval_metrics_after
+    if before is not None and after is not None:
+        for name, (b, a) in objective.compare(before, after).items():
+            if b:
+                summary["before_after"][name] = (b, a)
+            else:  # a change relative to zero has no percentage; such a metric goes with the facts
+                facts[name] = f"{b:.4f} before, {a:.4f} after"
     for key, items in (("heldout_samples", data.eval_items), ("trained_samples", data.train_items)):
         before = baseline[key]
         after = sample_generations(model, tokenizer, items, len(before), cfg.report.max_new_tokens) if before else []

@@ -1,0 +1,121 @@
+"""QLoRA (Dettmers et al., 2023): LoRA adapters in fp32 beside base linear weights frozen in 4 bits (methods/nf4.py).
+
+What a run saves is a plain PEFT LoRA adapter whose base_model_name_or_path is the full-precision base: it loads
+on that base (here, in peft, in anything that reads LoRA) and `tunesmith merge` merges it there, into the original
+weights. Merging into the 4-bit weights instead is lossy (re-quantising W + ΔW rounds most of the small ΔW away:
+peft #2321, unsloth #1519), so `tunesmith merge --into nf4` refuses unless forced and then reports the measured error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunesmith.errors import ConfigError, OutputDirError
+from tunesmith.methods import lora, nf4
+from tunesmith.methods.base import read_adapter, replace_module
+from tunesmith.methods.lora import DEFAULT, disabled, save, set_active, unload, unmerge  # noqa: F401  (the interface)
+from tunesmith.methods.settings import QloraSettings
+
+MERGEABLE = True
+NF4_MERGE_REFUSAL = (
+    "merging into 4-bit weights is lossy: W + ΔW is re-quantised to 4 bits, and ΔW is mostly smaller than the "
+    "4-bit step, so much of what the adapter learned is rounded away (peft #2321, unsloth #1519). A QLoRA adapter "
+    "is a plain LoRA adapter on the full-precision base: `tunesmith merge ADAPTER OUT` merges it into the original "
+    "weights, with no rounding. Pass --force to merge into the 4-bit weights anyway; the measured error is printed.")
+MERGE_ERROR = "merge_error.json"
+ERROR_SAMPLE = ("The quick brown fox jumps over the lazy dog. In Python, a list comprehension builds a list from "
+                "an iterable: [x * x for x in range(10)]. Hacker jargon calls an ugly but working fix a kluge.")
+
+
+def claims(config: dict) -> bool:
+    return False  # a QLoRA run saves a plain LoRA adapter, which methods.lora claims and loads on the fp base
+
+
+def apply(model: nn.Module, settings: QloraSettings, adapter_name: str = DEFAULT) -> dict[str, lora.LoraLinear]:
+    """Store the base's linear weights in 4 bits (once), freeze them, add fp32 LoRA adapters to the targets."""
+    from tunesmith.quant.linear import Int4Linear
+
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        raise ConfigError("method.name: qlora stores the base in 4 bits itself, but this model is already an int4 "
+                          "folder from `tunesmith quantize`; use method lora on it")
+    if not any(nf4.is_4bit(m) for m in model.modules()):
+        nf4.quantize_model(model, settings.quant_type, settings.double_quant, settings.compute_dtype)
+    return lora.apply(model, settings, adapter_name)
+
+
+def load(model: nn.Module, folder, adapter_name: str = DEFAULT, settings: QloraSettings | None = None) -> QloraSettings:
+    """Quantise `model` (if not yet) and load a LoRA adapter onto it."""
+    config, tensors = read_adapter(folder)
+    plain = lora.settings_from_peft(config, folder)
+    settings = QloraSettings(**{**(settings or QloraSettings()).model_dump(), **plain.model_dump(), "name": "qlora"})
+    apply(model, settings, adapter_name)
+    lora.copy_saved(model, folder, tensors, adapter_name)
+    return settings
+
+
+def merge(model: nn.Module) -> None:
+    """Merge in memory into the dequantised 4-bit weights: the result is exactly the trained model, in fp32."""
+    nf4.dequantize_model(model)
+    lora.merge(model)
+
+
+@torch.no_grad()
+def merge_requantized(model: nn.Module, settings: QloraSettings) -> None:
+    """Fold each adapter into its 4-bit weight and re-quantise: W4 ← Q(deq(W4) + ΔW). Leaves 4-bit layers."""
+    for name, layer in list(lora.lora_layers(model).items()):
+        if not nf4.is_4bit(layer.base_layer):
+            continue
+        base = nf4.to_linear(layer.base_layer)
+        base.weight.data += layer.delta_weight(layer.active)
+        replace_module(model, name, nf4.to_4bit(base, settings.quant_type, settings.double_quant,
+                                                settings.compute_dtype))
+
+
+def settings_of_run(adapter: str | Path) -> QloraSettings:
+    """The 4-bit settings the adapter was trained with (from its run's config.yaml), else the defaults."""
+    import yaml
+
+    path = Path(adapter).parent / "config.yaml"
+    try:
+        method = yaml.safe_load(path.read_text())["method"]
+        if method.get("name") == "qlora":
+            return QloraSettings(**method)
+    except Exception:  # no run folder around the adapter, or another method's: use the defaults
+        pass
+    return QloraSettings()
+
+
+def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False) -> Path:
+    """The forced, lossy merge: base → 4 bits + adapter (reference) → fold and re-quantise → measure the logit
+    error on a fixed sample → save the dequantised result as a plain HF folder, atomically."""
+    from tunesmith.atomic import atomic_folder
+    from tunesmith.infer.adapters import adapter_base
+    from tunesmith.models import load_model, load_tokenizer
+
+    dest = Path(out)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
+    settings = settings_of_run(adapter)
+    base = adapter_base({"default": adapter}, model_path)
+    model, tokenizer = load_model(base), load_tokenizer(base)
+    load(model, adapter, settings=settings)
+    model.eval()
+    ids = tokenizer(ERROR_SAMPLE, return_tensors="pt")["input_ids"]
+    reference = model(ids).logits.float()
+    merge_requantized(model, settings)
+    lora.unload(model)
+    diff = (model(ids).logits.float() - reference).abs()
+    nf4.dequantize_model(model)
+    error = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+             "tokens": ids.shape[1], "quant_type": settings.quant_type, "double_quant": settings.double_quant}
+    with atomic_folder(dest) as tmp:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MERGE_ERROR).write_text(json.dumps(error, indent=1) + "\n")
+    return dest
+

@@ -1,0 +1,158 @@
+"""Reward model: a scalar head on the causal LM's last hidden state at each sequence's last real token, trained with
+the Bradley-Terry loss -log σ(r_chosen - r_rejected - margin) on preference pairs.
+
+The head is saved as `reward_head.safetensors` inside the trained adapter/ (or model/) folder, so that folder alone
+is the reward model: PPO (`ppo.reward_model`) and `tunesmith score` load it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunesmith.data.preference import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
+from tunesmith.errors import ModelError
+from tunesmith.objectives.lm import hidden_states
+from tunesmith.objectives.settings import RewardSettings
+from tunesmith.train.checkpoint import atomic_write_text
+
+HEAD_FILE = "reward_head.safetensors"
+HEAD_ATTR = "tunesmith_reward_head"
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+                       ) -> torch.Tensor:
+    """Per-pair -log σ(r_c - r_r - m): the negative log-likelihood that the chosen answer wins."""
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+def attach_head(model: nn.Module) -> nn.Linear:
+    """A fresh scalar head (fp32, no bias: Bradley-Terry only sees score differences), registered on the model so
+    the optimizer, checkpoints and parameter counts see it."""
+    weight = model.get_input_embeddings().weight
+    hidden = weight.shape[1]
+    head = nn.Linear(hidden, 1, bias=False, device=weight.device, dtype=torch.float32)
+    nn.init.normal_(head.weight, std=hidden ** -0.5)
+    setattr(model, HEAD_ATTR, head)
+    return head
+
+
+def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One score per sequence: the head on the hidden state of the sequence's last token (batch["last"])."""
+    head = getattr(model, HEAD_ATTR)
+    hidden = hidden_states(model, batch)
+    last = hidden.reshape(-1, hidden.shape[-1])[batch["last"]]
+    if not torch.is_autocast_enabled(last.device.type):
+        last = last.to(head.weight.dtype)
+    return head(last).squeeze(-1).float()
+
+
+def save_head(model: nn.Module, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    head = getattr(model, HEAD_ATTR)
+    path = Path(folder) / HEAD_FILE
+    tmp = path.with_name(f".{HEAD_FILE}.tmp")
+    save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(tmp),
+              metadata={"format": "pt", "pooling": "last_token", "hidden_size": str(head.in_features)})
+    tmp.replace(path)
+    return path
+
+
+def load_head(model: nn.Module, folder: Path) -> nn.Linear:
+    from safetensors import safe_open
+
+    path = Path(folder) / HEAD_FILE
+    if not path.is_file():
+        raise ModelError(f"{folder}: no {HEAD_FILE} here, so it is not a reward model; point at the adapter/ (or "
+                         "model/) folder of an `objective: reward` run")
+    with safe_open(str(path), "pt") as fh:
+        weight = fh.get_tensor("weight")
+    head = attach_head(model)
+    if weight.shape != head.weight.shape:
+        raise ModelError(f"{path}: head of shape {tuple(weight.shape)} does not fit this model's hidden size "
+                         f"{head.in_features} (made for a different base?)")
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    return head
+
+
+def load_reward_model(folder, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) of a saved reward model: an adapter folder (on its base, or `base`) or a model folder."""
+    from tunesmith.infer.adapters import load_with_adapter
+    from tunesmith.methods.base import ADAPTER_CONFIG
+    from tunesmith.models import load_model, load_tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: reward model folder not found")
+    if (folder / ADAPTER_CONFIG).is_file():
+        model, tokenizer = load_with_adapter(base, str(folder), dtype, trust_remote_code)
+    else:
+        model = load_model(str(folder), dtype, trust_remote_code)
+        tokenizer = load_tokenizer(str(folder), trust_remote_code)
+    load_head(model, folder)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8) -> list[float]:
+    """Reward-model scores of answers to prompts (each a list of chat messages)."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[float] = []
+    for i in range(0, len(answers), batch_size):
+        chunk = zip(prompts[i : i + batch_size], answers[i : i + batch_size])
+        seqs = [tokenize_answer(tokenizer, p, a) for p, a in chunk]
+        batch = collate_sequences(seqs, False, max(len(s) for s in seqs), pad_id)
+        out.extend(sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).tolist())
+    return out
+
+
+class RewardObjective:
+    own_loop = None
+
+    def __init__(self, settings: RewardSettings):
+        self.settings = settings
+
+    def build_datasets(self, cfg, tokenizer):
+        return build_pair_datasets(cfg, tokenizer, with_items=False)
+
+    def collate(self, pairs, cfg, pad_id: int) -> dict[str, torch.Tensor]:
+        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id, self.settings.margin)
+
+    def units(self, pair) -> int:
+        return 1
+
+    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+        attach_head(model)
+        return f"reward head: 1 × {getattr(model, HEAD_ATTR).in_features} on the last token of each sequence"
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+        scores = sequence_scores(model, batch)
+        n = batch["margin"].shape[0]
+        chosen, rejected = scores[:n], scores[n:]
+        loss = bradley_terry_loss(chosen, rejected, batch["margin"].to(scores.device)).sum()
+        diff = (chosen - rejected).detach()
+        return loss, n, {"accuracy": float((diff > 0).sum()), "margin": float(diff.sum())}
+
+    def compare(self, before: dict, after: dict) -> dict[str, tuple[float, float]]:
+        return {"held-out loss": (before["loss"], after["loss"]),
+                "held-out pairwise accuracy": (before["accuracy"], after["accuracy"]),
+                "held-out mean margin (chosen - rejected score)": (before["margin"], after["margin"])}
+
+    def save(self, model, method, cfg, folder) -> None:
+        head = getattr(model, HEAD_ATTR)
+        setattr(model, HEAD_ATTR, None)  # keeps the head out of the method's files (a full model's state dict)
+        try:
+            method.save(model, cfg.method, folder, cfg.model.path)
+        finally:
+            setattr(model, HEAD_ATTR, head)
+        save_head(model, Path(folder))
+        info = {"objective": "reward", "pooling": "last_token", "base_model": cfg.model.path,
+                "method": cfg.method.name, "margin": self.settings.margin}
+        atomic_write_text(Path(folder) / "reward_model.json", json.dumps(info, indent=1) + "\n")

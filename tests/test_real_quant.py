@@ -1,0 +1,56 @@
+"""QLoRA and GPTQ on the real SmolLM2 (slow). Numbers measured on this machine are in each test's docstring."""
+
+import json
+
+import pytest
+
+from conftest import BUILTIN, REPO
+
+pytestmark = pytest.mark.slow
+
+HELDOUT = REPO / "data" / "pydoc_topics" / "eval.jsonl"
+CALIB = REPO / "data" / "pydoc_topics" / "train.jsonl"
+
+
+def test_qlora_lowers_heldout_loss(tmp_path):
+    """12 steps of QLoRA (NF4 + double quant base, fp32 LoRA r=16, the demo's bf16 autocast) on the demo data:
+    held-out loss 4.618 → 4.026 (−12.8 %) measured; the test asks for about half that drop."""
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import train
+
+    cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
+        "method.name=qlora", f"output_dir={tmp_path / 'qlora'}", "train.max_steps=12", "train.warmup_steps=2",
+        "train.eval_every=null", "train.save_every=null", "data.max_eval_examples=40",
+        "report.heldout_samples=0", "report.trained_samples=0"])
+    result = train(cfg, quiet=True)
+    drop = (result.eval_before - result.eval_after) / result.eval_before
+    print(f"qlora: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
+    assert drop >= 0.06, f"{result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
+
+
+def test_gptq_int4_perplexity_is_close_to_fp32_and_better_than_rtn():
+    """Held-out perplexity (pydoc eval split, first 1,024 tokens), int4 with groups of 128, GPTQ calibrated on
+    12 × 128 tokens of the pydoc train split. Measured: fp32 18.94, RTN 26.41 (×1.39), GPTQ 23.40 (×1.24): a
+    135M model loses more to 4 bits than large ones do."""
+    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.quant.calibration import calibration_windows
+    from tunesmith.quant.model import min_calibration_tokens, quantize_model
+    from tunesmith.quant.perplexity import perplexity
+
+    tokenizer = load_tokenizer(BUILTIN)
+    texts = [json.loads(line)["text"] for line in HELDOUT.read_text().splitlines() if line.strip()]
+
+    def ppl(model):
+        return perplexity(model, tokenizer, texts, window=512, max_tokens=1024)
+
+    model = load_model(BUILTIN)
+    fp32 = ppl(model)
+    ids = calibration_windows(str(CALIB), tokenizer, 12, 128, *min_calibration_tokens(model))
+    quantize_model(model, "gptq", 128, ids)
+    gptq = ppl(model)
+    model = load_model(BUILTIN)
+    quantize_model(model, "rtn", 128)
+    rtn = ppl(model)
+    print(f"perplexity: fp32 {fp32:.3f}, RTN int4 {rtn:.3f}, GPTQ int4 {gptq:.3f}")
+    assert gptq < 0.95 * rtn
+    assert gptq < 1.35 * fp32
