@@ -242,3 +242,13 @@ def test_4bit_on_a_model_whose_layers_cannot_be_quantised_names_the_layer(tiny_c
     err = capsys.readouterr().err
     assert "layer 'transformer.h.0.attn.c_attn' is a Conv1D" in err and "Traceback" not in err
     assert not Path(tiny_config["output_dir"]).exists()
+
+
+def test_lora_with_quantize_base_is_qlora():
+    from tunesmith.config import load_config
+
+    spelled_out = load_config(None, ["data.train=data/jargon/train.jsonl", "method.name=lora",
+                                     "method.quantize_base=fp4", "method.r=4"]).method
+    assert spelled_out == QloraSettings(quant_type="fp4", r=4)
+    plain = load_config(None, ["data.train=data/jargon/train.jsonl", "method.quantize_base=null"]).method
+    assert plain.name == "lora"

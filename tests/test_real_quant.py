@@ -26,6 +26,40 @@ def test_qlora_lowers_heldout_loss(tmp_path):
     drop = (result.eval_before - result.eval_after) / result.eval_before
     print(f"qlora: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
     assert drop >= 0.06, f"{result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
+    _qlora_adapter_on_the_fp_base_is_close(result.run_dir / "adapter")
+
+
+def _qlora_adapter_on_the_fp_base_is_close(adapter):
+    """The adapter trained on NF4 weights, put on the fp32 base, differs from itself on the NF4 base by about as
+    much as the bare fp32 base differs from the bare NF4 base: the adapter adds little error of its own. Measured
+    on 4 held-out prompts: mean |Δlogit| 1.297 (max 9.1, same argmax at 67 % of positions) with the adapter vs
+    1.287 (max 9.5, 61 %) for the bare bases."""
+    import torch
+
+    from tunesmith.infer.adapters import load_with_adapter
+    from tunesmith.methods import lora, qlora
+    from tunesmith.models import load_model
+
+    on_fp, tokenizer = load_with_adapter(BUILTIN, str(adapter))
+    on_nf4 = load_model(BUILTIN)
+    qlora.load(on_nf4, adapter, settings=qlora.settings_of_run(adapter))
+    on_nf4.eval()
+    prompts = [json.loads(line)["instruction"] for line in (REPO / "data/jargon/eval.jsonl").read_text().splitlines()[:4]]
+    ids = tokenizer(prompts, return_tensors="pt", padding=True)
+    real = ids["attention_mask"].bool()
+
+    def gap():
+        with torch.no_grad():
+            fp, q = on_fp(**ids).logits, on_nf4(**ids).logits
+        diff = (fp - q).abs()[real]
+        return diff.mean().item(), diff.max().item(), (fp.argmax(-1) == q.argmax(-1))[real].float().mean().item()
+
+    adapted = gap()
+    with lora.disabled(on_fp), lora.disabled(on_nf4):
+        bare = gap()
+    for label, (mean, top, agree) in (("with the adapter", adapted), ("bare bases", bare)):
+        print(f"fp32 vs NF4, {label}: mean |Δlogit| {mean:.3f}, max {top:.3f}, same argmax {agree:.1%}")
+    assert adapted[0] < 1.25 * bare[0] and adapted[2] > bare[2] - 0.1
 
 
 def test_gptq_int4_perplexity_is_close_to_fp32_and_better_than_rtn():

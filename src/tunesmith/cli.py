@@ -72,14 +72,7 @@ def _extension_modules():
     and returns {command name: handler(args) -> exit code}."""
     import importlib
 
-    modules = []
-    for name in EXTENSIONS:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-    return modules
+    return [importlib.import_module(name) for name in EXTENSIONS]
 
 
 def cmd_train(args) -> int:
@@ -103,7 +96,8 @@ def _print_summary(result) -> None:
         for col in ("metric", "before", "after", "change"):
             table.add_column(col)
         for name, (b, a) in s["before_after"].items():
-            table.add_row(name, f"{b:.4f}", f"{a:.4f}", f"{(a - b) / b * 100:+.1f} %")
+            change = f"{(a - b) / abs(b) * 100:+.1f} %" if b else f"{a - b:+.4f}"
+            table.add_row(name, f"{b:.4f}", f"{a:.4f}", change)
         console.print(table)
     for title, key in (("held-out prompts", "heldout_samples"), ("trained prompts", "trained_samples")):
         if s.get(key):

@@ -57,6 +57,14 @@ class TrainSettings(Strict):
     log_every: int = Field(1, gt=0)
     seed: int = 42
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights")
+    loss_chunk: int | None = Field(
+        None, gt=0, description="compute the LM head and cross-entropy over label positions this many at a time, "
+        "with the gradient formed chunk by chunk, so the (tokens × vocabulary) logits never exist whole; "
+        "None: all label positions at once")
+    compile: bool = Field(False, description="torch.compile each decoder layer (the first steps pay the compile)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward pass: less memory, ~30 % "
+        "more compute")
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
@@ -66,6 +74,18 @@ class ReportSettings(Strict):
     heldout_samples: int = Field(3, ge=0)
     trained_samples: int = Field(3, ge=0)
     max_new_tokens: int = Field(64, gt=0)
+
+
+def _quantize_base_means_qlora(data):
+    """`method: {name: lora, quantize_base: nf4}` is spelled-out QLoRA: the same settings as `name: qlora`."""
+    method = data.get("method") if isinstance(data, dict) else None
+    if not isinstance(method, dict) or "quantize_base" not in method or method.get("name") != "lora":
+        return data
+    method = dict(method)
+    quant_type = method.pop("quantize_base")
+    if quant_type is not None:
+        method.update(name="qlora", quant_type=quant_type)
+    return {**data, "method": method}
 
 
 class RunConfig(Strict):
@@ -85,7 +105,7 @@ class RunConfig(Strict):
     def _lora_by_default(cls, data):
         if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
             data = {**data, "method": {"name": "lora", **data["method"]}}
-        return data
+        return _quantize_base_means_qlora(data)
 
     @model_validator(mode="before")
     @classmethod

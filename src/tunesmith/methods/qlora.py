@@ -105,10 +105,11 @@ def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None
     load(model, adapter, settings=settings)
     model.eval()
     ids = tokenizer(ERROR_SAMPLE, return_tensors="pt")["input_ids"]
-    reference = model(ids).logits.float()
-    merge_requantized(model, settings)
-    lora.unload(model)
-    diff = (model(ids).logits.float() - reference).abs()
+    with torch.no_grad():
+        reference = model(ids).logits.float()
+        merge_requantized(model, settings)
+        lora.unload(model)
+        diff = (model(ids).logits.float() - reference).abs()
     nf4.dequantize_model(model)
     error = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
              "tokens": ids.shape[1], "quant_type": settings.quant_type, "double_quant": settings.double_quant}
