@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -115,3 +116,19 @@ def check_and_copy(folder, ours: dict[str, torch.Tensor], theirs: dict[str, torc
     with torch.no_grad():
         for k, p in ours.items():
             p.copy_(theirs[k].to(p.dtype))
+
+
+@contextmanager
+def switched_off(model: nn.Module, layers: list, merged_error: str):
+    """Inside the block every layer runs without its trainable part (`active = None`); each layer's own active
+    state comes back afterwards. Layers merged into the base weights cannot be switched off: `merged_error`."""
+    if any(layer.merged for layer in layers):
+        raise ModelError(merged_error)
+    saved = [layer.active for layer in layers]
+    try:
+        for layer in layers:
+            layer.active = None
+        yield model
+    finally:
+        for layer, active in zip(layers, saved):
+            layer.active = active

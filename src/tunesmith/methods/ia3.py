@@ -8,14 +8,13 @@ config with peft_type IA3, target_modules and feedforward_modules.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
-                                    write_adapter)
+                                    switched_off, write_adapter)
 from tunesmith.methods.settings import IA3Settings
 
 PEFT_PREFIX = "base_model.model."
@@ -116,21 +115,9 @@ def set_active(model: nn.Module, adapter_name: str | None) -> None:
         layer.active = adapter_name
 
 
-@contextmanager
 def disabled(model: nn.Module):
     """Run the bare base model inside the block (every vector off, none merged), then restore each layer's state."""
-    layers = list(ia3_layers(model).values())
-    if any(layer.merged for layer in layers):
-        raise ModelError("(IA)³ vectors are merged into the base weights, so they cannot be switched off; "
-                         "unmerge first")
-    saved = [layer.active for layer in layers]
-    try:
-        for layer in layers:
-            layer.active = None
-        yield model
-    finally:
-        for layer, active in zip(layers, saved):
-            layer.active = active
+    return switched_off(model, list(ia3_layers(model).values()), "(IA)³ vectors are merged into the base weights, so they cannot be switched off; unmerge first")
 
 
 def merge(model: nn.Module) -> None:

@@ -7,14 +7,14 @@ Saved in PEFT's format: keys `base_model.model.<module>.lora_A.weight`, config w
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from tunesmith.methods.settings import DoraSettings, LoraSettings
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, replace_module, write_adapter
+from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
+                                    switched_off, write_adapter)
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
@@ -137,20 +137,9 @@ def set_active(model: nn.Module, adapter_name: str | None) -> None:
         layer.active = adapter_name
 
 
-@contextmanager
 def disabled(model: nn.Module):
     """Run the bare base model inside the block (every adapter off, none merged), then restore each layer's state."""
-    layers = list(lora_layers(model).values())
-    if any(layer.merged for layer in layers):
-        raise ModelError("adapters are merged into the base weights, so they cannot be switched off; unmerge first")
-    saved = [layer.active for layer in layers]
-    try:
-        for layer in layers:
-            layer.active = None
-        yield model
-    finally:
-        for layer, active in zip(layers, saved):
-            layer.active = active
+    return switched_off(model, list(lora_layers(model).values()), "adapters are merged into the base weights, so they cannot be switched off; unmerge first")
 
 
 def merge(model: nn.Module) -> None:
