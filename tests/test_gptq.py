@@ -204,3 +204,18 @@ def test_rtn_folder_needs_no_data_and_qlora_on_it_is_refused(tiny_model_dir, tin
     assert main(["train", str(path), "--quiet"]) == 2
     assert "already an int4 folder" in capsys.readouterr().err
     assert not Path(tiny_config["output_dir"]).exists()
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "freeze", "last_layers": 1}])
+def test_methods_that_train_base_weights_refuse_an_int4_folder(method, tiny_model_dir, tiny_config, tmp_path, capsys):
+    out = tmp_path / "rtn"
+    assert _quantize(out, "--model", tiny_model_dir, "--method", "rtn", "--group-size", "64") == 0
+    tiny_config["model"]["path"] = str(out)
+    tiny_config["method"] = method
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["train", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"method.name: {method['name']} would train base weights, but model.layers.1.self_attn.q_proj" in err \
+        or f"method.name: {method['name']} would train base weights, but model.layers.0.self_attn.q_proj" in err
+    assert "stored in 4 bits" in err and not Path(tiny_config["output_dir"]).exists()

@@ -132,3 +132,18 @@ def switched_off(model: nn.Module, layers: list, merged_error: str):
     finally:
         for layer, active in zip(layers, saved):
             layer.active = active
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of linears whose weights are stored in 4 bits (an int4 folder, or NF4): frozen, not parameters."""
+    from tunesmith.methods.nf4 import is_4bit
+    from tunesmith.quant.linear import Int4Linear
+
+    return [n for n, m in model.named_modules() if isinstance(m, Int4Linear) or is_4bit(m)]
+
+
+def refuse_training_quantized(method: str, layers: list[str]) -> None:
+    if layers:
+        raise ConfigError(f"method.name: {method} would train base weights, but {layers[0]} (and {len(layers) - 1} "
+                          "more) are stored in 4 bits and cannot train; use lora, dora or ia3 on a quantised model, "
+                          f"or {method} on the full-precision one")

@@ -7,7 +7,8 @@ import re
 from torch import nn
 
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
+from tunesmith.methods.base import (check_and_copy, freeze_all, quantized_layers, read_adapter,
+                                    refuse_training_quantized, write_adapter)
 from tunesmith.methods.settings import FreezeSettings
 
 MERGEABLE = True
@@ -44,10 +45,20 @@ def selected(model: nn.Module, settings: FreezeSettings) -> list[str]:
     return sorted(chosen)
 
 
+def _block_of(layer: str) -> str:
+    """'model.layers.3.mlp.down_proj' → 'model.layers.3.': the block a layer belongs to."""
+    match = re.match(r"(.*?\.\d+\.)", layer)
+    return match.group(1) if match else layer + "."
+
+
 def apply(model: nn.Module, settings: FreezeSettings) -> None:
+    chosen = selected(model, settings)
+    refuse_training_quantized("freeze", [q for q in quantized_layers(model)
+                                         if any(n.startswith(_block_of(q)) for n in chosen)
+                                         or any(re.search(p, q + ".weight") for p in settings.patterns)])
     freeze_all(model)
     params = dict(model.named_parameters())
-    for name in selected(model, settings):
+    for name in chosen:
         params[name].requires_grad_(True)
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from tunesmith.atomic import atomic_folder
 from tunesmith.errors import ModelError
+from tunesmith.methods.base import quantized_layers, refuse_training_quantized
 from tunesmith.methods.settings import FullSettings
 
 MERGEABLE = False
@@ -18,6 +19,7 @@ def claims(config: dict) -> bool:
 
 
 def apply(model: nn.Module, settings: FullSettings) -> None:
+    refuse_training_quantized("full", quantized_layers(model))
     for p in model.parameters():
         p.requires_grad_(True)
 
