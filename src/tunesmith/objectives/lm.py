@@ -1,6 +1,7 @@
 """Next-token cross-entropy on labelled positions: SFT (assistant turns) and continued pretraining (all text).
 
-Logits are computed only where a target exists, never for the whole (sequence × vocabulary).
+Logits are computed only where a target exists, never for the whole (sequence × vocabulary); with
+`train.loss_chunk` they are computed a chunk of label positions at a time (objectives/chunked_ce.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.templates import IGNORE
+from tunesmith.objectives.chunked_ce import linear_cross_entropy_sum
 
 
 def _attention_mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -45,10 +47,22 @@ def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _chunkable_head(model) -> torch.nn.Linear | None:
+    """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map."""
+    if not getattr(model, "tunesmith_loss_chunk", None) or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    head = model.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
     targets = batch["targets"]
     where = targets != IGNORE
     hidden = hidden_states(model, batch)[where]
+    head = _chunkable_head(model)
+    if head is not None:
+        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk)
+        return loss, int(where.sum()), {}
     logits = logits_at(model, hidden)
     loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")
     return loss, int(where.sum()), {}

@@ -24,6 +24,7 @@ from tunesmith.objectives import get_objective
 from tunesmith.train.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint, save_checkpoint
 from tunesmith.train.logging import MetricsLogger
 from tunesmith.train.report import plot_losses, write_report
+from tunesmith.train.speed import apply_speed_options
 
 
 class SimulatedCrash(BaseException):
@@ -224,6 +225,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     note = objective.prepare(model, method, cfg, data, device, pad_id)
+    apply_speed_options(model, cfg.train)
     trainable, total = count_parameters(model)
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.3f} %)")

@@ -1,0 +1,138 @@
+"""Every speed lever keeps the math: the loss (and its gradient) of the plain fp32 path, within a stated tolerance."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_llama
+from tunesmith.config import LoraSettings, TrainSettings, load_config
+from tunesmith.data.packing import collate
+from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.methods import lora
+from tunesmith.objectives import lm
+from tunesmith.objectives.chunked_ce import linear_cross_entropy_sum
+from tunesmith.train.loop import train
+from tunesmith.train.speed import apply_speed_options
+
+# bf16 keeps 8 mantissa bits; over a few hundred tokens the mean loss moves by well under this (measured ~1e-3).
+BF16_FIRST_LOSS_TOLERANCE = 1e-2
+
+
+def _examples(lengths, vocab=300, seed=0, prompt=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append(Tokenized(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out
+
+
+def _lora_model(seed=0):
+    model = tiny_llama(vocab_size=300, seed=seed)
+    lora.apply(model, LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(seed + 1)
+    for layer in lora.lora_layers(model).values():  # B ≠ 0, so the adapters change the loss and get gradients
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    return model.train()
+
+
+def _loss_and_grads(model, batch, **levers):
+    apply_speed_options(model, TrainSettings(**levers))
+    model.zero_grad(set_to_none=True)
+    loss, n, _ = lm.loss_sum(model, batch)
+    (loss / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()) / n, grads
+
+
+def _assert_grads_close(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+
+
+def test_chunked_cross_entropy_equals_full_cross_entropy_and_its_gradients():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    full = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    full_grads = torch.autograd.grad(full * 0.5, (hidden, weight))
+    for chunk in (1, 8, 37, 1000):
+        chunked = linear_cross_entropy_sum(hidden, weight, targets, chunk)
+        assert abs(float(chunked.detach()) - float(full.detach())) <= 1e-5 * abs(float(full))
+        grads = torch.autograd.grad(chunked * 0.5, (hidden, weight))
+        for a, b in zip(grads, full_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        no_grad_loss = float(linear_cross_entropy_sum(hidden, weight, targets, 5))
+        assert abs(no_grad_loss - float(full.detach())) <= 1e-5 * float(full.detach())
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_loss_in_the_model_equals_the_label_only_loss(trainable_head):
+    model = _lora_model()
+    model.get_output_embeddings().weight.requires_grad_(trainable_head)  # tied: full fine-tuning trains it
+    batch = collate(_examples([9, 14, 6, 11], prompt=3), True, 64, 2)
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    chunked_loss, chunked_grads = _loss_and_grads(model, batch, loss_chunk=5)
+    assert abs(chunked_loss - plain_loss) <= 1e-5
+    _assert_grads_close(chunked_grads, plain_grads, atol=1e-6)
+
+
+def test_packed_loss_and_gradients_equal_unpacked_on_the_same_examples():
+    model = _lora_model()
+    exs = _examples([7, 12, 5, 9, 16], prompt=2)
+    packed_loss, packed_grads = _loss_and_grads(model, collate(exs, True, 32, 2))
+    padded_loss, padded_grads = _loss_and_grads(model, collate(exs, False, 32, 2))
+    alone = sum(float(lm.loss_sum(model, collate([e], False, 32, 2))[0]) for e in exs)
+    units = sum(e.n_labels for e in exs)  # the prompt masks the first token, so every label is a target
+    assert abs(packed_loss - padded_loss) <= 1e-5
+    assert abs(packed_loss - alone / units) <= 1e-5
+    _assert_grads_close(packed_grads, padded_grads, atol=1e-6)
+
+
+def test_activation_checkpointing_leaves_loss_and_gradients_unchanged():
+    batch = collate(_examples([9, 14, 6, 11]), True, 64, 2)
+    plain_loss, plain_grads = _loss_and_grads(_lora_model(), batch)
+    ckpt_loss, ckpt_grads = _loss_and_grads(_lora_model(), batch, activation_checkpointing=True)
+    assert abs(ckpt_loss - plain_loss) <= 1e-6
+    _assert_grads_close(ckpt_grads, plain_grads, atol=1e-6)
+
+
+def test_bf16_autocast_first_step_loss_is_within_the_stated_tolerance_of_fp32():
+    batch = collate(_examples([40, 64, 25, 51, 33]), True, 128, 2)
+    fp32_loss, _ = _loss_and_grads(_lora_model(), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss, _ = _loss_and_grads(_lora_model(), batch)
+        chunked_bf16_loss, _ = _loss_and_grads(_lora_model(), batch, loss_chunk=16)
+    assert abs(bf16_loss - fp32_loss) <= BF16_FIRST_LOSS_TOLERANCE
+    assert abs(chunked_bf16_loss - fp32_loss) <= BF16_FIRST_LOSS_TOLERANCE
+    assert abs(chunked_bf16_loss - bf16_loss) <= 2e-3  # both round the same logits to bf16
+
+
+@pytest.mark.slow  # ~30 s of compiling on two cores
+def test_compiled_layers_leave_the_loss_unchanged():
+    batch = collate(_examples([9, 14, 6, 11]), True, 64, 2)
+    plain_loss, plain_grads = _loss_and_grads(_lora_model(), batch)
+    compiled_loss, compiled_grads = _loss_and_grads(_lora_model(), batch, compile=True)
+    assert abs(compiled_loss - plain_loss) <= 1e-5
+    _assert_grads_close(compiled_grads, plain_grads, atol=1e-5)
+
+
+def _first_losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_training_with_the_memory_levers_follows_the_same_loss_curve(tiny_config, tmp_path):
+    tiny_config["method"]["dropout"] = 0.0
+    tiny_config["train"]["max_steps"] = 3
+    plain = train(load_config(None, [], base={**tiny_config, "output_dir": str(tmp_path / "plain")}), quiet=True)
+    levers = {**tiny_config["train"], "loss_chunk": 16, "activation_checkpointing": True}
+    fast = train(load_config(None, [], base={**tiny_config, "train": levers, "output_dir": str(tmp_path / "fast")}),
+                 quiet=True)
+    for a, b in zip(_first_losses(plain.run_dir), _first_losses(fast.run_dir), strict=True):
+        assert abs(a - b) <= 1e-4
