@@ -39,7 +39,7 @@ def _lora_model(seed=0):
 
 
 def _loss_and_grads(model, batch, **levers):
-    apply_speed_options(model, TrainSettings(**levers))
+    apply_speed_options(model, TrainSettings(**{"loss_chunk": None, **levers}))  # plain: all logits at once
     model.zero_grad(set_to_none=True)
     loss, n, _ = lm.loss_sum(model, batch)
     (loss / n).backward()
@@ -130,7 +130,9 @@ def _first_losses(run_dir) -> list[float]:
 def test_training_with_the_memory_levers_follows_the_same_loss_curve(tiny_config, tmp_path):
     tiny_config["method"]["dropout"] = 0.0
     tiny_config["train"]["max_steps"] = 3
-    plain = train(load_config(None, [], base={**tiny_config, "output_dir": str(tmp_path / "plain")}), quiet=True)
+    plain_train = {**tiny_config["train"], "loss_chunk": None}
+    plain = train(load_config(None, [], base={**tiny_config, "train": plain_train, "output_dir": str(tmp_path / "plain")}),
+                  quiet=True)
     levers = {**tiny_config["train"], "loss_chunk": 16, "activation_checkpointing": True}
     fast = train(load_config(None, [], base={**tiny_config, "train": levers, "output_dir": str(tmp_path / "fast")}),
                  quiet=True)

@@ -58,9 +58,9 @@ class TrainSettings(Strict):
     seed: int = 42
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights")
     loss_chunk: int | None = Field(
-        None, gt=0, description="compute the LM head and cross-entropy over label positions this many at a time, "
-        "with the gradient formed chunk by chunk, so the (tokens × vocabulary) logits never exist whole; "
-        "None: all label positions at once")
+        1024, gt=0, description="compute the LM head and cross-entropy over label positions this many at a time, "
+        "with the gradient formed chunk by chunk, so the (tokens × vocabulary) logits never exist whole (faster "
+        "and smaller: measured 1.24x, -0.3 GB on bench/peers.py workload 1); null: all label positions at once")
     compile: bool = Field(False, description="torch.compile each decoder layer (the first steps pay the compile)")
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass: less memory, ~30 % "

@@ -1,5 +1,8 @@
 """Batches: padding-free packing with per-example positions and a block-diagonal causal mask, or plain padding.
 
+A packed batch also carries each token's example index in its row (`segments`, −1 on padding) and the examples'
+lengths in row order (`segment_lengths`), from which segment_attention.py runs it as one row without padding.
+
 Targets are shifted inside each example before packing, so no example ever predicts its neighbour's tokens.
 """
 
@@ -57,8 +60,9 @@ def collate_packed(examples: list[Tokenized], capacity: int, pad_id: int) -> dic
             segments[r, at : at + n] = seg
             at += n
         positions[r, at:] = torch.arange(width - at)
+    lengths = torch.tensor([len(examples[i]) for row in rows for i in row], dtype=torch.long)
     return {"input_ids": ids, "targets": targets, "position_ids": positions,
-            "attention_mask": block_causal_mask(segments)}
+            "attention_mask": block_causal_mask(segments), "segments": segments, "segment_lengths": lengths}
 
 
 def collate_padded(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

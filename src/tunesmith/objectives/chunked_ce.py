@@ -5,6 +5,10 @@ pass. Here each chunk's logits live only while that chunk is processed: the forw
 with respect to the hidden states (and the head's weight, when it trains) chunk by chunk, and the backward pass only
 scales those by the incoming gradient. The loss is the same sum of per-token cross-entropies; only the order of the
 floating-point summation differs.
+
+Each chunk's logits are written into a workspace that lives as long as the caller keeps it (the model keeps one), so
+the vocabulary-wide buffers are allocated once, not once per chunk: fresh buffers that large cost the CPU a page
+fault per 4 KiB on first touch, which measured more than their matrix product.
 """
 
 from __future__ import annotations
@@ -20,27 +24,68 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (h @ w.T).float()
+class Workspace:
+    """Reusable (chunk × vocabulary) buffers: fp32 logits, plus one in the compute dtype when that is lower."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._weight: tuple | None = None
+
+    def buffer(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            self._buffers.pop(key, None)
+            buf = self._buffers[key] = torch.empty((rows, cols), dtype=dtype, device=device)
+        return buf[:rows]
+
+    def weight_in(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`weight` in `dtype`; a frozen weight is cast once and reused until it changes."""
+        if weight.dtype == dtype:
+            return weight
+        if weight.requires_grad:
+            return weight.to(dtype)
+        key = (weight.data_ptr(), weight._version, dtype)
+        if self._weight is None or self._weight[0] != key:
+            self._weight = (key, weight.detach().to(dtype))
+        return self._weight[1]
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, space: Workspace) -> torch.Tensor:
+    """fp32 logits of one chunk, in the workspace."""
+    logits = space.buffer(h.shape[0], w.shape[0], torch.float32, h.device)
+    if h.dtype == torch.float32:
+        return torch.mm(h, w.T, out=logits)
+    low = torch.mm(h, w.T, out=space.buffer(h.shape[0], w.shape[0], h.dtype, h.device))
+    return logits.copy_(low)
+
+
+def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of cross-entropies, and the softmax written over `logits` in place (no second vocabulary-wide tensor)."""
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    norm = probs.sum(dim=-1, keepdim=True)
+    loss = (norm.log() + top).squeeze(1).sub_(target_logits).sum()
+    return loss, probs.div_(norm)
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype):
-        w = weight.to(dtype)
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace):
+        w = space.weight_in(weight, dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
-            logits = _chunk_logits(h, w)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            loss, grad_logits = _loss_and_softmax_(_chunk_logits(h, w, space), t)
+            total += loss
             # d(sum of cross-entropies)/d(logits) = softmax − one-hot(target)
-            grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            grad_logits = grad_logits.to(dtype)
+            if dtype != torch.float32:
+                grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
             grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h).float()
@@ -53,19 +98,19 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk: int) -> torch.Tensor:
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                             workspace: Workspace | None = None) -> torch.Tensor:
     """sum over rows of cross_entropy(hidden @ weight.T, targets); hidden (N, H), weight (V, H), targets (N,)."""
     dtype = _compute_dtype(weight)
+    space = workspace if workspace is not None else Workspace()
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        w = weight.to(dtype)
+        w = space.weight_in(weight, dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            logits = _chunk_logits(hidden[start : start + chunk].to(dtype), w)
-            t = targets[start : start + chunk]
-            total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = _chunk_logits(hidden[start : start + chunk].to(dtype), w, space)
+            total += _loss_and_softmax_(logits, targets[start : start + chunk])[0]
         return total
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk, dtype)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk, dtype, space)

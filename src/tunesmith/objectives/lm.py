@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith import segment_attention
 from tunesmith.data.templates import IGNORE
-from tunesmith.objectives.chunked_ce import linear_cross_entropy_sum
+from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum
 
 
 def _attention_mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -28,6 +29,8 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     virtual = getattr(model, "tunesmith_virtual", None)
     if virtual is not None:
         return virtual.hidden_states(model, batch)
+    if "segment_lengths" in batch and segment_attention.active(model):
+        return segment_attention.run_decoder(model, batch)
     decoder = model.get_decoder()
     dtype = next(model.parameters()).dtype
     out = decoder(
@@ -61,7 +64,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, 
     hidden = hidden_states(model, batch)[where]
     head = _chunkable_head(model)
     if head is not None:
-        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk)
+        space = model.__dict__.setdefault("tunesmith_ce_workspace", Workspace())
+        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk, space)
         return loss, int(where.sum()), {}
     logits = logits_at(model, hidden)
     loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")

@@ -1,0 +1,104 @@
+"""Attention over one padding-free row of several examples, each attending causally to itself only.
+
+A packed batch (data/packing.py) is rows of whole examples with a block-diagonal mask, and the row ends are padding.
+When the model's attention goes through transformers' attention interface (SDPA, no sliding window, no logit
+soft-capping), `hidden_states` instead drops every pad token, runs the decoder on one row holding all the examples,
+and this attention function runs SDPA's causal kernel on each example's slice of that row: no padding is computed,
+no mask is built, and no attention score is formed between different examples. The outputs are those of the
+block-diagonal mask; only the floating-point order inside SDPA differs.
+
+`enable(model)` switches a loaded model to the registered implementation. Without segment lengths in the call, it is
+plain SDPA with the usual masks, so generation, padded batches and virtual-token methods run as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+NAME = "tunesmith_segments"
+LENGTHS_KWARG = "tunesmith_segment_lengths"
+_registered = False
+
+
+def _segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = kwargs.pop(LENGTHS_KWARG, None)
+    if lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
+        raise ValueError(f"segment attention: {len(lengths)} segments of {sum(lengths)} tokens do not tile "
+                         f"a single row of {query.shape[2]}")
+    low = query.dtype
+    upcast = query.device.type == "cpu" and low in (torch.bfloat16, torch.float16)
+    if upcast:  # the CPU kernel's backward runs 2x slower in bf16 than in fp32 (measured); fp32 only adds precision
+        query, key, value = query.float(), key.float(), value.float()
+    outputs, start = [], 0
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        for n in lengths:
+            s = slice(start, start + n)
+            out, _ = sdpa_attention_forward(module, query[:, :, s], key[:, :, s], value[:, :, s], None,
+                                            dropout=dropout, scaling=scaling, is_causal=True)
+            outputs.append(out)
+            start += n
+    return torch.cat(outputs, dim=1).to(low), None
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, _segment_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def supported(model) -> bool:
+    """Whether every attention layer of `model` is plain causal SDPA that segment attention can stand in for."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
+        return False
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return False
+    if getattr(config, "use_sliding_window", False) or getattr(config, "attn_logit_softcapping", None):
+        return False
+    return not getattr(config, "is_encoder_decoder", False)
+
+
+def enable(model) -> bool:
+    """Switch `model` to segment attention where supported; returns whether it did."""
+    if not supported(model):
+        return False
+    if model.config._attn_implementation != NAME:
+        _register()
+        model.set_attn_implementation(NAME)
+    return True
+
+
+def active(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def run_decoder(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The decoder's last hidden states (B, L, H) for a packed batch, computed on one padding-free row.
+
+    Pad positions get zeros; every consumer reads only the positions that hold tokens."""
+    keep = batch["segments"] >= 0
+    lengths = batch["segment_lengths"].tolist()
+    marker = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=keep.device)  # a 4D mask skips mask building
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"][keep][None],
+        position_ids=batch["position_ids"][keep][None],
+        attention_mask=marker,
+        use_cache=False,
+        **{LENGTHS_KWARG: lengths},
+    ).last_hidden_state[0]
+    out = hidden.new_zeros((*keep.shape, hidden.shape[-1]))
+    out[keep] = hidden
+    return out

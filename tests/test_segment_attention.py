@@ -1,0 +1,88 @@
+"""Segment attention: a packed batch run as one padding-free row gives the block-diagonal mask's results."""
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from tunesmith import segment_attention
+from tunesmith.data.packing import collate
+from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.objectives import lm
+
+
+def _examples(lengths, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append(Tokenized(ids, [IGNORE] + ids[1:]))
+    return out
+
+
+def test_packed_batch_records_segments_and_lengths_in_row_order():
+    batch = collate(_examples([5, 3, 7, 2]), True, 8, 2)
+    keep = batch["segments"] >= 0
+    assert int(keep.sum()) == 17 == int(batch["segment_lengths"].sum())
+    runs = []
+    for row in batch["segments"].tolist():  # lengths of the runs of equal segment ids, row by row
+        for seg in sorted(set(row) - {-1}):
+            runs.append(row.count(seg))
+    assert runs == batch["segment_lengths"].tolist()
+
+
+def test_one_padding_free_row_equals_the_block_diagonal_mask_with_grouped_query_heads():
+    model = tiny_llama(vocab_size=300)  # 4 query heads over 2 key/value heads
+    batch = collate(_examples([9, 30, 4, 17, 22, 1]), True, 32, 2)
+    keep = batch["segments"] >= 0
+    masked = lm.hidden_states(model, batch)
+    assert segment_attention.enable(model) and segment_attention.active(model)
+    segmented = lm.hidden_states(model, batch)
+    torch.testing.assert_close(segmented[keep], masked[keep], atol=1e-5, rtol=1e-5)
+    assert segmented[~keep].abs().max() == 0
+    assert batch["input_ids"].shape[0] > 1  # the batch really had several padded rows
+
+
+def test_bf16_segment_attention_stays_within_bf16_rounding_of_fp32():
+    model = tiny_llama(vocab_size=300)
+    segment_attention.enable(model)
+    batch = collate(_examples([40, 64, 25]), True, 64, 2)
+    keep = batch["segments"] >= 0
+    fp32 = lm.hidden_states(model, batch)[keep]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = lm.hidden_states(model, batch)[keep].float()
+    assert (bf16 - fp32).abs().mean() <= 2e-2 * fp32.abs().mean()
+
+
+def test_generation_and_padded_batches_are_unchanged_by_segment_attention():
+    model = tiny_llama(vocab_size=300)
+    ids = torch.tensor([[2, 2, 17, 45, 99], [5, 81, 23, 7, 64]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    before = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    padded = collate(_examples([6, 11]), False, 32, 2)
+    padded_before = lm.hidden_states(model, padded)
+    segment_attention.enable(model)
+    after = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert torch.equal(before, after)
+    torch.testing.assert_close(lm.hidden_states(model, padded), padded_before, atol=0, rtol=0)
+
+
+def test_a_saved_model_does_not_carry_the_implementation(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(vocab_size=300)
+    segment_attention.enable(model)
+    model.save_pretrained(tmp_path)
+    assert "tunesmith" not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("change", ["eager", "sliding_window"])
+def test_models_it_cannot_stand_in_for_keep_the_mask(change):
+    model = tiny_llama(vocab_size=300)
+    if change == "eager":
+        model.set_attn_implementation("eager")
+    else:
+        model.config.layer_types = ["sliding_attention", "full_attention"]
+    assert not segment_attention.enable(model)
+    batch = collate(_examples([9, 12]), True, 32, 2)
+    assert lm.hidden_states(model, batch).shape[:2] == batch["input_ids"].shape
