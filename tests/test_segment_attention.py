@@ -22,12 +22,14 @@ def _examples(lengths, vocab=300, seed=0):
 def test_packed_batch_records_segments_and_lengths_in_row_order():
     batch = collate(_examples([5, 3, 7, 2]), True, 8, 2)
     keep = batch["segments"] >= 0
-    assert int(keep.sum()) == 17 == int(batch["segment_lengths"].sum())
+    plan = batch["segment_plan"]
+    assert int(keep.sum()) == 17 == int(plan[:, 1].sum()) and (plan[:, 2] == -1).all()  # nothing shared here
     runs = []
     for row in batch["segments"].tolist():  # lengths of the runs of equal segment ids, row by row
         for seg in sorted(set(row) - {-1}):
             runs.append(row.count(seg))
-    assert runs == batch["segment_lengths"].tolist()
+    assert runs == plan[:, 1].tolist()
+    assert torch.equal(batch["decoder_ids"][batch["decoder_gather"]], batch["input_ids"][keep])
 
 
 def test_one_padding_free_row_equals_the_block_diagonal_mask_with_grouped_query_heads():

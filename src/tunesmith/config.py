@@ -36,6 +36,10 @@ class DataSettings(Strict):
     )
     train_on_prompt: bool = False
     packing: bool = True
+    share_prefixes: bool = Field(
+        True, description="in packed batches, compute the leading tokens that examples share (a system prompt, a "
+        "DPO pair's prompt) once: the same values, less work; applies where segment attention runs (SDPA "
+        "attention without sliding windows)")
     system_prompt: str | None = None
     max_examples: int | None = Field(None, gt=0)
     max_eval_examples: int | None = Field(None, gt=0)

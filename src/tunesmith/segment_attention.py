@@ -18,17 +18,23 @@ import contextlib
 import torch
 
 NAME = "tunesmith_segments"
-LENGTHS_KWARG = "tunesmith_segment_lengths"
+LAYOUT_KWARG = "tunesmith_segment_layout"
 _registered = False
+
+
+def _prefix_causal_mask(n: int, before: int, device) -> torch.Tensor:
+    """(1, 1, n, before + n): every query sees the `before` keys of its ancestors, then its own causally."""
+    return torch.ones((n, before + n), dtype=torch.bool, device=device).tril(diagonal=before)[None, None]
 
 
 def _segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    lengths = kwargs.pop(LENGTHS_KWARG, None)
-    if lengths is None:
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    lengths, chains = layout
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"segment attention: {len(lengths)} segments of {sum(lengths)} tokens do not tile "
                          f"a single row of {query.shape[2]}")
@@ -36,14 +42,21 @@ def _segment_attention(module, query, key, value, attention_mask, dropout: float
     upcast = query.device.type == "cpu" and low in (torch.bfloat16, torch.float16)
     if upcast:  # the CPU kernel's backward runs 2x slower in bf16 than in fp32 (measured); fp32 only adds precision
         query, key, value = query.float(), key.float(), value.float()
-    outputs, start = [], 0
+    # split, not slicing: the backward of a split is one concatenation, of a slice a zero-filled full-size gradient
+    qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
+    outputs = []
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        for n in lengths:
-            s = slice(start, start + n)
-            out, _ = sdpa_attention_forward(module, query[:, :, s], key[:, :, s], value[:, :, s], None,
-                                            dropout=dropout, scaling=scaling, is_causal=True)
+        for s, chain in enumerate(chains):
+            if not chain:
+                out, _ = sdpa_attention_forward(module, qs[s], ks[s], vs[s], None, dropout=dropout, scaling=scaling,
+                                                is_causal=True)
+            else:
+                k = torch.cat([ks[a] for a in chain] + [ks[s]], dim=2)
+                v = torch.cat([vs[a] for a in chain] + [vs[s]], dim=2)
+                mask = _prefix_causal_mask(lengths[s], k.shape[2] - lengths[s], query.device)
+                out, _ = sdpa_attention_forward(module, qs[s], k, v, mask, dropout=dropout, scaling=scaling,
+                                                is_causal=False)
             outputs.append(out)
-            start += n
     return torch.cat(outputs, dim=1).to(low), None
 
 
@@ -85,20 +98,30 @@ def active(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
 
 
+def _chains(plan: list[list[int]]) -> list[list[int]]:
+    """For each segment of the plan, its ancestor segments, the root first."""
+    chains: list[list[int]] = []
+    for _, _, parent in plan:
+        chains.append([] if parent < 0 else chains[parent] + [parent])
+    return chains
+
+
 def run_decoder(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states (B, L, H) for a packed batch, computed on one padding-free row.
+    """The decoder's last hidden states (B, L, H) for a packed batch, computed on its one padding-free row
+    (data/shared_prefixes.py) in which shared leading tokens appear once.
 
     Pad positions get zeros; every consumer reads only the positions that hold tokens."""
     keep = batch["segments"] >= 0
-    lengths = batch["segment_lengths"].tolist()
+    plan = batch["segment_plan"].tolist()
+    layout = ([length for _, length, _ in plan], _chains(plan))
     marker = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=keep.device)  # a 4D mask skips mask building
     hidden = model.get_decoder()(
-        input_ids=batch["input_ids"][keep][None],
-        position_ids=batch["position_ids"][keep][None],
+        input_ids=batch["decoder_ids"][None],
+        position_ids=batch["decoder_positions"][None],
         attention_mask=marker,
         use_cache=False,
-        **{LENGTHS_KWARG: lengths},
+        **{LAYOUT_KWARG: layout},
     ).last_hidden_state[0]
     out = hidden.new_zeros((*keep.shape, hidden.shape[-1]))
-    out[keep] = hidden
+    out[keep] = hidden[batch["decoder_gather"]]
     return out

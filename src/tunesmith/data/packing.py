@@ -1,7 +1,7 @@
 """Batches: padding-free packing with per-example positions and a block-diagonal causal mask, or plain padding.
 
-A packed batch also carries each token's example index in its row (`segments`, −1 on padding) and the examples'
-lengths in row order (`segment_lengths`), from which segment_attention.py runs it as one row without padding.
+A packed batch also carries each token's example index in its row (`segments`, −1 on padding) and the plan of the
+one padding-free row that segment_attention.py runs it as, with shared leading tokens once (data/shared_prefixes.py).
 
 Targets are shifted inside each example before packing, so no example ever predicts its neighbour's tokens.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.data.shared_prefixes import MIN_SHARED, decoder_plan
 from tunesmith.data.templates import IGNORE, Tokenized
 
 
@@ -42,7 +43,14 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def collate_packed(examples: list[Tokenized], capacity: int, pad_id: int) -> dict[str, torch.Tensor]:
+def row_plan(examples: list[Tokenized], rows: list[list[int]], share_prefixes: bool) -> dict[str, torch.Tensor]:
+    """The padding-free row plan of packed `rows`, its sequences in the rows' reading order."""
+    in_order = [examples[i].input_ids for row in rows for i in row]
+    return decoder_plan(in_order, MIN_SHARED if share_prefixes else 0)
+
+
+def collate_packed(examples: list[Tokenized], capacity: int, pad_id: int,
+                   share_prefixes: bool = True) -> dict[str, torch.Tensor]:
     rows = pack_rows(examples, capacity)
     width = max(sum(len(examples[i]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -60,9 +68,9 @@ def collate_packed(examples: list[Tokenized], capacity: int, pad_id: int) -> dic
             segments[r, at : at + n] = seg
             at += n
         positions[r, at:] = torch.arange(width - at)
-    lengths = torch.tensor([len(examples[i]) for row in rows for i in row], dtype=torch.long)
     return {"input_ids": ids, "targets": targets, "position_ids": positions,
-            "attention_mask": block_causal_mask(segments), "segments": segments, "segment_lengths": lengths}
+            "attention_mask": block_causal_mask(segments), "segments": segments,
+            **row_plan(examples, rows, share_prefixes)}
 
 
 def collate_padded(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
@@ -79,5 +87,8 @@ def collate_padded(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "targets": targets, "position_ids": positions, "attention_mask": mask}
 
 
-def collate(examples: list[Tokenized], packing: bool, capacity: int, pad_id: int) -> dict[str, torch.Tensor]:
-    return collate_packed(examples, capacity, pad_id) if packing else collate_padded(examples, pad_id)
+def collate(examples: list[Tokenized], packing: bool, capacity: int, pad_id: int,
+            share_prefixes: bool = True) -> dict[str, torch.Tensor]:
+    if packing:
+        return collate_packed(examples, capacity, pad_id, share_prefixes)
+    return collate_padded(examples, pad_id)

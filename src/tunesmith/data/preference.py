@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.data.formats import Chat, _check_chat, _turns
-from tunesmith.data.packing import block_causal_mask, pack_rows, shifted_targets
+from tunesmith.data.packing import block_causal_mask, pack_rows, row_plan, shifted_targets
 from tunesmith.data.sources import Record
 from tunesmith.data.templates import IGNORE, Tokenized, _assistant_spans, ensure_chat_template
 from tunesmith.errors import DataError
@@ -224,7 +224,8 @@ def build_pair_datasets(cfg, tokenizer, with_items: bool = True):
     return Datasets(train, evals, train_items, eval_items, fmt, train_report, eval_report)
 
 
-def collate_sequences(seqs: list[Tokenized], packing: bool, capacity: int, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_sequences(seqs: list[Tokenized], packing: bool, capacity: int, pad_id: int,
+                      share_prefixes: bool = True) -> dict[str, torch.Tensor]:
     """Sequences → one batch, packed (block-diagonal mask, per-sequence positions) or padded on the right.
 
     Besides the model inputs and shifted `targets`, it records for every position the index of the sequence it
@@ -252,15 +253,18 @@ def collate_sequences(seqs: list[Tokenized], packing: bool, capacity: int, pad_i
             last[i] = r * width + at + n - 1
             at += n
         positions[r, at:] = torch.arange(width - at)
-    mask = block_causal_mask(segments) if packing else (segments >= 0).long()
-    return {"input_ids": ids, "targets": targets, "position_ids": positions, "attention_mask": mask,
-            "sequence": sequence, "last": last}
+    batch = {"input_ids": ids, "targets": targets, "position_ids": positions, "sequence": sequence, "last": last}
+    if not packing:
+        return {**batch, "attention_mask": (segments >= 0).long()}
+    return {**batch, "attention_mask": block_causal_mask(segments), "segments": segments,
+            **row_plan(seqs, rows, share_prefixes)}
 
 
 def collate_pairs(pairs: list[TokenizedPair], packing: bool, capacity: int, pad_id: int,
-                  default_margin: float = 0.0) -> dict[str, torch.Tensor]:
+                  default_margin: float = 0.0, share_prefixes: bool = True) -> dict[str, torch.Tensor]:
     """Sequences 0..n-1 are the chosen answers, n..2n-1 the rejected ones, pair by pair."""
-    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], packing, capacity, pad_id)
+    batch = collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], packing, capacity, pad_id,
+                              share_prefixes)
     batch["margin"] = torch.tensor([default_margin if p.margin is None else p.margin for p in pairs])
     if all(p.reference_logps is not None for p in pairs):
         batch["reference_logps"] = torch.tensor([p.reference_logps for p in pairs])

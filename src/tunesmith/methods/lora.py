@@ -106,9 +106,16 @@ class LoraLinear(nn.Module):
             return out
         a, b = self.lora_A[name], self.lora_B[name]
         h = self.lora_dropout[name](x)
-        if not torch.is_autocast_enabled(h.device.type):
+        autocast = torch.is_autocast_enabled(h.device.type)
+        if not autocast:
             h = h.to(a.weight.dtype)
-        return out + (b(a(h)) * self.scaling[name]).to(out.dtype)
+        low_rank = a(h)
+        if out.dtype == low_rank.dtype and (autocast or low_rank.dtype == b.weight.dtype):
+            # out + s·(A·h)·Bᵀ in one matrix product: no separate scaling and addition passes over the output
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
+                               b.weight.t(), alpha=self.scaling[name])
+            return flat.view(out.shape)
+        return out + (b(low_rank) * self.scaling[name]).to(out.dtype)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:

@@ -63,7 +63,8 @@ class DpoObjective:
         return build_pair_datasets(cfg, tokenizer)
 
     def collate(self, pairs, cfg, pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id)
+        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id,
+                             share_prefixes=cfg.data.share_prefixes)
 
     def units(self, pair) -> int:
         return 1

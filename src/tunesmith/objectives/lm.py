@@ -29,7 +29,7 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     virtual = getattr(model, "tunesmith_virtual", None)
     if virtual is not None:
         return virtual.hidden_states(model, batch)
-    if "segment_lengths" in batch and segment_attention.active(model):
+    if "segment_plan" in batch and segment_attention.active(model):
         return segment_attention.run_decoder(model, batch)
     decoder = model.get_decoder()
     dtype = next(model.parameters()).dtype
@@ -86,7 +86,7 @@ def build_datasets(cfg, tokenizer):
 def collate(examples, cfg, pad_id: int) -> dict[str, torch.Tensor]:
     from tunesmith.data.packing import collate as collate_examples
 
-    return collate_examples(examples, cfg.data.packing, cfg.data.max_length, pad_id)
+    return collate_examples(examples, cfg.data.packing, cfg.data.max_length, pad_id, cfg.data.share_prefixes)
 
 
 def units(example) -> int:

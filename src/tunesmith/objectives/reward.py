@@ -123,7 +123,8 @@ class RewardObjective:
         return build_pair_datasets(cfg, tokenizer, with_items=False)
 
     def collate(self, pairs, cfg, pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id, self.settings.margin)
+        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id, self.settings.margin,
+                             cfg.data.share_prefixes)
 
     def units(self, pair) -> int:
         return 1

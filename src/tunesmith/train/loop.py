@@ -224,8 +224,8 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     method.apply(model, cfg.method)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    apply_speed_options(model, cfg.train)  # before prepare: a cached reference must be computed as the policy is
     note = objective.prepare(model, method, cfg, data, device, pad_id)
-    apply_speed_options(model, cfg.train)
     trainable, total = count_parameters(model)
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.3f} %)")

@@ -38,7 +38,8 @@ class Rollout:
 
 
 def _batch(run: Run, seqs: list) -> dict[str, torch.Tensor]:
-    return to_device(collate_sequences(seqs, run.cfg.data.packing, run.cfg.data.max_length, run.pad_id), run.device)
+    return to_device(collate_sequences(seqs, run.cfg.data.packing, run.cfg.data.max_length, run.pad_id,
+                                       run.cfg.data.share_prefixes), run.device)
 
 
 @torch.no_grad()
