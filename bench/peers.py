@@ -11,7 +11,8 @@ Each runner runs in its own process with the same torch threads, sees the same e
 epoch of steps × batch examples) and counts only real tokens. Rounds interleave the runners (the machine is noisy);
 the table shows medians. MFU = achieved FLOP/s (4N per token for LoRA, 6N for full, plus causal attention) over the
 matmul FLOP/s this machine reaches in this run. --scale K also trains tunesmith on K× the data and prints the time
-ratio (≈ K when cost is linear in tokens). --levers adds the stacked table of tunesmith's levers on workload 1.
+ratio (≈ K when cost is linear in tokens). --levers adds the stacked tables of tunesmith's levers (workload 1, and
+shared prefixes on workload 2).
 Run by hand; nothing asserts a time.
 """
 
@@ -47,6 +48,11 @@ STACKED_LEVERS = [  # each row adds one lever to the row above
      {"packing": True, "loss_chunk": 1024, "bf16": True, "compile": True}),
     ("bf16 row + activation checkpointing (memory option)",
      {"packing": True, "loss_chunk": 1024, "bf16": True, "activation_checkpointing": True}),
+]
+PREFIX_LEVERS = [  # workload 2, where every example starts with the chat template's system prompt
+    ("packing, label-only chunked cross-entropy, no prefix sharing", {"packing": True, "loss_chunk": 1024,
+                                                                      "share_prefixes": False}),
+    ("+ shared prefixes (each batch's common leading tokens computed once)", {"packing": True, "loss_chunk": 1024}),
 ]
 
 
@@ -230,12 +236,17 @@ def run_dpo(args) -> None:
 
 
 def run_levers(args, tmp: Path) -> None:
-    spec = workload_specs([1], args, tmp, 1)[1]
-    print("\n### Stacked levers, tunesmith on workload 1 (each row adds one lever; fp32 unless the row says bf16)\n")
+    for number, rows in ((1, STACKED_LEVERS), (2, PREFIX_LEVERS)):
+        print(f"\n### Stacked levers, tunesmith on workload {number} (each row adds one lever; fp32 unless the row "
+              "says bf16)\n")
+        stacked_table(workload_specs([number], args, tmp, 1)[number], rows, args, tmp)
+
+
+def stacked_table(spec: dict, rows: list, args, tmp: Path) -> None:
     print("| levers | real tokens/s | × baseline | peak RSS | first-step loss |")
     print("|---|---:|---:|---:|---:|")
     baseline = None
-    for label, levers in STACKED_LEVERS:
+    for label, levers in rows:
         r = run_in_process("tunesmith", {**spec, "bf16": levers.get("bf16", False), "levers": levers}, tmp,
                            args.threads)
         print(f"levers {label}: {r}", file=sys.stderr)

@@ -48,7 +48,8 @@ def run_tunesmith(spec: dict) -> dict:
                        "target_modules": LORA_TARGETS} if spec["method"] == "lora" else {"name": "full"})
     cfg = load_config(None, [], base={
         "model": {"path": spec["model"]}, "method": method_section, "objective": "sft",
-        "data": {"train": "unused.jsonl", "packing": levers.get("packing", True), "max_length": spec["max_length"]},
+        "data": {"train": "unused.jsonl", "packing": levers.get("packing", True), "max_length": spec["max_length"],
+                 "share_prefixes": levers.get("share_prefixes", True)},
         "train": {"batch_size": spec["batch"], "lr": spec["lr"], "schedule": "constant", "max_grad_norm": 1.0,
                   "bf16": spec["bf16"], "loss_chunk": levers.get("loss_chunk"), "compile": levers.get("compile", False),
                   "activation_checkpointing": levers.get("activation_checkpointing", False), "seed": 0}})

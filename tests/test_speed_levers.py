@@ -71,6 +71,19 @@ def test_chunked_cross_entropy_equals_full_cross_entropy_and_its_gradients():
         assert abs(no_grad_loss - float(full.detach())) <= 1e-5 * float(full.detach())
 
 
+def test_chunked_cross_entropy_weight_gradient_under_bf16_autocast_sums_every_chunk():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    full_grad = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets, reduction="sum"), weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for chunk in (8, 37):
+            grad = torch.autograd.grad(linear_cross_entropy_sum(hidden, weight, targets, chunk), weight)[0]
+            assert grad.dtype == torch.float32
+            assert (grad - full_grad).abs().max() <= 0.05 * full_grad.abs().max()
+
+
 @pytest.mark.parametrize("trainable_head", [False, True])
 def test_chunked_loss_in_the_model_equals_the_label_only_loss(trainable_head):
     model = _lora_model()

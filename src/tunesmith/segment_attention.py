@@ -2,13 +2,14 @@
 
 A packed batch (data/packing.py) is rows of whole examples with a block-diagonal mask, and the row ends are padding.
 When the model's attention goes through transformers' attention interface (SDPA, no sliding window, no logit
-soft-capping), `hidden_states` instead drops every pad token, runs the decoder on one row holding all the examples,
-and this attention function runs SDPA's causal kernel on each example's slice of that row: no padding is computed,
-no mask is built, and no attention score is formed between different examples. The outputs are those of the
-block-diagonal mask; only the floating-point order inside SDPA differs.
+soft-capping), `hidden_states` instead drops every pad token, runs the decoder on one row laid out by
+data/shared_prefixes.py, and this attention function runs SDPA on each segment of that row: a segment with no
+ancestor uses the causal kernel on its own slice; a segment that continues a shared prefix attends to its ancestors'
+keys and values and then causally to itself. No padding is computed, and no attention score is formed between
+different examples. The outputs are those of the block-diagonal mask; only the floating-point order differs.
 
-`enable(model)` switches a loaded model to the registered implementation. Without segment lengths in the call, it is
-plain SDPA with the usual masks, so generation, padded batches and virtual-token methods run as before.
+`enable(model)` switches a loaded model to the registered implementation. Without a segment layout in the call, it
+is plain SDPA with the usual masks, so generation, padded batches and virtual-token methods run as before.
 """
 
 from __future__ import annotations

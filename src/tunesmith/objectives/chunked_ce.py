@@ -75,7 +75,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace):
         w = space.weight_in(weight, dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
@@ -88,7 +88,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
             grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h).float()
+                if dtype == torch.float32:  # beta 0 on the first chunk overwrites the uninitialised buffer
+                    grad_weight.addmm_(grad_logits.T, h, beta=0.0 if start == 0 else 1.0)
+                elif start == 0:
+                    grad_weight.copy_(grad_logits.T @ h)
+                else:
+                    grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
