@@ -1,7 +1,7 @@
 """tunesmith vs HF Trainer + peft and TRL SFTTrainer: same model, data, order, steps, batch, learning rate, precision.
 
     .venv/bin/python bench/peers.py [--workloads 1,2,3,4] [--steps 20] [--batch 8] [--rounds 1] [--bf16]
-                                    [--scale 2] [--levers]
+                                    [--scale 2] [--levers] [--peers hf-trainer,trl,trl-packed]
 
 Workloads: 1 LoRA r=8 (q,k,v,o) on a 58.5 M-parameter Llama built from a config (random init, seed 0, saved once as
 safetensors and loaded by every runner), on seeded random token sequences of lengths uniform in 32..256, loss on
@@ -202,7 +202,8 @@ def print_table(title: str, rows: dict[str, dict], spec: dict, peak_flops: float
 
 
 def run_workload(number: int, spec: dict, args, tmp: Path) -> dict[str, dict]:
-    runners = ["tunesmith"] + PEERS[number]
+    chosen = args.peers.split(",") if args.peers else PEERS[number]
+    runners = ["tunesmith"] + [peer for peer in PEERS[number] if peer in chosen]
     results: dict[str, list[dict]] = {r: [] for r in runners}
     for round_number in range(args.rounds):
         for runner in runners:
@@ -282,7 +283,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in every runner (default: fp32)")
     parser.add_argument("--scale", type=int, default=1, help="also time tunesmith on this many times the data")
-    parser.add_argument("--levers", action="store_true", help="also print the stacked levers table (workload 1)")
+    parser.add_argument("--levers", action="store_true", help="also print the stacked levers tables")
+    parser.add_argument("--peers", help="only these peers, e.g. hf-trainer (default: hf-trainer,trl,trl-packed)")
     parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -72,3 +72,12 @@ def test_label_only_loss_equals_full_cross_entropy():
         full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
                                                  ignore_index=IGNORE, reduction="sum")
     torch.testing.assert_close(ours, full, atol=1e-4, rtol=1e-6)
+
+
+def test_label_count_is_the_number_of_predicted_tokens_when_the_first_token_is_labelled():
+    text = Tokenized([5, 6, 7, 8], [5, 6, 7, 8])  # objective: text labels every token, the first one included
+    sft = Tokenized([5, 6, 7, 8], [IGNORE, IGNORE, 7, 8])
+    for ex in (text, sft):
+        batch = collate([ex], True, 8, 2)
+        assert ex.n_labels == int((batch["targets"] != IGNORE).sum())
+    assert text.n_labels == 3 and sft.n_labels == 2

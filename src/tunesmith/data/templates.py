@@ -25,7 +25,8 @@ class Tokenized:
 
     @property
     def n_labels(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        """How many tokens are predicted: labels after the first position (nothing predicts the first token)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 @dataclass
