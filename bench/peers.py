@@ -40,7 +40,7 @@ PAD_ID = 2  # SmolLM2's <|im_end|>; never a label position in any runner
 TUNESMITH_LEVERS = {"packing": True, "loss_chunk": 1024}  # what the peers table runs tunesmith with
 STACKED_LEVERS = [  # each row adds one lever to the row above
     ("our loop, padding, logits at every position", {"packing": False, "full_logits": True}),
-    ("+ padding-free packing (block-diagonal mask)", {"packing": True, "full_logits": True}),
+    ("+ padding-free packing (one row, per-example attention)", {"packing": True, "full_logits": True}),
     ("+ logits and cross-entropy only at label positions", {"packing": True}),
     ("+ chunked cross-entropy (1024 positions)", {"packing": True, "loss_chunk": 1024}),
     ("+ bf16 autocast (fp32 master weights)", {"packing": True, "loss_chunk": 1024, "bf16": True}),
