@@ -17,15 +17,29 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.torch_version import TorchVersion
 
 NAME = "tunesmith_segments"
 LAYOUT_KWARG = "tunesmith_segment_layout"
 _registered = False
+_SDPA_HAS_GQA = TorchVersion(torch.__version__) >= "2.5"
 
 
 def _prefix_causal_mask(n: int, before: int, device) -> torch.Tensor:
     """(1, 1, n, before + n): every query sees the `before` keys of its ancestors, then its own causally."""
     return torch.ones((n, before + n), dtype=torch.bool, device=device).tril(diagonal=before)[None, None]
+
+
+def _attend(module, query, key, value, mask, dropout: float, scaling) -> torch.Tensor:
+    """SDPA on one segment, (1, heads, n, head_dim) out. Grouped key/value heads go to the kernel as they are
+    (`enable_gqa`), also under a mask, where transformers' wrapper would repeat them to every query head first."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1 and not _SDPA_HAS_GQA:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    extra = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                          is_causal=mask is None, **extra)
 
 
 def _segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -49,16 +63,13 @@ def _segment_attention(module, query, key, value, attention_mask, dropout: float
     with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
         for s, chain in enumerate(chains):
             if not chain:
-                out, _ = sdpa_attention_forward(module, qs[s], ks[s], vs[s], None, dropout=dropout, scaling=scaling,
-                                                is_causal=True)
-            else:
-                k = torch.cat([ks[a] for a in chain] + [ks[s]], dim=2)
-                v = torch.cat([vs[a] for a in chain] + [vs[s]], dim=2)
-                mask = _prefix_causal_mask(lengths[s], k.shape[2] - lengths[s], query.device)
-                out, _ = sdpa_attention_forward(module, qs[s], k, v, mask, dropout=dropout, scaling=scaling,
-                                                is_causal=False)
-            outputs.append(out)
-    return torch.cat(outputs, dim=1).to(low), None
+                outputs.append(_attend(module, qs[s], ks[s], vs[s], None, dropout, scaling))
+                continue
+            k = torch.cat([ks[a] for a in chain] + [ks[s]], dim=2)
+            v = torch.cat([vs[a] for a in chain] + [vs[s]], dim=2)
+            mask = _prefix_causal_mask(lengths[s], k.shape[2] - lengths[s], query.device)
+            outputs.append(_attend(module, qs[s], k, v, mask, dropout, scaling))
+    return torch.cat(outputs, dim=2).transpose(1, 2).to(low), None
 
 
 def _register() -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from tunesmith import segment_attention
+from tunesmith.train import fused_norm
 from tunesmith.errors import ConfigError
 
 
 def apply_speed_options(model, train_settings) -> None:
-    """Segment attention for packed batches (where the model allows it), chunked cross-entropy (read by
-    objectives/lm.py), activation checkpointing, per-layer torch.compile."""
+    """Segment attention for packed batches (where the model allows it), fused RMSNorm, chunked cross-entropy
+    (read by objectives/lm.py), activation checkpointing, per-layer torch.compile."""
     segment_attention.enable(model)
+    fused_norm.enable(model)
     model.tunesmith_loss_chunk = train_settings.loss_chunk
     if train_settings.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

@@ -1,0 +1,53 @@
+"""Fused RMSNorm gives the model's own norm's values, forward and backward, and steps aside where it cannot."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from tunesmith.train import fused_norm
+
+MODULES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral", "Qwen2RMSNorm": "qwen2",
+           "Qwen2MoeRMSNorm": "qwen2_moe", "Qwen3RMSNorm": "qwen3", "Phi3RMSNorm": "phi3",
+           "SmolLM3RMSNorm": "smollm3", "GraniteRMSNorm": "granite"}
+
+
+def _values_and_grad(norm, x, upstream):
+    x = x.clone().requires_grad_(True)
+    out = norm(x)
+    out.backward(upstream)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("name", sorted(fused_norm.LLAMA_STYLE))
+def test_fused_forward_and_backward_equal_each_listed_norm(name):
+    cls = getattr(importlib.import_module(f"transformers.models.{MODULES[name]}.modeling_{MODULES[name]}"), name)
+    g = torch.Generator().manual_seed(0)
+    norm = cls(64, eps=1e-5)
+    norm.weight.data = torch.rand(64, generator=g) + 0.5
+    x, upstream = torch.randn(3, 7, 64, generator=g) * 3, torch.randn(3, 7, 64, generator=g)
+    reference = _values_and_grad(norm, x, upstream)
+    holder = torch.nn.Sequential(norm)
+    assert fused_norm.enable(holder) == 1 and type(norm).__name__ == f"Fused{name}"
+    fused = _values_and_grad(norm, x, upstream)
+    torch.testing.assert_close(fused[0], reference[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused[1], reference[1], atol=1e-6, rtol=1e-6)
+
+
+def test_model_logits_unchanged_copies_keep_it_and_bf16_falls_back():
+    model = tiny_llama(vocab_size=300)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = model(input_ids=ids).logits
+    assert fused_norm.enable(model) == 2 * model.config.num_hidden_layers + 1
+    assert fused_norm.enable(model) == 0  # already fused
+    torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
+    norm = model.model.norm
+    x = torch.randn(2, 5, norm.weight.shape[0]).bfloat16()
+    assert torch.equal(norm(x), norm.unfused_forward(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.randn(2, 5, norm.weight.shape[0])
+        assert torch.equal(norm(y), norm.unfused_forward(y))
