@@ -130,18 +130,20 @@ def run_in_process(runner: str, spec: dict, tmp: Path, threads: int) -> dict:
 
 
 def matmul_flops(threads: int, bf16: bool) -> float:
-    """FLOP/s of a 2048² matrix product on this machine, in this run, with the runners' threads and precision."""
+    """FLOP/s of a 2048² matrix product on this machine, in this run, with the runners' threads and precision: the
+    fastest of the products run in 2 s (the box is shared, and MFU should be over what it can reach)."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
-    reps, started = 0, time.perf_counter()
+    fastest, started = float("inf"), time.perf_counter()
     while time.perf_counter() - started < 2.0:
+        tick = time.perf_counter()
         a @ b
-        reps += 1
-    return reps * 2 * 2048**3 / (time.perf_counter() - started)
+        fastest = min(fastest, time.perf_counter() - tick)
+    return 2 * 2048**3 / fastest
 
 
 def flops_per_token(spec: dict) -> float:
@@ -184,7 +186,7 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
 def print_table(title: str, rows: dict[str, dict], spec: dict, peak_flops: float) -> None:
     per_token = flops_per_token(spec)
     ours = rows["tunesmith"]
-    print(f"\n### Workload {title}\n")
+    print(f"\n### Workload {title}\n\nMFU over {peak_flops / 1e9:.0f} GFLOP/s (the fastest 2048² product so far)\n")
     print("| runner | steps | real tokens/s | peak RSS | loss first → last | MFU | tunesmith speed-up | "
           "tunesmith RSS ratio |")
     print("|---|---:|---:|---:|---|---:|---:|---:|")
@@ -308,6 +310,7 @@ def main() -> None:
         tmp = Path(folder)
         specs = workload_specs([n for n in numbers if n != 4], args, tmp, 1)
         for number, spec in specs.items():
+            peak = max(peak, matmul_flops(args.threads, args.bf16))  # re-measured: the box's speed drifts
             print_table(f"{number}: {TITLES[number]}", run_workload(number, spec, args, tmp), spec, peak)
             sys.stdout.flush()
         if 4 in numbers:
