@@ -40,7 +40,7 @@ _FUSED: dict[type, type] = {}
 
 
 def _fused_class(cls: type) -> type:
-    """A subclass of `cls` with the fused forward (a class, not a bound method, so copies and pickles keep it)."""
+    """A subclass of `cls` with the fused forward (a class, not a bound method, so a deepcopy of the model keeps it)."""
     if cls not in _FUSED:
         _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "unfused_forward": cls.forward,
                                                            "__module__": __name__})

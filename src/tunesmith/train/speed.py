@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tunesmith import segment_attention
-from tunesmith.train import fused_norm
 from tunesmith.errors import ConfigError
+from tunesmith.train import fused_norm
 
 
 def apply_speed_options(model, train_settings) -> None:
