@@ -12,7 +12,7 @@ from tunesmith.data.packing import collate
 from tunesmith.data.templates import IGNORE, Tokenized
 from tunesmith.methods import lora
 from tunesmith.objectives import lm
-from tunesmith.objectives.chunked_ce import linear_cross_entropy_sum
+from tunesmith.objectives.chunked_ce import balanced_chunk, linear_cross_entropy_sum
 from tunesmith.train.loop import train
 from tunesmith.train.speed import apply_speed_options
 
@@ -69,6 +69,15 @@ def test_chunked_cross_entropy_equals_full_cross_entropy_and_its_gradients():
     with torch.no_grad():
         no_grad_loss = float(linear_cross_entropy_sum(hidden, weight, targets, 5))
         assert abs(no_grad_loss - float(full.detach())) <= 1e-5 * float(full.detach())
+
+
+def test_chunks_are_balanced_and_as_few_as_the_chunk_size_allows():
+    assert balanced_chunk(1193, 1024) == 597  # 597 + 596, not 1024 + 169
+    assert balanced_chunk(1024, 1024) == 1024 and balanced_chunk(300, 1024) == 300
+    assert balanced_chunk(2049, 1024) == 683  # three chunks
+    for rows in range(1, 300):
+        size = balanced_chunk(rows, 37)
+        assert size <= 37 and -(-rows // size) == -(-rows // 37)
 
 
 def test_chunked_cross_entropy_weight_gradient_under_bf16_autocast_sums_every_chunk():

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from tunesmith.methods import lora_function
 from tunesmith.methods.settings import DoraSettings, LoraSettings
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
@@ -100,12 +101,17 @@ class LoraLinear(nn.Module):
         self.merged.discard(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         name = self.active
         if name is None or name in self.merged:
-            return out
+            return self.base_layer(x)
         a, b = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x)
+        dropout = self.lora_dropout[name]
+        if lora_function.applies(x, self.base_layer, a.weight, b.weight):
+            dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
+            return lora_function.frozen_linear_with_lora(x, self.base_layer, a.weight, b.weight, self.scaling[name],
+                                                         dropped)
+        out = self.base_layer(x)
+        h = dropout(x)
         autocast = torch.is_autocast_enabled(h.device.type)
         if not autocast:
             h = h.to(a.weight.dtype)

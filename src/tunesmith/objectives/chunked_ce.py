@@ -106,11 +106,22 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
+def balanced_chunk(rows: int, chunk: int) -> int:
+    """The chunk size that splits `rows` into as many chunks as `chunk` would, all of nearly equal size: a short
+    last chunk (1024 + 169 rows) runs its vocabulary-wide products at well below the long chunks' rate (measured
+    50–90 against ~140 GFLOP/s for 22–169 rows on workload 1's head)."""
+    if rows <= chunk:
+        return max(rows, 1)
+    pieces = -(-rows // chunk)
+    return -(-rows // pieces)
+
+
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
                              workspace: Workspace | None = None) -> torch.Tensor:
     """sum over rows of cross_entropy(hidden @ weight.T, targets); hidden (N, H), weight (V, H), targets (N,)."""
     dtype = _compute_dtype(weight)
     space = workspace if workspace is not None else Workspace()
+    chunk = balanced_chunk(hidden.shape[0], chunk)
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
         w = space.weight_in(weight, dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)

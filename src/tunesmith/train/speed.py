@@ -5,11 +5,14 @@ from __future__ import annotations
 from tunesmith import segment_attention
 from tunesmith.errors import ConfigError
 from tunesmith.train import fused_norm
+from tunesmith.train.allocator import keep_freed_memory
 
 
 def apply_speed_options(model, train_settings) -> None:
-    """Segment attention for packed batches (where the model allows it), fused RMSNorm, chunked cross-entropy
-    (read by objectives/lm.py), activation checkpointing, per-layer torch.compile."""
+    """Freed memory kept for the next step (train/allocator.py), segment attention for packed batches (where the
+    model allows it), fused RMSNorm, chunked cross-entropy (read by objectives/lm.py), activation checkpointing,
+    per-layer torch.compile."""
+    keep_freed_memory()
     segment_attention.enable(model)
     fused_norm.enable(model)
     model.tunesmith_loss_chunk = train_settings.loss_chunk

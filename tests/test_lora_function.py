@@ -1,0 +1,62 @@
+"""The fused LoRA node (methods/lora_function.py) computes what LoRA's plain ops compute, values and gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from tunesmith.methods import lora, lora_function
+
+
+def _layer(bias: bool, dropout: float) -> lora.LoraLinear:
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, bias=bias)
+    base.requires_grad_(False)
+    layer = lora.LoraLinear(base)
+    layer.add_adapter("default", r=4, alpha=8.0, dropout=dropout, rslora=False)
+    layer.lora_B["default"].weight.data.normal_()
+    return layer
+
+
+def _forward_backward(layer, x, grad, fused: bool, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(lora_function, "applies", lambda *args: False)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(5)  # the same dropout mask on both paths
+    out = layer(x)
+    out.backward(grad)
+    grads = [x.grad] + [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    layer.zero_grad(set_to_none=True)
+    monkeypatch.undo()
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("bias,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_fused_node_equals_plain_ops(bias, dropout, monkeypatch):
+    layer = _layer(bias, dropout)
+    x, grad = torch.randn(2, 7, 24), torch.randn(2, 7, 20)
+    assert lora_function.applies(x, layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    plain_out, plain_grads = _forward_backward(layer, x, grad, fused=False, monkeypatch=monkeypatch)
+    fused_out, fused_grads = _forward_backward(layer, x, grad, fused=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fused_out, plain_out, atol=1e-6, rtol=1e-6)
+    assert len(fused_grads) == len(plain_grads) == 3  # input, A, B
+    for fused, plain in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_node_only_where_it_is_exact():
+    layer = _layer(False, 0.0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, 24)
+    assert lora_function.applies(x, layer.base_layer, a, b)
+    assert not lora_function.applies(x.bfloat16(), layer.base_layer, a, b)  # mixed dtypes: plain path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lora_function.applies(x, layer.base_layer, a, b)
+    layer.base_layer.weight.requires_grad_(True)  # a trained base weight needs its own gradient
+    assert not lora_function.applies(x, layer.base_layer, a, b)
+
+
+def test_input_without_grad_still_trains_the_adapter():
+    layer = _layer(False, 0.0)
+    x = torch.randn(5, 24)  # e.g. the first layer, fed by frozen embeddings
+    layer(x).square().sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
