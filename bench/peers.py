@@ -37,22 +37,24 @@ SMOLLM = "builtin:smollm2-135m-instruct"
 JARGON = REPO / "data" / "jargon" / "train.jsonl"
 MAX_LENGTH = 256
 PAD_ID = 2  # SmolLM2's <|im_end|>; never a label position in any runner
-TUNESMITH_LEVERS = {"packing": True, "loss_chunk": 1024}  # what the peers table runs tunesmith with
+TUNESMITH_LEVERS = {"packing": True, "loss_chunk": 256}  # what the peers table runs tunesmith with
 STACKED_LEVERS = [  # each row adds one lever to the row above
-    ("our loop, padding, logits at every position", {"packing": False, "full_logits": True}),
-    ("+ padding-free packing (one row, per-example attention)", {"packing": True, "full_logits": True}),
-    ("+ logits and cross-entropy only at label positions", {"packing": True}),
-    ("+ chunked cross-entropy (1024 positions)", {"packing": True, "loss_chunk": 1024}),
-    ("+ bf16 autocast (fp32 master weights)", {"packing": True, "loss_chunk": 1024, "bf16": True}),
+    ("our loop, padding, logits at every position", {"packing": False, "full_logits": True, "onednn_linear": False}),
+    ("+ padding-free packing (one row, per-example attention)",
+     {"packing": True, "full_logits": True, "onednn_linear": False}),
+    ("+ logits and cross-entropy only at label positions", {"packing": True, "onednn_linear": False}),
+    ("+ chunked cross-entropy (1024 positions)", {"packing": True, "loss_chunk": 1024, "onednn_linear": False}),
+    ("+ frozen products and LM head through oneDNN (256 positions a chunk)", {"packing": True, "loss_chunk": 256}),
+    ("+ bf16 autocast (fp32 master weights)", {"packing": True, "loss_chunk": 256, "bf16": True}),
     ("+ torch.compile per decoder layer (compile time included)",
-     {"packing": True, "loss_chunk": 1024, "bf16": True, "compile": True}),
+     {"packing": True, "loss_chunk": 256, "bf16": True, "compile": True}),
     ("bf16 row + activation checkpointing (memory option)",
-     {"packing": True, "loss_chunk": 1024, "bf16": True, "activation_checkpointing": True}),
+     {"packing": True, "loss_chunk": 256, "bf16": True, "activation_checkpointing": True}),
 ]
 PREFIX_LEVERS = [  # workload 2, where every example starts with the chat template's system prompt
-    ("packing, label-only chunked cross-entropy, no prefix sharing", {"packing": True, "loss_chunk": 1024,
+    ("packing, label-only chunked cross-entropy, no prefix sharing", {"packing": True, "loss_chunk": 256,
                                                                       "share_prefixes": False}),
-    ("+ shared prefixes (each batch's common leading tokens computed once)", {"packing": True, "loss_chunk": 1024}),
+    ("+ shared prefixes (each batch's common leading tokens computed once)", {"packing": True, "loss_chunk": 256}),
 ]
 
 

@@ -52,9 +52,11 @@ def run_tunesmith(spec: dict) -> dict:
                  "share_prefixes": levers.get("share_prefixes", True)},
         "train": {"batch_size": spec["batch"], "lr": spec["lr"], "schedule": "constant", "max_grad_norm": 1.0,
                   "bf16": spec["bf16"], "loss_chunk": levers.get("loss_chunk"), "compile": levers.get("compile", False),
-                  "activation_checkpointing": levers.get("activation_checkpointing", False), "seed": 0}})
+                  "activation_checkpointing": levers.get("activation_checkpointing", False),
+                  "onednn_linear": levers.get("onednn_linear", True), "seed": 0}})
     model = load_model(spec["model"])
     method = get_method(cfg.method.name)
+    torch.manual_seed(0)  # the adapter's initialisation, as the Trainer's seed does for peft's
     method.apply(model, cfg.method)
     apply_speed_options(model, cfg.train)
     device = torch.device("cpu")

@@ -7,7 +7,8 @@ low-rank product accumulated into it by the same matrix call (addmm_), with no s
 Only the order of floating-point operations differs from the plain ops (tests/test_lora_function.py).
 
 It serves layers whose base weight is frozen and stored in the input's dtype, outside autocast; everything else
-(4-bit bases, bf16 autocast, a trainable base) takes LoraLinear's plain path.
+(4-bit bases, bf16 autocast, a trainable base) takes LoraLinear's plain path. A base layer that train/frozen_linear.py
+switched to oneDNN has its two products run there.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.train import frozen_linear
+
 
 class _FrozenLinearWithLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling: float, dropped):
-        """`dropped` is dropout(x) when the adapter has dropout, else None (the update then reads x itself)."""
+    def forward(ctx, x, weight, bias, a, b, scaling: float, dropped, onednn: bool):
+        """`dropped` is dropout(x) when the adapter has dropout, else None (the update then reads x itself);
+        `onednn`: the frozen weight's products go through train/frozen_linear.py."""
         low_input = x if dropped is None else dropped
-        out = F.linear(x, weight, bias)
+        out = frozen_linear.product(x, weight, bias) if onednn else F.linear(x, weight, bias)
         flat_in = low_input.reshape(-1, low_input.shape[-1])
         low = torch.mm(flat_in, a.t())
         out.view(-1, out.shape[-1]).addmm_(low, b.t(), alpha=scaling)
         ctx.save_for_backward(flat_in, low, weight, a, b)
-        ctx.scaling, ctx.shared_input, ctx.input_shape = scaling, dropped is None, x.shape
+        ctx.scaling, ctx.shared_input, ctx.input_shape, ctx.onednn = scaling, dropped is None, x.shape, onednn
         return out
 
     @staticmethod
@@ -38,7 +42,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = grad_bias = grad_a = grad_b = grad_dropped = None
         if needs[0]:
-            grad_x = torch.mm(grad, weight)
+            grad_x = frozen_linear.input_grad(grad, weight) if ctx.onednn else torch.mm(grad, weight)
             if ctx.shared_input:
                 grad_x.addmm_(grad_low, a)
             grad_x = grad_x.view(ctx.input_shape)
@@ -50,12 +54,12 @@ class _FrozenLinearWithLora(torch.autograd.Function):
             grad_a = torch.mm(grad_low.t(), flat_in)
         if needs[4]:
             grad_b = torch.mm(grad.t(), low).mul_(s)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, grad_dropped
+        return grad_x, None, grad_bias, grad_a, grad_b, None, grad_dropped, None
 
 
 def applies(x: torch.Tensor, base_layer, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the fused node computes this call: a plain frozen nn.Linear, one dtype throughout, no autocast."""
-    if type(base_layer) is not torch.nn.Linear or base_layer.weight.requires_grad:
+    if type(base_layer) not in (torch.nn.Linear, frozen_linear.FrozenLinear) or base_layer.weight.requires_grad:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
@@ -65,4 +69,5 @@ def applies(x: torch.Tensor, base_layer, a: torch.Tensor, b: torch.Tensor) -> bo
 
 def frozen_linear_with_lora(x: torch.Tensor, base_layer: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor,
                             scaling: float, dropped: torch.Tensor | None) -> torch.Tensor:
-    return _FrozenLinearWithLora.apply(x, base_layer.weight, base_layer.bias, a, b, scaling, dropped)
+    onednn = type(base_layer) is frozen_linear.FrozenLinear and frozen_linear.applies(x, base_layer.weight)
+    return _FrozenLinearWithLora.apply(x, base_layer.weight, base_layer.bias, a, b, scaling, dropped, onednn)

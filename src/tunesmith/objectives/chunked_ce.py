@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.train import frozen_linear
+
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """What an nn.Linear would compute in here: the autocast dtype when autocast is on, else the weight's dtype."""
@@ -25,9 +27,11 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 class Workspace:
-    """Reusable (chunk × vocabulary) buffers: fp32 logits, plus one in the compute dtype when that is lower."""
+    """Reusable (chunk × vocabulary) buffers: fp32 logits, plus one in the compute dtype when that is lower.
+    `onednn`: fp32 products on CPU go through oneDNN (train/frozen_linear.py), which writes fresh logits."""
 
-    def __init__(self) -> None:
+    def __init__(self, onednn: bool = False) -> None:
+        self.onednn = onednn
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._weight: tuple | None = None
 
@@ -52,7 +56,9 @@ class Workspace:
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, space: Workspace) -> torch.Tensor:
-    """fp32 logits of one chunk, in the workspace."""
+    """fp32 logits of one chunk: from oneDNN for fp32 on CPU (train/frozen_linear.py), else in the workspace."""
+    if space.onednn and frozen_linear.applies(h, w):
+        return frozen_linear.product(h, w)
     logits = space.buffer(h.shape[0], w.shape[0], torch.float32, h.device)
     if h.dtype == torch.float32:
         return torch.mm(h, w.T, out=logits)
@@ -86,7 +92,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             if dtype != torch.float32:
                 grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
-            grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
+            if space.onednn and frozen_linear.applies(grad_logits, w):
+                grad_hidden[start : start + chunk] = frozen_linear.input_grad(grad_logits, w)
+            else:
+                grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:
                 if dtype == torch.float32:  # beta 0 on the first chunk overwrites the uninitialised buffer
                     grad_weight.addmm_(grad_logits.T, h, beta=0.0 if start == 0 else 1.0)

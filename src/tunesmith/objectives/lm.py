@@ -64,7 +64,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, 
     hidden = hidden_states(model, batch)[where]
     head = _chunkable_head(model)
     if head is not None:
-        space = model.__dict__.setdefault("tunesmith_ce_workspace", Workspace())
+        space = model.__dict__.setdefault("tunesmith_ce_workspace",
+                                          Workspace(onednn=getattr(model, "tunesmith_onednn", False)))
         loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk, space)
         return loss, int(where.sum()), {}
     logits = logits_at(model, hidden)

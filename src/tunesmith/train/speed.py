@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from tunesmith import segment_attention
 from tunesmith.errors import ConfigError
-from tunesmith.train import fused_norm
+from tunesmith.train import frozen_linear, fused_norm
 from tunesmith.train.allocator import keep_freed_memory
 
 
 def apply_speed_options(model, train_settings) -> None:
     """Freed memory kept for the next step (train/allocator.py), segment attention for packed batches (where the
-    model allows it), fused RMSNorm, chunked cross-entropy (read by objectives/lm.py), activation checkpointing,
-    per-layer torch.compile."""
+    model allows it), fused RMSNorm, frozen linears through oneDNN on CPU, chunked cross-entropy (read by
+    objectives/lm.py), activation checkpointing, per-layer torch.compile."""
     keep_freed_memory()
     segment_attention.enable(model)
     fused_norm.enable(model)
+    if train_settings.onednn_linear:
+        frozen_linear.enable(model)
     model.tunesmith_loss_chunk = train_settings.loss_chunk
     if train_settings.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

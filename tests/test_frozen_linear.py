@@ -1,0 +1,78 @@
+"""Frozen linears and the LM head through oneDNN (train/frozen_linear.py) compute what PyTorch's own products do."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama
+from tunesmith.config import LoraSettings, TrainSettings
+from tunesmith.data.packing import collate
+from tunesmith.data.templates import Tokenized
+from tunesmith.methods import lora, lora_function
+from tunesmith.objectives import lm
+from tunesmith.train import frozen_linear
+from tunesmith.train.speed import apply_speed_options
+
+pytestmark = pytest.mark.skipif(frozen_linear._op() is None, reason="this torch build has no oneDNN linear")
+
+
+def test_frozen_linear_equals_nn_linear_values_and_gradients():
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 40)
+    plain.weight.requires_grad_(False)  # frozen weight, trained bias (as BitFit has it)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = frozen_linear.FrozenLinear
+    x, grad = torch.randn(3, 11, 48), torch.randn(3, 11, 40)
+    outputs, grads = [], []
+    for layer in (plain, fast):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out.backward(grad)
+        outputs.append(out.detach())
+        grads.append((xi.grad, layer.bias.grad))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for fast_grad, plain_grad in zip(grads[1], grads[0]):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_enable_switches_frozen_linears_but_not_the_head_nor_trained_ones():
+    model = tiny_llama(vocab_size=300)
+    lora.apply(model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+    changed = frozen_linear.enable(model)
+    kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds["lm_head"] is nn.Linear and kinds["model.layers.0.mlp.down_proj"] is nn.Linear
+    assert kinds["model.layers.0.self_attn.q_proj.base_layer"] is frozen_linear.FrozenLinear
+    assert kinds["model.layers.1.mlp.down_proj"] is frozen_linear.FrozenLinear
+    assert changed == 2 * 7 - 1 and model.tunesmith_onednn
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(5, 64)
+    assert lora_function.applies(x, layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not frozen_linear.applies(x, layer.base_layer.weight)
+
+
+def test_lora_loss_and_gradients_equal_with_and_without_onednn():
+    model = tiny_llama(vocab_size=300)
+    lora.apply(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    for layer in lora.lora_layers(model).values():
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    examples = [Tokenized(ids, ids) for ids in (torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 30, 17))]
+    batch = collate(examples, True, 64, 2, True)
+    results = []
+    for onednn in (False, True):
+        copy_ = copy.deepcopy(model).train()
+        apply_speed_options(copy_, TrainSettings(loss_chunk=16, onednn_linear=onednn))
+        loss, n, _ = lm.loss_sum(copy_, batch)
+        (loss / n).backward()
+        results.append((float(loss.detach()) / n, {k: p.grad for k, p in copy_.named_parameters() if p.requires_grad}))
+        assert getattr(copy_, "tunesmith_onednn", False) == onednn
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for key, plain_grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], plain_grad, atol=1e-6, rtol=1e-5, msg=key)
