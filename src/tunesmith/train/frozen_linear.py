@@ -38,9 +38,10 @@ def _op():
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the oneDNN path computes this product: fp32 CPU tensors, no autocast, oneDNN present."""
+    """Whether the oneDNN path computes this product: fp32 CPU tensors, no autocast, oneDNN present, and not
+    inside torch.compile (inductor lowers this op only for weights it holds as constants; it picks its own kernels)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and _op() is not None)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and _op() is not None)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
