@@ -76,3 +76,27 @@ def test_lora_loss_and_gradients_equal_with_and_without_onednn():
     assert abs(results[0][0] - results[1][0]) < 1e-6
     for key, plain_grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][key], plain_grad, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_onednn_caches_stay_bounded_when_every_step_has_a_new_token_count():
+    import subprocess
+    import sys
+
+    script = """
+import resource, torch
+import tunesmith
+from tunesmith.train import frozen_linear
+weights = [torch.randn(1408, 512), torch.randn(512, 1408)]
+def step(tokens):
+    for w in weights:
+        frozen_linear.input_grad(frozen_linear.product(torch.randn(tokens, w.shape[1]), w), w)
+for tokens in range(300, 340):
+    step(tokens)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for tokens in range(340, 540):
+    step(tokens)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    grown_mib = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1])
+    assert grown_mib < 100  # unbounded: ~4 MiB per new token count here, ~800 MiB over these 200
