@@ -10,8 +10,8 @@ the responses; 3 full fine-tuning of workload 1 (vs Trainer); 4 DPO vs TRL's DPO
 Each runner runs in its own process with the same torch threads, sees the same examples in the same order (one
 epoch of steps × batch examples) and counts only real tokens. Rounds interleave the runners (the machine is noisy);
 the table shows medians. MFU = achieved FLOP/s (4N per token for LoRA, 6N for full, plus causal attention) over the
-matmul FLOP/s this machine reaches in this run. --scale K also trains tunesmith on K× the data and prints the time
-ratio (≈ K when cost is linear in tokens). --levers adds the stacked tables of tunesmith's levers (workload 1, and
+fastest fp32 matmul this machine reaches in this run (MKL's or oneDNN's). --scale K also trains tunesmith on K× the
+data and prints the time ratio (≈ K when cost is linear in tokens). --levers adds the stacked tables of tunesmith's levers (workload 1, and
 shared prefixes on workload 2).
 Run by hand; nothing asserts a time.
 """
@@ -133,18 +133,24 @@ def run_in_process(runner: str, spec: dict, tmp: Path, threads: int) -> dict:
 
 def matmul_flops(threads: int, bf16: bool) -> float:
     """FLOP/s of a 2048² matrix product on this machine, in this run, with the runners' threads and precision: the
-    fastest of the products run in 2 s (the box is shared, and MFU should be over what it can reach)."""
+    fastest of the products run in 2 s, through PyTorch's matmul and, in fp32, through oneDNN's inner product too (the
+    box is shared, and MFU should be over what it can reach; on AMD Zen 5 oneDNN ran 2.2× MKL's sgemm)."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    fastest, started = float("inf"), time.perf_counter()
-    while time.perf_counter() - started < 2.0:
-        tick = time.perf_counter()
-        a @ b
-        fastest = min(fastest, time.perf_counter() - tick)
+    products = [lambda: a @ b]
+    if not bf16 and torch.backends.mkldnn.is_available():
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    fastest = float("inf")
+    for product in products:
+        product()
+        started = time.perf_counter()
+        while time.perf_counter() - started < 2.0:
+            tick = time.perf_counter()
+            product()
+            fastest = min(fastest, time.perf_counter() - tick)
     return 2 * 2048**3 / fastest
 
 

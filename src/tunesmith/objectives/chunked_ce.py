@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.train import frozen_linear
+from tunesmith.train import onednn_linear
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -28,7 +28,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 class Workspace:
     """Reusable (chunk × vocabulary) buffers: fp32 logits, plus one in the compute dtype when that is lower.
-    `onednn`: fp32 products on CPU go through oneDNN (train/frozen_linear.py), which writes fresh logits."""
+    `onednn`: fp32 products on CPU go through oneDNN (train/onednn_linear.py), which writes fresh logits."""
 
     def __init__(self, onednn: bool = False) -> None:
         self.onednn = onednn
@@ -56,9 +56,9 @@ class Workspace:
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, space: Workspace) -> torch.Tensor:
-    """fp32 logits of one chunk: from oneDNN for fp32 on CPU (train/frozen_linear.py), else in the workspace."""
-    if space.onednn and frozen_linear.applies(h, w):
-        return frozen_linear.product(h, w)
+    """fp32 logits of one chunk: from oneDNN for fp32 on CPU (train/onednn_linear.py), else in the workspace."""
+    if space.onednn and onednn_linear.applies(h, w):
+        return onednn_linear.product(h, w)
     logits = space.buffer(h.shape[0], w.shape[0], torch.float32, h.device)
     if h.dtype == torch.float32:
         return torch.mm(h, w.T, out=logits)
@@ -92,8 +92,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             if dtype != torch.float32:
                 grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
-            if space.onednn and frozen_linear.applies(grad_logits, w):
-                grad_hidden[start : start + chunk] = frozen_linear.input_grad(grad_logits, w)
+            if space.onednn and onednn_linear.applies(grad_logits, w):
+                grad_hidden[start : start + chunk] = onednn_linear.input_grad(grad_logits, w)
             else:
                 grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
             if grad_weight is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tunesmith import segment_attention
 from tunesmith.errors import ConfigError
-from tunesmith.train import frozen_linear, fused_norm
+from tunesmith.train import fused_norm, onednn_linear
 from tunesmith.train.allocator import keep_freed_memory
 
 
@@ -16,7 +16,7 @@ def apply_speed_options(model, train_settings) -> None:
     segment_attention.enable(model)
     fused_norm.enable(model)
     if train_settings.onednn_linear:
-        frozen_linear.enable(model)
+        onednn_linear.enable(model)
     model.tunesmith_loss_chunk = train_settings.loss_chunk
     if train_settings.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

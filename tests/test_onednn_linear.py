@@ -1,4 +1,4 @@
-"""Frozen linears and the LM head through oneDNN (train/frozen_linear.py) compute what PyTorch's own products do."""
+"""Linears and the LM head through oneDNN (train/onednn_linear.py) compute what PyTorch's own products do."""
 
 import copy
 
@@ -12,18 +12,19 @@ from tunesmith.data.packing import collate
 from tunesmith.data.templates import Tokenized
 from tunesmith.methods import lora, lora_function
 from tunesmith.objectives import lm
-from tunesmith.train import frozen_linear
+from tunesmith.train import onednn_linear
 from tunesmith.train.speed import apply_speed_options
 
-pytestmark = pytest.mark.skipif(frozen_linear._op() is None, reason="this torch build has no oneDNN linear")
+pytestmark = pytest.mark.skipif(onednn_linear._op() is None, reason="this torch build has no oneDNN linear")
 
 
-def test_frozen_linear_equals_nn_linear_values_and_gradients():
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_onednn_linear_equals_nn_linear_values_and_gradients(weight_trains):
     torch.manual_seed(0)
     plain = nn.Linear(48, 40)
-    plain.weight.requires_grad_(False)  # frozen weight, trained bias (as BitFit has it)
+    plain.weight.requires_grad_(weight_trains)  # frozen: the bias still trains (as BitFit has it)
     fast = copy.deepcopy(plain)
-    fast.__class__ = frozen_linear.FrozenLinear
+    fast.__class__ = onednn_linear.OneDNNLinear
     x, grad = torch.randn(3, 11, 48), torch.randn(3, 11, 40)
     outputs, grads = [], []
     for layer in (plain, fast):
@@ -31,29 +32,62 @@ def test_frozen_linear_equals_nn_linear_values_and_gradients():
         out = layer(xi)
         out.backward(grad)
         outputs.append(out.detach())
-        grads.append((xi.grad, layer.bias.grad))
+        grads.append((xi.grad, layer.bias.grad, layer.weight.grad))
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert (grads[1][2] is None) == (not weight_trains)
     for fast_grad, plain_grad in zip(grads[1], grads[0]):
-        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-5, rtol=1e-5)
+        if plain_grad is not None:
+            torch.testing.assert_close(fast_grad, plain_grad, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
-def test_enable_switches_frozen_linears_but_not_the_head_nor_trained_ones():
+def test_a_trained_weight_updated_in_place_is_read_afresh():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    layer.__class__ = onednn_linear.OneDNNLinear
+    x = torch.randn(5, 16)
+    before = layer(x).detach()
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # what an optimizer step does
+    after = layer(x).detach()
+    torch.testing.assert_close(after, x @ layer.weight.detach().T + layer.bias.detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after, before)
+
+
+def test_enable_switches_every_linear_but_the_head():
     model = tiny_llama(vocab_size=300)
     lora.apply(model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
-    changed = frozen_linear.enable(model)
+    changed = onednn_linear.enable(model)
     kinds = {name: type(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert kinds["lm_head"] is nn.Linear and kinds["model.layers.0.mlp.down_proj"] is nn.Linear
-    assert kinds["model.layers.0.self_attn.q_proj.base_layer"] is frozen_linear.FrozenLinear
-    assert kinds["model.layers.1.mlp.down_proj"] is frozen_linear.FrozenLinear
-    assert changed == 2 * 7 - 1 and model.tunesmith_onednn
+    assert kinds["lm_head"] is nn.Linear
+    assert kinds["model.layers.0.mlp.down_proj"] is onednn_linear.OneDNNLinear  # a trained weight
+    assert kinds["model.layers.0.self_attn.q_proj.base_layer"] is onednn_linear.OneDNNLinear
+    assert kinds["model.layers.0.self_attn.q_proj.lora_A.default"] is onednn_linear.OneDNNLinear
+    assert changed == 2 * (7 + 2 * 2) and model.tunesmith_onednn
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, 64)
     assert lora_function.applies(x, layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not frozen_linear.applies(x, layer.base_layer.weight)
+        assert not onednn_linear.applies(x, layer.base_layer.weight)
+
+
+def test_full_fine_tuning_loss_and_gradients_equal_with_and_without_onednn():
+    model = tiny_llama(vocab_size=300).train()
+    g = torch.Generator().manual_seed(0)
+    examples = [Tokenized(ids, ids) for ids in (torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 30, 17))]
+    batch = collate(examples, True, 64, 2, True)
+    results = []
+    for onednn in (False, True):
+        copy_ = copy.deepcopy(model)
+        apply_speed_options(copy_, TrainSettings(loss_chunk=16, onednn_linear=onednn))
+        loss, n, _ = lm.loss_sum(copy_, batch)
+        (loss / n).backward()
+        results.append((float(loss.detach()) / n, {k: p.grad for k, p in copy_.named_parameters()}))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for key, plain_grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][key], plain_grad, atol=1e-6, rtol=1e-5, msg=key)
 
 
 def test_lora_loss_and_gradients_equal_with_and_without_onednn():
@@ -85,11 +119,11 @@ def test_onednn_caches_stay_bounded_when_every_step_has_a_new_token_count():
     script = """
 import resource, torch
 import tunesmith
-from tunesmith.train import frozen_linear
+from tunesmith.train import onednn_linear
 weights = [torch.randn(1408, 512), torch.randn(512, 1408)]
 def step(tokens):
     for w in weights:
-        frozen_linear.input_grad(frozen_linear.product(torch.randn(tokens, w.shape[1]), w), w)
+        onednn_linear.input_grad(onednn_linear.product(torch.randn(tokens, w.shape[1]), w), w)
 for tokens in range(300, 340):
     step(tokens)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
