@@ -44,7 +44,7 @@ STACKED_LEVERS = [  # each row adds one lever to the row above
      {"packing": True, "full_logits": True, "onednn_linear": False}),
     ("+ logits and cross-entropy only at label positions", {"packing": True, "onednn_linear": False}),
     ("+ chunked cross-entropy (1024 positions)", {"packing": True, "loss_chunk": 1024, "onednn_linear": False}),
-    ("+ frozen products and LM head through oneDNN (256 positions a chunk)", {"packing": True, "loss_chunk": 256}),
+    ("+ linear products and LM head through oneDNN (256 positions a chunk)", {"packing": True, "loss_chunk": 256}),
     ("+ bf16 autocast (fp32 master weights)", {"packing": True, "loss_chunk": 256, "bf16": True}),
     ("+ torch.compile per decoder layer (compile time included)",
      {"packing": True, "loss_chunk": 256, "bf16": True, "compile": True}),

@@ -10,7 +10,7 @@ from tunesmith.train.allocator import keep_freed_memory
 
 def apply_speed_options(model, train_settings) -> None:
     """Freed memory kept for the next step (train/allocator.py), segment attention for packed batches (where the
-    model allows it), fused RMSNorm, frozen linears through oneDNN on CPU, chunked cross-entropy (read by
+    model allows it), fused RMSNorm, linear products through oneDNN on CPU, chunked cross-entropy (read by
     objectives/lm.py), activation checkpointing, per-layer torch.compile."""
     keep_freed_memory()
     segment_attention.enable(model)
