@@ -11,8 +11,8 @@ Each runner runs in its own process with the same torch threads, sees the same e
 epoch of steps × batch examples) and counts only real tokens. Rounds interleave the runners (the machine is noisy);
 the table shows medians. MFU = achieved FLOP/s (4N per token for LoRA, 6N for full, plus causal attention) over the
 fastest fp32 matmul this machine reaches in this run (MKL's or oneDNN's). --scale K also trains tunesmith on K× the
-data and prints the time ratio (≈ K when cost is linear in tokens). --levers adds the stacked tables of tunesmith's levers (workload 1, and
-shared prefixes on workload 2).
+data and prints the time ratio (≈ K when cost is linear in tokens). --levers adds the stacked tables of tunesmith's
+levers (workload 1, and shared prefixes on workload 2).
 Run by hand; nothing asserts a time.
 """
 

@@ -69,7 +69,8 @@ class TrainSettings(Strict):
     onednn_linear: bool = Field(
         True, description="on CPU, run the products of fp32 linear layers (forward, input and weight "
         "gradients), LoRA's and the LM head's through oneDNN instead of MKL (same values up to summation order; "
-        "12-15 % faster steps on AMD Zen 4, oneDNN's products 1.8-2.2x MKL's on Zen 5); false: PyTorch's own products")
+        "12-15 % faster steps on an earlier AMD EPYC, oneDNN's products 1.8-2.2x MKL's on AMD Zen 5); false: "
+        "PyTorch's own products")
     compile: bool = Field(False, description="torch.compile each decoder layer (the first steps pay the compile)")
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass: less memory, ~30 % "

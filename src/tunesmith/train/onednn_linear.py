@@ -3,7 +3,7 @@ that trains, the weight gradient gᵀ·x.
 
 PyTorch runs fp32 matrix products on CPU through MKL's sgemm. oneDNN's inner-product kernels, which PyTorch also
 ships (and uses itself only for bf16 and inside torch.compile), ran the shapes of this project's fine-tunes faster on
-its CPU machines, with results equal up to the order of the sums (relative 1e-6): on AMD EPYC (Zen 4) 15–35 %
+its CPU machines, with results equal up to the order of the sums (relative 1e-6): on an earlier AMD EPYC box 15–35 %
 (T tokens × 512–1536 features: 183–196 against 134–174 GFLOP/s), on AMD EPYC Zen 5 2.2× for the forward and input
 gradient (415–464 against 199–209) and 1.8× for the weight gradient (358–368 against 186–204). oneDNN reads the
 transposed operands as strided views, so nothing is copied. bf16 autocast, CUDA and torch.compile keep PyTorch's
