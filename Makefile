@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/tunesmith train examples/demo_lora_sft.yaml --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -36,12 +36,13 @@ def run_tunesmith(spec: dict) -> dict:
     import torch
 
     from tunesmith.config import load_config
-    from tunesmith.data.templates import Tokenized
+    from tunesmith.data.chat import Tokenized
+    from tunesmith.kernels.apply import apply_speed_options
     from tunesmith.methods import get_method
     from tunesmith.models import load_model
     from tunesmith.objectives import lm
-    from tunesmith.train.loop import accumulate_gradients, make_optimizer
-    from tunesmith.train.speed import apply_speed_options
+    from tunesmith.train.loop import accumulate_gradients
+    from tunesmith.train.run import make_optimizer
 
     levers = spec.get("levers", {})
     method_section = ({"name": "lora", "r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
@@ -92,7 +93,7 @@ class _FullLogitsLM:
     def loss_sum(model, batch):
         import torch.nn.functional as F
 
-        from tunesmith.data.templates import IGNORE
+        from tunesmith.data.chat import IGNORE
         from tunesmith.objectives.lm import hidden_states, logits_at
 
         targets = batch["targets"]

@@ -4,7 +4,7 @@
    GPTQ int4 (group 128, calibrated on the pydoc train split), with the bytes of each base's weights;
 2. the same short LoRA run (examples/demo_lora_sft.yaml, --steps steps, 40 held-out examples) on each base:
    all under the demo's bf16 autocast: LoRA on the fp32 base, LoRA on bf16 weights, QLoRA with bitsandbytes (the
-   backend methods/nf4.py uses), QLoRA with torchao's NF4Tensor (if torchao is installed), LoRA on the RTN and
+   backend quant/nf4.py uses), QLoRA with torchao's NF4Tensor (if torchao is installed), LoRA on the RTN and
    GPTQ folders: held-out loss
    before/after, training time, tokens/s, and peak RSS over the whole process and over training alone (the Linux
    high-water mark reset after the model is loaded and quantised).
@@ -68,7 +68,7 @@ def weight_bytes(model) -> int:
 
 
 def use_torchao_backend() -> None:
-    """Swap the NF4 layer of methods/nf4.py for one built on torchao's NF4Tensor (bench only)."""
+    """Swap the NF4 layer of quant/nf4.py for one built on torchao's NF4Tensor (bench only)."""
     import torch
     from torch import nn
     from torchao.quantization import to_nf4
@@ -96,7 +96,7 @@ def use_torchao_backend() -> None:
 def worker_ppl(kind: str, folder: str) -> dict:
     import torch
 
-    from tunesmith.cli_quant import quantize_to_folder
+    from tunesmith.cli.quant import quantize_to_folder
     from tunesmith.methods import nf4
     from tunesmith.models import load_model, load_tokenizer
     from tunesmith.quant.perplexity import perplexity
@@ -126,12 +126,12 @@ def worker_train(variant: str, steps: int, base_folder: str | None, out_dir: str
     import gc
 
     from tunesmith.config import load_config
-    from tunesmith.train import loop
+    from tunesmith.train import loop, run
 
     if "torchao" in variant:
         use_torchao_backend()
     measured = {}
-    original = loop.get_method
+    original = run.get_method
 
     class Measured:
         def __init__(self, module):
@@ -147,7 +147,7 @@ def worker_train(variant: str, steps: int, base_folder: str | None, out_dir: str
             measured["after_load_mib"] = high_water_mib()
             reset_high_water()
 
-    loop.get_method = lambda name: Measured(original(name))
+    run.get_method = lambda name: Measured(original(name))
     overrides, _ = TRAIN_VARIANTS[variant]
     overrides = overrides + [
         f"output_dir={out_dir}", f"train.max_steps={steps}", "train.warmup_steps=2", "train.eval_every=null",

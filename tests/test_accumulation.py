@@ -1,10 +1,10 @@
 """Accumulating 4 micro-batches of 2 gives the gradient of one batch of 8 (normalised by label tokens)."""
 
 import torch
-
 from conftest import tiny_llama
+
 from tunesmith.config import LoraSettings, RunConfig
-from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.methods import lora
 from tunesmith.objectives import lm
 from tunesmith.train.loop import accumulate_gradients

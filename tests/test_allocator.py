@@ -3,7 +3,7 @@ import platform
 import pytest
 import torch
 
-from tunesmith.train.allocator import keep_freed_memory
+from tunesmith.kernels.allocator import keep_freed_memory
 
 
 def _resident_mib() -> float:

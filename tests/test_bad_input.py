@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_jsonl
+
 from tunesmith.cli import main
 
 

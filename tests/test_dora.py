@@ -1,12 +1,12 @@
 import pytest
 import torch
+from conftest import REPO, tiny_llama
 from torch import nn
 
-from conftest import REPO, tiny_llama
+from tunesmith.config.methods import DoraSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods import dora, lora
 from tunesmith.methods.base import count_parameters
-from tunesmith.methods.settings import DoraSettings
 
 
 def _ids():

@@ -7,16 +7,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_llama, write_jsonl
+
 from tunesmith.config import RunConfig, load_config
-from tunesmith.data.preference import PreferenceItem, TokenizedPair, collate_pairs, tokenize_pairs
-from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.config.methods import settings_class
+from tunesmith.config.objectives import DpoSettings
+from tunesmith.data.chat import IGNORE, Tokenized
+from tunesmith.data.pair_batches import TokenizedPair, collate_pairs, tokenize_pairs
+from tunesmith.data.preference import PreferenceItem
 from tunesmith.methods import get_method
-from tunesmith.methods.settings import settings_class
 from tunesmith.objectives.dpo import DpoObjective, dpo_loss, precompute_reference
 from tunesmith.objectives.reference import InitialWeights
-from tunesmith.objectives.settings import DpoSettings
 from tunesmith.train.loop import train
 
 
@@ -117,8 +118,8 @@ def test_dpo_loss_equals_trl_dpotrainer(method, loss_type, packing, tokenizer, t
     from peft import LoraConfig, set_peft_model_state_dict
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.data.templates import render
-    from tunesmith.methods.settings import ALL_LINEAR
+    from tunesmith.config.methods import ALL_LINEAR
+    from tunesmith.data.chat import render
 
     pairs = _pairs(tokenizer)
     # TRL gets the very text we tokenize: the prompt rendered by the chat template, the answer (TRL appends eos)

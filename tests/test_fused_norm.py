@@ -5,9 +5,9 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from tunesmith.train import fused_norm
+
+from tunesmith.kernels import fused_norm
 
 MODULES = {"LlamaRMSNorm": "llama", "MistralRMSNorm": "mistral", "MixtralRMSNorm": "mixtral", "Qwen2RMSNorm": "qwen2",
            "Qwen2MoeRMSNorm": "qwen2_moe", "Qwen3RMSNorm": "qwen3", "Phi3RMSNorm": "phi3",

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.quant import gptq, int4, rtn
 

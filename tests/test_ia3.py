@@ -1,12 +1,12 @@
 import pytest
 import torch
+from conftest import REPO, tiny_llama
 from torch import nn
 
-from conftest import REPO, tiny_llama
+from tunesmith.config.methods import IA3Settings
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods import ia3
 from tunesmith.methods.base import count_parameters
-from tunesmith.methods.settings import IA3Settings
 
 
 def _ids():

@@ -2,13 +2,13 @@
 answer metrics, and the `tunesmith icl` command on a tiny model."""
 
 import pytest
-
 from conftest import write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval.metrics import exact_match, normalize_answer, token_f1
-from tunesmith.infer.icl import (ELLIPSIS, Example, ExampleSelector, build_prompt, count_tokens,
-                                 examples_from_chats, render_prompt)
+from tunesmith.infer.icl import (ELLIPSIS, Example, ExampleSelector, build_prompt, count_tokens, examples_from_chats,
+                                 render_prompt)
 
 
 def ex(question: str, answer: str, where: str) -> Example:
@@ -59,7 +59,7 @@ def test_text_template_is_question_answer_blocks(tokenizer):
 
 
 def test_examples_from_chats_use_the_last_assistant_turn():
-    from tunesmith.data.formats import Chat
+    from tunesmith.data.chat import Chat
 
     chat = Chat([{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": "name?"},
@@ -227,7 +227,7 @@ def test_icl_text_records_are_refused_with_the_line(tmp_path, tiny_model_dir, ca
 
 
 def test_examples_from_text_documents_raise():
-    from tunesmith.data.formats import Document
+    from tunesmith.data.chat import Document
 
     with pytest.raises(DataError, match="docs.jsonl:4"):
         examples_from_chats([Document("x", "docs.jsonl:4")])

@@ -1,7 +1,7 @@
 """Loss lands on assistant turns and their end-of-turn token, nowhere else (pad == eos in this tokenizer)."""
 
-from tunesmith.data.formats import Chat, Document
-from tunesmith.data.templates import IGNORE, tokenize_chat, tokenize_document
+from tunesmith.data.chat import IGNORE, Chat, Document
+from tunesmith.data.templates import tokenize_chat, tokenize_document
 
 
 def _labelled_spans(tok, ex):

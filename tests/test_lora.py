@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
-from conftest import tiny_llama
 from tunesmith.config import LoraSettings
 from tunesmith.errors import ConfigError
 from tunesmith.methods import lora

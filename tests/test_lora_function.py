@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from tunesmith.kernels import onednn_linear
 from tunesmith.methods import lora, lora_function
-from tunesmith.train import onednn_linear
 
 
 def _layer(bias: bool, dropout: float, onednn: bool = False) -> lora.LoraLinear:

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
+from tunesmith.config.methods import AdapterSettings, BitFitSettings, FreezeSettings, FullSettings
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods import get_method, method_for_adapter
 from tunesmith.methods.base import count_parameters
-from tunesmith.methods.settings import AdapterSettings, BitFitSettings, FreezeSettings, FullSettings
 
 IDS = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -163,6 +163,7 @@ def test_adapter_made_for_another_base_names_shapes(tmp_path):
 
 def test_switching_method_from_the_command_line_drops_the_files_other_options(capsys):
     from conftest import REPO
+
     from tunesmith.config import load_config
 
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=adapter"])

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
+from tunesmith.config.methods import LoraSettings
 from tunesmith.errors import ModelError
 from tunesmith.infer.adapters import load_with_adapter
 from tunesmith.methods import lora
 from tunesmith.methods.base import count_parameters
-from tunesmith.methods.settings import LoraSettings
 
 IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -114,8 +114,8 @@ def test_cli_generate_with_named_adapters(two_adapters, capsys):
 
 
 def _dora_adapter(folder, base_dir, seed):
+    from tunesmith.config.methods import DoraSettings
     from tunesmith.methods import dora
-    from tunesmith.methods.settings import DoraSettings
 
     model = tiny_llama(vocab_size=300)
     settings = DoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])

@@ -1,19 +1,19 @@
-"""Linears and the LM head through oneDNN (train/onednn_linear.py) compute what PyTorch's own products do."""
+"""Linears and the LM head through oneDNN (kernels/onednn_linear.py) compute what PyTorch's own products do."""
 
 import copy
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
-from conftest import tiny_llama
 from tunesmith.config import LoraSettings, TrainSettings
+from tunesmith.data.chat import Tokenized
 from tunesmith.data.packing import collate
-from tunesmith.data.templates import Tokenized
+from tunesmith.kernels import onednn_linear
+from tunesmith.kernels.apply import apply_speed_options
 from tunesmith.methods import lora, lora_function
 from tunesmith.objectives import lm
-from tunesmith.train import onednn_linear
-from tunesmith.train.speed import apply_speed_options
 
 pytestmark = pytest.mark.skipif(onednn_linear._op() is None, reason="this torch build has no oneDNN linear")
 
@@ -119,7 +119,7 @@ def test_onednn_caches_stay_bounded_when_every_step_has_a_new_token_count():
     script = """
 import resource, torch
 import tunesmith
-from tunesmith.train import onednn_linear
+from tunesmith.kernels import onednn_linear
 weights = [torch.randn(1408, 512), torch.randn(512, 1408)]
 def step(tokens):
     for w in weights:

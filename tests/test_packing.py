@@ -1,10 +1,10 @@
 """Packed rows never let one example see another: same logits as running each example alone."""
 
 import torch
-
 from conftest import tiny_llama
+
+from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate, pack_rows
-from tunesmith.data.templates import IGNORE, Tokenized
 from tunesmith.objectives import lm
 
 

@@ -1,8 +1,8 @@
 """PEFT is the oracle: its loader reads our adapters and we read its adapters, with the same logits."""
 
 import torch
-
 from conftest import tiny_llama
+
 from tunesmith.config import LoraSettings
 from tunesmith.methods import lora
 

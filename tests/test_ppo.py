@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.errors import ConfigError
@@ -104,8 +104,8 @@ def test_first_rollout_is_the_reference_and_matches_the_update(method, tiny_mode
 
 
 def test_reward_function_sees_completions_with_their_end_token(tiny_model_dir, tmp_path, tokenizer):
+    from tunesmith.config.objectives import PpoSettings
     from tunesmith.objectives.ppo import PromptExample, RewardSource
-    from tunesmith.objectives.settings import PpoSettings
 
     seen = {}
 
@@ -178,8 +178,8 @@ def test_ppo_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
 
 def test_prompts_from_chats_and_preference_records(tokenizer, tmp_path):
     from tunesmith.config import RunConfig
+    from tunesmith.config.objectives import PpoSettings
     from tunesmith.objectives.ppo import PpoObjective
-    from tunesmith.objectives.settings import PpoSettings
 
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Say hi."}, {"prompt": "Say bye.", "chosen": "bye",
                                                                        "rejected": "hi"}])
@@ -194,9 +194,9 @@ def test_prompts_from_chats_and_preference_records(tokenizer, tmp_path):
 
 def test_ppo_with_a_trained_reward_model(tiny_model_dir, tmp_path, tokenizer):
     """The reward model folder of an `objective: reward` run scores PPO's completions exactly as `score` does."""
+    from tunesmith.config.objectives import PpoSettings
     from tunesmith.objectives.ppo import PromptExample, RewardSource
     from tunesmith.objectives.reward import load_reward_model, score
-    from tunesmith.objectives.settings import PpoSettings
 
     rows = [{"prompt": f"Item {i}?", "chosen": "Blue.", "rejected": f"Red {i}."} for i in range(8)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, write_jsonl
+
 from tunesmith.cli import main
+from tunesmith.data.chat import IGNORE
 from tunesmith.data.formats import detect_format
-from tunesmith.data.preference import (DataWarning, PreferenceItem, normalize_pair, tokenize_answer,
-                                       tokenize_pairs)
+from tunesmith.data.pair_batches import tokenize_answer, tokenize_pairs
+from tunesmith.data.preference import DataWarning, PreferenceItem, normalize_pair
 from tunesmith.data.sources import Record
-from tunesmith.data.templates import IGNORE
 from tunesmith.errors import DataError
 
 USER = [{"role": "user", "content": "What is 2+2?"}]

@@ -3,13 +3,13 @@ generation through the cache, PEFT's format both ways, the real model."""
 
 import pytest
 import torch
-
 from conftest import tiny_llama
 from test_prompt import (chat_generation_matches, generation_matches, ids_batch, lively, logits, only_virtual_trains,
                          packed_equals_alone, real_model_drop, unpacked)
+
+from tunesmith.config.methods import PrefixSettings, PtuningV2Settings
 from tunesmith.errors import ModelError
 from tunesmith.methods import prefix
-from tunesmith.methods.settings import PrefixSettings, PtuningV2Settings
 
 PTUNING = PtuningV2Settings(num_virtual_tokens=5)
 PROJECTED = PrefixSettings(num_virtual_tokens=5, projection_hidden=16)

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_llama
+
+from tunesmith.config.methods import PromptSettings
+from tunesmith.data.chat import Tokenized
 from tunesmith.data.packing import collate, pack_rows
-from tunesmith.data.templates import Tokenized
 from tunesmith.errors import ModelError
 from tunesmith.methods import prompt
-from tunesmith.methods.settings import PromptSettings
 from tunesmith.objectives import lm
 
 
@@ -107,7 +107,7 @@ def generation_matches(model):
 
 
 def chat_generation_matches(model, tokenizer):
-    from tunesmith.data.templates import render
+    from tunesmith.data.chat import render
     from tunesmith.infer.generate import generate_chat
 
     messages = [{"role": "user", "content": "Define foo."}]

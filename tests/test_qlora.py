@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_llama
+
 from tunesmith.cli import main
-from tunesmith.methods import lora, nf4, qlora
-from tunesmith.methods.settings import QloraSettings
+from tunesmith.config.methods import QloraSettings
+from tunesmith.methods import lora, qlora
+from tunesmith.quant import nf4
 
 pytest.importorskip("bitsandbytes")
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.errors import ConfigError
 from tunesmith.rag.chunking import chunk_text
@@ -29,7 +29,7 @@ DOCS = {
 
 @pytest.fixture(scope="module")
 def embedder():
-    from tunesmith.rag.embedding import load_embedder
+    from tunesmith.infer.embedding import load_embedder
 
     return load_embedder()
 
@@ -248,8 +248,9 @@ def test_ask_question_longer_than_the_context_is_refused(small_index, tiny_model
 
 def test_ask_with_an_adapter_prints_numbered_sources(small_index, tmp_path, tiny_model_dir, tokenizer, capsys):
     from conftest import tiny_llama
+
+    from tunesmith.config.methods import LoraSettings
     from tunesmith.methods import lora
-    from tunesmith.methods.settings import LoraSettings
 
     model = tiny_llama(vocab_size=len(tokenizer))
     settings = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])

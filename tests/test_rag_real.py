@@ -4,8 +4,8 @@ Slow (real model); one index is built for the module and shared by the tests.
 """
 
 import pytest
-
 from conftest import BUILTIN, REPO
+
 from tunesmith.cli import main
 from tunesmith.rag.evaluate import load_questions, score_answers, score_retrieval, spread
 
@@ -16,7 +16,7 @@ ANSWERED = 10  # questions the LLM answers (twice: with and without retrieval)
 
 @pytest.fixture(scope="module")
 def faq_index(tmp_path_factory):
-    from tunesmith.rag.embedding import load_embedder
+    from tunesmith.infer.embedding import load_embedder
     from tunesmith.rag.index import RagIndex
 
     folder = tmp_path_factory.mktemp("pydoc-kb") / "index"

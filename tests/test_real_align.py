@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from tunesmith.config import load_config
 from tunesmith.train.loop import train
 

@@ -1,8 +1,8 @@
 """full, freeze, bitfit and bottleneck adapters really adapt the real SmolLM2 (slow)."""
 
 import pytest
-
 from conftest import REPO
+
 from tunesmith.config import load_config
 from tunesmith.train.loop import train
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BUILTIN, REPO
+
 from tunesmith.config import load_config
 from tunesmith.train.loop import train
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama, write_jsonl
+
 from tunesmith.cli import main
 from tunesmith.config import load_config
-from tunesmith.data.preference import collate_sequences
-from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.data.chat import IGNORE, Tokenized
+from tunesmith.data.pair_batches import collate_sequences
 from tunesmith.objectives.reward import (HEAD_ATTR, HEAD_FILE, attach_head, bradley_terry_loss, load_reward_model,
                                          score, sequence_scores)
 from tunesmith.train.loop import train

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import tiny_llama
-from tunesmith import segment_attention
+
+from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
-from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.kernels import segment_attention
 from tunesmith.objectives import lm
 
 

@@ -1,14 +1,14 @@
 """Shared prefixes: leading tokens that examples of a batch share are computed once, with unchanged results."""
 
 import torch
-
 from conftest import tiny_llama
-from tunesmith import segment_attention
+
+from tunesmith.config.methods import LoraSettings
+from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
 from tunesmith.data.shared_prefixes import decoder_plan
-from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.kernels import segment_attention
 from tunesmith.methods import get_method
-from tunesmith.methods.settings import LoraSettings
 from tunesmith.objectives import lm
 
 SYSTEM = list(range(10, 30))  # 20 tokens every example starts with

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from tunesmith.data.formats import detect_format, normalize_all
 from tunesmith.data.sources import read_records
 

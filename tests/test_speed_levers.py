@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_llama
+
 from tunesmith.config import LoraSettings, TrainSettings, load_config
+from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
-from tunesmith.data.templates import IGNORE, Tokenized
+from tunesmith.kernels.apply import apply_speed_options
 from tunesmith.methods import lora
 from tunesmith.objectives import lm
 from tunesmith.objectives.chunked_ce import balanced_chunk, linear_cross_entropy_sum
 from tunesmith.train.loop import train
-from tunesmith.train.speed import apply_speed_options
 
 # bf16 keeps 8 mantissa bits; over a few hundred tokens the mean loss moves by well under this (measured ~1e-3).
 BF16_FIRST_LOSS_TOLERANCE = 1e-2

@@ -1,7 +1,7 @@
 """Batches: padding-free packing with per-example positions and a block-diagonal causal mask, or plain padding.
 
 A packed batch also carries each token's example index in its row (`segments`, −1 on padding) and the plan of the
-one padding-free row that segment_attention.py runs it as, with shared leading tokens once (data/shared_prefixes.py).
+one padding-free row that kernels/segment_attention.py runs it as, with shared leading tokens once (data/shared_prefixes.py).
 
 Targets are shifted inside each example before packing, so no example ever predicts its neighbour's tokens.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.shared_prefixes import MIN_SHARED, decoder_plan
-from tunesmith.data.templates import IGNORE, Tokenized
 
 
 def shifted_targets(ex: Tokenized) -> list[int]:

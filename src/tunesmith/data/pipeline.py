@@ -6,9 +6,10 @@ import random
 from dataclasses import dataclass
 
 from tunesmith.config import RunConfig
-from tunesmith.data.formats import Chat, normalize_all
+from tunesmith.data.chat import Chat, Tokenized
+from tunesmith.data.formats import normalize_all
 from tunesmith.data.sources import read_many
-from tunesmith.data.templates import LengthReport, Tokenized, apply_length_policy, tokenize_all
+from tunesmith.data.templates import LengthReport, apply_length_policy, tokenize_all
 from tunesmith.errors import DataError
 
 OBJECTIVE_FORMATS = {"sft": ("alpaca", "sharegpt", "messages"), "text": ("text",), "reward": ("preference",),

@@ -5,7 +5,7 @@ pair's chosen and rejected sequences repeat their prompt. Under causal attention
 on the tokens before it, so identical leading tokens at identical positions have identical hidden states in every
 layer. The plan lays such a shared run out once, as a segment of its own, and each example that continues it becomes
 a child segment that attends to its ancestors' keys and values and then causally to itself
-(segment_attention.py). `gather` maps every example token back to the row position that computed it, so the loss
+(kernels/segment_attention.py). `gather` maps every example token back to the row position that computed it, so the loss
 sees each example whole, and the gradients of a shared run sum over the examples that share it: the same values as
 computing every example separately, up to the order of floating-point sums.
 

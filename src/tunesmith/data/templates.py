@@ -4,29 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunesmith.data.formats import Chat, Document
+from tunesmith.data.chat import IGNORE, Chat, Document, Tokenized, assistant_spans, ensure_chat_template
 from tunesmith.errors import DataError
-
-IGNORE = -100
-FALLBACK_CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-@dataclass
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
-    where: str = ""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def n_labels(self) -> int:
-        """How many tokens are predicted: labels after the first position (nothing predicts the first token)."""
-        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 @dataclass
@@ -51,40 +30,8 @@ class LengthReport:
         return ", ".join(parts) + f" (policy: {self.policy}; longest {self.longest} tokens)"
 
 
-def ensure_chat_template(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = FALLBACK_CHATML
-
-
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _assistant_spans(tokenizer, chat: Chat) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character span of each assistant turn, through its end-of-turn token."""
-    text = render(tokenizer, chat.messages)
-    eot = tokenizer.eos_token or ""
-    spans = []
-    for i, m in enumerate(chat.messages):
-        if m["role"] != "assistant":
-            continue
-        before = render(tokenizer, chat.messages[:i], add_generation_prompt=True) if i else ""
-        through = render(tokenizer, chat.messages[: i + 1])
-        if not (text.startswith(through) and through.startswith(before)):
-            raise DataError(
-                f"{chat.where}: the tokenizer's chat template does not render conversations as a prefix of longer "
-                "ones, so assistant turns cannot be located; use a template without per-turn rewriting"
-            )
-        start, end = len(before), len(through)
-        cut = through.rfind(eot, start, end) if eot else -1
-        if cut >= 0:
-            end = cut + len(eot)
-        spans.append((start, end))
-    return text, spans
-
-
 def tokenize_chat(tokenizer, chat: Chat, train_on_prompt: bool = False) -> Tokenized:
-    text, spans = _assistant_spans(tokenizer, chat)
+    text, spans = assistant_spans(tokenizer, chat)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if train_on_prompt:

@@ -5,18 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.atomic import atomic_folder
-from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import ConfigError, ModelError, OutputDirError
 from tunesmith.methods import method_for_adapter
-from tunesmith.methods.base import read_adapter_config
+from tunesmith.methods.base import ADAPTER_CONFIG, adapter_base
 
 
-def adapter_base(adapters: dict[str, str], model: str | None) -> str:
-    if model:
-        return model
-    for path in adapters.values():
-        return read_adapter_config(path).get("base_model_name_or_path") or DEFAULT_MODEL
-    return DEFAULT_MODEL
+def is_adapter_folder(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
 def parse_adapter_args(values: list[str] | str | None) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.data.templates import ensure_chat_template, render
+from tunesmith.data.chat import ensure_chat_template, render
 
 
 @torch.no_grad()

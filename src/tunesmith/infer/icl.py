@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from tunesmith.data.templates import ensure_chat_template, render
+from tunesmith.data.chat import ensure_chat_template, render
 from tunesmith.errors import ConfigError, DataError
 
 SELECTIONS = ("fixed", "random", "similar")
@@ -173,7 +173,7 @@ class ExampleSelector:
         if how == "similar":
             import faiss
 
-            from tunesmith.rag.embedding import load_embedder
+            from tunesmith.infer.embedding import load_embedder
 
             self.embedder = embedder or load_embedder()
             vectors = self.embedder.encode([e.query_text for e in pool])

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import importlib
 
+from tunesmith.config.methods import METHOD_NAMES
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.methods.settings import METHOD_NAMES
 
 MODULES = {"full": "full", "freeze": "freeze", "bitfit": "bitfit", "lora": "lora", "dora": "dora", "qlora": "qlora",
            "ia3": "ia3", "adapter": "adapter", "prompt": "prompt", "prefix": "prefix", "ptuning-v2": "prefix"}

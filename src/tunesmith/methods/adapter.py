@@ -11,10 +11,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunesmith.config.methods import AdapterSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
                                     write_adapter)
-from tunesmith.methods.settings import AdapterSettings
 
 MERGEABLE = False
 NOT_MERGEABLE_REASON = ("bottleneck adapters add a nonlinear layer that the base architecture has no place for, "

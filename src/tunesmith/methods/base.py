@@ -11,10 +11,22 @@ import torch
 from torch import nn
 
 from tunesmith.atomic import atomic_folder
+from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.surgery import replace_module  # noqa: F401  (the methods' import path)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_base(adapters: dict[str, str], model: str | None) -> str:
+    """The base model to load: `model` if given, else the first adapter's base_model_name_or_path, else the
+    embedded default."""
+    if model:
+        return model
+    for path in adapters.values():
+        return read_adapter_config(path).get("base_model_name_or_path") or DEFAULT_MODEL
+    return DEFAULT_MODEL
 
 
 def match_modules(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear,)) -> list[str]:
@@ -39,12 +51,6 @@ def match_modules(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear,)
             + ", ".join(suffixes)
         )
     return names
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def freeze_all(model: nn.Module) -> None:
@@ -136,8 +142,8 @@ def switched_off(model: nn.Module, layers: list, merged_error: str):
 
 def quantized_layers(model: nn.Module) -> list[str]:
     """Names of linears whose weights are stored in 4 bits (an int4 folder, or NF4): frozen, not parameters."""
-    from tunesmith.methods.nf4 import is_4bit
     from tunesmith.quant.linear import Int4Linear
+    from tunesmith.quant.nf4 import is_4bit
 
     return [n for n, m in model.named_modules() if isinstance(m, Int4Linear) or is_4bit(m)]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunesmith.config.methods import BitFitSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, write_adapter
-from tunesmith.methods.settings import BitFitSettings
 
 MERGEABLE = True
 PEFT_TYPE = "TUNESMITH_BITFIT"

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.config.methods import DoraSettings
 from tunesmith.methods import lora
 from tunesmith.methods.base import read_adapter
 from tunesmith.methods.lora import (DEFAULT, disabled, merge, save, set_active, unload,  # noqa: F401  (the interface)
                                     unmerge)
-from tunesmith.methods.settings import DoraSettings
 
 MERGEABLE = True
 

@@ -6,10 +6,10 @@ import re
 
 from torch import nn
 
+from tunesmith.config.methods import FreezeSettings
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, quantized_layers, read_adapter,
                                     refuse_training_quantized, write_adapter)
-from tunesmith.methods.settings import FreezeSettings
 
 MERGEABLE = True
 PEFT_TYPE = "TUNESMITH_FREEZE"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from tunesmith.atomic import atomic_folder
+from tunesmith.config.methods import FullSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods.base import quantized_layers, refuse_training_quantized
-from tunesmith.methods.settings import FullSettings
 
 MERGEABLE = False
 NOT_MERGEABLE_REASON = "a full fine-tune is already a complete model folder; use it directly as --model"

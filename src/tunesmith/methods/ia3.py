@@ -12,10 +12,10 @@ import re
 import torch
 from torch import nn
 
+from tunesmith.config.methods import IA3Settings
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
                                     switched_off, write_adapter)
-from tunesmith.methods.settings import IA3Settings
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"

@@ -11,9 +11,9 @@ import math
 import torch
 from torch import nn
 
-from tunesmith.methods import lora_function
-from tunesmith.methods.settings import DoraSettings, LoraSettings
+from tunesmith.config.methods import DoraSettings, LoraSettings
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.methods import lora_function
 from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
                                     switched_off, write_adapter)
 

@@ -7,7 +7,7 @@ low-rank product accumulated into it by the same matrix call (addmm_), with no s
 Only the order of floating-point operations differs from the plain ops (tests/test_lora_function.py).
 
 It serves layers whose base weight is frozen and stored in the input's dtype, outside autocast; everything else
-(4-bit bases, bf16 autocast, a trainable base) takes LoraLinear's plain path. A base layer that train/onednn_linear.py
+(4-bit bases, bf16 autocast, a trainable base) takes LoraLinear's plain path. A base layer that kernels/onednn_linear.py
 switched to oneDNN has its two products run there, and so do the low-rank products (MKL ran the rank-8 ones 1.5–5×
 slower on AMD Zen 5: grad·B 324 against 80 µs, gradᵀ·(x·Aᵀ) 766 against 445 µs for 1150 tokens × 512 features).
 """
@@ -17,14 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith.train import onednn_linear
+from tunesmith.kernels import onednn_linear
 
 
 class _FrozenLinearWithLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float, dropped, onednn: bool):
         """`dropped` is dropout(x) when the adapter has dropout, else None (the update then reads x itself);
-        `onednn`: the products other than the two in-place accumulations go through train/onednn_linear.py."""
+        `onednn`: the products other than the two in-place accumulations go through kernels/onednn_linear.py."""
         low_input = x if dropped is None else dropped
         out = onednn_linear.product(x, weight, bias) if onednn else F.linear(x, weight, bias)
         flat_in = low_input.reshape(-1, low_input.shape[-1])

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunesmith.config.methods import PrefixSettings, PtuningV2Settings
 from tunesmith.errors import ModelError
+from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
 from tunesmith.methods.prompt import compute_dtype, disabled, with_virtual_columns  # noqa: F401  (disabled)
-from tunesmith.methods.settings import PrefixSettings, PtuningV2Settings
-from tunesmith.objectives.lm import _attention_mask_for
 
 MERGEABLE = False
 
@@ -63,7 +63,7 @@ class KVPrefix(nn.Module):
         n = self.num_virtual_tokens
         mask = with_virtual_columns(batch["attention_mask"], n)
         out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"] + n,
-                                  attention_mask=_attention_mask_for(model, mask, compute_dtype(model)),
+                                  attention_mask=attention_mask_for(model, mask, compute_dtype(model)),
                                   past_key_values=self.cache(model, batch["input_ids"].shape[0]), use_cache=True)
         return out.last_hidden_state
 

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunesmith.config.methods import PromptSettings
 from tunesmith.errors import ModelError
+from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
-from tunesmith.methods.settings import PromptSettings
-from tunesmith.objectives.lm import _attention_mask_for
 
 MERGEABLE = False
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -77,7 +77,7 @@ class PromptEmbeddings(nn.Module):
         positions = torch.cat([virtual_positions, batch["position_ids"] + n], dim=1)
         mask = with_virtual_rows(batch["attention_mask"], n)
         out = model.get_decoder()(inputs_embeds=embeds, position_ids=positions, use_cache=False,
-                                  attention_mask=_attention_mask_for(model, mask, compute_dtype(model)))
+                                  attention_mask=attention_mask_for(model, mask, compute_dtype(model)))
         return out.last_hidden_state[:, n:]
 
     @torch.no_grad()

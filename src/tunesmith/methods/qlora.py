@@ -1,4 +1,4 @@
-"""QLoRA (Dettmers et al., 2023): LoRA adapters in fp32 beside base linear weights frozen in 4 bits (methods/nf4.py).
+"""QLoRA (Dettmers et al., 2023): LoRA adapters in fp32 beside base linear weights frozen in 4 bits (quant/nf4.py).
 
 What a run saves is a plain PEFT LoRA adapter whose base_model_name_or_path is the full-precision base: it loads
 on that base (here, in peft, in anything that reads LoRA) and `tunesmith merge` merges it there, into the original
@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunesmith.config.methods import QloraSettings
 from tunesmith.errors import ConfigError, OutputDirError
-from tunesmith.methods import lora, nf4
+from tunesmith.methods import lora
 from tunesmith.methods.base import read_adapter, replace_module
 from tunesmith.methods.lora import DEFAULT, disabled, save, set_active, unload, unmerge  # noqa: F401  (the interface)
-from tunesmith.methods.settings import QloraSettings
+from tunesmith.quant import nf4
 
 MERGEABLE = True
 NF4_MERGE_REFUSAL = (
@@ -93,7 +94,7 @@ def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None
     """The forced, lossy merge: base → 4 bits + adapter (reference) → fold and re-quantise → measure the logit
     error on a fixed sample → save the dequantised result as a plain HF folder, atomically."""
     from tunesmith.atomic import atomic_folder
-    from tunesmith.infer.adapters import adapter_base
+    from tunesmith.methods.base import adapter_base
     from tunesmith.models import load_model, load_tokenizer
 
     dest = Path(out)

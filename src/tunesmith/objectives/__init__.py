@@ -8,7 +8,7 @@
     loss_sum(model, batch) -> (loss sum, units, metric sums)    metric sums are over the same units as the loss
     compare(before, after) -> {name: (before, after)}           the held-out metrics the report shows
     save(model, method, cfg, folder)                the trained artifact (adapter or model, plus any head)
-    own_loop                                        None, or train(cfg, objective, ...) for an outer loop of its own
+    own_loop                                        None, or the name of an outer loop of its own (train/loop.py)
 """
 
 from tunesmith.errors import ConfigError
@@ -23,13 +23,13 @@ def get_objective(name: str, settings=None):
     if name in ("sft", "text"):
         return lm
     if name == "reward":
+        from tunesmith.config.objectives import RewardSettings
         from tunesmith.objectives.reward import RewardObjective
-        from tunesmith.objectives.settings import RewardSettings
 
         return RewardObjective(settings or RewardSettings())
     if name == "dpo":
+        from tunesmith.config.objectives import DpoSettings
         from tunesmith.objectives.dpo import DpoObjective
-        from tunesmith.objectives.settings import DpoSettings
 
         return DpoObjective(settings or DpoSettings())
     if name == "ppo":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.train import onednn_linear
+from tunesmith.kernels import onednn_linear
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -28,7 +28,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 class Workspace:
     """Reusable (chunk × vocabulary) buffers: fp32 logits, plus one in the compute dtype when that is lower.
-    `onednn`: fp32 products on CPU go through oneDNN (train/onednn_linear.py), which writes fresh logits."""
+    `onednn`: fp32 products on CPU go through oneDNN (kernels/onednn_linear.py), which writes fresh logits."""
 
     def __init__(self, onednn: bool = False) -> None:
         self.onednn = onednn
@@ -56,7 +56,7 @@ class Workspace:
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, space: Workspace) -> torch.Tensor:
-    """fp32 logits of one chunk: from oneDNN for fp32 on CPU (train/onednn_linear.py), else in the workspace."""
+    """fp32 logits of one chunk: from oneDNN for fp32 on CPU (kernels/onednn_linear.py), else in the workspace."""
     if space.onednn and onednn_linear.applies(h, w):
         return onednn_linear.product(h, w)
     logits = space.buffer(h.shape[0], w.shape[0], torch.float32, h.device)

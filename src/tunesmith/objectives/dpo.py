@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith.data.preference import build_pair_datasets, collate_pairs
-from tunesmith.data.templates import IGNORE
+from tunesmith.config.objectives import DpoSettings
+from tunesmith.data.chat import IGNORE
+from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs
+from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.lm import hidden_states, logits_at
 from tunesmith.objectives.reference import adapters_off
-from tunesmith.objectives.settings import DpoSettings
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -109,8 +110,6 @@ class DpoObjective:
 @torch.no_grad()
 def precompute_reference(model, objective: DpoObjective, pairs: list, cfg, device, pad_id: int) -> int:
     """Store each pair's reference (chosen, rejected) log-probs on it; the model must still be untrained."""
-    from tunesmith.train.loop import autocast_for, to_device
-
     was_training = model.training
     model.eval()
     bs = cfg.train.batch_size

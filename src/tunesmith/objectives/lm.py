@@ -9,15 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith import segment_attention
-from tunesmith.data.templates import IGNORE
+from tunesmith.data.chat import IGNORE
+from tunesmith.kernels import segment_attention
+from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum
-
-
-def _attention_mask_for(model, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if mask.ndim == 4 and model.config._attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -35,7 +30,7 @@ def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     dtype = next(model.parameters()).dtype
     out = decoder(
         input_ids=batch["input_ids"],
-        attention_mask=_attention_mask_for(model, batch["attention_mask"], dtype),
+        attention_mask=attention_mask_for(model, batch["attention_mask"], dtype),
         position_ids=batch["position_ids"],
         use_cache=False,
     )

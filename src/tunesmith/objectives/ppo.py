@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.data.formats import Chat
-from tunesmith.data.preference import collate_sequences
-from tunesmith.data.templates import IGNORE, LengthReport, Tokenized, ensure_chat_template, render
+from tunesmith.config.objectives import PpoSettings
+from tunesmith.data.chat import IGNORE, Chat, Tokenized, ensure_chat_template, render
+from tunesmith.data.templates import LengthReport
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.objectives.lm import hidden_states, logits_at
 from tunesmith.objectives.reference import InitialWeights, adapters_off
-from tunesmith.objectives.settings import PpoSettings
 
 VALUE_ATTR = "tunesmith_value_head"
 
@@ -250,11 +249,7 @@ class PpoObjective:
         self.reference = None
         self.rewards: RewardSource | None = None
 
-    @property
-    def own_loop(self):
-        from tunesmith.train.ppo_loop import train_ppo
-
-        return train_ppo
+    own_loop = "ppo"  # rollouts, then minibatch epochs: the loop named so in tunesmith.train.loop.OUTER_LOOPS
 
     def build_datasets(self, cfg, tokenizer):
         from tunesmith.data.pipeline import Datasets, split_items

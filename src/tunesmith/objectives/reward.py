@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.data.preference import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
+from tunesmith.atomic import atomic_write_text
+from tunesmith.config.objectives import RewardSettings
+from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
 from tunesmith.errors import ModelError
 from tunesmith.objectives.lm import hidden_states
-from tunesmith.objectives.settings import RewardSettings
-from tunesmith.train.checkpoint import atomic_write_text
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_ATTR = "tunesmith_reward_head"
@@ -83,14 +83,13 @@ def load_head(model: nn.Module, folder: Path) -> nn.Linear:
 
 def load_reward_model(folder, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
     """(model, tokenizer) of a saved reward model: an adapter folder (on its base, or `base`) or a model folder."""
-    from tunesmith.infer.adapters import load_with_adapter
-    from tunesmith.methods.base import ADAPTER_CONFIG
+    from tunesmith.infer.adapters import is_adapter_folder, load_with_adapter
     from tunesmith.models import load_model, load_tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: reward model folder not found")
-    if (folder / ADAPTER_CONFIG).is_file():
+    if is_adapter_folder(folder):
         model, tokenizer = load_with_adapter(base, str(folder), dtype, trust_remote_code)
     else:
         model = load_model(str(folder), dtype, trust_remote_code)

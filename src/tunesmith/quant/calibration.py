@@ -12,7 +12,8 @@ def _names(paths) -> str:
 
 
 def texts_of(paths) -> list[str]:
-    from tunesmith.data.formats import Chat, Document, normalize_all
+    from tunesmith.data.chat import Chat, Document
+    from tunesmith.data.formats import normalize_all
     from tunesmith.data.sources import read_many
 
     fmt, items = normalize_all(read_many(paths))
@@ -26,8 +27,7 @@ def calibration_windows(paths, tokenizer, samples: int, seq_len: int, minimum_to
     """`samples` windows of `seq_len` tokens, spread evenly over the concatenated, tokenised data (chats rendered
     with the chat template). Fewer than `minimum_tokens` in all is refused: the layer Hessians XᵀX would be
     rank-deficient and GPTQ's error feedback would be fitted to noise."""
-    from tunesmith.data.formats import Chat
-    from tunesmith.data.templates import render
+    from tunesmith.data.chat import Chat, render
 
     stream: list[int] = []
     for item in texts_of(paths):

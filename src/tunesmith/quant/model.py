@@ -16,6 +16,8 @@ from torch import nn
 from tunesmith.errors import ModelError
 from tunesmith.quant import gptq, rtn
 from tunesmith.quant.linear import Int4Linear
+from tunesmith.quant.nf4 import unsupported_layers
+from tunesmith.surgery import replace_module
 
 METHODS = ("gptq", "rtn")
 
@@ -34,7 +36,6 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every linear layer inside the decoder blocks, checked to be quantisable (the head and embeddings stay)."""
-    from tunesmith.methods.nf4 import unsupported_layers
 
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks)
@@ -57,11 +58,6 @@ def min_calibration_tokens(model: nn.Module) -> tuple[int, str]:
     """The widest input among the layers to quantise: fewer calibration tokens leave its Hessian singular."""
     name, layer = max(block_linears(model).items(), key=lambda kv: kv[1].in_features)
     return layer.in_features, f" (the input width of {name})"
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def _to_int4(layer: nn.Linear, codes, scales, zeros, group_size: int) -> Int4Linear:
@@ -133,7 +129,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int, calib: torch.
     targets = block_linears(model)
     if method == "rtn":
         for name, layer in targets.items():
-            _replace(model, name, _to_int4(layer, *rtn.quantize_weight(layer.weight, group_size), group_size))
+            replace_module(model, name, _to_int4(layer, *rtn.quantize_weight(layer.weight, group_size), group_size))
         return list(targets)
     if calib is None:
         raise ModelError("GPTQ needs calibration data (--calib)")
@@ -154,7 +150,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int, calib: torch.
         del hessians
         inputs = _run_block(block, inputs)
         for name, layer in quantized.items():
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
         if progress:
             progress(i + 1, len(blocks), time.perf_counter() - started)
     model.train(was_training)

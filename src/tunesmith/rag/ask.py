@@ -56,7 +56,7 @@ def grounded_messages(question: str, sources: list[Hit], system: str | None = No
 
 
 def prompt_length(tokenizer, messages: list[dict]) -> int:
-    from tunesmith.data.templates import ensure_chat_template, render
+    from tunesmith.data.chat import ensure_chat_template, render
 
     ensure_chat_template(tokenizer)
     return count_tokens(tokenizer, render(tokenizer, messages, add_generation_prompt=True))

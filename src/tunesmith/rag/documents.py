@@ -87,7 +87,8 @@ def _decode(path: Path, data: bytes) -> str | Skipped:
 
 
 def _jsonl_passages(path: Path) -> list[Passage]:
-    from tunesmith.data.formats import Chat, normalize_all
+    from tunesmith.data.chat import Chat
+    from tunesmith.data.formats import normalize_all
     from tunesmith.data.sources import read_records
 
     _, items = normalize_all(read_records(path))

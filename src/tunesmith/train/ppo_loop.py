@@ -14,14 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
+from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig
-from tunesmith.data.preference import collate_sequences
-from tunesmith.objectives.ppo import (gae, masked_mean, policy_loss, sample, score_tokens, sequences, value_loss,
-                                      whiten)
-from tunesmith.train.checkpoint import atomic_write_text, save_checkpoint
+from tunesmith.data.pair_batches import collate_sequences
+from tunesmith.devices import autocast_for, to_device
+from tunesmith.objectives.ppo import gae, masked_mean, policy_loss, sample, score_tokens, sequences, value_loss, whiten
+from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.logging import MetricsLogger
-from tunesmith.train.loop import (ExampleStream, Run, RunResult, SimulatedCrash, autocast_for, finish_run,
-                                  make_optimizer, open_run, resume_position, sample_generations, to_device)
+from tunesmith.train.run import (ExampleStream, Run, RunResult, SimulatedCrash, finish_run, make_optimizer, open_run,
+                                 resume_position, sample_generations)
 
 
 @dataclass

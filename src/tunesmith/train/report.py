@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.train.checkpoint import atomic_write_text
+from tunesmith.atomic import atomic_write_text
 from tunesmith.train.logging import read_metrics
 
 

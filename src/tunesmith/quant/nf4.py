@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ModelError
+from tunesmith.surgery import replace_module
 
 BLOCK_SIZE = 64  # weights per absmax scale (bitsandbytes' default, as in the QLoRA paper)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -138,8 +139,6 @@ def to_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtyp
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
                    compute_dtype: str = "float32") -> list[str]:
     """Replace every quantisable linear layer by its 4-bit version; returns their names."""
-    from tunesmith.methods.base import replace_module
-
     names = quantizable_layers(model)
     for name in names:
         replace_module(model, name, to_4bit(model.get_submodule(name), quant_type, double_quant, compute_dtype))
@@ -169,8 +168,6 @@ def to_linear(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
     """Replace every 4-bit layer by a plain nn.Linear with its dequantised weight (inside LoRA wrappers too)."""
-    from tunesmith.methods.base import replace_module
-
     names = [n for n, m in model.named_modules() if is_4bit(m)]
     for name in names:
         replace_module(model, name, to_linear(model.get_submodule(name), dtype))

@@ -47,14 +47,15 @@ def cmd_quantize(args) -> int:
 
 def quantize_to_folder(model_path: str, dest, method: str, group_size: int, calib=None, samples: int = 32,
                        seq_len: int = 256, damp: float = 0.01, quiet: bool = False) -> dict:
+    """Load a full-precision model, quantise its decoder linears to int4 (RTN, or GPTQ on calibration windows of
+    `calib`), and save an int4 folder at `dest` atomically; progress goes to stderr unless `quiet`."""
     import time
 
-    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.errors import ModelError
+    from tunesmith.models import load_model, load_tokenizer, resolve_model_path
     from tunesmith.quant.calibration import calibration_windows
     from tunesmith.quant.folder import read_marker, save_quantized
     from tunesmith.quant.model import min_calibration_tokens, quantize_model
-    from tunesmith.errors import ModelError
-    from tunesmith.models import resolve_model_path
 
     def say(msg: str) -> None:
         if not quiet:

@@ -8,9 +8,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
+from tunesmith.config.objectives import OBJECTIVE_SECTIONS, DpoSettings, PpoSettings, RewardSettings
 from tunesmith.errors import ConfigError
-from tunesmith.methods.settings import ALL_LINEAR, METHOD_NAMES, LoraSettings, MethodSettings  # noqa: F401
-from tunesmith.objectives.settings import OBJECTIVE_SECTIONS, DpoSettings, PpoSettings, RewardSettings
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -201,7 +201,6 @@ def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:
     section = tree.get("method")
     if new_name is None or not isinstance(section, dict) or section.get("name", "lora") == new_name:
         return
-    from tunesmith.methods.settings import settings_class
 
     known = settings_class(new_name)
     if known is None:

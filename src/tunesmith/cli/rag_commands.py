@@ -1,4 +1,4 @@
-"""Handlers of `tunesmith rag index | ask | eval` (parsers: tunesmith.cli_rag)."""
+"""Handlers of `tunesmith rag index | ask | eval` (their parsers: cli/rag.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.infer.embedding import DEFAULT_EMBEDDER, load_embedder, resolve_embedder
 from tunesmith.rag.chunking import DEFAULT_CHUNK_TOKENS, DEFAULT_OVERLAP_TOKENS
-from tunesmith.rag.embedding import DEFAULT_EMBEDDER, load_embedder, resolve_embedder
 from tunesmith.rag.index import RagIndex
 
 out = Console()
@@ -34,7 +34,7 @@ def _open_index(folder: str):
 
 
 def cmd_index(args) -> int:
-    from tunesmith.cli_rag import progress_bar
+    from tunesmith.cli.output import progress_bar
     from tunesmith.rag.documents import collect
 
     started = time.perf_counter()
@@ -147,7 +147,7 @@ def _retrieval_table(retrieval, questions, args) -> Table:
 
 
 def cmd_eval(args) -> int:
-    from tunesmith.cli_rag import progress_bar, write_jsonl
+    from tunesmith.cli.output import progress_bar, write_jsonl
     from tunesmith.rag.evaluate import check_gold_sources, load_questions, score_answers, score_retrieval, spread
 
     if args.limit is not None and args.limit < 1:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from tunesmith import segment_attention
 from tunesmith.errors import ConfigError
-from tunesmith.train import fused_norm, onednn_linear
-from tunesmith.train.allocator import keep_freed_memory
+from tunesmith.kernels import fused_norm, onednn_linear, segment_attention
+from tunesmith.kernels.allocator import keep_freed_memory
 
 
 def apply_speed_options(model, train_settings) -> None:
-    """Freed memory kept for the next step (train/allocator.py), segment attention for packed batches (where the
+    """Freed memory kept for the next step (kernels/allocator.py), segment attention for packed batches (where the
     model allows it), fused RMSNorm, linear products through oneDNN on CPU, chunked cross-entropy (read by
     objectives/lm.py), activation checkpointing, per-layer torch.compile."""
     keep_freed_memory()

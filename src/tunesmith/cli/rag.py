@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 
 DEFAULT_QUESTIONS = "data/pydoc_kb/questions.jsonl"
 
@@ -96,7 +96,7 @@ def _retrieval_args(p: argparse.ArgumentParser, top_k: int) -> None:
 
 
 def cmd_rag(args) -> int:
-    from tunesmith.rag import commands
+    from tunesmith.cli import rag_commands as commands
 
     return {"index": commands.cmd_index, "ask": commands.cmd_ask, "eval": commands.cmd_eval}[args.rag_command](args)
 
@@ -105,6 +105,7 @@ def cmd_icl(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tunesmith.cli.output import progress_bar, write_jsonl
     from tunesmith.data.formats import normalize_all
     from tunesmith.data.sources import read_many, read_records
     from tunesmith.eval.fewshot import sweep
@@ -140,33 +141,3 @@ def cmd_icl(args) -> int:
     if args.out:
         write_jsonl(args.out, [p for r in results for p in r.predictions])
     return 0
-
-
-def progress_bar(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Atomically: a temp file beside `path`, fsync, rename."""
-    import json
-    import os
-    import tempfile
-    from pathlib import Path
-
-    dest = Path(path)
-    if dest.is_dir():
-        raise DataError(f"--out {path}: is a folder; expected a file name")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        os.unlink(tmp)
-        raise

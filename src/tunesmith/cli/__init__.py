@@ -1,0 +1,47 @@
+"""`tunesmith` command line. Each command group is a module of this package whose register(subparsers) adds its
+sub-commands and returns {command: handler(args) -> exit code}. Errors print one paragraph; --debug shows
+tracebacks. Handlers import the heavy libraries, so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tunesmith.cli.output import EPILOG
+from tunesmith.errors import TunesmithError
+
+GROUPS = ("train", "inference", "merge", "align", "rag", "quant")
+
+
+def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; `commands` (if given) is filled with each command's handler."""
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a causal LM into a specialist.",
+                                     epilog=EPILOG)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    handlers = {}
+    for group in GROUPS:
+        handlers.update(importlib.import_module(f"tunesmith.cli.{group}").register(sub))
+    if commands is not None:
+        commands.update(handlers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    commands: dict = {}
+    args = build_parser(commands).parse_args(argv)
+    try:
+        return commands[args.command](args)
+    except TunesmithError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint (if any) can be continued with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

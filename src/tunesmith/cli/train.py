@@ -1,0 +1,52 @@
+"""`tunesmith train CONFIG`: one run of a method with an objective on the config's data."""
+
+from __future__ import annotations
+
+from tunesmith.cli.output import EPILOG
+
+
+def register(sub) -> dict:
+    t = sub.add_parser("train", help="train from a YAML config", epilog=EPILOG,
+                       description="Train a method (LoRA, ...) with an objective (sft, text) on data described in a YAML config.")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    t.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")
+    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    return {"train": cmd_train}
+
+
+def cmd_train(args) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    print_summary(result)
+    return 0
+
+
+def print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    s = result.summary
+    if s.get("before_after"):
+        table = Table(title="held-out metrics")
+        for col in ("metric", "before", "after", "change"):
+            table.add_column(col)
+        for name, (b, a) in s["before_after"].items():
+            change = f"{(a - b) / abs(b) * 100:+.1f} %" if b else f"{a - b:+.4f}"
+            table.add_row(name, f"{b:.4f}", f"{a:.4f}", change)
+        console.print(table)
+    for title, key in (("held-out prompts", "heldout_samples"), ("trained prompts", "trained_samples")):
+        if s.get(key):
+            table = Table(title=title, show_lines=True)
+            for col in ("prompt", "reference", "before", "after"):
+                table.add_column(col, overflow="fold")
+            for row in s[key]:
+                table.add_row(row["prompt"], row["reference"], row["before"], row["after"])
+            console.print(table)
+    console.print(f"run written to [bold]{result.run_dir}[/bold]: adapter/, report.md, metrics.jsonl, loss.png, tensorboard/")

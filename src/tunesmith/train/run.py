@@ -1,0 +1,299 @@
+"""What every outer loop (the supervised one in loop.py, PPO's in ppo_loop.py) sets up and finishes the same way:
+the run folder, seeding, data, model, method and objective, optimizer and schedule, resume, held-out evaluation, the
+baseline before training, and the saved artifact with its report."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from tunesmith.atomic import atomic_write_text
+from tunesmith.config import RunConfig, dump_config
+from tunesmith.data.pipeline import Datasets, prompt_and_answer
+from tunesmith.devices import autocast_for, pick_device, to_device
+from tunesmith.errors import OutputDirError
+from tunesmith.kernels.apply import apply_speed_options
+from tunesmith.methods import get_method
+from tunesmith.methods.base import count_parameters
+from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
+from tunesmith.train.report import plot_losses, write_report
+
+
+class SimulatedCrash(BaseException):
+    """Raised by tests to stop a run abruptly after a given step (after that step's checkpoint, if any)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    eval_before: float | None = None
+    eval_after: float | None = None
+    trainable: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+    eval_metrics_before: dict | None = None  # the objective's held-out metrics, loss included
+    eval_metrics_after: dict | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix two runs in one folder; nothing is written here."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        if resume:
+            raise OutputDirError(f"output_dir {run_dir}: nothing to resume (no checkpoints there)")
+        return
+    if resume:
+        if not list_checkpoints(run_dir):
+            raise OutputDirError(f"output_dir {run_dir}: --resume given but it holds no checkpoint")
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"output_dir {run_dir} already holds a run (or other files). Pass --overwrite to replace it, "
+            "--resume to continue it from its last checkpoint, or choose another output_dir."
+        )
+
+
+class ExampleStream:
+    """An endless, seeded stream of example indices, one fresh permutation per epoch; its position is resumable."""
+
+    def __init__(self, n: int, seed: int, position: int = 0):
+        self.n, self.seed, self.position = n, seed, position
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            epoch, offset = divmod(self.position, self.n)
+            order = self._order(epoch)
+            grab = order[offset : offset + k - len(out)]
+            out.extend(grab)
+            self.position += len(grab)
+        return out
+
+
+def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+
+@torch.no_grad()
+def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int) -> dict | None:
+    """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count, sums = 0.0, 0, {}
+    bs = cfg.train.batch_size
+    for i in range(0, len(examples), bs):
+        batch = to_device(objective.collate(examples[i : i + bs], cfg, pad_id), device)
+        with autocast_for(cfg, device):
+            loss, n, metrics = objective.loss_sum(model, batch)
+        total += float(loss)
+        count += n
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+    if was_training:
+        model.train()
+    return {"loss": total / max(count, 1), **{k: v / max(count, 1) for k, v in sums.items()}}
+
+
+def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: int) -> list[dict]:
+    from tunesmith.infer.generate import generate_chat
+
+    out = []
+    for item in items[:n]:
+        split = prompt_and_answer(item)
+        if split is None:
+            break
+        prompt, reference = split
+        out.append({"prompt": prompt[-1]["content"], "reference": reference,
+                    "output": generate_chat(model, tokenizer, prompt, max_new_tokens)})
+    return out
+
+
+@dataclass
+class Run:
+    """What every outer loop (this one, PPO's) sets up the same way."""
+    cfg: RunConfig
+    console: Console
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    data: object
+    model: torch.nn.Module
+    method: object
+    objective: object
+    pad_id: int
+    trainable: int
+    total: int
+    config_yaml: str
+
+
+def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
+    """Refuse a clash in output_dir, seed, load data and model, apply the method, prepare the objective, write
+    config.yaml."""
+    from tunesmith.models import load_model, load_tokenizer
+
+    console = Console(stderr=True, quiet=quiet)
+    run_dir = Path(cfg.output_dir)
+    prepare_run_dir(run_dir, overwrite, resume)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    data: Datasets = objective.build_datasets(cfg, tokenizer)
+    console.print(f"[bold]data[/bold] train: {data.train_report.summary()}")
+    if data.eval_report:
+        console.print(f"[bold]data[/bold] eval: {data.eval_report.summary()}")
+    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    method = get_method(cfg.method.name)
+    method.apply(model, cfg.method)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    apply_speed_options(model, cfg.train)  # before prepare: a cached reference must be computed as the policy is
+    note = objective.prepare(model, method, cfg, data, device, pad_id)
+    trainable, total = count_parameters(model)
+    console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
+                  f"({100 * trainable / total:.3f} %)")
+    if note:
+        console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
+
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = dump_config(cfg)
+    atomic_write_text(run_dir / "config.yaml", config_yaml)
+    return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
+               config_yaml)
+
+
+def make_optimizer(run: Run, total_steps: int):
+    cfg = run.cfg
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    # the fused kernel: one pass per tensor instead of one per operation (5x faster than foreach on 58 M CPU params)
+    fused = run.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=True if fused else None, foreach=None if fused else run.device.type != "mps")
+    scheduler = make_scheduler(optimizer, cfg.train.schedule, cfg.train.warmup_steps, total_steps)
+    return params, optimizer, scheduler
+
+
+def resume_position(run: Run, resume: bool, optimizer, scheduler) -> tuple[int, int]:
+    """(step, data position) of the last checkpoint when resuming, else (0, 0)."""
+    if not resume:
+        return 0, 0
+    last = list_checkpoints(run.run_dir)[-1]
+    meta = load_checkpoint(last, run.model, optimizer, scheduler)
+    run.console.print(f"[bold]resume[/bold] from {last.name} (step {meta['step']})")
+    return meta["step"], meta["data_position"]
+
+
+def eval_row(metrics: dict) -> dict:
+    return {f"eval/{key}": value for key, value in metrics.items()}
+
+
+def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, baseline: dict, after: dict | None,
+               extra_facts: dict | None = None) -> RunResult:
+    """Save the trained artifact, then summary, plot, report.md and summary.json."""
+    cfg, model, method = run.cfg, run.model, run.method
+    run.objective.save(model, method, cfg, run.run_dir / getattr(method, "OUTPUT_NAME", "adapter"))
+    after_loss = after.get("loss") if after else None
+    result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
+    result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
+    result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective)
+    result.summary["facts"].update(extra_facts or {})
+    plot_losses(run.run_dir)
+    write_report(run.run_dir, result.summary, run.config_yaml)
+    atomic_write_text(run.run_dir / "summary.json", json.dumps({
+        "method": cfg.method.name, "objective": cfg.objective, "steps": total_steps, "trainable": run.trainable,
+        "total": run.total, "eval_before": result.eval_before, "eval_after": after_loss, "train_seconds": seconds,
+        "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(seconds, 1e-9)}, indent=1))
+    return result
+
+
+def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id) -> dict:
+    """Held-out metrics and sample generations of the untouched model, kept in the run so a resumed run reports them."""
+    path = run_dir / "baseline.json"
+    if resume and path.is_file():
+        baseline = json.loads(path.read_text())
+    else:
+        baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
+        if cfg.report.compare:
+            metrics = evaluate(model, objective, data.eval, cfg, device, pad_id)
+            baseline["eval_loss"] = metrics["loss"] if metrics else None
+            if metrics and set(metrics) - {"loss"}:
+                baseline["eval_metrics"] = metrics
+            baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
+                                                             cfg.report.heldout_samples, cfg.report.max_new_tokens)
+            baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
+                                                             cfg.report.trained_samples, cfg.report.max_new_tokens)
+        atomic_write_text(path, json.dumps(baseline, indent=1))
+    if "eval_metrics" not in baseline:
+        baseline["eval_metrics"] = None if baseline["eval_loss"] is None else {"loss": baseline["eval_loss"]}
+    return baseline
+
+
+def _memory_line(model, trainable: int) -> str:
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    grads_and_state = trainable * 4 * 3  # fp32 gradient + AdamW's two moments per trainable parameter
+    return (f"weights {weights / 2**20:,.0f} MiB; gradients + AdamW state for {trainable:,} trainable parameters "
+            f"{grads_and_state / 2**20:,.0f} MiB")
+
+
+def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict, objective) -> dict:
+    facts = {
+        "model": cfg.model.path,
+        "method": f"{cfg.method.name} ({result.trainable:,} trainable of {result.total:,} = "
+                  f"{100 * result.trainable / result.total:.3f} %)",
+        "objective": cfg.objective,
+        "data": f"{data.format}; train {data.train_report.summary()}"
+                + (f"; eval {len(data.eval)} examples" if data.eval else ""),
+        "memory": _memory_line(model, result.trainable),
+        "steps": f"{result.steps} × batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum}",
+        "training time": f"{result.seconds:.1f} s ({tokens_seen / max(result.seconds, 1e-9):.0f} tokens/s)",
+    }
+    summary = {"facts": facts, "before_after": {}}
+    before, after = result.eval_metrics_before, result.eval_metrics_after
+    if before is not None and after is not None:
+        for name, (b, a) in objective.compare(before, after).items():
+            if b:
+                summary["before_after"][name] = (b, a)
+            else:  # a change relative to zero has no percentage; such a metric goes with the facts
+                facts[name] = f"{b:.4f} before, {a:.4f} after"
+    for key, items in (("heldout_samples", data.eval_items), ("trained_samples", data.train_items)):
+        before = baseline[key]
+        after = sample_generations(model, tokenizer, items, len(before), cfg.report.max_new_tokens) if before else []
+        summary[key] = [{"prompt": b["prompt"], "reference": b["reference"], "before": b["output"],
+                         "after": a["output"]} for b, a in zip(before, after)]
+    return summary
