@@ -23,6 +23,7 @@ from tunesmith.errors import OutputDirError
 from tunesmith.kernels.apply import apply_speed_options
 from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
+from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
 from tunesmith.train.report import plot_losses, write_report
 
@@ -184,6 +185,9 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     apply_speed_options(model, cfg.train)  # before prepare: a cached reference must be computed as the policy is
     note = objective.prepare(model, method, cfg, data, device, pad_id)
     trainable, total = count_parameters(model)
+    model.tunesmith_memory_plan = predicted_peak(cfg, device.type)
+    if model.tunesmith_memory_plan is not None:
+        console.print(f"[bold]plan[/bold] {plan_line(model.tunesmith_memory_plan)}")
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.3f} %)")
     if note:
@@ -280,6 +284,7 @@ def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, base
         "data": f"{data.format}; train {data.train_report.summary()}"
                 + (f"; eval {len(data.eval)} examples" if data.eval else ""),
         "memory": _memory_line(model, result.trainable),
+        "peak memory": predicted_vs_measured(getattr(model, "tunesmith_memory_plan", None), model.device),
         "steps": f"{result.steps} × batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum}",
         "training time": f"{result.seconds:.1f} s ({tokens_seen / max(result.seconds, 1e-9):.0f} tokens/s)",
     }

@@ -1,0 +1,294 @@
+"""The peak memory of a training run, from its config and the model's architecture: a sum of named parts.
+
+Peak = runtime + max(loading, training), where
+  loading   the checkpoint's weights as read (on CPU the file's pages are mapped while the model's own copy is
+            filled in) — QLoRA and bf16 runs read fp32/bf16 weights before quantising or casting them;
+  training  weights (by dtype or 4-bit format) + gradients + AdamW's moments + the activations saved for backward
+            (per token and per layer, from what the decoder, tunesmith's kernels and the method keep) + the loss's
+            buffers (the chunked loss's chunk × vocabulary logits, DPO's label positions × vocabulary log-softmax)
+            + the method's extras + one layer's backward workspace.
+On CPU the figure is peak RSS and `runtime` is the RSS of the interpreter with torch, transformers and tunesmith
+imported (measured once per machine: runtime.py); glibc keeps freed memory in the process (kernels/allocator.py),
+so the high-water mark of allocations is what RSS shows. On CUDA it is peak allocated memory: no runtime term (the
+CUDA context is outside torch's count), no file mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunesmith.config import RunConfig
+from tunesmith.plan.architectures import Architecture
+from tunesmith.plan.parameters import ParameterPlan, count, linears
+
+NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
+NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
+ADAMW_MOMENTS = 2
+SDPA_LSE_BYTES = 4      # the log-sum-exp SDPA keeps per query and head, fp32
+# Peak RSS over the activations counted below, on CPU. Measured once, on SmolLM2 at 4 × 256 tokens (bench/plan.py):
+# full fine-tuning 1.16, LoRA 1.17 (measured peak minus every other part, over the counted activations). What it
+# stands for: glibc's heap keeps freed blocks (kernels/allocator.py) that a later allocation of another size cannot
+# reuse, and the graph's small tensors (views, rotary tables, index tensors) the count leaves out. Every other row of
+# bench/plan.py validates it; nothing is fitted per row.
+CPU_ACTIVATION_RSS = 1.16
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: int
+    detail: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    tokens: int
+    parameters: ParameterPlan
+    runtime: Part
+    loading: list[Part]
+    training: list[Part]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def loading_total(self) -> int:
+        return sum(p.bytes for p in self.loading)
+
+    @property
+    def training_total(self) -> int:
+        return sum(p.bytes for p in self.training)
+
+    @property
+    def peak(self) -> int:
+        return self.runtime.bytes + max(self.loading_total, self.training_total)
+
+    @property
+    def peak_phase(self) -> str:
+        return "loading" if self.loading_total > self.training_total else "training"
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_group: int | None) -> list[Part]:
+    """The model's weights as trained: model dtype, or the base linears in 4 bits (NF4/FP4 or int4 GPTQ)."""
+    dtype_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    method = cfg.method
+    quantized = sum(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
+    added = plan.total - sum_base(arch)
+    if method.name == "qlora" or int4_group:
+        rest = sum_base(arch) - quantized
+        if int4_group:  # quant/linear.py: uint8 codes (two per byte), fp16 scale and uint8 zero per group
+            groups = quantized / int4_group
+            q_bytes, what = quantized // 2 + int(groups * 3), f"int4, group {int4_group}: ½ byte + 3 bytes per group"
+        elif method.double_quant:
+            blocks = quantized / NF4_BLOCK
+            q_bytes = quantized // 2 + int(blocks) + int(blocks / NF4_SCALE_BLOCK * 4)
+            what = f"{method.quant_type} + double-quant scales: ½ byte + 1 byte per {NF4_BLOCK} + 4 per " \
+                   f"{NF4_BLOCK * NF4_SCALE_BLOCK}"
+        else:
+            q_bytes = quantized // 2 + int(quantized / NF4_BLOCK * 4)
+            what = f"{method.quant_type}: ½ byte + fp32 scale per {NF4_BLOCK}"
+        return [Part("weights (4-bit linears)", q_bytes, f"{quantized:,} weights, {what}"),
+                Part("weights (embeddings, norms)", rest * dtype_bytes, f"{rest:,} × {dtype_bytes} B"),
+                Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)")]
+    parts = [Part("weights", sum_base(arch) * dtype_bytes, f"{sum_base(arch):,} × {dtype_bytes} B ({cfg.model.dtype}; "
+                  "on CPU an fp32 model is the checkpoint's mapped pages)")]
+    if added:
+        parts.append(Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)"))
+    return parts
+
+
+def sum_base(arch: Architecture) -> int:
+    from tunesmith.plan.parameters import base_parameters, numel
+
+    return sum(numel(s) for s in base_parameters(arch).values())
+
+
+def _trainable_bytes(cfg: RunConfig) -> int:
+    """Trained base parameters (full, freeze, bitfit) have the model's dtype; added ones are fp32."""
+    return 2 if cfg.model.dtype == "bfloat16" and cfg.method.name in ("full", "freeze", "bitfit") else 4
+
+
+def tokens_per_batch(cfg: RunConfig) -> int:
+    """Packed tokens in one micro-batch at most: batch × max_length (DPO/reward: two sequences per pair)."""
+    per_example = 2 if cfg.objective in ("dpo", "reward") else 1
+    return cfg.train.batch_size * cfg.data.max_length * per_example
+
+
+def _layers_with_grad(arch: Architecture, cfg: RunConfig) -> int:
+    """Blocks that keep activations for backward: all, except below the lowest trained block of `freeze`."""
+    method = cfg.method
+    if method.name == "freeze" and method.last_layers and not method.patterns:
+        return method.last_layers
+    return arch.num_layers
+
+
+def _saved_per_token_layer(arch: Architecture, cfg: RunConfig) -> tuple[int, str]:
+    """Bytes one token keeps for backward in one decoder block, and how they add up."""
+    h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
+    bf16 = cfg.train.bf16
+    low = 2 if bf16 else 4  # what autocast computes the linears in
+    method = cfg.method
+    name = method.name
+    weights_train = name in ("full", "freeze")
+    low_rank = name in ("lora", "dora", "qlora")
+    dropout = low_rank and method.dropout > 0
+    # tensors every block keeps when gradient flows through it (whatever trains): the two RMSNorm inputs (the fp32
+    # residual stream), q/k/v after rotary (segment attention upcasts them to fp32 on CPU) and SDPA's output and
+    # log-sum-exp, SiLU's input, its output and up_proj's output (the gated product keeps both)
+    terms = {"norm inputs 2h": 2 * h * 4, "q, k, v": (q + 2 * kv) * 4, "attention out": q * 4 + arch.num_heads *
+             SDPA_LSE_BYTES, "gate, silu, up 3i": 3 * i * low}
+    needs_input = weights_train or (low_rank and not dropout)
+    if needs_input or bf16:  # a trained or adapted linear keeps its input; autocast's bf16 copy is kept either way
+        terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
+    if dropout:  # each adapted linear keeps its own dropped input, and CPU dropout its scaled noise (same dtype)
+        d_sum = 5 * h + q + i
+        terms["dropped inputs + noise"] = d_sum * 2 * low
+        terms["o_in, down_in"] = (q + i) * low
+    if low_rank:
+        terms["low-rank A·x, 7 targets"] = 7 * method.r * low
+    if name == "dora":
+        terms["DoRA W0·x and B·A·x per target"] = 2 * (q + 2 * kv + h + 2 * i + h) * low
+    if name == "ia3":
+        terms["IA3 rescaled outputs/inputs"] = (2 * kv + i) * low
+    if name == "adapter":
+        width = max(1, h // method.reduction_factor)
+        terms["adapter inputs and bottleneck"] = 2 * (h + 2 * width) * low
+    if cfg.train.activation_checkpointing:
+        return h * 4, "block input only (checkpointing): h × 4 B"
+    detail = " + ".join(f"{k} {v:,}" for k, v in terms.items())
+    return sum(terms.values()), detail
+
+
+def _virtual_tokens(cfg: RunConfig) -> int:
+    return getattr(cfg.method, "num_virtual_tokens", 0) if cfg.method.name == "prompt" else 0
+
+
+def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
+    parts = []
+    nbytes = _trainable_bytes(cfg)
+    t = plan.trainable
+    parts.append(Part("gradients", t * nbytes, f"{t:,} trainable × {nbytes} B"))
+    parts.append(Part("AdamW moments", ADAMW_MOMENTS * t * nbytes,
+                      f"2 × {t:,} × {nbytes} B (fused AdamW: exp_avg, exp_avg_sq in the parameter's dtype)"))
+    if cfg.train.bf16 and cfg.model.dtype == "float32" and cfg.method.name in ("full", "freeze"):
+        cached = sum(lin.in_features * lin.out_features for lin in linears(arch))
+        parts.append(Part("autocast weight cache", cached * 2, "bf16 copies of trained linear weights, per step"))
+    tokens = tokens_per_batch(cfg)
+    rows = cfg.train.batch_size * (2 if cfg.objective in ("dpo", "reward") else 1)
+    seq_tokens = tokens + rows * _virtual_tokens(cfg)
+    per, detail = _saved_per_token_layer(arch, cfg)
+    layers = _layers_with_grad(arch, cfg)
+    factor = CPU_ACTIVATION_RSS if device == "cpu" else 1.0
+    parts.append(Part("activations", int(seq_tokens * layers * per * factor),
+                      f"{seq_tokens:,} tokens × {layers} layers × {per:,} B"
+                      + (f" × {CPU_ACTIVATION_RSS} (CPU heap)" if device == "cpu" else "") + f" ({detail})"))
+    h, i, vocab = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    if cfg.train.activation_checkpointing:
+        full, _ = _saved_per_token_layer(arch, cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"activation_checkpointing": False})}))
+        parts.append(Part("one block recomputed", seq_tokens * full, "checkpointing: one block's activations"))
+    parts.append(Part("backward workspace", seq_tokens * (3 * i + 3 * h) * 4,
+                      "one block's gradients in flight: 3 × intermediate + 3 × hidden per token, fp32"))
+    parts.append(Part("embeddings out, final norm", seq_tokens * 3 * h * 4, "3 × hidden per token, fp32"))
+    parts += _loss_parts(arch, cfg, tokens, device)
+    parts += _method_extras(arch, cfg, plan, rows)
+    return parts
+
+
+def _loss_parts(arch: Architecture, cfg: RunConfig, tokens: int, device: str) -> list[Part]:
+    vocab, h = arch.vocab_size, arch.hidden_size
+    head_trains = cfg.method.name == "full" or (cfg.method.name == "freeze" and "lm_head" in " ".join(
+        cfg.method.patterns))
+    if cfg.objective in ("dpo", "reward", "ppo"):
+        if cfg.objective == "reward":
+            return [Part("reward head", tokens * h * 4, "hidden states at each sequence's last token")]
+        # sequence_logps: fp32 logits at the label positions, the log-softmax cross_entropy keeps, and the
+        # reference's (no grad) or the backward's pair of the same size alive at once
+        return [Part("log-probs over the vocabulary", 3 * tokens * vocab * 4,
+                     f"3 × {tokens:,} label positions × {vocab:,} × 4 B (logits, log-softmax, reference/gradient)")]
+    chunk = cfg.train.loss_chunk
+    if chunk is None:
+        return [Part("logits", 3 * tokens * vocab * 4, f"3 × {tokens:,} × {vocab:,} × 4 B (logits, softmax, grad)")]
+    chunk = min(chunk, tokens)
+    n = 2 if (cfg.train.bf16 or device != "cpu" or not cfg.train.onednn_linear) else 1
+    parts = [Part("chunked loss buffers", n * chunk * vocab * 4 + tokens * h * 4,
+                  f"{n} × {chunk} rows × {vocab:,} × 4 B, and the hidden-state gradient {tokens:,} × {h} × 4 B")]
+    if head_trains:
+        parts.append(Part("head gradient (in the forward)", vocab * h * 4, f"{vocab:,} × {h} × 4 B"))
+    return parts
+
+
+def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows: int) -> list[Part]:
+    name = cfg.method.name
+    out = []
+    if name in ("prefix", "ptuning-v2"):
+        n = cfg.method.num_virtual_tokens
+        width = arch.num_layers * 2 * arch.kv_dim
+        out.append(Part("prefix keys/values", 2 * rows * n * width * 4,
+                        f"{rows} rows × {n} × {width:,} × 4 B, expanded per row (and its gradient)"))
+        out.append(Part("padded batch attention", rows * arch.num_layers * cfg.data.max_length * (n + cfg.data.max_length)
+                        // 8, "bool masks per row"))
+    if name == "dora":
+        biggest = max(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
+        out.append(Part("DoRA weight norm", biggest * 4, "||W0 + s·B·A|| forms one full weight in fp32 at a time"))
+    if cfg.objective == "ppo":
+        ppo = cfg.ppo
+        out.append(Part("PPO rollouts", ppo.minibatch_size * (cfg.data.max_length + ppo.max_new_tokens) * 4 * 6,
+                        "tokens, log-probs, reference log-probs, values, advantages, returns per rollout token"))
+    if cfg.objective in ("dpo", "ppo") and name in ("full", "freeze", "bitfit") and cfg.objective == "ppo":
+        out.append(Part("reference snapshot", plan.trainable * _trainable_bytes(cfg), "PPO keeps the initial "
+                        "trained parameters for its reference forwards"))
+    return out
+
+
+def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
+    """The model is read on CPU and moved to the device after the method is applied (train/run.py), so on CUDA
+    loading never peaks above training. On CPU the fp32 safetensors file is mapped (its pages count in RSS once
+    touched); a bf16 model is a copy beside it, and QLoRA reads every page while quantising."""
+    if device != "cpu":
+        return []
+    base = sum_base(arch)
+    parts = [Part("checkpoint pages", base * 4, f"{base:,} × 4 B, the fp32 file mapped while read")]
+    if cfg.model.dtype == "bfloat16":
+        parts.append(Part("bf16 copy", base * 2, f"{base:,} × 2 B"))
+    return parts
+
+
+def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = None,
+            runtime_bytes: int | None = None) -> MemoryPlan:
+    """The peak memory of training `cfg` on `device` ('cpu': peak RSS; 'cuda': peak allocated)."""
+    from tunesmith.plan.architectures import resolve
+    from tunesmith.plan.runtime import runtime_overhead
+
+    arch = arch or resolve(cfg.model.path)
+    plan = count(arch, cfg.method, cfg.objective, cfg.model.dtype)
+    int4_group = _int4_group(cfg.model.path)
+    if runtime_bytes is None:
+        runtime_bytes = runtime_overhead() if device == "cpu" else 0
+    runtime = Part("runtime", runtime_bytes, "python + torch + transformers + tunesmith, measured once (runtime.py)"
+                   if device == "cpu" else "the CUDA context is outside torch's allocated count")
+    training = _weight_parts(arch, cfg, plan, int4_group) + _training_parts(arch, cfg, plan, device)
+    memory = MemoryPlan(device, tokens_per_batch(cfg), plan, runtime, _loading_parts(arch, cfg, plan, device),
+                        training)
+    if cfg.model.dtype == "bfloat16" and cfg.method.name in ("full", "freeze", "bitfit"):
+        memory.notes.append("bf16 master weights: gradients and AdamW moments are bf16 too (8 bytes per trained "
+                            "parameter instead of 16), at the cost of updates below bf16's resolution being lost")
+    return memory
+
+
+def _int4_group(path: str) -> int | None:
+    from pathlib import Path
+
+    marker = Path(path).expanduser() / "tunesmith_quant.json"
+    if not marker.is_file():
+        return None
+    import json
+
+    return int(json.loads(marker.read_text()).get("group_size", 128))

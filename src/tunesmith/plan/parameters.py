@@ -1,0 +1,277 @@
+"""Parameter counts of every method, from the architecture alone (no weights, no torch): the trainable count, the
+model's total as training reports it (added parameters included, tied embeddings once), one row per kind of added
+or trained tensor with its formula, and the tensors the adapter file holds (for its size).
+
+Module and parameter names follow transformers' Llama layout, and targets are matched by the rule
+methods/base.py's match_modules applies (a list: names equal to or ending in '.<entry>'; a string: a full-name
+regex), so a count here equals the one `tunesmith train` prints (tests/test_plan.py applies each method to a tiny
+model and compares).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from tunesmith.config.methods import MethodSettings
+from tunesmith.errors import ConfigError
+from tunesmith.plan.architectures import Architecture
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+BLOCKS = "model.layers"
+ADAPTER_PLACEMENTS = {"attention": ["o_proj"], "mlp": ["down_proj"], "both": ["o_proj", "down_proj"]}
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def suffix(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def linears(arch: Architecture) -> list[Linear]:
+    """Every nn.Linear of the model, in named_modules order (the LM head last)."""
+    h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
+    qkv_bias = arch.attention_bias or arch.qkv_bias
+    out = []
+    for n in range(arch.num_layers):
+        att, mlp = f"{BLOCKS}.{n}.self_attn", f"{BLOCKS}.{n}.mlp"
+        out += [Linear(f"{att}.q_proj", h, q, qkv_bias), Linear(f"{att}.k_proj", h, kv, qkv_bias),
+                Linear(f"{att}.v_proj", h, kv, qkv_bias), Linear(f"{att}.o_proj", q, h, arch.attention_bias),
+                Linear(f"{mlp}.gate_proj", h, i, arch.mlp_bias), Linear(f"{mlp}.up_proj", h, i, arch.mlp_bias),
+                Linear(f"{mlp}.down_proj", i, h, arch.mlp_bias)]
+    out.append(Linear("lm_head", h, arch.vocab_size, False))
+    return out
+
+
+def base_parameters(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """name → shape of every parameter as model.named_parameters() lists them (a tied head once, as the embedding)."""
+    params: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, arch.hidden_size)}
+    layers = [lin for lin in linears(arch) if lin.name != "lm_head"]
+    for n in range(arch.num_layers):
+        block = f"{BLOCKS}.{n}."
+        for lin in layers[7 * n: 7 * n + 7]:
+            params[f"{lin.name}.weight"] = (lin.out_features, lin.in_features)
+            if lin.bias:
+                params[f"{lin.name}.bias"] = (lin.out_features,)
+            if arch.qk_norm and lin.suffix == "o_proj":
+                params[f"{block}self_attn.q_norm.weight"] = (arch.head_dim,)
+                params[f"{block}self_attn.k_norm.weight"] = (arch.head_dim,)
+        params[f"{block}input_layernorm.weight"] = (arch.hidden_size,)
+        params[f"{block}post_attention_layernorm.weight"] = (arch.hidden_size,)
+    params["model.norm.weight"] = (arch.hidden_size,)
+    if not arch.tied_embeddings:
+        params["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
+    return params
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def matched_linears(arch: Architecture, targets: list[str] | str, field_name: str = "method.target_modules"):
+    hits = [lin for lin in linears(arch) if matches(lin.name, targets)]
+    if not hits:
+        suffixes = sorted({lin.suffix for lin in linears(arch)})
+        raise ConfigError(f"{field_name}: {targets!r} matches no layer of this model; its linear layers are named: "
+                          + ", ".join(suffixes))
+    return hits
+
+
+@dataclass
+class Part:
+    """One kind of trained tensor: `count` of them with `each` parameters, by `formula`."""
+    what: str
+    formula: str
+    each: int
+    count: int
+
+    @property
+    def total(self) -> int:
+        return self.each * self.count
+
+
+@dataclass
+class ParameterPlan:
+    method: str
+    trainable: int
+    total: int
+    parts: list[Part]
+    saved: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # adapter file: name → (shape, dtype)
+    note: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    @property
+    def saved_bytes(self) -> int:
+        """The size of adapter_model.safetensors (or, for full, of the model's weights)."""
+        return safetensors_size(self.saved)
+
+
+def safetensors_size(tensors: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    """Bytes of the safetensors file holding these tensors with metadata {"format": "pt"}: 8 bytes of header length,
+    the JSON header padded with spaces to a multiple of 8, then the data (laid out by descending alignment, then
+    name, as the safetensors writer does)."""
+    itemsize = {"F32": 4, "BF16": 2}
+    order = sorted(tensors, key=lambda k: (-itemsize[tensors[k][1]], k))
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        shape, dtype = tensors[name]
+        size = numel(shape) * itemsize[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + text + (-text % 8) + offset
+
+
+def _grouped(rows: list[tuple[str, str, int]]) -> list[Part]:
+    """Rows (what, formula, each) of equal `what` and `each` folded into one Part with a count."""
+    parts: dict[tuple[str, str, int], Part] = {}
+    for what, formula, each in rows:
+        key = (what, formula, each)
+        if key in parts:
+            parts[key].count += 1
+        else:
+            parts[key] = Part(what, formula, each, 1)
+    return list(parts.values())
+
+
+def _lora(arch, s, dora: bool) -> tuple[list, dict]:
+    rows, saved = [], {}
+    for lin in matched_linears(arch, s.target_modules):
+        d, k = lin.in_features, lin.out_features
+        rows.append((lin.suffix, f"r·(d+k) = {s.r}·({d}+{k})", s.r * (d + k)))
+        saved[f"{PEFT_PREFIX}{lin.name}.lora_A.weight"] = ((s.r, d), "F32")
+        saved[f"{PEFT_PREFIX}{lin.name}.lora_B.weight"] = ((k, s.r), "F32")
+        if dora:
+            rows.append((f"{lin.suffix} magnitude", f"k = {k}", k))
+            saved[f"{PEFT_PREFIX}{lin.name}.lora_magnitude_vector"] = ((k,), "F32")
+    return rows, saved
+
+
+def _bitfit(arch, s, dtype) -> tuple[list, dict, int]:
+    rows, saved, added = [], {}, 0
+    for lin in matched_linears(arch, s.target_modules):
+        rows.append((f"{lin.suffix} bias", f"k = {lin.out_features}", lin.out_features))
+        saved[f"{lin.name}.bias"] = ((lin.out_features,), dtype)
+        added += 0 if lin.bias else lin.out_features
+    return rows, saved, added
+
+
+def _freeze(arch, s, params, dtype) -> tuple[list, dict]:
+    names = list(params)
+    chosen: set[str] = set()
+    if s.last_layers:
+        if s.last_layers > arch.num_layers:
+            raise ConfigError(f"method.last_layers: {s.last_layers} > the model's {arch.num_layers} blocks")
+        blocks = [f"{BLOCKS}.{n}." for n in range(arch.num_layers - s.last_layers, arch.num_layers)]
+        chosen |= {n for n in names if n.startswith(tuple(blocks))}
+    for pattern in s.patterns:
+        hits = {n for n in names if re.search(pattern, n)}
+        if not hits:
+            raise ConfigError(f"method.patterns: {pattern!r} matches no parameter; names look like: "
+                              + ", ".join(names[:6]))
+        chosen |= hits
+    rows = [(re.sub(r"\.\d+\.", ".N.", n), "×".join(map(str, params[n])), numel(params[n])) for n in sorted(chosen)]
+    return rows, {n: (params[n], dtype) for n in chosen}
+
+
+def _ia3(arch, s) -> tuple[list, dict]:
+    rows, saved = [], {}
+    for lin in matched_linears(arch, s.target_modules):
+        if matches(lin.name, s.feedforward_modules):
+            rows.append((f"{lin.suffix} (input)", f"d = {lin.in_features}", lin.in_features))
+            shape = (1, lin.in_features)
+        else:
+            rows.append((lin.suffix, f"k = {lin.out_features}", lin.out_features))
+            shape = (lin.out_features, 1)
+        saved[f"{PEFT_PREFIX}{lin.name}.ia3_l"] = (shape, "F32")
+    return rows, saved
+
+
+def _bottleneck(arch, s) -> tuple[list, dict]:
+    width = max(1, arch.hidden_size // s.reduction_factor)
+    rows, saved = [], {}
+    for lin in matched_linears(arch, ADAPTER_PLACEMENTS[s.placement], "method.placement"):
+        k = lin.out_features
+        rows.append((f"{lin.suffix} adapter", f"2·k·w + w + k = 2·{k}·{width} + {width} + {k}", 2 * k * width + width + k))
+        saved.update({f"{lin.name}.adapter_down.weight": ((width, k), "F32"),
+                      f"{lin.name}.adapter_down.bias": ((width,), "F32"),
+                      f"{lin.name}.adapter_up.weight": ((k, width), "F32"),
+                      f"{lin.name}.adapter_up.bias": ((k,), "F32")})
+    return rows, saved
+
+
+def _virtual(arch, s) -> tuple[list, dict]:
+    n, h = s.num_virtual_tokens, arch.hidden_size
+    width = arch.num_layers * 2 * arch.kv_dim
+    if s.name == "prompt":
+        return [("prompt embeddings", f"N·h = {n}·{h}", n * h)], {"prompt_embeddings": ((n, h), "F32")}
+    saved = {"prompt_embeddings": ((n, width), "F32")}
+    direct = f"N·layers·2·kv_dim = {n}·{arch.num_layers}·2·{arch.kv_dim}"
+    if s.name == "prefix" and s.projection:
+        p = s.projection_hidden
+        return [("prefix embedding", f"N·h = {n}·{h}", n * h),
+                ("projection MLP", f"h·p + p + p·W + W, W = layers·2·kv_dim = {width}", h * p + p + p * width + width)
+                ], saved
+    return [("key/value prefix", direct, n * width)], saved
+
+
+OBJECTIVE_HEADS = {"reward": ("reward head", "h", 0), "ppo": ("value head", "h + 1", 1)}
+
+
+def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32"
+          ) -> ParameterPlan:
+    """What `settings` trains on `arch` with `objective`, and what the model then holds."""
+    params = base_parameters(arch)
+    base_total = sum(numel(s) for s in params.values())
+    st_dtype = SAFETENSORS_DTYPE[dtype]
+    name, added, note = settings.name, 0, ""
+    if name == "full":
+        rows = [("every parameter", "the whole model", base_total)]
+        saved = {n: (s, st_dtype) for n, s in params.items()}
+    elif name == "freeze":
+        rows, saved = _freeze(arch, settings, params, st_dtype)
+    elif name == "bitfit":
+        rows, saved, added = _bitfit(arch, settings, st_dtype)
+    elif name in ("lora", "dora", "qlora"):
+        rows, saved = _lora(arch, settings, dora=name == "dora")
+        if name == "qlora":
+            note = ("trainable as LoRA's; training's printed total counts each 4-bit weight as half a parameter "
+                    "(two codes per stored byte)")
+    elif name == "ia3":
+        rows, saved = _ia3(arch, settings)
+    elif name == "adapter":
+        rows, saved = _bottleneck(arch, settings)
+    else:
+        rows, saved = _virtual(arch, settings)
+    if objective in OBJECTIVE_HEADS:
+        what, formula, extra = OBJECTIVE_HEADS[objective]
+        rows.append((what, f"{formula} = {arch.hidden_size + extra}", arch.hidden_size + extra))
+    parts = _grouped(rows)
+    trainable = sum(p.total for p in parts)
+    if name not in ("full", "freeze", "bitfit"):
+        added = trainable
+    elif objective in OBJECTIVE_HEADS:
+        added += arch.hidden_size + OBJECTIVE_HEADS[objective][2]
+    return ParameterPlan(name, trainable, base_total + added, parts, saved, note)

@@ -1,0 +1,173 @@
+"""tunesmith plan: parameter counts equal training's (every method), the memory breakdown adds up, the seeds' 7B
+figures come out of the same formula, and bad input names what is wrong."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.config.methods import settings_class
+from tunesmith.errors import ConfigError, ModelError
+from tunesmith.plan.architectures import PUBLISHED, from_config, resolve
+from tunesmith.plan.budget import parse_size
+from tunesmith.plan.memory import predict
+from tunesmith.plan.parameters import count
+
+os.environ.setdefault("TUNESMITH_RUNTIME_BYTES", str(300 * 2**20))
+
+METHOD_CASES = [
+    {"name": "full"}, {"name": "freeze", "last_layers": 1}, {"name": "freeze", "patterns": ["norm", "embed"]},
+    {"name": "bitfit"}, {"name": "lora", "r": 4}, {"name": "lora", "r": 2, "target_modules": r"model\.layers\.1\..*proj"},
+    {"name": "lora", "r": 3, "target_modules": ["q_proj", "lm_head"]}, {"name": "dora", "r": 4}, {"name": "ia3"},
+    {"name": "adapter"}, {"name": "adapter", "placement": "mlp", "reduction_factor": 8}, {"name": "prompt"},
+    {"name": "prefix"}, {"name": "prefix", "projection": False}, {"name": "ptuning-v2", "num_virtual_tokens": 7},
+]
+
+
+def _plan(overrides, model="llama:7b"):
+    return load_config(None, [f"model.path={model}"] + overrides, base={"data": {"train": "x"}})
+
+
+@pytest.mark.parametrize("case", METHOD_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_counts_equal_the_trained_model(case, tmp_path):
+    from tunesmith.methods import get_method
+    from tunesmith.methods.base import count_parameters
+
+    settings = settings_class(case["name"])(**case)
+    model = tiny_llama(vocab_size=256)
+    planned = count(from_config(model.config.to_dict(), "tiny"), settings)
+    method = get_method(case["name"])
+    method.apply(model, settings)
+    assert (planned.trainable, planned.total) == count_parameters(model)
+    if case["name"] != "full":
+        method.save(model, settings, tmp_path / "a", "base")
+        assert planned.saved_bytes == (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
+
+
+def test_qlora_trains_what_lora_trains():
+    pytest.importorskip("bitsandbytes")
+    from tunesmith.methods import get_method
+    from tunesmith.methods.base import count_parameters
+
+    settings = settings_class("qlora")(r=4)
+    model = tiny_llama(vocab_size=256)
+    planned = count(from_config(model.config.to_dict(), "tiny"), settings)
+    get_method("qlora").apply(model, settings)
+    assert planned.trainable == count_parameters(model)[0] == 8192
+
+
+def test_published_table_matches_the_model_cards():
+    cards = {"llama:7b": 6_738_415_616, "llama:13b": 13_015_864_320, "llama3:8b": 8_030_261_248,
+             "mistral:7b": 7_241_732_096, "qwen2:0.5b": 494_032_768, "qwen2:1.5b": 1_543_714_304,
+             "qwen2:7b": 7_615_616_512, "smollm2:135m": 134_515_008, "smollm2:360m": 361_821_120,
+             "smollm2:1.7b": 1_711_376_384}
+    assert {k: count(a, settings_class("full")()).total for k, a in PUBLISHED.items()} == cards
+    for a in PUBLISHED.values():
+        assert a.source.startswith("https://huggingface.co/")
+
+
+def test_qwen2_layout_equals_transformers_on_meta_device():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    a = PUBLISHED["qwen2:0.5b"]
+    config = Qwen2Config(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=2,
+                         num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads,
+                         vocab_size=a.vocab_size, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    arch = from_config(config.to_dict(), "qwen2-2-layers")
+    assert count(arch, settings_class("full")()).total == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_rows_are_r_times_d_plus_k():
+    plan = count(PUBLISHED["llama:7b"], settings_class("lora")(r=8, target_modules=["q_proj", "down_proj"]))
+    rows = {p.what: p for p in plan.parts}
+    assert rows["q_proj"].each == 8 * (4096 + 4096) and rows["q_proj"].count == 32
+    assert rows["down_proj"].each == 8 * (11008 + 4096)
+    assert plan.trainable == 32 * 8 * (8192 + 15104)
+
+
+def test_breakdown_adds_up():
+    memory = predict(_plan(["method.name=dora", "train.batch_size=2"]), device="cpu")
+    assert memory.peak == memory.runtime.bytes + max(sum(p.bytes for p in memory.training),
+                                                      sum(p.bytes for p in memory.loading))
+    names = [p.name for p in memory.training]
+    assert {"weights", "gradients", "AdamW moments", "activations", "DoRA weight norm"} <= set(names)
+
+
+def test_seven_b_figures_from_the_formula():
+    """The seeds: full fine-tuning of 7B ≈ 84 GB (12 bytes per parameter), LoRA ≈ 16 GB, QLoRA ≈ 6 GB."""
+    def parts(overrides):
+        memory = predict(_plan(overrides), device="cuda")
+        return memory, {p.name: p.bytes for p in memory.training}
+
+    n = PUBLISHED["llama:7b"]
+    _, full = parts(["method.name=full", "model.dtype=bfloat16"])
+    total = count(n, settings_class("full")()).total
+    # bf16 weights (2) + bf16 gradients (2) + AdamW's two moments in fp32 (2 × 4): the seed's 12 bytes per parameter
+    per_param = (full["weights"] + full["gradients"]) / total + 2 * 4
+    assert per_param == 12 and round(7e9 * per_param / 1e9) == 84
+    assert full["AdamW moments"] == 2 * 2 * total  # tunesmith keeps the moments in the parameters' dtype (bf16)
+    setting = ["model.dtype=bfloat16", "train.batch_size=1", "data.max_length=512", "train.bf16=true",
+               "train.activation_checkpointing=true"]
+    lora, _ = parts(["method.name=lora"] + setting)
+    qlora, _ = parts(["method.name=qlora"] + setting)
+    assert 14e9 < lora.peak < 17e9
+    assert 4.5e9 < qlora.peak < 6.5e9
+
+
+def test_unknown_architecture_names_the_known_ones():
+    with pytest.raises(ModelError, match="llama:7b, llama:13b"):
+        resolve("falcon:7b")
+    with pytest.raises(ModelError, match="sizes of llama: llama:7b, llama:13b"):
+        resolve("llama:70b")
+
+
+def test_bad_budget_and_impossible_plan(capsys):
+    with pytest.raises(ConfigError, match="--budget '8 apples'"):
+        parse_size("8 apples")
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("16GB") == 16 * 10**9
+    code = main(["plan", "--model", "llama:13b", "--method", "full", "--budget", "8GiB"])
+    out = capsys.readouterr().out
+    assert code == 1 and "does not fit" in out and "over by" in out
+    assert "all of the above at batch 1" in out and "still over" in out
+
+
+def test_budget_advice_lists_fitting_knobs(capsys):
+    code = main(["plan", "--model", "llama:7b", "--method", "lora", "--set", "model.dtype=bfloat16",
+                 "--set", "train.batch_size=8", "--budget", "24GiB", "--device", "cuda", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1 and not data["budget"]["fits"] and data["budget"]["over_by"] > 0
+    fitting = {o["change"].split(" ")[0] for o in data["budget"]["options"] if o["fits"]}
+    assert fitting == {"train.activation_checkpointing=true"}
+    assert "method.name=qlora" in {o["change"].split(" ")[0] for o in data["budget"]["options"]}
+    assert all(o["peak_bytes"] <= 24 * 2**30 for o in data["budget"]["options"] if o["fits"])
+
+
+def test_plan_json_from_a_config(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {path: 'qwen2:0.5b'}\nmethod: {name: lora, r: 8}\ndata: {train: x.jsonl}\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    per_layer = 8 * ((896 + 896) + 2 * (896 + 128) + (896 + 896) + 2 * (896 + 4864) + (4864 + 896))
+    assert data["parameters"]["trainable"] == 24 * per_layer == 4_399_104
+    assert data["peak_bytes"] == data["runtime"]["bytes"] + sum(p["bytes"] for p in data["training"])
+
+
+def test_train_prints_the_plan_and_reports_predicted_vs_measured(tiny_config, capsys):
+    import re
+
+    from tunesmith.config import RunConfig
+    from tunesmith.train.loop import train
+
+    tiny_config["train"]["max_steps"] = 2
+    result = train(RunConfig.model_validate(tiny_config), quiet=False)
+    assert "plan predicted peak RSS" in capsys.readouterr().err
+    report = (result.run_dir / "report.md").read_text()
+    match = re.search(r"\| peak memory \| predicted ([0-9.]+) GiB, measured ([0-9.]+) GiB \(([-+][0-9.]+) %\) \|",
+                      report)
+    assert match and float(match.group(1)) > 0 and float(match.group(2)) > 0
