@@ -11,7 +11,7 @@ import sys
 from tunesmith.cli.output import EPILOG
 from tunesmith.errors import TunesmithError
 
-GROUPS = ("train", "inference", "merge", "export", "align", "rag", "quant")
+GROUPS = ("train", "inference", "merge", "export", "serve", "align", "rag", "quant")
 
 
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
