@@ -224,3 +224,38 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_left_client_stops_gener
         assert finish == "cancelled" and tokens < 64
     finally:
         s.close()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+def test_load_48_concurrent_requests_over_3_adapters(tiny_model_dir, adapters):
+    import concurrent.futures
+
+    s = Server(["--model", str(tiny_model_dir), *[f"--adapter={n}={adapters[n]}" for n in "abc"], "--queue-size", "16",
+                "--max-tokens-cap", "16"])
+    try:
+        client = s.client()
+        expected = {n: client.completions.create(model=n, prompt="Tell me", max_tokens=6, temperature=0)
+                    .choices[0].text for n in "abc"}
+        assert len(set(expected.values())) == 3
+        before = _rss_mib()
+
+        def ask(i):
+            name = "abc"[i % 3]
+            try:
+                r = client.completions.create(model=name, prompt="Tell me", max_tokens=6, temperature=0,
+                                              stream=bool(i % 2))
+                text = r.choices[0].text if not i % 2 else "".join(c.choices[0].text for c in r)
+                return name, text
+            except openai.RateLimitError:
+                return name, 429
+        with concurrent.futures.ThreadPoolExecutor(48) as pool:
+            results = list(pool.map(ask, range(48), timeout=180))  # none hangs
+        done = [(n, t) for n, t in results if t != 429]
+        assert len(done) >= 16 and all(t == expected[n] for n, t in done)  # each adapter's own output
+        assert _rss_mib() - before < 300
+    finally:
+        s.close()
