@@ -72,15 +72,30 @@ def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", t
     return model, tokenizer
 
 
+def refuse_unmergeable(adapter: str) -> tuple[str, object]:
+    """(method name, module) of a mergeable adapter; a ModelError naming the reason otherwise."""
+    method_name, module = method_for_adapter(adapter)
+    if not module.MERGEABLE:
+        raise ModelError(f"{adapter}: method {method_name!r} cannot be merged: {module.NOT_MERGEABLE_REASON}")
+    return method_name, module
+
+
+def load_merged(adapter: str, model_path: str | None = None):
+    """(model, tokenizer): the full-precision base with the adapter folded into its weights, adapter layers gone."""
+    _, module = refuse_unmergeable(adapter)
+    model, tokenizer = load_with_adapter(model_path, adapter)
+    module.merge(model)
+    module.unload(model)
+    return model, tokenizer
+
+
 def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False,
                     into: str = "full", force: bool = False) -> Path:
     """Merge into the full-precision base and save with save_pretrained (safetensors), atomically.
     into="nf4": into the base's 4-bit weights instead (lossy; refused unless forced; the measured logit error
     is written beside the model as merge_error.json)."""
     dest = Path(out)
-    method_name, module = method_for_adapter(adapter)
-    if not module.MERGEABLE:
-        raise ModelError(f"{adapter}: method {method_name!r} cannot be merged: {module.NOT_MERGEABLE_REASON}")
+    method_name, _ = refuse_unmergeable(adapter)
     from tunesmith.models import resolve_model_path
     from tunesmith.quant.folder import refuse_merge_into_int4
 
@@ -95,9 +110,7 @@ def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overw
         return qlora.merge_into_4bit_folder(adapter, out, model_path, overwrite)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
-    model, tokenizer = load_with_adapter(model_path, adapter)
-    module.merge(model)
-    module.unload(model)
+    model, tokenizer = load_merged(adapter, model_path)
     with atomic_folder(dest) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)

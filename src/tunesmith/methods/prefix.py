@@ -23,6 +23,8 @@ from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, wri
 from tunesmith.methods.prompt import compute_dtype, disabled, with_virtual_columns  # noqa: F401  (disabled)
 
 MERGEABLE = False
+NOT_MERGEABLE_REASON = ("prefixes are learned keys and values every attention layer attends to, not changes to any "
+                        "weight, so there is nothing to fold into the base; use the adapter with --adapter instead")
 
 
 def claims(config: dict) -> bool:

@@ -20,6 +20,8 @@ from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
 
 MERGEABLE = False
+NOT_MERGEABLE_REASON = ("soft prompts are learned input embeddings placed before the text, not changes to any weight, "
+                        "so there is nothing to fold into the base; use the adapter with --adapter instead")
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 

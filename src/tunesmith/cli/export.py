@@ -1,0 +1,48 @@
+"""`tunesmith export SOURCE OUT --format hf|gguf`: an adapter merged into its base (or a plain model) shipped as an HF
+folder or one GGUF file."""
+
+from __future__ import annotations
+
+QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0")  # export/gguf.py's; repeated here so that --help imports no torch
+
+
+def register(sub) -> dict:
+    e = sub.add_parser("export", help="ship a model: an adapter merged into its base as an HF folder or a GGUF file")
+    e.add_argument("source", help="adapter folder (merged into its base) or a model (builtin:NAME, HF folder)")
+    e.add_argument("out", help="output: a folder for --format hf, a .gguf file for --format gguf")
+    e.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    e.add_argument("--quant", default="f16", metavar="TYPE",
+                   help=f"GGUF weight type: {', '.join(QUANT_TYPES)} (default f16; norms stay f32)")
+    e.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    e.add_argument("--separate-adapter", action="store_true",
+                   help="--format hf for methods that cannot be merged (prompt, prefix, bottleneck): the base as an "
+                   "HF folder with the adapter kept beside it in OUT/adapter")
+    e.add_argument("--overwrite", action="store_true")
+    return {"export": cmd_export}
+
+
+def cmd_export(args) -> int:
+    if args.format == "hf":
+        from tunesmith.export.hf import export_hf
+
+        out = export_hf(args.source, args.out, args.model, args.overwrite, args.separate_adapter)
+        print(f"HF model folder written to {out}")
+        return 0
+    from tunesmith.export.gguf import check_quant, gguf_header
+    from tunesmith.export.hf import check_mergeable
+
+    check_quant(args.quant)
+    check_mergeable(args.source)
+    from tunesmith.export.gguf import write_gguf
+    from tunesmith.infer.adapters import is_adapter_folder, load_merged
+    from tunesmith.models import load_model_and_tokenizer
+
+    if is_adapter_folder(args.source):
+        model, tokenizer = load_merged(args.source, args.model)
+    else:
+        model, tokenizer = load_model_and_tokenizer(args.source)
+    out = write_gguf(model, tokenizer, args.out, args.quant, name=str(args.source), overwrite=args.overwrite)
+    header = gguf_header(out)
+    print(f"GGUF ({args.quant}, architecture {header['general.architecture']}, {out.stat().st_size / 2**20:.1f} MiB) "
+          f"written to {out}")
+    return 0
