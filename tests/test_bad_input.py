@@ -143,3 +143,53 @@ def test_hub_id_offline_is_explained(tiny_config, tmp_path, capsys, monkeypatch)
     tiny_config["model"]["path"] = "someorg/some-model-that-is-not-cached"
     _, code = _run(tmp_path, tiny_config)
     _check(capsys, code, "could not reach the Hugging Face Hub", "local folder")
+
+
+CUSTOM_CODE = '''
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "tunesmith-test-llama"
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+'''
+
+
+def _remote_code_folder(tiny_model_dir, tmp_path) -> Path:
+    """The tiny model re-labelled as an architecture only its own custom.py defines."""
+    import shutil
+
+    folder = tmp_path / "custom-model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="tunesmith-test-llama", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(CUSTOM_CODE)
+    return folder
+
+
+def test_model_that_needs_its_own_code_is_refused_unless_trusted(tiny_config, tiny_model_dir, tmp_path, capsys):
+    folder = _remote_code_folder(tiny_model_dir, tmp_path)
+    tiny_config["model"]["path"] = str(folder)
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, f"model.path: {folder} is a 'tunesmith-test-llama' model, which only its own code defines",
+           "custom.CustomForCausalLM", "set model.trust_remote_code: true")
+    assert not Path(tiny_config["output_dir"]).exists()
+
+
+def test_trusted_remote_code_loads_the_folders_own_class(tiny_model_dir, tmp_path):
+    import torch
+
+    from tunesmith.models import load_model
+
+    folder = _remote_code_folder(tiny_model_dir, tmp_path)
+    model = load_model(str(folder), trust_remote_code=True)
+    assert type(model).__name__ == "CustomForCausalLM"
+    plain = load_model(str(tiny_model_dir))
+    ids = torch.tensor([[5, 17, 300, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=0, rtol=0)

@@ -218,3 +218,22 @@ def test_ppo_with_a_trained_reward_model(tiny_model_dir, tmp_path, tokenizer):
     cfg["ppo"] = {"reward_model": folder, "max_new_tokens": 4, "minibatch_size": 4}
     result = train(load_config(None, ["train.max_steps=1", "report.compare=false"], base=cfg), quiet=True)
     assert [r["kl"] for r in _rows(result.run_dir) if "kl" in r] == [pytest.approx(0.0, abs=1e-6)]
+
+
+def test_logged_learning_rate_is_the_last_one_each_step_applied(tiny_model_dir, tmp_path):
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    base = _ppo_config(tiny_model_dir, tmp_path)
+    base["train"].update(schedule="linear", warmup_steps=0, max_steps=2)
+    base["report"] = {"compare": False}
+    applied = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
+    try:
+        result = train(load_config(None, [], base=base), quiet=True)
+    finally:
+        handle.remove()
+    logged = [r["lr"] for r in _rows(result.run_dir) if "lr" in r]
+    per_step = len(applied) // 2  # ppo.epochs × minibatches of each rollout
+    assert per_step >= 2 and len(applied) == 2 * per_step
+    assert logged == pytest.approx([applied[per_step - 1], applied[-1]])
+    assert applied[0] == pytest.approx(1e-3) and applied[-1] == pytest.approx(1e-3 / len(applied))

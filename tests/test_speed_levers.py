@@ -13,7 +13,7 @@ from tunesmith.data.packing import collate
 from tunesmith.kernels.apply import apply_speed_options
 from tunesmith.methods import lora
 from tunesmith.objectives import lm
-from tunesmith.objectives.chunked_ce import balanced_chunk, linear_cross_entropy_sum
+from tunesmith.objectives.chunked_ce import balanced_chunk, linear_cross_entropy_sum, linear_token_logps
 from tunesmith.train.loop import train
 
 # bf16 keeps 8 mantissa bits; over a few hundred tokens the mean loss moves by well under this (measured ~1e-3).
@@ -71,6 +71,48 @@ def test_chunked_cross_entropy_equals_full_cross_entropy_and_its_gradients():
         assert abs(no_grad_loss - float(full.detach())) <= 1e-5 * float(full.detach())
 
 
+def test_chunked_token_logps_equal_log_softmax_and_its_gradients():
+    """Per-token log-probs (DPO's, PPO's) chunk by chunk: the values, the entropy and the gradients under any per-row
+    upstream gradient equal the whole log-softmax's within 1e-5."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    log_softmax = F.log_softmax(hidden @ weight.T, dim=-1)
+    full = log_softmax.gather(1, targets[:, None]).squeeze(1)
+    full_entropy = -(log_softmax.exp() * log_softmax).sum(-1).detach()
+    full_grads = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
+    for chunk in (1, 8, 37, 1000):
+        chunked, entropy = linear_token_logps(hidden, weight, targets, chunk, entropy=True)
+        torch.testing.assert_close(chunked.detach(), full.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(entropy, full_entropy, atol=1e-5, rtol=0)
+        assert not entropy.requires_grad
+        grads = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight))
+        for a, b in zip(grads, full_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        no_grad, no_entropy = linear_token_logps(hidden, weight, targets, 5)
+    torch.testing.assert_close(no_grad, full.detach(), atol=1e-5, rtol=0)
+    assert no_entropy is None
+
+
+def test_chunked_token_logps_weight_gradient_under_bf16_autocast_sums_every_chunk():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    full = F.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).sum()
+    full_grad = torch.autograd.grad(full, weight)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for chunk in (8, 37):
+            logps, _ = linear_token_logps(hidden, weight, targets, chunk)
+            assert logps.dtype == torch.float32
+            grad = torch.autograd.grad(logps.sum(), weight)[0]
+            assert grad.dtype == torch.float32
+            assert (grad - full_grad).abs().max() <= 0.05 * full_grad.abs().max()
+
+
 def test_chunks_are_balanced_and_as_few_as_the_chunk_size_allows():
     assert balanced_chunk(1193, 1024) == 597  # 597 + 596, not 1024 + 169
     assert balanced_chunk(1024, 1024) == 1024 and balanced_chunk(300, 1024) == 300
@@ -102,6 +144,65 @@ def test_chunked_loss_in_the_model_equals_the_label_only_loss(trainable_head):
     chunked_loss, chunked_grads = _loss_and_grads(model, batch, loss_chunk=5)
     assert abs(chunked_loss - plain_loss) <= 1e-5
     _assert_grads_close(chunked_grads, plain_grads, atol=1e-6)
+
+
+def _scores_and_grads(model, batch, score, **levers):
+    apply_speed_options(model, TrainSettings(**{"loss_chunk": None, **levers}))
+    head_calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    model.zero_grad(set_to_none=True)
+    try:
+        logps = score(model, batch)
+    finally:
+        hook.remove()
+    (logps * torch.linspace(-1.0, 2.0, logps.numel()).reshape(logps.shape)).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return logps.detach(), grads, len(head_calls)
+
+
+def _dpo_scores(model, batch):
+    from tunesmith.objectives.dpo import sequence_logps
+
+    return sequence_logps(model, batch)[0]
+
+
+def _ppo_scores(model, batch):
+    from tunesmith.objectives.ppo import score_tokens
+
+    return score_tokens(model, batch, width=14, values=False)["logps"]
+
+
+@pytest.mark.parametrize("score", [_dpo_scores, _ppo_scores], ids=["dpo", "ppo"])
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_dpo_and_ppo_log_probs_go_through_the_chunked_head_with_the_same_values(score, trainable_head):
+    """`train.loss_chunk` reaches DPO's and PPO's per-token log-probs: the head's forward (whole logits) never runs,
+    and the log-probs and the gradients equal the unchunked ones."""
+    from tunesmith.data.pair_batches import collate_sequences
+
+    model = _lora_model()
+    model.get_output_embeddings().weight.requires_grad_(trainable_head)
+    batch = collate_sequences(_examples([9, 14, 6, 11], prompt=3), True, 64, 2)
+    plain, plain_grads, plain_calls = _scores_and_grads(model, batch, score)
+    chunked, chunked_grads, chunked_calls = _scores_and_grads(model, batch, score, loss_chunk=5)
+    assert plain_calls == 1 and chunked_calls == 0
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    _assert_grads_close(chunked_grads, plain_grads, atol=1e-6)
+
+
+def test_ppo_rollout_entropy_through_the_chunked_head_equals_the_plain_one():
+    from tunesmith.data.pair_batches import collate_sequences
+    from tunesmith.objectives.ppo import score_tokens
+
+    model = _lora_model()
+    batch = collate_sequences(_examples([9, 14, 6, 11], prompt=3), True, 64, 2)
+    out = {}
+    for chunk in (None, 5):
+        apply_speed_options(model, TrainSettings(loss_chunk=chunk))
+        with torch.no_grad():
+            out[chunk] = score_tokens(model, batch, width=14, values=False, entropy=True)
+    torch.testing.assert_close(out[5]["logps"], out[None]["logps"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[5]["entropy"], out[None]["entropy"], atol=1e-5, rtol=0)
+    assert float(out[5]["entropy"].max()) > 1.0  # a random model's next-token distribution is far from one-hot
 
 
 def test_packed_loss_and_gradients_equal_unpacked_on_the_same_examples():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import os
 from pathlib import Path
 
@@ -107,10 +108,31 @@ def resolve_model_path(path: str) -> str:
         ) from None
 
 
+def refuse_untrusted_code(folder: str, trust_remote_code: bool) -> None:
+    """A folder whose architecture exists only in its own Python files (config.json `auto_map`, a model type
+    transformers lacks) loads only with model.trust_remote_code: true."""
+    if trust_remote_code:
+        return
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # from_pretrained reports an unreadable config itself
+    code = (config.get("auto_map") or {}).get("AutoModelForCausalLM") if isinstance(config, dict) else None
+    if not code:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"model.path: {folder} is a '{config.get('model_type')}' model, which only its own code "
+                         f"defines (config.json auto_map: AutoModelForCausalLM → {code}); loading it runs that "
+                         "Python code. Read it, and if you trust it set model.trust_remote_code: true")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(path)
+    refuse_untrusted_code(folder, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -131,6 +153,7 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
 
     if is_quantized_folder(folder):  # written by `tunesmith quantize`: int4 linear layers, frozen
         return load_quantized(folder, torch_dtype)
+    refuse_untrusted_code(folder, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True

@@ -62,10 +62,11 @@ class TrainSettings(Strict):
     seed: int = 42
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights")
     loss_chunk: int | None = Field(
-        256, gt=0, description="compute the LM head and cross-entropy over label positions this many at a time, "
-        "with the gradient formed chunk by chunk, so the (tokens × vocabulary) logits never exist whole (faster "
-        "and smaller: measured 1.24x, -0.3 GB on bench/peers.py workload 1; 256 rather than 1024 since the head "
-        "runs through oneDNN on CPU, 18 % faster there); null: all label positions at once")
+        256, gt=0, description="compute the LM head and cross-entropy (DPO's and PPO's per-token log-probs) over "
+        "label positions this many at a time, with the gradient formed chunk by chunk, so the (tokens × vocabulary) "
+        "logits never exist whole (faster and smaller: measured 1.24x, -0.3 GB on bench/peers.py workload 1; 256 "
+        "rather than 1024 since the head runs through oneDNN on CPU, 18 % faster there); null: all label positions at "
+        "once (reward, which has no LM head: null only)")
     onednn_linear: bool = Field(
         True, description="on CPU, run the products of fp32 linear layers (forward, input and weight "
         "gradients), LoRA's and the LM head's through oneDNN instead of MKL (same values up to summation order; "
@@ -84,6 +85,16 @@ class ReportSettings(Strict):
     heldout_samples: int = Field(3, ge=0)
     trained_samples: int = Field(3, ge=0)
     max_new_tokens: int = Field(64, gt=0)
+
+
+# Why `data.train_on_prompt: true` cannot apply to these objectives.
+PROMPT_NEVER_TRAINED = {
+    "reward": "scores each answer with a scalar head on its last hidden state; there is no per-token loss that "
+              "could include the prompt",
+    "dpo": "compares the chosen and the rejected answer to the same prompt: the prompt's log-probabilities would "
+           "cancel in their difference, so DPO scores answer tokens only",
+    "ppo": "trains on the answers the policy samples; the prompt is given, not generated, so it is never trained",
+}
 
 
 def _quantize_base_means_qlora(data):
@@ -133,6 +144,7 @@ class RunConfig(Strict):
         if self.objective in ("reward", "dpo", "ppo") and self.data.overlong == "split":
             raise ValueError(f"data.overlong: 'split' would cut {self.objective} examples apart; use 'drop' or "
                              "'truncate'")
+        self._refuse_settings_the_objective_cannot_use()
         for name in OBJECTIVE_SECTIONS:
             if name != self.objective and getattr(self, name) is not None:
                 raise ValueError(f"{name}: these are settings of objective '{name}', but objective is "
@@ -146,6 +158,24 @@ class RunConfig(Strict):
                 raise ValueError("train.grad_accum: PPO splits each rollout into ppo.minibatch_size pieces itself; "
                                  "leave grad_accum at 1")
         return self
+
+    def _refuse_settings_the_objective_cannot_use(self) -> None:
+        """Settings a user gave that this objective would have nothing to apply to (their defaults pass)."""
+        if self.objective == "reward":
+            if "loss_chunk" not in self.train.model_fields_set:
+                self.train.loss_chunk = None  # so config.yaml records what a reward run computes
+            elif self.train.loss_chunk is not None:
+                raise ValueError("train.loss_chunk: objective 'reward' scores each sequence with a scalar head on its "
+                                 "last hidden state and never computes the LM head's logits, so there is nothing to "
+                                 "chunk; remove it or set it to null")
+        if self.data.train_on_prompt and self.objective in PROMPT_NEVER_TRAINED:
+            raise ValueError(f"data.train_on_prompt: objective '{self.objective}' "
+                             f"{PROMPT_NEVER_TRAINED[self.objective]}; remove it or set it to false")
+        if self.objective == "ppo" and self.data.overlong == "truncate":
+            raise ValueError("data.overlong: 'truncate' has no meaning for objective 'ppo': a prompt cut short would "
+                             "lose its chat template's start or its generation prompt, so PPO keeps each prompt whole "
+                             "and drops those that leave fewer than ppo.max_new_tokens tokens within data.max_length; "
+                             "use 'drop' (the default) or raise data.max_length")
 
     @property
     def overlong(self) -> str:

@@ -53,6 +53,9 @@ def split_items(cfg: RunConfig) -> tuple[str, list, list]:
         order = list(range(len(train_items)))
         rng.shuffle(order)
         n_eval = max(1, int(round(len(order) * cfg.data.eval_fraction)))
+        if n_eval >= len(order):
+            raise DataError(f"data.eval_fraction: {cfg.data.eval_fraction} of the {len(order)} records in data.train "
+                            f"holds out {n_eval}, leaving none to train on; lower it or give a data.eval file")
         held = set(order[:n_eval])
         eval_items = [x for i, x in enumerate(train_items) if i in held]
         train_items = [x for i, x in enumerate(train_items) if i not in held]

@@ -6,6 +6,10 @@ with respect to the hidden states (and the head's weight, when it trains) chunk 
 scales those by the incoming gradient. The loss is the same sum of per-token cross-entropies; only the order of the
 floating-point summation differs.
 
+DPO and PPO need each labelled token's log-probability rather than their sum (`linear_token_logps`): there the
+gradient of a row depends on that row's incoming gradient, so the backward pass recomputes each chunk's logits from
+the saved log-sum-exp instead of forming the gradient ahead.
+
 Each chunk's logits are written into a workspace that lives as long as the caller keeps it (the model keeps one), so
 the vocabulary-wide buffers are allocated once, not once per chunk: fresh buffers that large cost the CPU a page
 fault per 4 KiB on first touch, which measured more than their matrix product.
@@ -139,3 +143,90 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
             total += _loss_and_softmax_(logits, targets[start : start + chunk])[0]
         return total
     return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk, dtype, space)
+
+
+def _logps_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """Per-row log-probability of the target, log-sum-exp, and the softmax written over `logits` in place."""
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    top = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(top).exp_()
+    norm = probs.sum(dim=-1, keepdim=True)
+    lse = (norm.log() + top).squeeze(1)
+    return target_logits - lse, lse, probs.div_(norm)
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[row, target] per row. The gradient depends on each row's incoming gradient, so
+    the backward pass recomputes each chunk's logits (from the saved log-sum-exp) instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace):
+        w = space.weight_in(weight, dtype)
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logps)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            logp, chunk_lse, _ = _logps_and_softmax_(_chunk_logits(h, w, space), targets[start : start + chunk])
+            logps[start : start + chunk], lse[start : start + chunk] = logp, chunk_lse
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.dtype, ctx.space = chunk, dtype, space
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk, dtype, space = ctx.chunk, ctx.dtype, ctx.space
+        w = space.weight_in(weight, dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_logps = grad_logps.float()
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            t, g = targets[start : start + chunk], grad_logps[start : start + chunk]
+            probs = _chunk_logits(h, w, space).sub_(lse[start : start + chunk, None]).exp_()
+            # d log p(target) / d logits = one-hot(target) − softmax
+            grad_logits = probs.mul_(-g[:, None])
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
+            if dtype != torch.float32:
+                grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
+            if grad_hidden is not None:
+                if space.onednn and onednn_linear.applies(grad_logits, w):
+                    grad_hidden[start : start + chunk] = onednn_linear.input_grad(grad_logits, w)
+                else:
+                    grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ h).float()
+        grad_w = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_w, None, None, None, None
+
+
+@torch.no_grad()
+def _token_logps_no_grad(hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace, entropy: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = space.weight_in(weight, dtype)
+    logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    entropies = torch.empty_like(logps) if entropy else None
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk].to(dtype)
+        logp, _, probs = _logps_and_softmax_(_chunk_logits(h, w, space), targets[start : start + chunk])
+        logps[start : start + chunk] = logp
+        if entropies is not None:
+            entropies[start : start + chunk] = -torch.xlogy(probs, probs).sum(-1)
+    return logps, entropies
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                       workspace: Workspace | None = None, entropy: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row: log softmax(hidden @ weight.T)[target], fp32 (N,), differentiable; and, with `entropy`, each row's
+    entropy of that softmax (detached: it is a metric). hidden (N, H), weight (V, H), targets (N,)."""
+    dtype = _compute_dtype(weight)
+    space = workspace if workspace is not None else Workspace()
+    chunk = balanced_chunk(hidden.shape[0], chunk)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad:
+        return _token_logps_no_grad(hidden, weight, targets, chunk, dtype, space, entropy)
+    logps = _LinearTokenLogps.apply(hidden, weight, targets, chunk, dtype, space)
+    entropies = _token_logps_no_grad(hidden, weight, targets, chunk, dtype, space, True)[1] if entropy else None
+    return logps, entropies

@@ -17,7 +17,7 @@ from tunesmith.config.objectives import DpoSettings
 from tunesmith.data.chat import IGNORE
 from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs
 from tunesmith.devices import autocast_for, to_device
-from tunesmith.objectives.lm import hidden_states, logits_at
+from tunesmith.objectives.lm import hidden_states, token_logps
 from tunesmith.objectives.reference import adapters_off
 
 
@@ -43,13 +43,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """Sum of log-probabilities of each sequence's labelled tokens, and how many there are: two (n_seq,) tensors."""
     targets = batch["targets"]
     where = targets != IGNORE
-    logits = logits_at(model, hidden_states(model, batch)[where])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    token_logps = -F.cross_entropy(logits, targets[where], reduction="none")
+    logps, _ = token_logps(model, hidden_states(model, batch)[where], targets[where])
     seq = batch["sequence"][where]
     n_seq = batch["last"].shape[0]
-    sums = token_logps.new_zeros(n_seq).index_add(0, seq, token_logps)
-    counts = token_logps.new_zeros(n_seq).index_add(0, seq, torch.ones_like(token_logps))
+    sums = logps.new_zeros(n_seq).index_add(0, seq, logps)
+    counts = logps.new_zeros(n_seq).index_add(0, seq, torch.ones_like(logps))
     return sums, counts
 
 

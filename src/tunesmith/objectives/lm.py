@@ -1,7 +1,8 @@
 """Next-token cross-entropy on labelled positions: SFT (assistant turns) and continued pretraining (all text).
 
 Logits are computed only where a target exists, never for the whole (sequence × vocabulary); with
-`train.loss_chunk` they are computed a chunk of label positions at a time (objectives/chunked_ce.py).
+`train.loss_chunk` they are computed a chunk of label positions at a time (objectives/chunked_ce.py), here and in the
+per-token log-probabilities DPO and PPO score sequences with (`token_logps`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from tunesmith.data.chat import IGNORE
 from tunesmith.kernels import segment_attention
 from tunesmith.kernels.attention_mask import attention_mask_for
-from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum
+from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum, linear_token_logps
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -53,15 +54,36 @@ def _chunkable_head(model) -> torch.nn.Linear | None:
     return head if type(head) is torch.nn.Linear and head.bias is None else None
 
 
+def _workspace(model) -> Workspace:
+    return model.__dict__.setdefault("tunesmith_ce_workspace",
+                                     Workspace(onednn=getattr(model, "tunesmith_onednn", False)))
+
+
+def token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) of each row of `hidden` (label positions, (N, H)) as fp32 (N,), and with `entropy` the entropy
+    of each row's next-token distribution (detached)."""
+    head = _chunkable_head(model)
+    if head is not None:
+        return linear_token_logps(hidden, head.weight, targets, model.tunesmith_loss_chunk, _workspace(model), entropy)
+    logits = logits_at(model, hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logps = -F.cross_entropy(logits, targets, reduction="none")
+    if not entropy:
+        return logps, None
+    with torch.no_grad():
+        logp = F.log_softmax(logits, dim=-1)
+        return logps, -(logp.exp() * logp).sum(-1)
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
     targets = batch["targets"]
     where = targets != IGNORE
     hidden = hidden_states(model, batch)[where]
     head = _chunkable_head(model)
     if head is not None:
-        space = model.__dict__.setdefault("tunesmith_ce_workspace",
-                                          Workspace(onednn=getattr(model, "tunesmith_onednn", False)))
-        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk, space)
+        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk,
+                                        _workspace(model))
         return loss, int(where.sum()), {}
     logits = logits_at(model, hidden)
     loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")

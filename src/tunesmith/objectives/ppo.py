@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config.objectives import PpoSettings
 from tunesmith.data.chat import IGNORE, Chat, Tokenized, ensure_chat_template, render
 from tunesmith.data.templates import LengthReport
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.objectives.lm import hidden_states, logits_at
+from tunesmith.objectives.lm import hidden_states, token_logps
 from tunesmith.objectives.reference import InitialWeights, adapters_off
 
 VALUE_ATTR = "tunesmith_value_head"
@@ -171,14 +170,13 @@ def score_tokens(model, batch: dict[str, torch.Tensor], width: int, values: bool
     targets = batch["targets"]
     where = targets != IGNORE
     hidden = hidden_states(model, batch)[where]
-    logits = logits_at(model, hidden).float()
+    logps, entropies = token_logps(model, hidden, targets[where], entropy)
     seq, n_seq = batch["sequence"][where], batch["last"].shape[0]
-    out = {"logps": to_padded(-F.cross_entropy(logits, targets[where], reduction="none"), seq, n_seq, width)}
+    out = {"logps": to_padded(logps, seq, n_seq, width)}
     if values:
         out["values"] = to_padded(getattr(model, VALUE_ATTR)(hidden).squeeze(-1).float(), seq, n_seq, width)
     if entropy:
-        logp = F.log_softmax(logits, dim=-1)
-        out["entropy"] = to_padded(-(logp.exp() * logp).sum(-1), seq, n_seq, width)
+        out["entropy"] = to_padded(entropies, seq, n_seq, width)
     return out
 
 

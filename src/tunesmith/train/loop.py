@@ -90,12 +90,13 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             grad_norm = None
             if cfg.train.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies; scheduler.step() moves to the next one
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             tokens_seen += totals.tokens
-            row = {"step": step, "loss": totals.loss / totals.units, "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": totals.loss / totals.units, "lr": lr,
                    "tokens": totals.tokens, "label_tokens": totals.label_tokens, "tokens_per_s": totals.tokens / dt,
                    "elapsed_s": time.perf_counter() - started}
             row.update({key: value / totals.units for key, value in totals.metrics.items()})

@@ -92,6 +92,7 @@ def optimize(run: Run, ro: Rollout, params, optimizer, scheduler) -> dict:
             (pg + s.value_coef * vf).backward()
             if cfg.train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this update applies
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -100,7 +101,7 @@ def optimize(run: Run, ro: Rollout, params, optimizer, scheduler) -> dict:
             sums["value_loss"] += float(vf.detach())
             sums["clip_fraction"] += float(clip_fraction)
             sums["approx_kl"] += float(masked_mean(old_logps - new["logps"].detach(), mask))
-    return {k: v / updates for k, v in sums.items()}
+    return {**{k: v / updates for k, v in sums.items()}, "lr": lr}
 
 
 @torch.no_grad()
@@ -165,7 +166,7 @@ def train_ppo(cfg: RunConfig, objective, overwrite: bool = False, resume: bool =
             tokens_seen += tokens
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": losses["policy_loss"] + s.value_coef * losses["value_loss"], **ro.stats,
-                   **losses, "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": tokens / dt,
+                   **losses, "tokens": tokens, "tokens_per_s": tokens / dt,
                    "elapsed_s": time.perf_counter() - started}
             if step % cfg.train.log_every == 0 or step == total_steps:
                 log.log(row)
