@@ -29,13 +29,19 @@ def _block_prefix(model: nn.Module) -> tuple[str, int]:
 
 def selected(model: nn.Module, settings: FreezeSettings) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
+    prefix, n_layers = _block_prefix(model) if settings.last_layers else ("", 0)
+    return select_names(names, prefix, n_layers, settings)
+
+
+def select_names(names: list[str], prefix: str, n_layers: int, settings: FreezeSettings) -> list[str]:
+    """The parameter names `settings` trains: those of the last `last_layers` of the `n_layers` blocks named
+    `prefix.<i>.`, and those matching any of `patterns`."""
     chosen = set()
     if settings.last_layers:
-        prefix, n_layers = _block_prefix(model)
         if settings.last_layers > n_layers:
             raise ConfigError(f"method.last_layers: {settings.last_layers} > the model's {n_layers} blocks")
-        blocks = {f"{prefix}.{i}." for i in range(n_layers - settings.last_layers, n_layers)}
-        chosen |= {n for n in names if any(n.startswith(b) for b in blocks)}
+        blocks = tuple(f"{prefix}.{i}." for i in range(n_layers - settings.last_layers, n_layers))
+        chosen |= {n for n in names if n.startswith(blocks)}
     for pattern in settings.patterns:
         hits = {n for n in names if re.search(pattern, n)}
         if not hits:

@@ -179,20 +179,10 @@ def _bitfit(arch, s, dtype) -> tuple[list, dict, int]:
 
 
 def _freeze(arch, s, params, dtype) -> tuple[list, dict]:
-    names = list(params)
-    chosen: set[str] = set()
-    if s.last_layers:
-        if s.last_layers > arch.num_layers:
-            raise ConfigError(f"method.last_layers: {s.last_layers} > the model's {arch.num_layers} blocks")
-        blocks = [f"{BLOCKS}.{n}." for n in range(arch.num_layers - s.last_layers, arch.num_layers)]
-        chosen |= {n for n in names if n.startswith(tuple(blocks))}
-    for pattern in s.patterns:
-        hits = {n for n in names if re.search(pattern, n)}
-        if not hits:
-            raise ConfigError(f"method.patterns: {pattern!r} matches no parameter; names look like: "
-                              + ", ".join(names[:6]))
-        chosen |= hits
-    rows = [(re.sub(r"\.\d+\.", ".N.", n), "×".join(map(str, params[n])), numel(params[n])) for n in sorted(chosen)]
+    from tunesmith.methods.freeze import select_names
+
+    chosen = select_names(list(params), BLOCKS, arch.num_layers, s)
+    rows = [(re.sub(r"\.\d+\.", ".N.", n), "×".join(map(str, params[n])), numel(params[n])) for n in chosen]
     return rows, {n: (params[n], dtype) for n in chosen}
 
 
