@@ -243,9 +243,11 @@ def test_cached_reference_is_recomputed_when_data_or_weights_change(tokenizer, t
     full = get_method("full")
     full.apply(model, cfg.method)
 
-    def prepare(pairs, model=model) -> tuple[str, list]:
-        note = DpoObjective(DpoSettings()).prepare(model, full, cfg, SimpleNamespace(train=pairs, eval=[]), "cpu",
-                                                   tokenizer.pad_token_id)
+    def prepare(pairs, model=model) -> tuple[str, list]:  # as open_run does: prepare, then keep_in_run
+        objective = DpoObjective(DpoSettings())
+        note = objective.prepare(model, full, cfg, SimpleNamespace(train=pairs, eval=[]), "cpu",
+                                 tokenizer.pad_token_id)
+        objective.keep_in_run(tmp_path / "run")
         return note, [p.reference_logps for p in pairs]
 
     _, computed = prepare(_pairs(tokenizer, 4))

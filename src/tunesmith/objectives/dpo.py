@@ -62,6 +62,7 @@ class DpoObjective:
     def __init__(self, settings: DpoSettings):
         self.settings = settings
         self.reference = None  # a context manager factory: the method's adapters-off switch
+        self.cached = None  # (key, pairs) where the reference log-probs are cached on the pairs
 
     def build_datasets(self, cfg, tokenizer):
         return build_pair_datasets(cfg, tokenizer)
@@ -81,15 +82,20 @@ class DpoObjective:
         path = Path(cfg.output_dir) / REFERENCE_FILE
         key = reference_key(model, pairs, cfg)
         found = load_reference(path, key, pairs)
+        self.cached = (key, pairs)
         if found == "reused":
             return (f"reference: {cfg.method.name} trains the base weights; the reference log-probs of all "
                     f"{len(pairs)} pairs were read from {path}")
         n = precompute_reference(model, self, pairs, cfg, device, pad_id)
-        save_reference(path, key, pairs)
         stale = (f" ({path.name} there was made for other data, settings or base weights, so they were "
                  "recomputed)") if found == "stale" else ""
         return (f"reference: {cfg.method.name} trains the base weights, so the reference log-probs of all {n} pairs "
                 f"were computed once before training and kept in {path}{stale}")
+
+    def keep_in_run(self, run_dir: Path) -> None:
+        """The cached reference log-probs into the run folder, for `--resume` (prepare reads them there)."""
+        if self.cached is not None:
+            save_reference(Path(run_dir) / REFERENCE_FILE, *self.cached)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
         logps, counts = sequence_logps(model, batch)

@@ -182,9 +182,6 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     apply_speed_options(model, cfg.train)  # before prepare: a cached reference must be computed as the policy is
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)  # before prepare: an objective may keep what it computes there
     note = objective.prepare(model, method, cfg, data, device, pad_id)
     trainable, total = count_parameters(model)
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
@@ -192,6 +189,12 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if note:
         console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
+    if overwrite and run_dir.exists() and not resume:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep = getattr(objective, "keep_in_run", None)
+    if keep is not None:
+        keep(run_dir)
     config_yaml = dump_config(cfg)
     atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
