@@ -71,3 +71,17 @@ def tiny_config(tmp_path, tiny_model_dir):
         "report": {"compare": False},
         "output_dir": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture
+def fsynced_inodes(monkeypatch) -> set:
+    """The inodes of every file and folder os.fsync is called on while the test runs."""
+    seen = set()
+    real_fsync = os.fsync
+
+    def spy(fd):
+        seen.add(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen

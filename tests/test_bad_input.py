@@ -138,12 +138,54 @@ def test_unknown_builtin_model(tiny_config, tmp_path, capsys):
     _check(capsys, code, "unknown builtin model", "builtin:smollm2-135m-instruct")
 
 
-def test_hub_id_offline_is_explained(tiny_config, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _fake_hub(monkeypatch, online=None) -> list:
+    """huggingface_hub.snapshot_download that finds nothing in the local cache and, online, calls `online` (by
+    default: fails the test, since nothing may be downloaded unless asked for)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    calls = []
+
+    def snapshot_download(repo_id, local_files_only=False, **kwargs):
+        calls.append({"repo_id": repo_id, "local_files_only": local_files_only, **kwargs})
+        if local_files_only:
+            raise LocalEntryNotFoundError(f"{repo_id} is not in the cache")
+        if online is None:
+            pytest.fail(f"a download of {repo_id} was attempted")
+        return online(repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_hub_id_not_cached_names_the_download_switch_and_downloads_nothing(tiny_config, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.delenv("TUNESMITH_ALLOW_DOWNLOAD", raising=False)
+    calls = _fake_hub(monkeypatch)
     tiny_config["model"]["path"] = "someorg/some-model-that-is-not-cached"
     _, code = _run(tmp_path, tiny_config)
-    _check(capsys, code, "could not reach the Hugging Face Hub", "local folder")
+    _check(capsys, code, "'someorg/some-model-that-is-not-cached' is not a local folder and not in the Hugging Face "
+           "cache", "model.allow_download: true", "TUNESMITH_ALLOW_DOWNLOAD=1", "local folder")
+    assert calls and all(c["local_files_only"] for c in calls)
+    assert not Path(tiny_config["output_dir"]).exists()
 
+
+@pytest.mark.parametrize("switch", ["config", "env"])
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_download_only_when_allowed_and_python_files_only_with_trust_remote_code(monkeypatch, tmp_path, switch,
+                                                                                trust_remote_code):
+    from tunesmith.models import resolve_model_path
+
+    monkeypatch.delenv("TUNESMITH_ALLOW_DOWNLOAD", raising=False)
+    calls = _fake_hub(monkeypatch, online=lambda repo_id: str(tmp_path))
+    if switch == "env":
+        monkeypatch.setenv("TUNESMITH_ALLOW_DOWNLOAD", "1")
+    folder = resolve_model_path("someorg/model", trust_remote_code, allow_download=switch == "config")
+    assert folder == str(tmp_path)
+    assert [c["local_files_only"] for c in calls] == [True, False]  # the cache first, then the Hub
+    for call in calls:
+        assert ("*.py" in call["allow_patterns"]) == trust_remote_code
+        assert "*.safetensors" in call["allow_patterns"] and "*.bin" not in call["allow_patterns"]
 
 CUSTOM_CODE = '''
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -128,7 +128,7 @@ def test_dpo_loss_equals_trl_dpotrainer(method, loss_type, packing, tokenizer, t
              "chosen": r["chosen"], "rejected": r["rejected"]} for r in source]
     base = tiny_llama(len(tokenizer), seed=5).double()
     ours = copy.deepcopy(base)
-    cfg = _cfg(method, packing)
+    cfg = _cfg(method, packing).model_copy(update={"output_dir": str(tmp_path / "run")})
     objective = DpoObjective(DpoSettings(beta=0.3, loss_type=loss_type))
     trl_kwargs = {}
     if method == "full":
@@ -202,8 +202,13 @@ def test_dpo_starts_at_log2_and_learns_the_preference(method, tiny_model_dir, tm
     assert result.summary["facts"]["held-out reward accuracy"].startswith("0.0000 before")
 
 
-def test_precomputed_reference_is_reused_on_resume(tiny_model_dir, tmp_path):
-    """Full fine-tuning: the reference log-probs come from the untrained model also when the run is resumed."""
+def test_resume_reads_the_reference_logps_kept_in_the_run_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """Full fine-tuning: the reference log-probs are computed once and kept in the run folder; the resumed run reads
+    them back (no reference pass over the pairs) and ends with exactly the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from tunesmith.objectives import dpo
+    from tunesmith.objectives.reference_cache import REFERENCE_FILE
     from tunesmith.train.loop import SimulatedCrash
 
     base = _tiny_dpo_config(tiny_model_dir, tmp_path, {"name": "full"}, lr=1e-3, max_steps=4, save_every=2)
@@ -211,8 +216,53 @@ def test_precomputed_reference_is_reused_on_resume(tiny_model_dir, tmp_path):
     crashy = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
     with pytest.raises(SimulatedCrash):
         train(crashy, quiet=True, crash_after_step=3)
+    assert (tmp_path / "b" / REFERENCE_FILE).is_file()
+
+    reference_passes = []
+    real = dpo.precompute_reference
+    monkeypatch.setattr(dpo, "precompute_reference", lambda *a, **k: reference_passes.append(1) or real(*a, **k))
     resumed = train(crashy, quiet=True, resume=True)
-    assert resumed.eval_after == pytest.approx(straight.eval_after, abs=1e-6)
+    assert reference_passes == []  # before: the resumed run recomputed them
+    assert resumed.eval_after == straight.eval_after
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_reference_is_recomputed_when_data_or_weights_change(tokenizer, tmp_path, monkeypatch):
+    """The cache is keyed by the pairs' tokens and the reference weights: the same run reads it back, while other
+    pairs or another base recompute it (and the file is rewritten for them), never reuse it."""
+    from types import SimpleNamespace
+
+    from tunesmith.objectives import dpo
+
+    passes = []
+    real = dpo.precompute_reference
+    monkeypatch.setattr(dpo, "precompute_reference", lambda *a, **k: passes.append(1) or real(*a, **k))
+    cfg = _cfg("full", True).model_copy(update={"output_dir": str(tmp_path / "run")})
+    model = tiny_llama(len(tokenizer), seed=2)
+    full = get_method("full")
+    full.apply(model, cfg.method)
+
+    def prepare(pairs, model=model) -> tuple[str, list]:  # as open_run does: prepare, then keep_in_run
+        objective = DpoObjective(DpoSettings())
+        note = objective.prepare(model, full, cfg, SimpleNamespace(train=pairs, eval=[]), "cpu",
+                                 tokenizer.pad_token_id)
+        objective.keep_in_run(tmp_path / "run")
+        return note, [p.reference_logps for p in pairs]
+
+    _, computed = prepare(_pairs(tokenizer, 4))
+    note, read = prepare(_pairs(tokenizer, 4))
+    assert passes == [1] and read == computed and "were read from" in note
+
+    other = _pairs(tokenizer, 5)[1:]  # as many pairs, other tokens
+    note, values = prepare(other)
+    assert passes == [1, 1] and "recomputed" in note and values != computed
+    assert prepare(_pairs(tokenizer, 5)[1:])[1] == values and passes == [1, 1]  # the rewritten file serves them
+
+    changed = copy.deepcopy(model)
+    _perturb([changed.model.embed_tokens.weight], seed=1)
+    note, values = prepare(_pairs(tokenizer, 5)[1:], changed)
+    assert passes == [1, 1, 1] and "recomputed" in note
 
 
 def test_precompute_reference_matches_adapters_off(tokenizer):

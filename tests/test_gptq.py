@@ -219,3 +219,31 @@ def test_methods_that_train_base_weights_refuse_an_int4_folder(method, tiny_mode
     assert f"method.name: {method['name']} would train base weights, but model.layers.1.self_attn.q_proj" in err \
         or f"method.name: {method['name']} would train base weights, but model.layers.0.self_attn.q_proj" in err
     assert "stored in 4 bits" in err and not Path(tiny_config["output_dir"]).exists()
+
+
+def test_decoder_blocks_are_the_models_layers_not_the_longest_module_list():
+    """A mixture-of-experts layer can hold more experts than the model has layers: the blocks are still the
+    decoder's layers; a model whose layers cannot be told apart gets an error naming what was found."""
+    from conftest import tiny_llama
+    from torch import nn
+
+    from tunesmith.errors import ModelError
+    from tunesmith.quant.model import decoder_blocks
+
+    model = tiny_llama(vocab_size=300)
+    model.model.layers[0].mlp.experts = nn.ModuleList(nn.Linear(64, 64) for _ in range(8))  # longer than 2 layers
+    assert decoder_blocks(model) is model.model.layers  # before: the 8 experts
+
+    class Custom(nn.Module):  # no get_decoder, and no list as long as num_hidden_layers
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"num_hidden_layers": 3})()
+            self.stack = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+
+    with pytest.raises(ModelError, match=r"num_hidden_layers = 3 blocks; module lists found: 'stack' \(2\), "
+                                         r"'experts' \(5\)"):
+        decoder_blocks(Custom())
+    custom = Custom()
+    custom.config.num_hidden_layers = 2
+    assert decoder_blocks(custom) is custom.stack

@@ -114,3 +114,19 @@ def test_adapter_for_another_base_names_shapes(tmp_path):
 
     with pytest.raises(ModelError, match=r"adapter has \(4, 64\), model expects \(4, 32\)"):
         lora.load(other, tmp_path / "adapter")
+
+
+def test_reusing_an_adapter_name_says_it_is_taken_and_changes_nothing():
+    from tunesmith.errors import ModelError
+
+    model = tiny_llama(vocab_size=300)
+    lora.apply(model, LoraSettings(r=4))
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ModelError) as e:
+        lora.apply(model, LoraSettings(r=8))
+    message = str(e.value)
+    assert "adapter name 'default' is already taken" in message and "--adapter NAME=PATH" in message
+    assert "adapter_name=" in message and "torch.nn.Module attribute" not in message  # before: "not allowed"
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()  # no half-added adapter
+    lora.apply(model, LoraSettings(r=8), adapter_name="second")  # another name works
+    assert {"default", "second"} <= set(next(iter(lora.lora_layers(model).values())).lora_A)

@@ -253,3 +253,23 @@ def test_lora_with_quantize_base_is_qlora():
     assert spelled_out == QloraSettings(quant_type="fp4", r=4)
     plain = load_config(None, ["data.train=data/jargon/train.jsonl", "method.quantize_base=null"]).method
     assert plain.name == "lora"
+
+
+def test_settings_of_run_reads_the_4bit_settings_and_refuses_a_broken_run_config(tmp_path):
+    from tunesmith.errors import ConfigError
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    config = adapter.parent / "config.yaml"
+    assert qlora.settings_of_run(adapter) == QloraSettings()  # no run config beside it: the defaults
+    config.write_text(yaml.safe_dump({"method": {"name": "lora", "r": 4}}))
+    assert qlora.settings_of_run(adapter) == QloraSettings()  # another method's run: the defaults
+    config.write_text(yaml.safe_dump({"method": {"name": "qlora", "quant_type": "fp4", "double_quant": False}}))
+    assert qlora.settings_of_run(adapter).quant_type == "fp4"
+
+    config.write_text(yaml.safe_dump({"method": {"name": "qlora", "quant_type": "nf3"}}))
+    with pytest.raises(ConfigError, match=r"config.yaml: method.quant_type: .*4-bit settings"):
+        qlora.settings_of_run(adapter)  # before: silently the nf4 defaults, so the merge used the wrong format
+    config.write_text("method: {name: qlora, r: [\n")
+    with pytest.raises(ConfigError, match="could not read the adapter's run config"):
+        qlora.settings_of_run(adapter)

@@ -1,5 +1,7 @@
 """A run interrupted after a checkpoint and resumed ends with the same adapter as an uninterrupted run."""
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -28,16 +30,41 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, tmp_path):
     assert not (Path(cfg.output_dir) / "adapter").exists()
     resumed = train(cfg, quiet=True, resume=True)
     assert resumed.eval_before == first.eval_before  # the baseline survives the crash
-    assert resumed.eval_after == pytest.approx(first.eval_after, abs=1e-6)
+    assert resumed.eval_after == first.eval_after  # bit for bit
     assert len(resumed.summary["heldout_samples"]) == 1
 
     a, b = _adapter(straight.output_dir), _adapter(cfg.output_dir)
     assert a.keys() == b.keys()
     for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+        assert torch.equal(a[k], b[k]), k
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # training really changed the adapter
     steps = [r for r in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
     assert len(steps) == 6  # metrics from the lost step 4 were dropped on resume, not duplicated
+
+
+def test_metrics_survive_a_crash_and_resume_continues_them(tiny_config, tmp_path, fsynced_inodes):
+    """Rows are fsynced one by one; a crash mid-row leaves a torn last line that is skipped; resume starts a new file
+    (the old one is never truncated in place) holding the rows up to the checkpoint, then appends: every step once."""
+    tiny_config["train"].update(max_steps=6, save_every=3, eval_every=2)
+    cfg = load_config(None, [], base=tiny_config)
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    with pytest.raises(SimulatedCrash):
+        train(cfg, quiet=True, crash_after_step=4)
+    lines = metrics.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # every row whole
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert metrics.stat().st_ino in fsynced_inodes
+    with open(metrics, "a") as fh:
+        fh.write('{"step": 5, "loss": 1.2')  # the row a kill -9 cut short
+    before = metrics.read_text()
+    os.link(metrics, tmp_path / "metrics-before-resume")  # the same file: would see a truncation in place
+
+    train(cfg, quiet=True, resume=True)
+    assert (tmp_path / "metrics-before-resume").read_text() == before
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4, 6]
+    assert rows[:3] == [json.loads(line) for line in lines[:3]]  # steps 1-3 kept as they were logged
 
 
 def test_checkpoints_are_pruned_and_complete(tiny_config, tmp_path):

@@ -118,3 +118,44 @@ def test_untrained_reward_head_does_not_change_the_language_model(tiny_model_dir
         attach_head(copy.deepcopy(model))
         attach_head(model)
         torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)
+
+
+def test_reward_head_is_written_inside_the_adapters_atomic_folder(tiny_model_dir, tmp_path, monkeypatch,
+                                                                  fsynced_inodes):
+    """The head goes into the adapter's temp folder before the rename: a crash while it is written leaves the
+    previous reward model whole (or none), never an adapter folder without its head; the head is fsynced."""
+    from tunesmith.methods import get_method
+    from tunesmith.models import load_model
+    from tunesmith.objectives import reward as reward_module
+    from tunesmith.train.loop import SimulatedCrash
+
+    cfg = load_config(None, [], base=_reward_config(tiny_model_dir, tmp_path))
+    model, method = load_model(str(tiny_model_dir)), get_method("lora")
+    method.apply(model, cfg.method)
+    objective = reward_module.RewardObjective(cfg.reward)
+    objective.prepare(model, method, cfg, None, "cpu", 0)
+    folder = tmp_path / "run" / "adapter"
+
+    real_save_head = reward_module.save_head
+
+    def crash(*args):
+        raise SimulatedCrash("killed while writing the head")
+
+    monkeypatch.setattr(reward_module, "save_head", crash)
+    with pytest.raises(SimulatedCrash):
+        objective.save(model, method, cfg, folder)
+    assert not folder.exists()  # before: the adapter folder was already in place, without its head
+    monkeypatch.setattr(reward_module, "save_head", real_save_head)
+
+    objective.save(model, method, cfg, folder)
+    names = {p.name for p in folder.iterdir()}
+    assert {HEAD_FILE, "reward_model.json", "adapter_config.json", "adapter_model.safetensors"} <= names
+    assert (folder / HEAD_FILE).stat().st_ino in fsynced_inodes
+    assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left over
+
+    with torch.no_grad():
+        getattr(model, HEAD_ATTR).weight.add_(1.0)
+    monkeypatch.setattr(reward_module, "save_head", crash)
+    with pytest.raises(SimulatedCrash):
+        objective.save(model, method, cfg, folder)
+    assert (folder / HEAD_FILE).is_file() and {p.name for p in folder.iterdir()} == names  # the old one, whole

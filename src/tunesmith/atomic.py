@@ -1,12 +1,25 @@
-"""Outputs appear whole or not at all: write into a temp sibling, fsync, then rename into place."""
+"""Outputs appear whole or not at all: write into a temp sibling, fsync, then rename into place.
+
+Replacing an existing folder swaps the two in one step where the OS can (Linux: renameat2 with RENAME_EXCHANGE),
+so at every instant `dest` is either the old folder or the new one. Where it cannot, the old folder is first moved
+aside to `.NAME-old` and the new one renamed in; a crash between those two renames leaves `dest` missing and
+`.NAME-old` whole, and `recover_folder` (run by every later `atomic_folder` on the same `dest`) moves it back.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
 def fsync_tree(folder: Path) -> None:
@@ -14,6 +27,10 @@ def fsync_tree(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -21,37 +38,93 @@ def fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):  # no libc by that name, or a glibc older than 2.28
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the OS or file system cannot (nothing changed)."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # this kernel or file system does not do exchanges
+    raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+def old_copy(dest: Path) -> Path:
+    """Where the two-rename fallback keeps the previous `dest` while the new one is renamed in."""
+    return dest.with_name(f".{dest.name}-old")
+
+
+def recover_folder(dest: str | Path) -> bool:
+    """Undo a crash between the fallback's two renames: `dest` missing, its old copy whole → move it back."""
+    dest = Path(dest)
+    old = old_copy(dest)
+    if not dest.exists() and old.is_dir():
+        os.replace(old, dest)
+        fsync_dir(dest.parent)
+        return True
+    return False
+
+
+def _replace_folder(tmp: Path, dest: Path) -> None:
+    if exchange(tmp, dest):
+        fsync_dir(dest.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return
+    old = old_copy(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dest, old)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(dest: str | Path):
     """Yield a temp folder beside `dest`; on success it replaces `dest`, on any error it is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         yield tmp
         fsync_tree(tmp)
         tmp.chmod(0o755)
         if dest.exists():
-            old = dest.with_name(f".{dest.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_folder(tmp, dest)
         else:
             os.replace(tmp, dest)
+            fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_folder(dest)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """`text` into `path` through a temp sibling, fsync and rename."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` into `path` through a temp sibling, fsync and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -59,3 +132,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` into `path` through a temp sibling, fsync and rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))

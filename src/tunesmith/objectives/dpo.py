@@ -10,6 +10,8 @@ The reference is the model before training, without a second copy (see objective
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,7 @@ from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.lm import hidden_states, token_logps
 from tunesmith.objectives.reference import adapters_off
+from tunesmith.objectives.reference_cache import REFERENCE_FILE, load_reference, reference_key, save_reference
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -57,6 +60,7 @@ class DpoObjective:
     def __init__(self, settings: DpoSettings):
         self.settings = settings
         self.reference = None  # a context manager factory: the method's adapters-off switch
+        self.cached = None  # (key, pairs) where the reference log-probs are cached on the pairs
 
     def build_datasets(self, cfg, tokenizer):
         return build_pair_datasets(cfg, tokenizer)
@@ -72,9 +76,24 @@ class DpoObjective:
         self.reference = adapters_off(method)
         if self.reference is not None:
             return "reference: the base model with the adapters switched off (no second copy)"
-        n = precompute_reference(model, self, data.train + data.eval, cfg, device, pad_id)
+        pairs = data.train + data.eval
+        path = Path(cfg.output_dir) / REFERENCE_FILE
+        key = reference_key(model, pairs, cfg)
+        found = load_reference(path, key, pairs)
+        self.cached = (key, pairs)
+        if found == "reused":
+            return (f"reference: {cfg.method.name} trains the base weights; the reference log-probs of all "
+                    f"{len(pairs)} pairs were read from {path}")
+        n = precompute_reference(model, self, pairs, cfg, device, pad_id)
+        stale = (f" ({path.name} there was made for other data, settings or base weights, so they were "
+                 "recomputed)") if found == "stale" else ""
         return (f"reference: {cfg.method.name} trains the base weights, so the reference log-probs of all {n} pairs "
-                "were computed once before training and cached")
+                f"were computed once before training and kept in {path}{stale}")
+
+    def keep_in_run(self, run_dir: Path) -> None:
+        """The cached reference log-probs into the run folder, for `--resume` (prepare reads them there)."""
+        if self.cached is not None:
+            save_reference(Path(run_dir) / REFERENCE_FILE, *self.cached)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
         logps, counts = sequence_logps(model, batch)

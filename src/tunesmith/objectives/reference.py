@@ -4,9 +4,9 @@ Adapter methods leave the base weights untouched, so the reference is the same m
 each such method exports `disabled(model)`, a context manager (methods/__init__.py). That is cheaper and simpler than
 anything the objective could do on its own: no copy, no cache, exact, and it works for samples the reference has
 never seen (PPO's rollouts). Methods that train base weights in place (full, freeze, bitfit) have no such switch:
-DPO then computes the reference log-probs of every pair once before training and caches them on the pairs, and
-PPO, whose samples are new every step, keeps the initial values of the trained parameters (only those) and swaps
-them in for its reference forwards.
+DPO then computes the reference log-probs of every pair once before training, caches them on the pairs and keeps
+them in the run folder for `--resume` (objectives/reference_cache.py), and PPO, whose samples are new every step,
+keeps the initial values of the trained parameters (only those) and swaps them in for its reference forwards.
 """
 
 from __future__ import annotations

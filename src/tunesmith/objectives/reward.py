@@ -2,7 +2,8 @@
 the Bradley-Terry loss -log σ(r_chosen - r_rejected - margin) on preference pairs.
 
 The head is saved as `reward_head.safetensors` inside the trained adapter/ (or model/) folder, so that folder alone
-is the reward model: PPO (`ppo.reward_model`) and `tunesmith score` load it.
+is the reward model: PPO (`ppo.reward_model`) and `tunesmith score` load it. The head is written into the same temp
+folder as the adapter, before it is renamed into place: a crash never leaves an adapter folder without its head.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.atomic import atomic_write_text
+from tunesmith.atomic import atomic_folder, atomic_write_bytes
 from tunesmith.config.objectives import RewardSettings
 from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
 from tunesmith.errors import ModelError
@@ -52,14 +53,14 @@ def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 
 def save_head(model: nn.Module, folder: Path) -> Path:
-    from safetensors.torch import save_file
+    """The head's weight as `folder`/reward_head.safetensors, written atomically (temp file, fsync, rename)."""
+    from safetensors.torch import save
 
     head = getattr(model, HEAD_ATTR)
     path = Path(folder) / HEAD_FILE
-    tmp = path.with_name(f".{HEAD_FILE}.tmp")
-    save_file({"weight": head.weight.detach().float().cpu().contiguous()}, str(tmp),
-              metadata={"format": "pt", "pooling": "last_token", "hidden_size": str(head.in_features)})
-    tmp.replace(path)
+    atomic_write_bytes(path, save({"weight": head.weight.detach().float().cpu().contiguous()},
+                                  metadata={"format": "pt", "pooling": "last_token",
+                                            "hidden_size": str(head.in_features)}))
     return path
 
 
@@ -146,13 +147,15 @@ class RewardObjective:
                 "held-out mean margin (chosen - rejected score)": (before["margin"], after["margin"])}
 
     def save(self, model, method, cfg, folder) -> None:
+        """The method's files, the head and reward_model.json in one temp folder, renamed into place together."""
         head = getattr(model, HEAD_ATTR)
-        setattr(model, HEAD_ATTR, None)  # keeps the head out of the method's files (a full model's state dict)
-        try:
-            method.save(model, cfg.method, folder, cfg.model.path)
-        finally:
-            setattr(model, HEAD_ATTR, head)
-        save_head(model, Path(folder))
         info = {"objective": "reward", "pooling": "last_token", "base_model": cfg.model.path,
                 "method": cfg.method.name, "margin": self.settings.margin}
-        atomic_write_text(Path(folder) / "reward_model.json", json.dumps(info, indent=1) + "\n")
+        with atomic_folder(folder) as tmp:
+            setattr(model, HEAD_ATTR, None)  # keeps the head out of the method's files (a full model's state dict)
+            try:
+                method.save(model, cfg.method, tmp, cfg.model.path)
+            finally:
+                setattr(model, HEAD_ATTR, head)
+            save_head(model, tmp)
+            (tmp / "reward_model.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")

@@ -27,11 +27,23 @@ class _StopForward(Exception):
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The longest ModuleList in the model: its stack of transformer blocks."""
+    """The model's stack of decoder layers: `model.get_decoder().layers`, else the one ModuleList as long as
+    `config.num_hidden_layers`; never merely the longest list (a mixture-of-experts layer's experts can be longer)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) and n_layers in (None, len(layers)):
+        return layers
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise ModelError(f"int4 quantisation: found no stack of transformer blocks in {type(model).__name__}")
-    return max(lists, key=len)
+    if n_layers:
+        same_length = [m for m in lists if len(m) == n_layers]
+        if len(same_length) == 1:
+            return same_length[0]
+    found = ", ".join(f"'{name}' ({len(m)})" for name, m in model.named_modules() if m in lists) or "none"
+    raise ModelError(f"int4 quantisation: cannot tell which module list of {type(model).__name__} holds its decoder "
+                     f"layers: expected model.get_decoder().layers, or one ModuleList of config.num_hidden_layers = "
+                     f"{n_layers} blocks; module lists found: {found}")
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:

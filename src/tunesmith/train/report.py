@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from tunesmith.atomic import atomic_write_text
+from tunesmith.atomic import atomic_write_bytes, atomic_write_text
 from tunesmith.train.logging import read_metrics
 
 
@@ -28,11 +29,11 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    out = run_dir / "loss.png"
+    atomic_write_bytes(out, png.getvalue())
     return out
 
 

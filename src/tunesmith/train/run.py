@@ -172,12 +172,12 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
 
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
     data: Datasets = objective.build_datasets(cfg, tokenizer)
     console.print(f"[bold]data[/bold] train: {data.train_report.summary()}")
     if data.eval_report:
         console.print(f"[bold]data[/bold] eval: {data.eval_report.summary()}")
-    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_download)
     method = get_method(cfg.method.name)
     method.apply(model, cfg.method)
     model.to(device)
@@ -196,6 +196,9 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if overwrite and run_dir.exists() and not resume:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep = getattr(objective, "keep_in_run", None)
+    if keep is not None:
+        keep(run_dir)
     config_yaml = dump_config(cfg)
     atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
