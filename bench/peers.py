@@ -220,7 +220,8 @@ def run_scale_check(numbers: list[int], args, tmp: Path, log) -> None:
         a, b = (run_in_process("tunesmith", {**s[number], "levers": TUNESMITH_LEVERS}, tmp, args.threads)
                 for s in (small, large))
         log.row("scale", workload=number, scale=args.scale, seconds_1x=a.get("seconds"),
-                seconds_scaled=b.get("seconds"), error=a.get("error") or b.get("error"))
+                seconds_scaled=b.get("seconds"), steps=[a.get("steps"), b.get("steps")],
+                tokens_seen=[a.get("tokens_seen"), b.get("tokens_seen")], error=a.get("error") or b.get("error"))
 
 
 def main() -> None:

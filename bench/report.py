@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_log import read_rows  # noqa: E402
 
-PEER_NAMES = {"hf-trainer": "HF Trainer + peft", "trl": "TRL SFTTrainer", "trl-packed": "TRL packed",
+PEER_NAMES = {"hf-trainer": "HF Trainer", "trl": "TRL SFTTrainer", "trl-packed": "TRL packed",
               "trl-dpo": "TRL DPOTrainer", "tunesmith": "tunesmith"}
 SHORT = {1: "1 LoRA r=8, 58.5 M Llama", 2: "2 LoRA r=8, SmolLM2-135M", 3: "3 full fine-tuning, 58.5 M Llama",
          4: "4 DPO, LoRA r=16, SmolLM2"}
