@@ -63,7 +63,8 @@ def ours(args) -> dict:
     from tunesmith.config import load_config
 
     cfg = load_config(None, [], base={
-        "model": {"path": args.model}, "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
+        "model": {"path": args.model},
+        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
         "objective": "dpo", "dpo": {"beta": 0.1},
         "data": {"train": args.pairs, "max_length": args.max_length},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 5e-4, "schedule": "constant",
