@@ -1,19 +1,25 @@
 """tunesmith vs HF Trainer + peft and TRL SFTTrainer: same model, data, order, steps, batch, learning rate, precision.
 
     .venv/bin/python bench/peers.py [--workloads 1,2,3,4] [--steps 20] [--batch 8] [--rounds 1] [--bf16]
-                                    [--scale 2] [--levers] [--peers hf-trainer,trl,trl-packed]
+                                    [--scale 2] [--levers] [--peers hf-trainer,trl,trl-packed] [--smoke]
+                                    [--results bench/results/<date>-<cpu>.jsonl]
 
 Workloads: 1 LoRA r=8 (q,k,v,o) on a 58.5 M-parameter Llama built from a config (random init, seed 0, saved once as
 safetensors and loaded by every runner), on seeded random token sequences of lengths uniform in 32..256, loss on
 every token but the first; 2 the same LoRA on SmolLM2-135M-Instruct with the shipped jargon instructions, loss on
 the responses; 3 full fine-tuning of workload 1 (vs Trainer); 4 DPO vs TRL's DPOTrainer (bench/align.py's runners).
-Each runner runs in its own process with the same torch threads, sees the same examples in the same order (one
-epoch of steps × batch examples) and counts only real tokens. Rounds interleave the runners (the machine is noisy);
-the table shows medians. MFU = achieved FLOP/s (4N per token for LoRA, 6N for full, plus causal attention) over the
-fastest fp32 matmul this machine reaches in this run (MKL's or oneDNN's). --scale K also trains tunesmith on K× the
-data and prints the time ratio (≈ K when cost is linear in tokens). --levers adds the stacked tables of tunesmith's
-levers (workload 1, and shared prefixes on workload 2).
-Run by hand; nothing asserts a time.
+Each runner runs in its own process with the same torch threads and sees the same examples in the same order (one
+epoch of steps × batch examples). tunesmith runs its real `train` loop (bench/peers_ours.py says what its seconds
+cover); the peers run with their own default optimizer (fused AdamW with this torch). Tokens seen = the examples'
+tokens (the same for every runner); tokens computed = the positions each runner's decoder really ran (padding where
+it pads, a shared prefix once where tunesmith shares it). MFU = FLOPs computed (4N per computed token for LoRA, 6N
+for full, plus causal attention over each computed position's context) per second over the fastest fp32 matmul this
+machine reaches in this run (MKL's or oneDNN's). Rounds interleave the runners (the machine is noisy). --scale K also
+trains tunesmith on K× the data (≈ K× the time when cost is linear in tokens). --levers adds the stacked tables of
+tunesmith's levers (workload 1, and shared prefixes on workload 2), run through the direct-step ablation
+(`tunesmith-direct`: the loop's step without metrics, TensorBoard or progress bar).
+Every measurement appends a row to the results file (bench/results_log.py); the tables printed at the end are
+bench/report.py's over this run's rows. Run by hand; nothing asserts a time.
 """
 
 from __future__ import annotations
@@ -21,10 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,11 +65,14 @@ def build_random_llama(folder: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tunesmith.models import load_tokenizer
+
     config = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                          intermediate_size=1408, vocab_size=32000, max_position_embeddings=512,
                          tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(SMOLLM).save_pretrained(folder)  # the loop loads one with the model (only its pad id is used)
 
 
 def random_sequences(n: int, seed: int = 0) -> list[dict]:
@@ -118,6 +124,12 @@ TITLES = {1: "LoRA r=8 (q,k,v,o), 58.5 M Llama from config, random tokens, lengt
           3: "full fine-tuning, 58.5 M Llama from config, random tokens, lengths U(32,256)"}
 
 
+PEERS = {1: ["hf-trainer", "trl", "trl-packed"], 2: ["hf-trainer", "trl", "trl-packed"], 3: ["hf-trainer"]}
+TITLES = {1: "LoRA r=8 (q,k,v,o), 58.5 M Llama from config, random tokens, lengths U(32,256)",
+          2: "LoRA r=8 (q,k,v,o), SmolLM2-135M-Instruct, jargon instructions, loss on responses",
+          3: "full fine-tuning, 58.5 M Llama from config, random tokens, lengths U(32,256)"}
+
+
 def run_in_process(runner: str, spec: dict, tmp: Path, threads: int) -> dict:
     spec_path = tmp / f"spec-{runner}.json"
     spec_path.write_text(json.dumps(spec))
@@ -126,15 +138,29 @@ def run_in_process(runner: str, spec: dict, tmp: Path, threads: int) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1][-300:] if proc.stderr.strip() else "failed"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["tokens_per_s"] = result["real_tokens"] / result["seconds"]
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def matmul_flops(threads: int, bf16: bool) -> float:
+def with_rates(result: dict, spec: dict, peak_flops: float) -> dict:
+    """A runner's result plus tokens/s seen and computed, FLOPs computed and MFU on them."""
+    if "error" in result:
+        return result
+    from compute_count import example_context, model_shape, training_flops
+
+    shape = model_shape(spec["model"])
+    seconds = result["seconds"]
+    flops = training_flops(shape, spec["method"], result["tokens_computed"], result["context_computed"])
+    flops_seen = training_flops(shape, spec["method"], result["tokens_seen"],
+                                example_context([len(ex["input_ids"]) for ex in spec["examples"]]))
+    return {**result, "tokens_per_s_seen": result["tokens_seen"] / seconds,
+            "tokens_per_s_computed": result["tokens_computed"] / seconds, "flops_computed": flops,
+            "flops_seen": flops_seen, "peak_flops": peak_flops, "mfu": flops / seconds / peak_flops}
+
+
+def matmul_flops(threads: int, bf16: bool, seconds: float = 2.0) -> float:
     """FLOP/s of a 2048² matrix product on this machine, in this run, with the runners' threads and precision: the
-    fastest of the products run in 2 s, through PyTorch's matmul and, in fp32, through oneDNN's inner product too (the
-    box is shared, and MFU should be over what it can reach; on AMD Zen 5 oneDNN ran 2.2× MKL's sgemm)."""
+    fastest of the products run in `seconds`, through PyTorch's matmul and, in fp32, through oneDNN's inner product
+    too (the box is shared, and MFU should be over what it can reach; on AMD Zen 5 oneDNN ran 2.2× MKL's sgemm)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -147,141 +173,55 @@ def matmul_flops(threads: int, bf16: bool) -> float:
     for product in products:
         product()
         started = time.perf_counter()
-        while time.perf_counter() - started < 2.0:
+        while time.perf_counter() - started < seconds:
             tick = time.perf_counter()
             product()
             fastest = min(fastest, time.perf_counter() - tick)
     return 2 * 2048**3 / fastest
 
 
-def flops_per_token(spec: dict) -> float:
-    """4N (LoRA) or 6N (full) over the parameters that multiply activations, plus causal attention (fwd + bwd)."""
-    from safetensors import safe_open
-
-    config = json.loads((Path(spec["model"]) / "config.json").read_text())
-    matmul_params = 0
-    with safe_open(str(Path(spec["model"]) / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            numel = 1
-            for d in f.get_slice(key).get_shape():
-                numel *= d
-            if "embed_tokens" not in key or config.get("tie_word_embeddings"):
-                matmul_params += numel
-    lengths = [len(ex["input_ids"]) for ex in spec["examples"]]
-    mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
-    attention = 3 * 4 * config["hidden_size"] * config["num_hidden_layers"] * mean_context
-    return (4 if spec["method"] == "lora" else 6) * matmul_params + attention
-
-
-def median_of(rounds: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rounds if key in r]
-    return statistics.median(values) if values else None
-
-
-def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
-    out = {}
-    for runner, rounds in results.items():
-        ok = [r for r in rounds if "error" not in r]
-        if not ok:
-            out[runner] = {"error": rounds[0]["error"]}
-            continue
-        out[runner] = {key: median_of(ok, key) for key in ("tokens_per_s", "peak_rss_gb", "seconds")}
-        out[runner].update(first_loss=ok[0]["first_loss"], last_loss=ok[0]["last_loss"], steps=ok[0]["steps"],
-                           real_tokens=ok[0]["real_tokens"])
-    return out
-
-
-def print_table(title: str, rows: dict[str, dict], spec: dict, peak_flops: float) -> None:
-    per_token = flops_per_token(spec)
-    ours = rows["tunesmith"]
-    print(f"\n### Workload {title}\n\nMFU over {peak_flops / 1e9:.0f} GFLOP/s (the fastest 2048² product so far)\n")
-    print("| runner | steps | real tokens/s | peak RSS | loss first → last | MFU | tunesmith speed-up | "
-          "tunesmith RSS ratio |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | | | | | |")
-            continue
-        speed = rss = "—"
-        if name != "tunesmith" and "error" not in ours:
-            speed = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}×"
-            rss = f"{ours['peak_rss_gb'] / r['peak_rss_gb']:.2f}×"
-        mfu = 100 * r["tokens_per_s"] * per_token / peak_flops
-        print(f"| {name} | {r['steps']} | {r['tokens_per_s']:.0f} | {r['peak_rss_gb']:.2f} GB | "
-              f"{r['first_loss']:.4f} → {r['last_loss']:.4f} | {mfu:.1f} % | {speed} | {rss} |")
-
-
-def run_workload(number: int, spec: dict, args, tmp: Path) -> dict[str, dict]:
+def run_workload(number: int, spec: dict, args, tmp: Path, log, peak: float) -> None:
     chosen = args.peers.split(",") if args.peers else PEERS[number]
     runners = ["tunesmith"] + [peer for peer in PEERS[number] if peer in chosen]
-    results: dict[str, list[dict]] = {r: [] for r in runners}
-    for round_number in range(args.rounds):
+    for round_number in range(1, args.rounds + 1):
         for runner in runners:
             levers = TUNESMITH_LEVERS if runner == "tunesmith" else {}
-            results[runner].append(run_in_process(runner, {**spec, "levers": levers}, tmp, args.threads))
-            print(f"workload {number} round {round_number + 1} {runner}: {results[runner][-1]}", file=sys.stderr)
-    return summarize(results)
+            result = with_rates(run_in_process(runner, {**spec, "levers": levers}, tmp, args.threads), spec, peak)
+            print(f"workload {number} round {round_number} {runner}: "
+                  f"{ {k: v for k, v in result.items() if k != 'losses'} }", file=sys.stderr)
+            log.row("round", workload=number, title=TITLES[number], runner=runner, round=round_number,
+                    levers=levers, **result)
 
 
-def run_dpo(args) -> None:
+def run_dpo(args, log) -> None:
     """bench/align.py's two runners, interleaved, at this run's threads and precision."""
     loaded = importlib.util.spec_from_file_location("bench_align", REPO / "bench" / "align.py")
     align = importlib.util.module_from_spec(loaded)
     loaded.loader.exec_module(align)
-    settings = argparse.Namespace(model=SMOLLM, steps=8, batch=4, max_length=128, threads=args.threads,
+    steps, batch = (2, 2) if args.smoke else (8, 4)
+    settings = argparse.Namespace(model=SMOLLM, steps=steps, batch=batch, max_length=128, threads=args.threads,
                                   bf16=args.bf16)
-    rounds = {"ours": [], "trl": []}
-    for _ in range(args.rounds):
-        for side in rounds:
-            rounds[side].append(align.run(side, settings))
-            print(f"workload 4 {side}: {rounds[side][-1]}", file=sys.stderr)
-    pairs = {s: statistics.median(r["pairs_per_s"] for r in v) for s, v in rounds.items()}
-    rss = {s: statistics.median(r["peak_rss_gb"] for r in v) for s, v in rounds.items()}
-    print("\n### Workload 4: DPO, LoRA r=16 on all linear layers, SmolLM2-135M-Instruct, 8 steps × 4 pairs, "
-          "max_length 128 (bench/align.py)\n")
-    print("| runner | pairs/s | peak RSS | tunesmith speed-up | tunesmith RSS ratio |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| tunesmith | {pairs['ours']:.2f} | {rss['ours']:.2f} GB | — | — |")
-    print(f"| TRL DPOTrainer | {pairs['trl']:.2f} | {rss['trl']:.2f} GB | {pairs['ours'] / pairs['trl']:.2f}× | "
-          f"{rss['ours'] / rss['trl']:.2f}× |")
+    align.run_rounds(settings, log, args.rounds)
 
 
-def run_levers(args, tmp: Path) -> None:
+def run_levers(args, tmp: Path, log, peak: float) -> None:
     for number, rows in ((1, STACKED_LEVERS), (2, PREFIX_LEVERS)):
-        print(f"\n### Stacked levers, tunesmith on workload {number} (each row adds one lever; fp32 unless the row "
-              "says bf16)\n")
-        stacked_table(workload_specs([number], args, tmp, 1)[number], rows, args, tmp)
+        spec = workload_specs([number], args, tmp, 1)[number]
+        for order, (label, levers) in enumerate(rows):
+            lever_spec = {**spec, "bf16": levers.get("bf16", False), "levers": levers}
+            r = with_rates(run_in_process("tunesmith-direct", lever_spec, tmp, args.threads), lever_spec, peak)
+            print(f"levers {label}: { {k: v for k, v in r.items() if k != 'losses'} }", file=sys.stderr)
+            log.row("lever", workload=number, order=order, label=label, levers=levers, **r)
 
 
-def stacked_table(spec: dict, rows: list, args, tmp: Path) -> None:
-    print("| levers | real tokens/s | × baseline | peak RSS | first-step loss |")
-    print("|---|---:|---:|---:|---:|")
-    baseline = None
-    for label, levers in rows:
-        r = run_in_process("tunesmith", {**spec, "bf16": levers.get("bf16", False), "levers": levers}, tmp,
-                           args.threads)
-        print(f"levers {label}: {r}", file=sys.stderr)
-        if "error" in r:
-            print(f"| {label} | failed: {r['error']} | | | |")
-            continue
-        baseline = baseline or r["tokens_per_s"]
-        print(f"| {label} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / baseline:.2f}× | "
-              f"{r['peak_rss_gb']:.2f} GB | {r['first_loss']:.5f} |", flush=True)
-
-
-def run_scale_check(numbers: list[int], args, tmp: Path) -> None:
-    print(f"\n### Linearity: tunesmith on 1× and {args.scale}× the data\n")
-    print("| workload | seconds at 1× | seconds at "f"{args.scale}× | ratio |")
-    print("|---|---:|---:|---:|")
+def run_scale_check(numbers: list[int], args, tmp: Path, log) -> None:
     small, large = workload_specs(numbers, args, tmp, 1), workload_specs(numbers, args, tmp, args.scale)
     for number in small:
         a, b = (run_in_process("tunesmith", {**s[number], "levers": TUNESMITH_LEVERS}, tmp, args.threads)
                 for s in (small, large))
-        if "error" in a or "error" in b:
-            print(f"| {number} | failed: {a.get('error') or b.get('error')} | | |")
-            continue
-        print(f"| {number} | {a['seconds']:.1f} | {b['seconds']:.1f} | {b['seconds'] / a['seconds']:.2f} |",
-              flush=True)
+        log.row("scale", workload=number, scale=args.scale, seconds_1x=a.get("seconds"),
+                seconds_scaled=b.get("seconds"), steps=[a.get("steps"), b.get("steps")],
+                tokens_seen=[a.get("tokens_seen"), b.get("tokens_seen")], error=a.get("error") or b.get("error"))
 
 
 def main() -> None:
@@ -295,6 +235,9 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="also time tunesmith on this many times the data")
     parser.add_argument("--levers", action="store_true", help="also print the stacked levers tables")
     parser.add_argument("--peers", help="only these peers, e.g. hf-trainer (default: hf-trainer,trl,trl-packed)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="checks the bench runs: 2 steps × batch 2, 1 round, DPO 2 × 2; its numbers mean nothing")
+    parser.add_argument("--results", help="results file (default: bench/results/<date>-<cpu>.jsonl)")
     parser.add_argument("--runner", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -309,24 +252,34 @@ def main() -> None:
         raise SystemExit(f"--workloads {args.workloads!r}: expected numbers from 1..4, e.g. 1,2") from None
     if not set(numbers) <= {1, 2, 3, 4}:
         raise SystemExit(f"--workloads {args.workloads!r}: workloads are 1, 2, 3 and 4")
-    peak = matmul_flops(args.threads, args.bf16)
-    machine = platform.processor() or platform.machine()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} · {machine} · {os.cpu_count()} CPUs, {args.threads} threads · "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'} · {args.steps} steps × batch {args.batch} · "
-          f"measured matmul {peak / 1e9:.0f} GFLOP/s · `{' '.join(['bench/peers.py'] + sys.argv[1:])}`")
+    if args.smoke:
+        args.steps, args.batch, args.rounds = 2, 2, 1
+
+    import report
+    from results_log import ResultsLog, cpu_summary, default_path
+
+    cpu = cpu_summary()
+    log = ResultsLog(Path(args.results) if args.results else default_path(cpu))
+    settings = {key: getattr(args, key) for key in ("workloads", "steps", "batch", "rounds", "threads", "bf16",
+                                                     "scale", "levers", "peers", "smoke")}
+    log.header(["bench/peers.py"] + sys.argv[1:], settings, cpu)
+    probe = 0.2 if args.smoke else 2.0
+    peak = matmul_flops(args.threads, args.bf16, probe)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         specs = workload_specs([n for n in numbers if n != 4], args, tmp, 1)
         for number, spec in specs.items():
-            peak = max(peak, matmul_flops(args.threads, args.bf16))  # re-measured: the box's speed drifts
-            print_table(f"{number}: {TITLES[number]}", run_workload(number, spec, args, tmp), spec, peak)
-            sys.stdout.flush()
+            peak = max(peak, matmul_flops(args.threads, args.bf16, probe))  # re-measured: the box's speed drifts
+            log.row("peak_flops", workload=number, flops=peak)
+            run_workload(number, spec, args, tmp, log, peak)
         if 4 in numbers:
-            run_dpo(args)
+            run_dpo(args, log)
         if args.levers:
-            run_levers(args, tmp)
+            run_levers(args, tmp, log, peak)
         if args.scale > 1 and specs:
-            run_scale_check(list(specs), args, tmp)
+            run_scale_check(list(specs), args, tmp, log)
+    print(f"results: {log.path} (run {log.run_id})", file=sys.stderr)
+    report.print_report(report.run_rows(log.path, log.run_id))
 
 
 if __name__ == "__main__":

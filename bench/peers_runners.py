@@ -2,104 +2,31 @@
 
 Every runner gets the same spec (bench/peers.py writes it): the model folder (safetensors), the examples as token ids
 with labels (-100 where no loss goes) in training order, the method (lora | full), batch, learning rate, precision.
-Each reports: real tokens (non-pad, every token of every example), seconds of the training steps (model loading
-excluded, every step included), steps, loss at the first and last step, and peak RSS of its own process.
+Each reports: tokens seen (every token of every example), tokens computed (the positions its decoder ran, padding
+included) and their causal context, seconds of the training steps, steps, the loss of every step, the optimizer it
+used and peak RSS of its own process. Peers use their own default optimizer (with this torch: `adamw_torch_fused`);
+their seconds run from the Trainer's on_train_begin (after its optimizer and data loader exist) to the end of the
+last optimizer step, as tunesmith's run from before its first batch to the end of its last step (bench/peers_ours.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-LORA_R, LORA_ALPHA = 8, 16
+from compute_count import ComputeCounter, counting_collator
+from peers_ours import LORA_ALPHA, LORA_R, LORA_TARGETS, run_tunesmith_direct, run_tunesmith_loop
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _report(spec: dict, seconds: float, steps: int, losses: list[float], extra: dict | None = None) -> dict:
-    return {"real_tokens": sum(len(ex["input_ids"]) for ex in spec["examples"]), "seconds": seconds, "steps": steps,
-            "first_loss": losses[0], "last_loss": losses[-1], "peak_rss_gb": peak_rss_gb(), **(extra or {})}
-
-
-# ---------------------------------------------------------------- tunesmith
-
-
-def run_tunesmith(spec: dict) -> dict:
-    """The loop's own step (accumulate_gradients, clipping, AdamW over the trainables) on the spec's batches."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from tunesmith.config import load_config
-    from tunesmith.data.chat import Tokenized
-    from tunesmith.kernels.apply import apply_speed_options
-    from tunesmith.methods import get_method
-    from tunesmith.models import load_model
-    from tunesmith.objectives import lm
-    from tunesmith.train.loop import accumulate_gradients
-    from tunesmith.train.run import make_optimizer
-
-    levers = spec.get("levers", {})
-    method_section = ({"name": "lora", "r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0,
-                       "target_modules": LORA_TARGETS} if spec["method"] == "lora" else {"name": "full"})
-    cfg = load_config(None, [], base={
-        "model": {"path": spec["model"]}, "method": method_section, "objective": "sft",
-        "data": {"train": "unused.jsonl", "packing": levers.get("packing", True), "max_length": spec["max_length"],
-                 "share_prefixes": levers.get("share_prefixes", True)},
-        "train": {"batch_size": spec["batch"], "lr": spec["lr"], "schedule": "constant", "max_grad_norm": 1.0,
-                  "bf16": spec["bf16"], "loss_chunk": levers.get("loss_chunk"), "compile": levers.get("compile", False),
-                  "activation_checkpointing": levers.get("activation_checkpointing", False),
-                  "onednn_linear": levers.get("onednn_linear", True), "seed": 0}})
-    model = load_model(spec["model"])
-    method = get_method(cfg.method.name)
-    torch.manual_seed(0)  # the adapter's initialisation, as the Trainer's seed does for peft's
-    method.apply(model, cfg.method)
-    apply_speed_options(model, cfg.train)
-    device = torch.device("cpu")
-    objective = _FullLogitsLM() if levers.get("full_logits") else lm
-    examples = [Tokenized(ex["input_ids"], ex["labels"]) for ex in spec["examples"]]
-    batch = spec["batch"]
-    steps = math.ceil(len(examples) / batch)
-    params, optimizer, scheduler = make_optimizer(SimpleNamespace(cfg=cfg, model=model, device=device), steps)
-    model.train()
-    losses = []
-    started = time.perf_counter()
-    for step in range(steps):
-        micro = [examples[step * batch : (step + 1) * batch]]
-        totals = accumulate_gradients(model, objective, micro, cfg, device, spec["pad_id"])
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(totals.loss / totals.units)
-    return _report(spec, time.perf_counter() - started, steps, losses)
-
-
-class _FullLogitsLM:
-    """The lever baseline: logits over every position, padding included (what a plain HF forward does), then the
-    same cross-entropy over the label positions."""
-
-    def __getattr__(self, name):
-        from tunesmith.objectives import lm
-
-        return getattr(lm, name)
-
-    @staticmethod
-    def loss_sum(model, batch):
-        import torch.nn.functional as F
-
-        from tunesmith.data.chat import IGNORE
-        from tunesmith.objectives.lm import hidden_states, logits_at
-
-        targets = batch["targets"]
-        logits = logits_at(model, hidden_states(model, batch)).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        return loss, int((targets != IGNORE).sum()), {}
+def _report(spec: dict, result: dict) -> dict:
+    losses = result["losses"]
+    return {"tokens_seen": sum(len(ex["input_ids"]) for ex in spec["examples"]), "first_loss": losses[0],
+            "last_loss": losses[-1], "peak_rss_gb": peak_rss_gb(), **result}
 
 
 # ---------------------------------------------------------------- Hugging Face Trainer + peft, TRL
@@ -130,7 +57,7 @@ def _dataset(spec: dict):
 def _common_args(spec: dict, out: str) -> dict:
     return {"output_dir": out, "per_device_train_batch_size": spec["batch"], "num_train_epochs": 1,
             "learning_rate": spec["lr"], "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
-            "max_grad_norm": 1.0, "optim": "adamw_torch", "logging_steps": 1, "save_strategy": "no", "report_to": [],
+            "max_grad_norm": 1.0, "logging_steps": 1, "save_strategy": "no", "report_to": [],
             "use_cpu": True, "bf16": spec["bf16"], "train_sampling_strategy": "sequential",
             "dataloader_num_workers": 0, "seed": 0, "disable_tqdm": True, "remove_unused_columns": False}
 
@@ -151,12 +78,39 @@ def _pad_to_longest(pad_id: int):
     return collate
 
 
-def _timed_train(trainer) -> tuple[float, list[float]]:
+def step_clock():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """From on_train_begin (optimizer and data loader built) to the end of the last optimizer step."""
+        started = ended = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ended = time.perf_counter()
+
+    return StepClock()
+
+
+def _optimizer_name(trainer) -> str:
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    fused = optimizer.defaults.get("fused")
+    return f"{trainer.args.optim.value if hasattr(trainer.args.optim, 'value') else trainer.args.optim}" + (
+        " (fused)" if fused else " (not fused)")
+
+
+def _timed_train(trainer, counter: ComputeCounter) -> dict:
+    clock = step_clock()
+    trainer.add_callback(clock)
     started = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - started
+    train_call_s = time.perf_counter() - started
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return seconds, losses
+    return {"seconds": clock.ended - clock.started, "train_call_s": train_call_s, "steps": trainer.state.global_step,
+            "losses": losses, "optimizer": _optimizer_name(trainer),
+            "timed": "Trainer on_train_begin to the last on_step_end", **counter.as_dict()}
 
 
 def run_hf_trainer(spec: dict, out: str) -> dict:
@@ -168,10 +122,10 @@ def run_hf_trainer(spec: dict, out: str) -> dict:
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config())
+    counter = ComputeCounter()
     trainer = Trainer(model=model, args=TrainingArguments(**_common_args(spec, out)), train_dataset=_dataset(spec),
-                      data_collator=_pad_to_longest(spec["pad_id"]))
-    seconds, losses = _timed_train(trainer)
-    return _report(spec, seconds, trainer.state.global_step, losses)
+                      data_collator=counting_collator(_pad_to_longest(spec["pad_id"]), counter))
+    return _report(spec, _timed_train(trainer, counter))
 
 
 def run_trl(spec: dict, out: str, packing: bool) -> dict:
@@ -186,12 +140,14 @@ def run_trl(spec: dict, out: str, packing: bool) -> dict:
     peft_config = _lora_config() if spec["method"] == "lora" else None
     trainer = SFTTrainer(model=_hf_model(spec), args=config, train_dataset=_dataset(spec), processing_class=tokenizer,
                          peft_config=peft_config)
-    seconds, losses = _timed_train(trainer)
-    return _report(spec, seconds, trainer.state.global_step, losses)
+    counter = ComputeCounter()
+    trainer.data_collator = counting_collator(trainer.data_collator, counter)
+    return _report(spec, _timed_train(trainer, counter))
 
 
 RUNNERS = {
-    "tunesmith": lambda spec, out: run_tunesmith(spec),
+    "tunesmith": lambda spec, out: _report(spec, run_tunesmith_loop(spec, out)),
+    "tunesmith-direct": lambda spec, out: _report(spec, run_tunesmith_direct(spec)),
     "hf-trainer": run_hf_trainer,
     "trl": lambda spec, out: run_trl(spec, out, packing=False),
     "trl-packed": lambda spec, out: run_trl(spec, out, packing=True),
