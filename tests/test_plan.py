@@ -213,8 +213,9 @@ def _saved_bytes(case: dict, layers: int, tokens: int) -> int:
     from tunesmith.objectives import lm
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
     cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"}})
     get_method(case["name"]).apply(model, cfg.method)
     apply_speed_options(model, cfg.train)
@@ -257,7 +258,8 @@ def test_block_gradients_take_the_activations_freed_memory():
     counts only the excess of one over the other, and the embedding's gradient in full."""
     from tunesmith.plan.parameters import base_parameters, numel
 
-    blocks = sum(numel(s) for n, s in base_parameters(PUBLISHED["smollm2:135m"]).items() if n.startswith("model.layers."))
+    shapes = base_parameters(PUBLISHED["smollm2:135m"])
+    blocks = sum(numel(s) for n, s in shapes.items() if n.startswith("model.layers."))
     for setting, overlap in ((["train.batch_size=8", "data.max_length=512"], "gradients"),
                              (["train.batch_size=1", "data.max_length=64"], "activations")):
         memory = predict(_plan(["method.name=full"] + setting, model="smollm2:135m"), device="cpu")
