@@ -5,9 +5,12 @@ training loop, before the artifact is saved; the parent prints predicted vs meas
 
     PYTHONPATH=src python bench/plan.py [--steps 2] [--only lora,full] [--settings 4x256,8x512]
 
-Data: continued pretraining (objective text) on CPython's pydoc topics, split into max_length pieces, so every
-batch holds batch × max_length tokens, as the planner assumes; DPO on pairs built from the same text (answers two
-different pieces, truncated to max_length), so each pair is two sequences of max_length tokens.
+Data: continued pretraining (objective text) on CPython's 22 longest pydoc topics, each truncated to max_length, so
+every batch of every step is the largest the data can form (the batch the planner sizes); DPO on pairs built from
+the same texts (answers two different topics, truncated to max_length), so each pair is two sequences of max_length
+tokens that share their prompt. `--record FILE` keeps each row's measurement (the high-water mark after loading,
+after each step's backward and after each optimizer step, with the step's token counts); `--replay FILE` predicts
+the recorded rows again without training.
 """
 
 from __future__ import annotations
@@ -33,9 +36,20 @@ def vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def preference_file(folder: Path, n: int = 64) -> Path:
+def long_texts() -> list[str]:
+    """The pydoc topics over 6,000 characters (22 of them), cut to 6,000: each over 1,000 tokens."""
     rows = [json.loads(line) for line in (REPO / "data/pydoc_topics/train.jsonl").read_text().splitlines()]
-    texts = [r["text"] for r in rows if len(r["text"]) > 6000]
+    return [r["text"][:6000] for r in rows if len(r["text"]) > 6000]
+
+
+def text_file(folder: Path) -> Path:
+    out = folder / "texts.jsonl"
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for t in long_texts()))
+    return out
+
+
+def preference_file(folder: Path, n: int = 64) -> Path:
+    texts = long_texts()
     out = folder / "prefs.jsonl"
     with out.open("w") as fh:
         for i in range(n):
@@ -46,7 +60,7 @@ def preference_file(folder: Path, n: int = 64) -> Path:
 
 
 def row_config(method: str, objective: str, batch: int, length: int, steps: int, folder: Path) -> dict:
-    data = {"train": str(REPO / "data/pydoc_topics/train.jsonl"), "max_length": length, "max_examples": 200}
+    data = {"train": str(text_file(folder)), "max_length": length, "overlong": "truncate"}
     if objective == "dpo":
         data = {"train": str(preference_file(folder)), "max_length": length, "overlong": "truncate"}
     return {"model": {"path": "builtin:smollm2-135m-instruct"},
@@ -56,30 +70,76 @@ def row_config(method: str, objective: str, batch: int, length: int, steps: int,
             "output_dir": str(folder / "run")}
 
 
+def vm_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(config_json: str) -> None:
-    """Train the row's config; print the peak RSS after the training loop as JSON."""
+    """Train the row's config (the artifact is not saved); print as JSON the peak RSS after the training loop and
+    where it was reached: the high-water mark (and current RSS) after loading + the method + the objective's
+    preparation, after each step's forward/backward and after each optimizer step, with each step's token counts."""
     from tunesmith.config import RunConfig
     from tunesmith.train import loop
 
     cfg = RunConfig.model_validate(json.loads(config_json))
-    peaks = {}
-    finish = loop.finish_run
+    peaks, phases = {}, []
+    originals = loop.finish_run, loop.open_run, loop.accumulate_gradients, loop.make_optimizer
 
-    def measured_finish(*args, **kwargs):
+    def mark(name: str, **extra) -> None:
+        phases.append({"phase": name, "hwm": vm_hwm(), "rss": vm_rss(), **extra})
+
+    def measured_finish(*args, **kwargs):  # the artifact, its report and plots are not needed here
         peaks["train"] = vm_hwm()
-        return finish(*args, **kwargs)
+        mark("end")
 
-    loop.finish_run = measured_finish
+    def measured_open(*args, **kwargs):
+        run = originals[1](*args, **kwargs)
+        mark("loaded")
+        return run
+
+    def measured_accumulate(*args, **kwargs):
+        totals = originals[2](*args, **kwargs)
+        mark("backward", tokens=totals.tokens, label_tokens=totals.label_tokens)
+        return totals
+
+    def measured_optimizer(*args, **kwargs):
+        params, optimizer, scheduler = originals[3](*args, **kwargs)
+        step = optimizer.step
+
+        def measured_step(*a, **k):
+            out = step(*a, **k)
+            mark("optimizer")
+            return out
+
+        optimizer.step = measured_step
+        return params, optimizer, scheduler
+
+    loop.finish_run, loop.open_run, loop.accumulate_gradients, loop.make_optimizer = (
+        measured_finish, measured_open, measured_accumulate, measured_optimizer)
     loop.train(cfg, overwrite=True, quiet=True)
-    print(json.dumps({"peak_rss": peaks["train"]}))
+    print(json.dumps({"peak_rss": peaks["train"], "phases": phases}))
 
 
-def measure(cfg: dict) -> int:
+def measure(cfg: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
                          cwd=REPO)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table_row(method: str, objective: str, batch: int, length: int, measured: dict, folder: Path) -> tuple[str, float]:
+    from tunesmith.config import RunConfig
+    from tunesmith.plan.memory import predict
+
+    cfg = row_config(method, objective, batch, length, measured["steps"], folder)
+    predicted = predict(RunConfig.model_validate(cfg), device="cpu").peak
+    error = (predicted - measured["peak_rss"]) / measured["peak_rss"]
+    return (f"| {method} | {objective} | {batch} × {length} | {predicted / 2**20:,.0f} MiB | "
+            f"{measured['peak_rss'] / 2**20:,.0f} MiB | {100 * error:+.1f} % |"), error
 
 
 def main() -> None:
@@ -88,30 +148,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--only", help="comma-separated methods (and 'dpo')")
     parser.add_argument("--settings", default="4x256,8x512", help="batch×max_length pairs")
+    parser.add_argument("--record", help="append each measured row (peak, phases, token counts) to this JSONL file")
+    parser.add_argument("--replay", help="predict the rows recorded in this JSONL file again, without training")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
-    from tunesmith.config import RunConfig
-    from tunesmith.plan.memory import predict
-
+    header = "| method | objective | batch × length | predicted | measured | error |\n|---|---|---|---|---|---|"
+    print(header, flush=True)
+    worst = 0.0
+    if args.replay:
+        for line in Path(args.replay).read_text().splitlines():
+            rec = json.loads(line)
+            with tempfile.TemporaryDirectory() as tmp:
+                text, error = table_row(rec["method"], rec["objective"], rec["batch"], rec["length"], rec, Path(tmp))
+            worst = max(worst, abs(error))
+            print(text, flush=True)
+        print(f"\nlargest error: {100 * worst:.1f} %")
+        return
     rows = [(m, "text") for m in METHODS] + [("lora", "dpo")]
     if args.only:
         keep = set(args.only.split(","))
         rows = [(m, o) for m, o in rows if m in keep or o in keep]
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
-    print(f"| method | objective | batch × length | predicted | measured | error |\n|---|---|---|---|---|---|",
-          flush=True)
-    worst = 0.0
     for batch, length in settings:
         for method, objective in rows:
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = row_config(method, objective, batch, length, args.steps, Path(tmp))
-                predicted = predict(RunConfig.model_validate(cfg), device="cpu").peak
-                measured = measure(cfg)
-            error = (predicted - measured) / measured
+                measured = measure(row_config(method, objective, batch, length, args.steps, Path(tmp)))
+                measured.update(method=method, objective=objective, batch=batch, length=length, steps=args.steps)
+                if args.record:
+                    with open(args.record, "a") as fh:
+                        fh.write(json.dumps(measured) + "\n")
+                text, error = table_row(method, objective, batch, length, measured, Path(tmp))
             worst = max(worst, abs(error))
-            print(f"| {method} | {objective} | {batch} × {length} | {predicted / 2**30:.2f} GiB | "
-                  f"{measured / 2**30:.2f} GiB | {100 * error:+.1f} % |", flush=True)
+            print(text, flush=True)
     print(f"\nlargest error: {100 * worst:.1f} %")
 
 

@@ -171,3 +171,101 @@ def test_train_prints_the_plan_and_reports_predicted_vs_measured(tiny_config, ca
     match = re.search(r"\| peak memory \| predicted ([0-9.]+) GiB, measured ([0-9.]+) GiB \(([-+][0-9.]+) %\) \|",
                       report)
     assert match and float(match.group(1)) > 0 and float(match.group(2)) > 0
+
+
+def test_dpo_tokens_come_from_the_data(tmp_path, tiny_model_dir, tokenizer):
+    """DPO's batch is read and collated as the run does: the log-prob buffers count the answers' labelled tokens
+    only, and the decoder computes each pair's shared prompt once, not the bound 2 × batch × max_length."""
+    from conftest import write_jsonl
+    from tunesmith.config import RunConfig
+    from tunesmith.data.pair_batches import tokenize_answer
+
+    prompt = "Explain the following sentence about the documentation of the standard library in detail, please."
+    rows = [{"prompt": prompt, "chosen": f"yes {'a ' * (5 + i)}", "rejected": f"no {'b ' * (3 + i)}"} for i in range(6)]
+    cfg = RunConfig.model_validate({
+        "model": {"path": str(tiny_model_dir)}, "method": {"name": "lora", "r": 4}, "objective": "dpo",
+        "data": {"train": str(write_jsonl(tmp_path / "prefs.jsonl", rows)), "max_length": 128},
+        "train": {"batch_size": 2}, "output_dir": str(tmp_path / "run")})
+    memory = predict(cfg, device="cpu")
+    user = [{"role": "user", "content": prompt}]
+    longest = [tokenize_answer(tokenizer, user, rows[i][k]) for i in (4, 5) for k in ("chosen", "rejected")]
+    labels = sum(t.n_labels for t in longest)
+    assert memory.batch.labels == labels < memory.batch.decoder < sum(len(t) for t in longest) < 2 * 2 * 128
+    parts = {p.name: p.bytes for p in memory.training}
+    vocab = len(tokenizer)
+    assert parts["log-probs over the vocabulary"] == 3 * labels * vocab * 4
+    assert memory.peak == memory.runtime.bytes + max(sum(parts.values()), memory.loading_total)
+
+
+def test_unreadable_data_falls_back_to_the_bound():
+    memory = predict(_plan(["method.name=lora", "train.batch_size=3", "data.max_length=100"]), device="cpu")
+    assert (memory.batch.decoder, memory.batch.labels) == (300, 300) and "data not read" in memory.batch.source
+
+
+def _saved_bytes(case: dict, layers: int, tokens: int) -> int:
+    """Bytes of the tensors autograd saves in one training forward (parameters excluded), tunesmith's kernels on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.config import RunConfig
+    from tunesmith.data.chat import Tokenized
+    from tunesmith.kernels.apply import apply_speed_options
+    from tunesmith.methods import get_method
+    from tunesmith.objectives import lm
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"}})
+    get_method(case["name"]).apply(model, cfg.method)
+    apply_speed_options(model, cfg.train)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(3, 256, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+    batch = lm.collate([Tokenized(ids, ids)], cfg, pad_id=2)
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm.loss_sum(model, batch)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("case", [{"name": "full"}, {"name": "bitfit"}, {"name": "lora", "r": 4, "dropout": 0.1},
+                                  {"name": "dora", "r": 4, "dropout": 0.1}, {"name": "ia3"}, {"name": "adapter"}],
+                         ids=lambda c: c["name"])
+def test_activation_bytes_are_what_autograd_saves(case):
+    """The per-token, per-layer bytes the formula counts equal what autograd saves for backward (through tunesmith's
+    kernels): the growth of the saved tensors' storage with tokens and layers of a tiny Llama."""
+    from tunesmith.config import RunConfig
+    from tunesmith.plan.memory import _saved_per_token_layer
+
+    def per_token(layers: int) -> float:
+        return (_saved_bytes(case, layers, 96) - _saved_bytes(case, layers, 48)) / 48
+
+    measured = (per_token(3) - per_token(1)) / 2
+    cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"}})
+    predicted, detail = _saved_per_token_layer(from_config(tiny_llama(256).config.to_dict(), "tiny"), cfg)
+    assert predicted == pytest.approx(measured, rel=0.02), detail
+
+
+def test_block_gradients_take_the_activations_freed_memory():
+    """Full fine-tuning's blocks' weight gradients are formed as backward frees the blocks' activations: the plan
+    counts only the excess of one over the other, and the embedding's gradient in full."""
+    from tunesmith.plan.parameters import base_parameters, numel
+
+    shapes = base_parameters(PUBLISHED["smollm2:135m"])
+    blocks = sum(numel(s) for n, s in shapes.items() if n.startswith("model.layers."))
+    for setting, overlap in ((["train.batch_size=8", "data.max_length=512"], "gradients"),
+                             (["train.batch_size=1", "data.max_length=64"], "activations")):
+        memory = predict(_plan(["method.name=full"] + setting, model="smollm2:135m"), device="cpu")
+        parts = {p.name: p.bytes for p in memory.training}
+        assert parts["gradients"] == memory.parameters.trainable * 4
+        expected = blocks * 4 if overlap == "gradients" else parts["activations"]
+        assert parts["block gradients in freed activations"] == -expected
+    lora = predict(_plan(["method.name=lora"], model="smollm2:135m"), device="cpu")
+    assert "block gradients in freed activations" not in {p.name for p in lora.training}

@@ -6,7 +6,13 @@ Peak = runtime + max(loading, training), where
   training  weights (by dtype or 4-bit format) + gradients + AdamW's moments + the activations saved for backward
             (per token and per layer, from what the decoder, tunesmith's kernels and the method keep) + the loss's
             buffers (the chunked loss's chunk × vocabulary logits, DPO's label positions × vocabulary log-softmax)
-            + the method's extras + one layer's backward workspace.
+            + the method's extras + one layer's backward workspace, all at once: the peak is the second step's
+            backward (bench/plan.py records the high-water mark after loading, after each backward and after each
+            optimizer step: AdamW creates its moments in step 1, so step 2's backward holds them beside the
+            activations and gradients). The decoder blocks' weight gradients are formed as backward frees those
+            blocks' activations, so only the larger of the two counts. Tokens are those of the largest micro-batch
+            the config's data forms, read and collated as the run does (batches.py): packed rows, shared prefixes
+            computed once, the loss's buffers sized by the labelled positions.
 On CPU the figure is peak RSS and `runtime` is the RSS of the interpreter with torch, transformers and tunesmith
 imported (measured once per machine: runtime.py); glibc keeps freed memory in the process (kernels/allocator.py),
 so the high-water mark of allocations is what RSS shows. On CUDA it is peak allocated memory: no runtime term (the
@@ -19,18 +25,22 @@ from dataclasses import dataclass, field
 
 from tunesmith.config import RunConfig
 from tunesmith.plan.architectures import Architecture
-from tunesmith.plan.parameters import ParameterPlan, count, linears
+from tunesmith.plan.batches import BatchTokens, largest_batch
+from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, numel
 
 NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
 NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
 ADAMW_MOMENTS = 2
 SDPA_LSE_BYTES = 4      # the log-sum-exp SDPA keeps per query and head, fp32
-# Peak RSS over the activations counted below, on CPU. Measured once, on SmolLM2 at 4 × 256 tokens (bench/plan.py):
-# full fine-tuning 1.16, LoRA 1.17 (measured peak minus every other part, over the counted activations). What it
-# stands for: glibc's heap keeps freed blocks (kernels/allocator.py) that a later allocation of another size cannot
-# reuse, and the graph's small tensors (views, rotary tables, index tensors) the count leaves out. Every other row of
-# bench/plan.py validates it; nothing is fitted per row.
-CPU_ACTIVATION_RSS = 1.16
+# Peak RSS over the activations counted below, on CPU. The count itself is exact: it equals the bytes autograd saves
+# (tests/test_plan.py measures them through tunesmith's kernels). RSS holds more: glibc keeps freed blocks
+# (kernels/allocator.py), and the holes the forward's temporaries leave between the saved tensors are not all filled
+# by later tensors of other sizes. Measured on SmolLM2 at 2 × 256 tokens per micro-batch (bench/plan.py, a fresh
+# process per row, peak RSS after 2 steps): (measured peak − every other part) / counted activations was 1.30–1.50
+# for full, bitfit, LoRA, DoRA, QLoRA, IA3, adapter, P-tuning v2 and LoRA + DPO, 1.66–1.71 for prompt and prefix
+# (transformers' attention path), 2.4 for freeze (4 blocks: little to hold); 1.43 is the median of the 12 rows.
+# The 4 × 256 rows were not used to choose it.
+CPU_ACTIVATION_RSS = 1.43
 
 
 @dataclass
@@ -43,12 +53,17 @@ class Part:
 @dataclass
 class MemoryPlan:
     device: str
-    tokens: int
+    batch: BatchTokens
     parameters: ParameterPlan
     runtime: Part
     loading: list[Part]
     training: list[Part]
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the decoder computes in the largest micro-batch."""
+        return self.batch.decoder
 
     @property
     def loading_total(self) -> int:
@@ -115,12 +130,6 @@ def _trainable_bytes(cfg: RunConfig) -> int:
     return 2 if cfg.model.dtype == "bfloat16" and cfg.method.name in ("full", "freeze", "bitfit") else 4
 
 
-def tokens_per_batch(cfg: RunConfig) -> int:
-    """Packed tokens in one micro-batch at most: batch × max_length (DPO/reward: two sequences per pair)."""
-    per_example = 2 if cfg.objective in ("dpo", "reward") else 1
-    return cfg.train.batch_size * cfg.data.max_length * per_example
-
-
 def _layers_with_grad(arch: Architecture, cfg: RunConfig) -> int:
     """Blocks that keep activations for backward: all, except below the lowest trained block of `freeze`."""
     method = cfg.method
@@ -147,14 +156,17 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig) -> tuple[int, str
     needs_input = weights_train or (low_rank and not dropout)
     if needs_input or bf16:  # a trained or adapted linear keeps its input; autocast's bf16 copy is kept either way
         terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
+    if weights_train:  # the fused RMSNorm keeps its normalised input for its weight's gradient
+        terms["normalised norm inputs 2h"] = 2 * h * 4
     if dropout:  # each adapted linear keeps its own dropped input, and CPU dropout its scaled noise (same dtype)
         d_sum = 5 * h + q + i
         terms["dropped inputs + noise"] = d_sum * 2 * low
-        terms["o_in, down_in"] = (q + i) * low
     if low_rank:
         terms["low-rank A·x, 7 targets"] = 7 * method.r * low
     if name == "dora":
         terms["DoRA W0·x and B·A·x per target"] = 2 * (q + 2 * kv + h + 2 * i + h) * low
+    if name in ("prompt", "prefix", "ptuning-v2"):  # transformers' SDPA path (not segment attention) under a mask
+        terms["k, v repeated to every query head"] = 2 * (q - kv) * 4
     if name == "ia3":
         terms["IA3 rescaled outputs/inputs"] = (2 * kv + i) * low
     if name == "adapter":
@@ -166,29 +178,42 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig) -> tuple[int, str
     return sum(terms.values()), detail
 
 
+def _block_gradient_parameters(plan: ParameterPlan, cfg: RunConfig) -> int:
+    """Trained base parameters inside the decoder blocks (full, freeze): their gradients appear during backward."""
+    if cfg.method.name not in ("full", "freeze"):
+        return 0
+    return sum(numel(shape) for name, (shape, _) in plan.saved.items() if name.startswith(BLOCKS + "."))
+
+
 def _virtual_tokens(cfg: RunConfig) -> int:
     return getattr(cfg.method, "num_virtual_tokens", 0) if cfg.method.name == "prompt" else 0
 
 
-def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
-    parts = []
+def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str,
+                    batch: BatchTokens) -> list[Part]:
     nbytes = _trainable_bytes(cfg)
     t = plan.trainable
-    parts.append(Part("gradients", t * nbytes, f"{t:,} trainable × {nbytes} B"))
+    rows = batch.sequences
+    seq_tokens = batch.decoder + rows * _virtual_tokens(cfg)
+    per, detail = _saved_per_token_layer(arch, cfg)
+    layers = _layers_with_grad(arch, cfg)
+    factor = CPU_ACTIVATION_RSS if device == "cpu" else 1.0
+    activations = Part("activations", int(seq_tokens * layers * per * factor),
+                       f"{seq_tokens:,} tokens × {layers} layers × {per:,} B"
+                       + (f" × {CPU_ACTIVATION_RSS} (CPU heap)" if device == "cpu" else "") + f" ({detail})")
+    # gradients start as None (zero_grad(set_to_none=True)); a block's weight gradients are formed as backward leaves
+    # the block and frees the activations it kept, so they take that memory: only the excess over the activations adds
+    parts = [Part("gradients", t * nbytes, f"{t:,} trainable × {nbytes} B")]
+    reused = min(_block_gradient_parameters(plan, cfg) * nbytes, activations.bytes)
+    if reused:
+        parts.append(Part("block gradients in freed activations", -reused, "the decoder blocks' weight gradients, "
+                          "formed in the memory their activations free (up to all of the activations)"))
     parts.append(Part("AdamW moments", ADAMW_MOMENTS * t * nbytes,
                       f"2 × {t:,} × {nbytes} B (fused AdamW: exp_avg, exp_avg_sq in the parameter's dtype)"))
     if cfg.train.bf16 and cfg.model.dtype == "float32" and cfg.method.name in ("full", "freeze"):
         cached = sum(lin.in_features * lin.out_features for lin in linears(arch))
         parts.append(Part("autocast weight cache", cached * 2, "bf16 copies of trained linear weights, per step"))
-    tokens = tokens_per_batch(cfg)
-    rows = cfg.train.batch_size * (2 if cfg.objective in ("dpo", "reward") else 1)
-    seq_tokens = tokens + rows * _virtual_tokens(cfg)
-    per, detail = _saved_per_token_layer(arch, cfg)
-    layers = _layers_with_grad(arch, cfg)
-    factor = CPU_ACTIVATION_RSS if device == "cpu" else 1.0
-    parts.append(Part("activations", int(seq_tokens * layers * per * factor),
-                      f"{seq_tokens:,} tokens × {layers} layers × {per:,} B"
-                      + (f" × {CPU_ACTIVATION_RSS} (CPU heap)" if device == "cpu" else "") + f" ({detail})"))
+    parts.append(activations)
     h, i, vocab = arch.hidden_size, arch.intermediate_size, arch.vocab_size
     if cfg.train.activation_checkpointing:
         full, _ = _saved_per_token_layer(arch, cfg.model_copy(update={"train": cfg.train.model_copy(
@@ -197,13 +222,14 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     parts.append(Part("backward workspace", seq_tokens * (3 * i + 3 * h) * 4,
                       "one block's gradients in flight: 3 × intermediate + 3 × hidden per token, fp32"))
     parts.append(Part("embeddings out, final norm", seq_tokens * 3 * h * 4, "3 × hidden per token, fp32"))
-    parts += _loss_parts(arch, cfg, tokens, device)
+    parts += _loss_parts(arch, cfg, batch, device)
     parts += _method_extras(arch, cfg, plan, rows)
     return parts
 
 
-def _loss_parts(arch: Architecture, cfg: RunConfig, tokens: int, device: str) -> list[Part]:
+def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: str) -> list[Part]:
     vocab, h = arch.vocab_size, arch.hidden_size
+    tokens = batch.labels
     head_trains = cfg.method.name == "full" or (cfg.method.name == "freeze" and "lm_head" in " ".join(
         cfg.method.patterns))
     if cfg.objective in ("dpo", "reward", "ppo"):
@@ -262,8 +288,9 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
 
 
 def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = None,
-            runtime_bytes: int | None = None) -> MemoryPlan:
-    """The peak memory of training `cfg` on `device` ('cpu': peak RSS; 'cuda': peak allocated)."""
+            runtime_bytes: int | None = None, batch: BatchTokens | None = None) -> MemoryPlan:
+    """The peak memory of training `cfg` on `device` ('cpu': peak RSS; 'cuda': peak allocated); `batch`: the largest
+    micro-batch's tokens (default: read from the config's data, as the run does; batches.py)."""
     from tunesmith.plan.architectures import resolve
     from tunesmith.plan.runtime import runtime_overhead
 
@@ -274,9 +301,10 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
         runtime_bytes = runtime_overhead() if device == "cpu" else 0
     runtime = Part("runtime", runtime_bytes, "python + torch + transformers + tunesmith, measured once (runtime.py)"
                    if device == "cpu" else "the CUDA context is outside torch's allocated count")
-    training = _weight_parts(arch, cfg, plan, int4_group) + _training_parts(arch, cfg, plan, device)
-    memory = MemoryPlan(device, tokens_per_batch(cfg), plan, runtime, _loading_parts(arch, cfg, plan, device),
-                        training)
+    batch = batch or largest_batch(cfg)
+    training = _weight_parts(arch, cfg, plan, int4_group) + _training_parts(arch, cfg, plan, device, batch)
+    memory = MemoryPlan(device, batch, plan, runtime, _loading_parts(arch, cfg, plan, device), training)
+    memory.notes.append(f"tokens: {batch.source}")
     if cfg.model.dtype == "bfloat16" and cfg.method.name in ("full", "freeze", "bitfit"):
         memory.notes.append("bf16 master weights: gradients and AdamW moments are bf16 too (8 bytes per trained "
                             "parameter instead of 16), at the cost of updates below bf16's resolution being lost")

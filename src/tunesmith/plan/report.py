@@ -18,7 +18,8 @@ def plan_dict(cfg: RunConfig, memory: MemoryPlan, budget: int | None = None, adv
     p = memory.parameters
     out = {
         "model": cfg.model.path, "method": cfg.method.name, "objective": cfg.objective, "device": memory.device,
-        "tokens_per_micro_batch": memory.tokens, "peak_bytes": memory.peak, "peak_phase": memory.peak_phase,
+        "tokens_per_micro_batch": memory.tokens, "labelled_tokens": memory.batch.labels,
+        "tokens_from": memory.batch.source, "peak_bytes": memory.peak, "peak_phase": memory.peak_phase,
         "runtime": {"bytes": memory.runtime.bytes, "detail": memory.runtime.detail},
         "training": [{"name": x.name, "bytes": x.bytes, "detail": x.detail} for x in memory.training],
         "loading": [{"name": x.name, "bytes": x.bytes, "detail": x.detail} for x in memory.loading],
