@@ -56,10 +56,15 @@ def largest_batch(cfg: RunConfig) -> BatchTokens:
             examples = objective.build_datasets(cfg, tokenizer).train
     except TunesmithError as exc:
         return bound(cfg, f"data not read: {exc}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return batch_of(cfg, objective, examples, pad_id)
+
+
+def batch_of(cfg: RunConfig, objective, examples: list, pad_id: int) -> BatchTokens:
+    """The largest micro-batch of `examples` (the run's tokenized training set), collated by `objective`."""
     if not examples:
         return bound(cfg, "no training examples")
     longest = sorted(examples, key=len, reverse=True)[: cfg.train.batch_size]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = objective.collate(longest, cfg, pad_id)
     positions = batch["input_ids"].numel()
     shared = "decoder_ids" in batch and cfg.method.name not in VIRTUAL  # virtual tokens run the padded rows

@@ -75,13 +75,17 @@ def print_plan(cfg: RunConfig, memory: MemoryPlan, budget: int | None = None, ad
         console.print(f"  {option.change}: {gib(option.peak)} {mark}")
 
 
-def predicted_peak(cfg: RunConfig, device: str) -> MemoryPlan | None:
-    """The plan of a run about to train, or None where the planner does not know the model's layout."""
+def predicted_peak(cfg: RunConfig, device: str, objective=None, examples: list | None = None,
+                   pad_id: int | None = None) -> MemoryPlan | None:
+    """The plan of a run about to train, or None where the planner does not know the model's layout; a run passes
+    its objective and tokenized training examples, so the data is not read twice."""
     from tunesmith.errors import TunesmithError
+    from tunesmith.plan.batches import batch_of
     from tunesmith.plan.memory import predict
 
     try:
-        return predict(cfg, device="cuda" if device == "cuda" else "cpu")
+        batch = batch_of(cfg, objective, examples, pad_id) if examples is not None and cfg.objective != "ppo" else None
+        return predict(cfg, device="cuda" if device == "cuda" else "cpu", batch=batch)
     except TunesmithError:
         return None
 

@@ -185,7 +185,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     apply_speed_options(model, cfg.train)  # before prepare: a cached reference must be computed as the policy is
     note = objective.prepare(model, method, cfg, data, device, pad_id)
     trainable, total = count_parameters(model)
-    model.tunesmith_memory_plan = predicted_peak(cfg, device.type)
+    model.tunesmith_memory_plan = predicted_peak(cfg, device.type, objective, data.train, pad_id)
     if model.tunesmith_memory_plan is not None:
         console.print(f"[bold]plan[/bold] {plan_line(model.tunesmith_memory_plan)}")
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
