@@ -143,3 +143,20 @@ def test_hub_id_offline_is_explained(tiny_config, tmp_path, capsys, monkeypatch)
     tiny_config["model"]["path"] = "someorg/some-model-that-is-not-cached"
     _, code = _run(tmp_path, tiny_config)
     _check(capsys, code, "could not reach the Hugging Face Hub", "local folder")
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "freeze", "last_layers": 1}, {"name": "bitfit"}])
+def test_bf16_weights_for_methods_that_train_them_are_refused_with_the_alternative(tiny_config, tmp_path, capsys,
+                                                                                  method):
+    tiny_config["model"]["dtype"] = "bfloat16"
+    tiny_config["method"] = method
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, f"model.dtype: bfloat16 with method {method['name']}", "no fp32 master copy",
+           "model.dtype: float32 with train.bf16: true")
+
+
+def test_bf16_base_weights_under_fp32_adapters_stay_allowed(tiny_config):
+    from tunesmith.config import load_config
+
+    tiny_config["model"]["dtype"] = "bfloat16"
+    assert load_config(None, [], base=tiny_config).model.dtype == "bfloat16"  # lora trains fp32 parameters
