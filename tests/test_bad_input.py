@@ -235,3 +235,19 @@ def test_trusted_remote_code_loads_the_folders_own_class(tiny_model_dir, tmp_pat
     ids = torch.tensor([[5, 17, 300, 42]])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=0, rtol=0)
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "freeze", "last_layers": 1}, {"name": "bitfit"}])
+def test_bf16_weights_for_methods_that_train_them_are_refused_with_the_alternative(tiny_config, tmp_path, capsys,
+                                                                                  method):
+    tiny_config["model"]["dtype"] = "bfloat16"
+    tiny_config["method"] = method
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, f"model.dtype: bfloat16 with method {method['name']}", "no fp32 master copy",
+           "model.dtype: float32 with train.bf16: true")
+
+
+def test_bf16_base_weights_under_fp32_adapters_stay_allowed(tiny_config):
+    from tunesmith.config import load_config
+
+    tiny_config["model"]["dtype"] = "bfloat16"
+    assert load_config(None, [], base=tiny_config).model.dtype == "bfloat16"  # lora trains fp32 parameters

@@ -11,6 +11,7 @@ from conftest import tiny_llama
 
 from tunesmith.cli import main
 from tunesmith.config.methods import QloraSettings
+from tunesmith.errors import ModelError
 from tunesmith.methods import lora, qlora
 from tunesmith.quant import nf4
 
@@ -96,6 +97,42 @@ def test_4bit_layer_follows_autocast_like_nn_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == linear(x).dtype == torch.bfloat16
     assert layer(x).dtype == torch.float32
+
+
+def _bitsandbytes_without_the_layout_switch(monkeypatch, how: str):
+    """A Linear4bit as a later bitsandbytes might have it: the CPU repack switch renamed ("ignored": setting the old
+    name does nothing, the layer still repacks) or gone ("missing")."""
+    base = nf4.layer_class()
+    if how == "ignored":
+        class Changed(base):
+            support_avx512bf16_for_cpu = property(lambda self: True, lambda self, value: None)
+    else:
+        class Changed(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                del self.support_avx512bf16_for_cpu
+    monkeypatch.setattr(nf4, "_LAYER_CLASS", [Changed])
+    monkeypatch.setattr(nf4, "_GRADIENT_CHECKED", False, raising=False)
+
+
+def test_a_missing_cpu_layout_switch_is_an_error_naming_it(monkeypatch):
+    _bitsandbytes_without_the_layout_switch(monkeypatch, "missing")
+    with pytest.raises(ModelError, match="support_avx512bf16_for_cpu") as e:
+        nf4.quantize_model(tiny_llama(vocab_size=300))
+    assert "bitsandbytes==0.50.2" in str(e.value)
+
+
+@pytest.mark.skipif(not nf4.backend().functional.has_avx512bf16(), reason="the repack happens on avx512-bf16 CPUs only")
+def test_a_layout_switch_that_no_longer_works_is_caught_by_the_gradient_check(monkeypatch):
+    _bitsandbytes_without_the_layout_switch(monkeypatch, "ignored")
+    with pytest.raises(ModelError, match="passes no .or a wrong. gradient"):
+        nf4.quantize_model(tiny_llama(vocab_size=300))
+
+
+def test_the_gradient_check_passes_with_the_installed_bitsandbytes(monkeypatch):
+    monkeypatch.setattr(nf4, "_GRADIENT_CHECKED", False, raising=False)
+    nf4.quantize_model(tiny_llama(vocab_size=300))
+    assert nf4._GRADIENT_CHECKED
 
 
 def test_frozen_4bit_weights_get_no_gradient_and_lora_gets_the_fp_gradient():

@@ -6,6 +6,7 @@ from conftest import tiny_llama
 
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
+from tunesmith.errors import ModelError
 from tunesmith.kernels import segment_attention
 from tunesmith.objectives import lm
 
@@ -88,3 +89,51 @@ def test_models_it_cannot_stand_in_for_keep_the_mask(change):
     assert not segment_attention.enable(model)
     batch = collate(_examples([9, 12]), True, 32, 2)
     assert lm.hidden_states(model, batch).shape[:2] == batch["input_ids"].shape
+
+
+def _attention_forwards(model, monkeypatch, wrap):
+    for layer in model.get_decoder().layers:
+        monkeypatch.setattr(layer.self_attn, "forward", wrap(layer.self_attn.forward))
+
+
+def test_a_layout_that_does_not_reach_the_attention_function_is_an_error_not_cross_example_attention(monkeypatch):
+    model = tiny_llama(vocab_size=300)
+    segment_attention.enable(model)
+    batch = collate(_examples([9, 12]), True, 32, 2)
+
+    def drop_layout(forward):  # as a model class or transformers version that does not pass the kwarg on would
+        def without_layout(*args, **kwargs):
+            kwargs.pop(segment_attention.LAYOUT_KWARG, None)
+            return forward(*args, **kwargs)
+        return without_layout
+
+    _attention_forwards(model, monkeypatch, drop_layout)
+    with pytest.raises(ModelError, match="did not reach the attention function") as e:
+        lm.hidden_states(model, batch)
+    assert "train.segment_attention: false" in str(e.value) and "LlamaAttention" in str(e.value)
+
+
+def test_attention_that_never_calls_the_registered_function_is_an_error(monkeypatch):
+    model = tiny_llama(vocab_size=300)
+    segment_attention.enable(model)
+    batch = collate(_examples([9, 12]), True, 32, 2)
+
+    def own_attention(forward):  # an attention that ignores the configured implementation
+        def forward_without_interface(hidden_states, *args, **kwargs):
+            return torch.zeros_like(hidden_states), None
+        return forward_without_interface
+
+    _attention_forwards(model, monkeypatch, own_attention)
+    with pytest.raises(ModelError, match="reached no attention layer"):
+        lm.hidden_states(model, batch)
+
+
+def test_the_row_placeholder_mask_without_a_layout_is_refused_outside_run_decoder_too():
+    model = tiny_llama(vocab_size=300)
+    attention = model.get_decoder().layers[0].self_attn
+    q, kv = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ModelError):
+        segment_attention._segment_attention(attention, q, kv, kv, torch.ones((1, 1, 1, 1), dtype=torch.bool))
+    causal = torch.ones((1, 1, 5, 5), dtype=torch.bool).tril()
+    out, _ = segment_attention._segment_attention(attention, q, kv, kv, causal)  # an ordinary mask: plain SDPA
+    assert out.shape == (1, 5, 4, 16)

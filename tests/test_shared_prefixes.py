@@ -1,9 +1,11 @@
 """Shared prefixes: leading tokens that examples of a batch share are computed once, with unchanged results."""
 
+import pytest
 import torch
 from conftest import tiny_llama
 
 from tunesmith.config.methods import LoraSettings
+from tunesmith.data import packing, shared_prefixes
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
 from tunesmith.data.shared_prefixes import decoder_plan
@@ -83,3 +85,39 @@ def test_shared_prefix_loss_and_gradients_equal_the_block_diagonal_mask():
         assert shared[2].keys() == other[2].keys() and len(other[2]) == 12
         for key, grad in other[2].items():
             torch.testing.assert_close(shared[2][key], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_in_names_the_first_dropout_that_training_would_apply():
+    model = tiny_llama(vocab_size=300)
+    assert shared_prefixes.dropout_in(model) is None
+    model.config.attention_dropout = 0.1
+    assert "attention_dropout (p=0.1)" in shared_prefixes.dropout_in(model)
+    model.config.attention_dropout = 0.0
+    get_method("lora").apply(model, LoraSettings(r=4, alpha=8, dropout=0.05, target_modules=["q_proj"]))
+    assert "lora_dropout" in shared_prefixes.dropout_in(model) and "p=0.05" in shared_prefixes.dropout_in(model)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_a_run_with_dropout_turns_sharing_off_and_says_so(tiny_config, capsys, dropout):
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import train
+
+    tiny_config["method"]["dropout"] = dropout
+    tiny_config["train"]["max_steps"] = 1
+    cfg = load_config(None, [], base=tiny_config)
+    seen = []
+    original = packing.collate
+
+    def spy(examples, packing_, capacity, pad_id, share_prefixes=True):
+        seen.append(share_prefixes)
+        return original(examples, packing_, capacity, pad_id, share_prefixes)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packing, "collate", spy)
+        train(cfg)
+    err = capsys.readouterr().err
+    shared = dropout == 0.0
+    assert seen and set(seen) == {shared}  # every batch the run collated
+    assert ("share_prefixes: off for this run, since dropout is on" in err) != shared
+    if not shared:
+        assert "lora_dropout" in err and "p=0.1" in err

@@ -13,6 +13,7 @@ from tunesmith.config.objectives import OBJECTIVE_SECTIONS, DpoSettings, PpoSett
 from tunesmith.errors import ConfigError
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+BASE_TRAINING_METHODS = ("full", "freeze", "bitfit")  # methods whose trainable parameters are stored in model.dtype
 
 
 class Strict(BaseModel):
@@ -21,7 +22,9 @@ class Strict(BaseModel):
 
 class ModelSettings(Strict):
     path: str = Field(DEFAULT_MODEL, description="builtin:NAME, a local HF folder, or a hub id")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the dtype the weights are stored in; bfloat16 only for methods that train fp32 "
+        "parameters beside the base (not full, freeze, bitfit: use train.bf16 for those)")
     trust_remote_code: bool = False
     allow_download: bool = Field(
         False, description="fetch a hub id that is not in the local Hugging Face cache from the Hub (also: "
@@ -75,6 +78,16 @@ class TrainSettings(Strict):
         "gradients), LoRA's and the LM head's through oneDNN instead of MKL (same values up to summation order; "
         "12-15 % faster steps on an earlier AMD EPYC, oneDNN's products 1.8-2.2x MKL's on AMD Zen 5); false: "
         "PyTorch's own products")
+    segment_attention: bool = Field(
+        True, description="run a packed batch as one padding-free row, each example attending to itself only "
+        "(kernels/segment_attention.py; where the model's attention is SDPA without sliding windows); false: the "
+        "block-diagonal mask over padded rows")
+    fused_norm: bool = Field(True, description="Llama-style RMSNorm of fp32 activations in one fused kernel "
+                             "(F.rms_norm, the same values); false: the model's own norm")
+    keep_freed_memory: bool = Field(
+        True, description="set glibc's malloc to keep freed memory for the next step instead of handing it back "
+        "(fewer page faults; kernels/allocator.py). It applies to the whole process for the rest of its life (glibc "
+        "has no undo): false leaves the allocator alone, e.g. when tunesmith runs inside a long-lived process")
     compile: bool = Field(False, description="torch.compile each decoder layer (the first steps pay the compile)")
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass: less memory, ~30 % "
@@ -139,6 +152,19 @@ class RunConfig(Strict):
         if name in OBJECTIVE_SECTIONS and data.get(name) is None:
             data = {**data, name: {}}
         return data
+
+    @model_validator(mode="after")
+    def _trained_weights_are_fp32(self) -> "RunConfig":
+        """Master weights in fp32 for bf16 storage would cost more memory than fp32 weights under bf16 autocast
+        (6 bytes a weight against 4), so bf16 storage of the trained weights is refused, not patched."""
+        if self.model.dtype == "bfloat16" and self.method.name in BASE_TRAINING_METHODS:
+            raise ValueError(
+                f"model.dtype: bfloat16 with method {self.method.name} trains the model's own bf16 weights with "
+                "no fp32 master copy, so AdamW updates smaller than bf16's resolution (about 1/256 of a weight) "
+                "round away. Use model.dtype: float32 with train.bf16: true (bf16 autocast over fp32 master "
+                "weights), or a method that trains fp32 parameters beside the bf16 base (lora, qlora, ia3, adapter, "
+                "...)")
+        return self
 
     @model_validator(mode="after")
     def _objective_fits_data(self) -> "RunConfig":

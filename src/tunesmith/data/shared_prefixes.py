@@ -10,6 +10,9 @@ sees each example whole, and the gradients of a shared run sum over the examples
 computing every example separately, up to the order of floating-point sums.
 
 Only runs of at least `min_shared` tokens are shared; shorter common runs are repeated in each child.
+
+Under dropout a shared run is dropped out once, so the examples that share it would share one dropout mask instead
+of drawing one each: a run turns sharing off while any dropout of the model is on (`dropout_in`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ from dataclasses import dataclass, field
 import torch
 
 MIN_SHARED = 8
+
+
+def dropout_in(model: torch.nn.Module) -> str | None:
+    """The first dropout with p > 0 that training would apply in `model` (a module's name, or the config's
+    attention dropout), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name} (p={module.p:g})"
+    attention = getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0
+    return f"the model's attention_dropout (p={attention:g})" if attention > 0 else None
 
 
 @dataclass

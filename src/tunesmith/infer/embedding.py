@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -64,11 +63,10 @@ def resolve_embedder(spec: str) -> tuple[str, str]:
 @lru_cache(maxsize=4)
 def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
     folder, name = resolve_embedder(spec)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the folder is complete; never reach for the Hub
     from sentence_transformers import SentenceTransformer
 
-    try:
-        model = SentenceTransformer(folder, device="cpu")
+    try:  # the folder is complete: never reach for the Hub (and leave the process's HF_HUB_OFFLINE as it is)
+        model = SentenceTransformer(folder, device="cpu", local_files_only=True)
     except Exception as e:
         raise ModelError(f"--embedding-model {spec}: could not load a sentence-transformers model from {folder}: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

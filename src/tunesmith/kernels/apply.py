@@ -2,21 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tunesmith.errors import ConfigError
 from tunesmith.kernels import fused_norm, onednn_linear, segment_attention
 from tunesmith.kernels.allocator import keep_freed_memory
 
 
-def apply_speed_options(model, train_settings) -> None:
+def _chunked_loss(chunk: int) -> Callable:
+    def patch(model) -> bool:
+        model.tunesmith_loss_chunk = chunk  # read by objectives/lm.py
+        return True
+
+    return patch
+
+
+def speed_patches(train_settings) -> list[tuple[str, Callable]]:
+    """(the train.* setting that turns it off, the function that patches a model and returns whether it changed
+    anything) for each patch of the model's computation that `train_settings` switches on, in the order they apply.
+    Each rests on transformers' or torch's internals; train/self_check.py compares the patched model's logits with
+    the plain model's, patch by patch."""
+    patches = []
+    if train_settings.segment_attention:
+        patches.append(("train.segment_attention", segment_attention.enable))
+    if train_settings.fused_norm:
+        patches.append(("train.fused_norm", fused_norm.enable))
+    if train_settings.onednn_linear:
+        patches.append(("train.onednn_linear", onednn_linear.enable))
+    if train_settings.loss_chunk:
+        patches.append(("train.loss_chunk", _chunked_loss(train_settings.loss_chunk)))
+    return patches
+
+
+def apply_speed_options(model, train_settings, after_each: Callable[[str], None] | None = None) -> None:
     """Freed memory kept for the next step (kernels/allocator.py), segment attention for packed batches (where the
     model allows it), fused RMSNorm, linear products through oneDNN on CPU, chunked cross-entropy (read by
-    objectives/lm.py), activation checkpointing, per-layer torch.compile."""
-    keep_freed_memory()
-    segment_attention.enable(model)
-    fused_norm.enable(model)
-    if train_settings.onednn_linear:
-        onednn_linear.enable(model)
-    model.tunesmith_loss_chunk = train_settings.loss_chunk
+    objectives/lm.py), activation checkpointing, per-layer torch.compile. `after_each(setting)` is called after each
+    of `speed_patches` that changed the model, with the train.* setting that turns it off."""
+    if train_settings.keep_freed_memory:
+        keep_freed_memory()
+    onednn_linear.bound_caches()
+    model.tunesmith_loss_chunk = None
+    for setting, patch in speed_patches(train_settings):
+        if patch(model) and after_each is not None:
+            after_each(setting)
     if train_settings.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support activation "
@@ -33,3 +62,4 @@ def apply_speed_options(model, train_settings) -> None:
                               "set it to false")
         for layer in layers:
             layer.compile()
+        model.tunesmith_compiled = True  # kernels/segment_attention.py: compiled layers skip its call count

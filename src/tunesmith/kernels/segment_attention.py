@@ -9,21 +9,42 @@ keys and values and then causally to itself. No padding is computed, and no atte
 different examples. The outputs are those of the block-diagonal mask; only the floating-point order differs.
 
 `enable(model)` switches a loaded model to the registered implementation. Without a segment layout in the call, it
-is plain SDPA with the usual masks, so generation, padded batches and virtual-token methods run as before.
+is plain SDPA with the usual masks, so generation, padded batches and virtual-token methods run as before. The
+layout travels as a keyword argument through the model's forward, which another model class or transformers version
+may drop or never hand to this function; the row's placeholder mask would then let every token attend to every
+other, so `run_decoder` raises `SegmentAttentionError` instead (train.segment_attention: false avoids it).
 """
 
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
+from tunesmith.errors import ModelError
+
 NAME = "tunesmith_segments"
 LAYOUT_KWARG = "tunesmith_segment_layout"
 _registered = False
 _SDPA_HAS_GQA = TorchVersion(torch.__version__) >= "2.5"
+# while run_decoder runs: how many attention calls received the layout (None outside run_decoder)
+_layout_calls: ContextVar[list | None] = ContextVar("tunesmith_segment_layout_calls", default=None)
+
+
+class SegmentAttentionError(ModelError):
+    """The segment layout of a packed row did not reach the attention function."""
+
+
+def _layout_lost(model_class: str, where: str) -> SegmentAttentionError:
+    import transformers
+
+    return SegmentAttentionError(
+        f"segment attention: the packed row's segment layout {where} in {model_class} (transformers "
+        f"{transformers.__version__}); without it every example of the row would attend to every other. Set "
+        "train.segment_attention: false (packed batches then use the block-diagonal mask), or data.packing: false")
 
 
 def _prefix_causal_mask(n: int, before: int, device) -> torch.Tensor:
@@ -42,13 +63,23 @@ def _attend(module, query, key, value, mask, dropout: float, scaling) -> torch.T
                                           is_causal=mask is None, **extra)
 
 
+def _is_placeholder(mask, query) -> bool:
+    """Whether `mask` is run_decoder's all-True (1, 1, 1, 1) mask, which no causal mask of several queries is."""
+    return mask is not None and mask.dtype == torch.bool and tuple(mask.shape) == (1, 1, 1, 1) and query.shape[2] > 1
+
+
 def _segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layout = kwargs.pop(LAYOUT_KWARG, None)
+    calls = None if torch.compiler.is_compiling() else _layout_calls.get()
+    if layout is None and (calls is not None or _is_placeholder(attention_mask, query)):
+        raise _layout_lost(type(module).__name__, "did not reach the attention function")
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if calls is not None:
+        calls.append(1)
     lengths, chains = layout
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"segment attention: {len(lengths)} segments of {sum(lengths)} tokens do not tile "
@@ -127,13 +158,20 @@ def run_decoder(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     plan = batch["segment_plan"].tolist()
     layout = ([length for _, length, _ in plan], _chains(plan))
     marker = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=keep.device)  # a 4D mask skips mask building
-    hidden = model.get_decoder()(
-        input_ids=batch["decoder_ids"][None],
-        position_ids=batch["decoder_positions"][None],
-        attention_mask=marker,
-        use_cache=False,
-        **{LAYOUT_KWARG: layout},
-    ).last_hidden_state[0]
+    calls: list = []
+    token = _layout_calls.set(calls)
+    try:
+        hidden = model.get_decoder()(
+            input_ids=batch["decoder_ids"][None],
+            position_ids=batch["decoder_positions"][None],
+            attention_mask=marker,
+            use_cache=False,
+            **{LAYOUT_KWARG: layout},
+        ).last_hidden_state[0]
+    finally:
+        _layout_calls.reset(token)
+    if not calls and not getattr(model, "tunesmith_compiled", False):  # compiled layers skip the count
+        raise _layout_lost(type(model).__name__, "reached no attention layer")
     out = hidden.new_zeros((*keep.shape, hidden.shape[-1]))
     out[keep] = hidden[batch["decoder_gather"]]
     return out

@@ -121,6 +121,13 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 def to_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtype: str) -> nn.Module:
     """A frozen Linear4bit holding `linear`'s weight in 4 bits, on the same device."""
+    layer = _frozen_4bit(linear, quant_type, double_quant, compute_dtype)
+    if not _GRADIENT_CHECKED:
+        _check_gradient_flows(quant_type, double_quant)
+    return layer
+
+
+def _frozen_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtype: str) -> nn.Module:
     bnb = backend()
     w = linear.weight.detach()
     layer = layer_class()(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -130,10 +137,51 @@ def to_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtyp
                                      quant_type=quant_type, blocksize=BLOCK_SIZE, module=layer)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    # bitsandbytes 0.50.2 repacks the weight for a bf16 CPU kernel on the first eval-mode forward; that kernel
-    # has no backward, so every later training step silently drops the gradient below the layer. Keep one layout.
-    layer.support_avx512bf16_for_cpu = False
+    _keep_one_layout(layer)
     return layer.to(w.device)
+
+
+# bitsandbytes 0.50.2 repacks the weight for a bf16 CPU kernel on the first eval-mode forward; that kernel has no
+# backward, so every later training step silently drops the gradient below the layer. Its switch is this attribute
+# (not public API: setting it cannot fail, even where bitsandbytes no longer reads it, so both are checked).
+_CPU_REPACK_SWITCH = "support_avx512bf16_for_cpu"
+_GRADIENT_CHECKED = False
+
+
+def _broken_backend(what: str) -> ModelError:
+    return ModelError(f"4-bit layers: {what} with bitsandbytes {getattr(backend(), '__version__', '?')}, so training "
+                      "through them would silently lose the gradient below each layer on CPU. Install the tested "
+                      "version (pip install -c constraints.txt bitsandbytes, i.e. bitsandbytes==0.50.2), or use "
+                      "method lora instead of qlora")
+
+
+def _keep_one_layout(layer: nn.Module) -> None:
+    if not hasattr(layer, _CPU_REPACK_SWITCH):
+        raise _broken_backend(f"Linear4bit has no '{_CPU_REPACK_SWITCH}' switch to keep its CPU weight layout")
+    setattr(layer, _CPU_REPACK_SWITCH, False)
+
+
+def _check_gradient_flows(quant_type: str, double_quant: bool) -> None:
+    """Once per process: a 4-bit layer that has run an inference forward (where bitsandbytes would repack it)
+    still passes the exact gradient x ↦ g·W to its input afterwards."""
+    global _GRADIENT_CHECKED
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(64, 128, generator=g))
+    layer = _frozen_4bit(linear, quant_type, double_quant, "float32").eval()
+    expected = torch.ones(3, 64) @ dequantized_weight(layer)
+    x = torch.randn(3, 128, generator=g)
+    with torch.no_grad():
+        layer(x)
+    layer.train()
+    x.requires_grad_(True)
+    out = layer(x)
+    if out.requires_grad:
+        out.sum().backward()
+    if x.grad is None or not torch.allclose(x.grad, expected, atol=1e-3, rtol=1e-3):
+        raise _broken_backend("a Linear4bit passes no (or a wrong) gradient to its input after an inference forward")
+    _GRADIENT_CHECKED = True
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,

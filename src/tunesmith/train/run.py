@@ -18,14 +18,15 @@ from rich.console import Console
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig, dump_config
 from tunesmith.data.pipeline import Datasets, prompt_and_answer
+from tunesmith.data.shared_prefixes import dropout_in
 from tunesmith.devices import autocast_for, pick_device, to_device
 from tunesmith.errors import OutputDirError
-from tunesmith.kernels.apply import apply_speed_options
 from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
 from tunesmith.train.report import plot_losses, write_report
+from tunesmith.train.self_check import checked_speed_options
 
 
 class SimulatedCrash(BaseException):
@@ -182,7 +183,13 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     method.apply(model, cfg.method)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    apply_speed_options(model, cfg.train)  # before prepare: a cached reference must be computed as the policy is
+    dropout = dropout_in(model) if cfg.data.share_prefixes and cfg.data.packing else None
+    if dropout:
+        cfg.data.share_prefixes = False
+        console.print(f"[bold]data[/bold] share_prefixes: off for this run, since dropout is on ({dropout}): a shared "
+                      "prefix would give every example that shares it one dropout mask; without dropout it stays on")
+    # before prepare: a cached reference must be computed as the policy is
+    console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id)}")
     note = objective.prepare(model, method, cfg, data, device, pad_id)
     trainable, total = count_parameters(model)
     model.tunesmith_memory_plan = predicted_peak(cfg, device.type, objective, data.train, pad_id)

@@ -1,0 +1,71 @@
+"""The start-up self-check: every speed patch leaves the plain model's logits; a broken one stops the run, named."""
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_llama
+
+from tunesmith.cli import main
+from tunesmith.config import load_config
+from tunesmith.kernels import fused_norm, segment_attention
+from tunesmith.train import self_check
+
+
+def _cfg(**train):
+    return load_config(None, [], base={"data": {"train": "unused.jsonl", "max_length": 32}, "train": train})
+
+
+def _break_the_norm(monkeypatch):
+    """A norm patch that misreads its module (epsilon 1 instead of 1e-6), as a renamed attribute upstream would."""
+    enable = fused_norm.enable
+
+    def broken_enable(model):
+        changed = enable(model)
+        for module in model.modules():
+            if type(module).__name__.startswith("Fused"):
+                module.variance_epsilon = 1.0
+        return changed
+
+    monkeypatch.setattr(fused_norm, "enable", broken_enable)
+
+
+def test_the_patched_tiny_model_passes_and_every_patch_was_checked():
+    model = tiny_llama(vocab_size=300).train()
+    line = self_check.checked_speed_options(model, _cfg(), torch.device("cpu"), 2)
+    for setting in ("train.segment_attention", "train.fused_norm", "train.onednn_linear", "train.loss_chunk"):
+        assert setting in line
+    assert segment_attention.active(model) and model.training  # patched, and left in the mode it was in
+
+
+def test_a_patch_that_changes_the_logits_is_named_with_the_setting_that_turns_it_off(monkeypatch):
+    _break_the_norm(monkeypatch)
+    with pytest.raises(self_check.SpeedPatchError) as e:
+        self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(), torch.device("cpu"), 2)
+    message = str(e.value)
+    assert message.startswith("train.fused_norm:") and "set train.fused_norm: false" in message
+    self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(fused_norm=False), torch.device("cpu"), 2)
+
+
+def test_a_chunked_loss_that_differs_is_named_with_null(monkeypatch):
+    from tunesmith.objectives import lm
+
+    loss_sum = lm.loss_sum
+
+    def off_by_a_tenth(model, batch):
+        loss, n, metrics = loss_sum(model, batch)
+        return loss * (1.1 if getattr(model, "tunesmith_loss_chunk", None) else 1.0), n, metrics
+
+    monkeypatch.setattr(lm, "loss_sum", off_by_a_tenth)
+    with pytest.raises(self_check.SpeedPatchError, match="set train.loss_chunk: null"):
+        self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(), torch.device("cpu"), 2)
+
+
+def test_a_run_with_a_broken_patch_stops_before_training_with_the_message(tiny_config, tmp_path, capsys,
+                                                                          monkeypatch):
+    _break_the_norm(monkeypatch)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config))
+    assert main(["train", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train.fused_norm: this speed patch changes what LlamaForCausalLM computes" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
