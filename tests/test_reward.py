@@ -57,9 +57,12 @@ def _reward_config(tiny_model_dir, tmp_path, method=None, **train) -> dict:
             "output_dir": str(tmp_path / "run")}
 
 
-@pytest.mark.parametrize("method,folder", [({"name": "lora", "r": 4}, "adapter"), ({"name": "full"}, "model")])
+# LoRA without dropout: with it, a run's dropout masks depend on the batch layout (packed rows or padded ones), and
+# at a high learning rate this tiny random model's training is chaotic enough for a mask to decide the outcome.
+@pytest.mark.parametrize("method,folder", [({"name": "lora", "r": 4, "dropout": 0.0}, "adapter"),
+                                           ({"name": "full"}, "model")])
 def test_reward_model_trains_saves_and_loads_with_the_same_scores(method, folder, tiny_model_dir, tmp_path):
-    lr = 2e-3 if method["name"] == "full" else 5e-2
+    lr = 2e-3 if method["name"] == "full" else 3e-3
     result = train(load_config(None, [], base=_reward_config(tiny_model_dir, tmp_path, method, lr=lr)), quiet=True)
     after = result.eval_metrics_after
     assert after["accuracy"] == 1.0 and after["margin"] > 0.7 and after["loss"] < 0.4, after
@@ -74,6 +77,21 @@ def test_reward_model_trains_saves_and_loads_with_the_same_scores(method, folder
 
         with safe_open(str(saved / "model.safetensors"), "pt") as fh:
             assert not [k for k in fh.keys() if HEAD_ATTR in k]
+
+
+def test_packed_segment_attention_training_equals_padded_training(tiny_model_dir, tmp_path):
+    """The same reward run three ways: packed rows through segment attention (shared prompts once), packed rows
+    through the model's own attention with a block mask, and padded rows: the same held-out metrics."""
+    method = {"name": "lora", "r": 4, "dropout": 0.0}
+    runs = {}
+    for name, overrides in (("segments", []), ("block mask", ["train.segment_attention=false"]),
+                            ("padded", ["data.packing=false"])):
+        base = _reward_config(tiny_model_dir, tmp_path, method, lr=3e-3)
+        cfg = load_config(None, [f"output_dir={tmp_path / name.replace(' ', '-')}", *overrides], base=base)
+        runs[name] = train(cfg, quiet=True).eval_metrics_after
+    for name in ("block mask", "padded"):
+        for key in ("loss", "accuracy", "margin"):
+            assert runs[name][key] == pytest.approx(runs["segments"][key], abs=1e-3), (name, key, runs)
 
 
 def test_reward_head_is_checkpointed_and_resumed(tiny_model_dir, tmp_path):
