@@ -106,12 +106,14 @@ def test_seven_b_figures_from_the_formula():
         return memory, {p.name: p.bytes for p in memory.training}
 
     n = PUBLISHED["llama:7b"]
-    _, full = parts(["method.name=full", "model.dtype=bfloat16"])
+    _, full = parts(["method.name=full"])
     total = count(n, settings_class("full")()).total
-    # bf16 weights (2) + bf16 gradients (2) + AdamW's two moments in fp32 (2 × 4): the seed's 12 bytes per parameter
-    per_param = (full["weights"] + full["gradients"]) / total + 2 * 4
+    # tunesmith trains full fine-tuning on fp32 weights (bf16 weights without an fp32 master copy are refused):
+    # weights 4 + gradients 4 + AdamW's two fp32 moments 8 = 16 bytes per parameter
+    assert (full["weights"] + full["gradients"] + full["AdamW moments"]) / total == 16
+    # the seed's 12: the same with the weights and gradients in bf16 (half of 4 + 4), the moments still fp32
+    per_param = (full["weights"] + full["gradients"]) / 2 / total + full["AdamW moments"] / total
     assert per_param == 12 and round(7e9 * per_param / 1e9) == 84
-    assert full["AdamW moments"] == 2 * 2 * total  # tunesmith keeps the moments in the parameters' dtype (bf16)
     setting = ["model.dtype=bfloat16", "train.batch_size=1", "data.max_length=512", "train.bf16=true",
                "train.activation_checkpointing=true"]
     lora, _ = parts(["method.name=lora"] + setting)

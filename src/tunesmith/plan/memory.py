@@ -305,9 +305,6 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     training = _weight_parts(arch, cfg, plan, int4_group) + _training_parts(arch, cfg, plan, device, batch)
     memory = MemoryPlan(device, batch, plan, runtime, _loading_parts(arch, cfg, plan, device), training)
     memory.notes.append(f"tokens: {batch.source}")
-    if cfg.model.dtype == "bfloat16" and cfg.method.name in ("full", "freeze", "bitfit"):
-        memory.notes.append("bf16 master weights: gradients and AdamW moments are bf16 too (8 bytes per trained "
-                            "parameter instead of 16), at the cost of updates below bf16's resolution being lost")
     return memory
 
 
