@@ -8,7 +8,8 @@ from tunesmith.train.loop import train
 
 pytestmark = pytest.mark.slow
 
-# method overrides, steps, lr, the held-out loss drop each must reach (about half the drop measured)
+# method overrides, steps, lr, the held-out loss drop each must reach (about half the drop measured on 2026-12-03:
+# full 10.5 %, freeze 3.7 %, bitfit 11.5 %, adapter 12.8 %)
 CASES = {
     "full": (["method.name=full"], 10, "5e-5", 0.05),
     "freeze": (["method.name=freeze", "method.last_layers=4"], 10, "2e-4", 0.015),

@@ -12,7 +12,7 @@ from tunesmith.config import load_config
 from tunesmith.train.loop import train
 
 pytestmark = pytest.mark.slow
-DEMO_DROP = 0.08  # about half the drop these 30 steps measured
+DEMO_DROP = 0.08  # about half the drop these 30 steps measured: 4.3175 → 3.6706 (15.0 %), 2026-12-03
 
 
 def test_converted_builtin_matches_the_gguf_model():
