@@ -14,8 +14,8 @@ from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives import get_objective
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.logging import MetricsLogger
-from tunesmith.train.run import (ExampleStream, RunResult, SimulatedCrash, baseline_of, eval_row, evaluate, finish_run,
-                                 make_optimizer, open_run, resume_position)
+from tunesmith.train.run import (RunResult, SimulatedCrash, baseline_of, eval_row, evaluate_data, finish_run,
+                                 general_perplexity, make_optimizer, open_run, resume_position)
 
 __all__ = ["RunResult", "SimulatedCrash", "accumulate_gradients", "train"]
 
@@ -71,11 +71,12 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     params, optimizer, scheduler = make_optimizer(run, total_steps)
     start_step, position = resume_position(run, resume, optimizer, scheduler)
 
-    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id)
+    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id,
+                           lambda: general_perplexity(run))
     if baseline["eval_loss"] is not None:
         console.print(f"[bold]eval[/bold] held-out loss before training: {baseline['eval_loss']:.4f}")
 
-    stream = ExampleStream(len(data.train), cfg.train.seed, position)
+    stream = data.stream(cfg.train.seed, position)
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
@@ -83,6 +84,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     with MetricsLogger(run.run_dir, total_steps, start_step, console, quiet) as log:
         if start_step == 0 and baseline["eval_loss"] is not None:
             log.log({"step": 0, **eval_row(baseline["eval_metrics"])})
+        if start_step == 0 and baseline.get("forgetting_perplexity") is not None:
+            log.log({"step": 0, "forgetting/perplexity": baseline["forgetting_perplexity"]})
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             micro = [[data.train[i] for i in stream.take(cfg.train.batch_size)] for _ in range(cfg.train.grad_accum)]
@@ -105,7 +108,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             if step % cfg.train.log_every == 0 or step == total_steps:
                 log.log(row)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                ev = evaluate(model, objective, data.eval, cfg, device, pad_id)
+                ev = evaluate_data(model, objective, data, cfg, device, pad_id)
                 if ev is not None:
                     log.log({"step": step, **eval_row(ev)})
                     log.note(f"step {step}: held-out loss {ev['loss']:.4f}")
@@ -114,8 +117,15 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
                                 cfg.train.keep_checkpoints)
             if crash_after_step is not None and step == crash_after_step:
                 raise SimulatedCrash(step)
-        after = evaluate(model, objective, data.eval, cfg, device, pad_id)
+        after = evaluate_data(model, objective, data, cfg, device, pad_id)
         if after is not None:
             log.log({"step": total_steps, **eval_row(after)})
+        forgot = general_perplexity(run)
+        if forgot is not None:
+            log.log({"step": total_steps, "forgetting/perplexity": forgot})
+        mixture = data.sampled_mixture(stream)
+        if mixture:
+            log.log({"step": total_steps, **{f"mixture/{name}": share for name, share in mixture.items()}})
     seconds = time.perf_counter() - started
-    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after)
+    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after, forgetting_after=forgot,
+                      mixture=mixture)
