@@ -48,6 +48,8 @@ def load_items(paths, cfg: RunConfig, field: str, fmt: str | None = None, system
     fmt, items = normalize_all(read_many(paths), fmt or cfg.data.format,
                                system_prompt if fmt is not None else cfg.data.system_prompt)
     allowed = OBJECTIVE_FORMATS[cfg.objective]
+    if cfg.data.tasks and cfg.objective == "sft":
+        allowed += ("text",)  # a raw-text task beside chat tasks: replay of general text, every token trained
     if fmt not in allowed:
         raise DataError(
             f"{field}: the data is in '{fmt}' format but objective '{cfg.objective}' expects {' or '.join(allowed)}"
@@ -60,7 +62,7 @@ def split_items(cfg: RunConfig, task=None, where: str = "data") -> tuple[str, li
     """The normalised train and eval items (of data.train, or of one of data.tasks): eval from its own file, a
     held-out fraction, or none; both capped."""
     source = task or cfg.data
-    fmt_of = (task.format, task.system_prompt) if task else (None, None)
+    fmt_of = (task.format, task.system_prompt or cfg.data.system_prompt) if task else (None, None)
     fmt, train_items = load_items(source.train, cfg, f"{where}.train", *fmt_of)
     if cfg.data.max_examples:
         train_items = train_items[: cfg.data.max_examples]
