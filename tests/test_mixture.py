@@ -125,3 +125,22 @@ def test_forgetting_off(tiny_config):
     result = train(load_config(None, [], base=tiny_config), quiet=True)
     assert result.forgetting is None
     assert not any("forgetting/perplexity" in r for r in read_metrics(Path(result.run_dir)))
+
+
+def test_each_task_keeps_its_format_system_prompt_and_prefix_and_a_text_task_replays(tiny_config, tmp_path,
+                                                                                     tokenizer):
+    from tunesmith.data.pipeline import build_datasets
+
+    text = write_jsonl(tmp_path / "general.jsonl", [{"text": "Plain general text to replay."}])
+    cfg_dict = _tasks_config(tiny_config, tmp_path, kind="temperature", temperature=2.0)
+    cfg_dict["data"]["tasks"].append({"name": "replay", "train": str(text)})
+    data = build_datasets(load_config(None, [], base=cfg_dict), tokenizer)
+    assert [(t.name, t.offset, t.size) for t in data.tasks] == [("combine", 0, 24), ("echo", 24, 12), ("replay", 36, 1)]
+    raw = [24 ** 0.5, 12 ** 0.5, 1.0]
+    assert [t.weight for t in data.tasks] == pytest.approx([w / sum(raw) for w in raw])
+    echo = data.train_items[24].messages
+    assert echo[0] == {"role": "system", "content": "Be brief."} and echo[1]["content"].startswith("Task B:\n\n")
+    assert data.train_items[0].messages[0]["role"] == "user" and not data.train_items[0].messages[0]["content"].startswith("Task")
+    replay = data.train[36]
+    assert replay.labels == replay.input_ids  # every token of the text task is trained
+    assert set(data.task_evals) == {"combine", "echo"} and len(data.task_evals["echo"]) == 4
