@@ -130,3 +130,5 @@ def test_run_bakeoff_plans_from_the_probe_before_running():
     result = run_bakeoff([fast, slow], budget_s=100, progress=False)
     assert calls == ["probe fast", "run fast", "probe slow"]
     assert [r.name for r in result.rows] == ["fast"] and result.skipped[0][0] == "slow"
+    spent = run_bakeoff([fast], budget_s=0, progress=False)
+    assert spent.skipped == [("fast", "not probed: the time budget is spent")] and calls[-1] == "probe slow"

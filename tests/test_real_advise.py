@@ -48,8 +48,10 @@ def test_two_tasks_trained_together_lower_both_tasks_heldout_loss(tmp_path):
 
 def test_bakeoff_on_the_python_faq_with_its_documents(tmp_path):
     """Zero-shot, few-shot (k=2), RAG over data/pydoc_kb/docs and LoRA (8 steps) on 4 held-out FAQ questions; the
-    table's numbers are the candidates' own outputs. The full bake-off (all 7 candidates, 30 steps, 8 questions; the
-    README table) cost FULL_BAKEOFF_COST on this box."""
+    table's numbers are the candidates' own outputs. Its first run (2026-12-03, the 2-core box shared by four agents,
+    generation at ~1 s a token) had a 600 s budget: zero-shot alone took 560 s and the other three were probed,
+    planned (496 s, 69 s, 610 s) and skipped, so the budget is now 3600 s. The full bake-off (all 7 candidates)
+    has not been timed yet."""
     from tunesmith.cli import advise
 
     kb = REPO / "data" / "pydoc_kb"
@@ -57,7 +59,7 @@ def test_bakeoff_on_the_python_faq_with_its_documents(tmp_path):
                                                "max_length": 384, "max_eval_examples": 8},
                                       "train": {"batch_size": 4, "seed": 42}, "output_dir": str(tmp_path / "run")})
     result, paths = advise.bake_off(cfg, ["zero-shot", "few-shot", "rag", "lora"], str(kb / "docs"), 2, 8, 4, 32,
-                                    None, 600, tmp_path / "bake")
+                                    None, 3600, tmp_path / "bake")
     table = json.loads(paths["json"].read_text())
     rows = {r["name"]: r for r in table["rows"]}
     assert set(rows) == {"zero-shot", "few-shot (k=2)", "RAG (top 3)", "lora"} and not table["skipped"]

@@ -95,6 +95,10 @@ def run_bakeoff(candidates: list[Candidate], budget_s: float, progress: bool = T
                 result.skipped.append((candidate.name, candidate.skip_reason))
                 bar.advance(task)
                 continue
+            if budget_s - (time.perf_counter() - started) <= 0:
+                result.skipped.append((candidate.name, "not probed: the time budget is spent"))
+                bar.advance(task)
+                continue
             planned = candidate.probe()
             left = budget_s - (time.perf_counter() - started)
             if planned > left:
