@@ -242,3 +242,31 @@ def test_concurrent_server_requests_share_steps_and_equal_each_alone_and_tunesmi
             assert together[i][0].strip() == _generate(tiny_model_dir, adapters.get(name), max_tokens)
     finally:
         s.close()
+
+
+def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(registry, tokenizer, monkeypatch):
+    from tunesmith.serve.batch import Batch
+    from tunesmith.serve.engine import Engine
+
+    real_step, calls = Batch.step, []
+
+    def failing_once(self, model, tokens):
+        calls.append(len(tokens))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step(self, model, tokens)
+
+    monkeypatch.setattr(Batch, "step", failing_once)
+    engine = Engine(registry, queue_size=4, max_batch=2)
+    try:
+        failed = _run_together(engine, [_job(tokenizer, "Hi", "a", 8), _job(tokenizer, "Hello there", None, 8)])
+        assert [event for _, event in failed] == [("error", "boom")] * 2
+        after = _run_together(engine, [_job(tokenizer, "Hi", "a", 8)])
+    finally:
+        engine.stop()
+    alone = Engine(registry, queue_size=4, max_batch=1)
+    try:
+        assert after == _run_together(alone, [_job(tokenizer, "Hi", "a", 8)])
+    finally:
+        alone.stop()
+    assert after[0][1][:2] == ("done", "length")

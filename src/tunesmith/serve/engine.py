@@ -53,30 +53,30 @@ class Engine:
         batch, active = Batch(), []  # active[i] decodes in the batch's row i
         while True:
             joining = []
-            while len(active) + len(joining) < self.max_batch:
-                try:
-                    job = self.jobs.get(block=not active and not joining)
-                except queue.Empty:
-                    break
-                if job is None:
-                    return
-                started = self._prefill(job)
-                if started is not None:
-                    joining.append(started)
-            if joining:
-                batch.join([cache for _, cache in joining])
-                active += [decoding for decoding, _ in joining]
-            active = self._leave(batch, active)
-            if active:
-                try:
-                    self._step(batch, active)
-                except Exception as e:  # a failed step fails its requests, not the worker
-                    log.exception("generation failed")
-                    for decoding in active:
-                        if decoding.finish is None:
-                            decoding.job.emit("error", str(e))
-                    batch, active = Batch(), []
+            try:
+                while len(active) + len(joining) < self.max_batch:
+                    try:
+                        job = self.jobs.get(block=not active and not joining)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return
+                    started = self._prefill(job)
+                    if started is not None:
+                        joining.append(started)
+                if joining:
+                    batch.join([cache for _, cache in joining])
+                    active, joining = active + [decoding for decoding, _ in joining], []
                 active = self._leave(batch, active)
+                if active:
+                    self._step(batch, active)
+                    active = self._leave(batch, active)
+            except Exception as e:  # a failed step fails its requests, not the worker
+                log.exception("generation failed")
+                for decoding in active + [decoding for decoding, _ in joining]:
+                    if decoding.finish is None:
+                        decoding.job.emit("error", str(e))
+                batch, active = Batch(), []
 
     @torch.no_grad()
     def _prefill(self, job: Job):
