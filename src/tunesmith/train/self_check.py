@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.config.run import BASE_TRAINING_METHODS
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
 from tunesmith.data.shared_prefixes import MIN_SHARED
@@ -90,7 +91,8 @@ def checked_speed_options(model, cfg, device, pad_id: int) -> str:
         worst = max(worst, moved)
 
     try:
-        apply_speed_options(model, cfg.train, after_each=compare)
+        apply_speed_options(model, cfg.train, after_each=compare,
+                            base_is_trained=cfg.method.name in BASE_TRAINING_METHODS)
     finally:
         model.train(was_training)
     if not checked:
