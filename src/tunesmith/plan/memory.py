@@ -5,7 +5,8 @@ Peak = runtime + max(loading, training), where
             filled in) — QLoRA and bf16 runs read fp32/bf16 weights before quantising or casting them;
   training  weights (by dtype or 4-bit format) + gradients + AdamW's moments + the activations saved for backward
             (per token and per layer, from what the decoder, tunesmith's kernels and the method keep) + the loss's
-            buffers (the chunked loss's chunk × vocabulary logits, DPO's label positions × vocabulary log-softmax)
+            buffers (the chunked loss's chunk × vocabulary logits, also for DPO's and PPO's per-token log-probs; without
+            chunks, label positions × vocabulary logits and log-softmax)
             + the method's extras + one layer's backward workspace, all at once: the peak is the second step's
             backward (bench/plan.py records the high-water mark after loading, after each backward and after each
             optimizer step: AdamW creates its moments in step 1, so step 2's backward holds them beside the
@@ -263,10 +264,13 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
     if cfg.objective in ("dpo", "reward", "ppo"):
         if cfg.objective == "reward":
             return [Part("reward head", tokens * h * 4, "hidden states at each sequence's last token")]
-        # sequence_logps: fp32 logits at the label positions, the log-softmax cross_entropy keeps, and the
-        # reference's (no grad) or the backward's pair of the same size alive at once
-        return [Part("log-probs over the vocabulary", 3 * tokens * vocab * 4,
-                     f"3 × {tokens:,} label positions × {vocab:,} × 4 B (logits, log-softmax, reference/gradient)")]
+        if cfg.train.loss_chunk is None:
+            # sequence_logps: fp32 logits at the label positions, the log-softmax cross_entropy keeps, and the
+            # reference's (no grad) or the backward's pair of the same size alive at once
+            return [Part("log-probs over the vocabulary", 3 * tokens * vocab * 4,
+                         f"3 × {tokens:,} label positions × {vocab:,} × 4 B (logits, log-softmax, reference/gradient)")]
+        # chunked per-token log-probs (objectives/chunked_ce.py): the same buffers as the chunked loss; the backward
+        # recomputes each chunk's logits from the saved log-sum-exp
     chunk = cfg.train.loss_chunk
     if chunk is None:
         return [Part("logits", 3 * tokens * vocab * 4, f"3 × {tokens:,} × {vocab:,} × 4 B (logits, softmax, grad)")]
