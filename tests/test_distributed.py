@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, qa_rows, write_jsonl
 from safetensors.torch import load_file
@@ -174,8 +175,9 @@ def test_killing_one_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path, 
 def test_plain_train_with_a_distributed_section_is_one_process(tiny_config, capsys):
     tiny_config["distributed"] = {"strategy": "fsdp"}
     tiny_config["train"]["max_steps"] = 1
-    train(load_config(None, [], base=tiny_config))
-    assert "not started by torchrun: training as one process" in capsys.readouterr().err
+    result = train(load_config(None, [], base=tiny_config))
+    assert "not started by torchrun: training as one process" in " ".join(capsys.readouterr().err.split())
+    assert result.steps == 1 and len(_losses(result.run_dir)) == 1 and (result.run_dir / "adapter").is_dir()
 
 
 @pytest.mark.parametrize("change,message", [
@@ -187,3 +189,32 @@ def test_refused_combinations_say_why(tiny_config, change, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, [], base={**tiny_config, "distributed": {"strategy": "ddp"}, **change})
+
+
+def test_torchrun_without_a_distributed_section_is_refused(tiny_config, monkeypatch):
+    from rich.console import Console
+
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.distributed import TORCHRUN_ENV, ranks_for
+
+    for name, value in zip(TORCHRUN_ENV, ("1", "2", "1", "127.0.0.1", "29500")):
+        monkeypatch.setenv(name, value)
+    cfg = load_config(None, [], base=tiny_config)
+    with pytest.raises(ConfigError, match=r"rank 1 of 2 started by torchrun, but the config has no distributed: "):
+        ranks_for(cfg, torch.device("cpu"), Console(quiet=True))
+
+
+def test_fsdp_refuses_an_int4_base_and_says_why():
+    from conftest import tiny_llama
+
+    from tunesmith.config.distributed import DistributedSettings
+    from tunesmith.errors import ConfigError
+    from tunesmith.quant.linear import Int4Linear
+    from tunesmith.train.distributed import FullySharded
+
+    model = tiny_llama(vocab_size=300)
+    model.model.layers[0].mlp.down_proj = Int4Linear(128, 64, group_size=32)
+    ranks = FullySharded.__new__(FullySharded)  # the check comes before any collective
+    ranks.settings = DistributedSettings(strategy="fsdp")
+    with pytest.raises(ConfigError, match="int4 weights are packed buffers, which FSDP does not shard"):
+        ranks.wrap(model, objective=None)

@@ -167,7 +167,7 @@ class FullySharded(DataParallel):
     def wrap(self, model: nn.Module, objective) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        quantized = sorted({type(m).__module__.split(".")[0] for m in model.modules()
+        quantized = sorted({type(m).__name__ for m in model.modules()
                             if type(m).__module__.startswith(("tunesmith.quant", "bitsandbytes"))})
         if quantized:
             raise ConfigError(
