@@ -24,7 +24,7 @@ from tunesmith.train.loop import train
 
 STEPS, PER_RANK, RANKS = 5, 2, 2
 CASES = [(strategy, method, objective) for strategy in ("ddp", "fsdp") for method in ("lora", "full")
-         for objective in ("sft", "dpo")]
+         for objective in ("sft", "dpo")] + [("ddp", "lora", "reward"), ("fsdp", "lora", "reward")]
 CRASHED = [("ddp", "lora", "sft"), ("fsdp", "full", "sft")]  # checkpoint at step 3, stopped after step 4
 # Measured |2 ranks − 1 process| (the order of the sums differs): per-step loss ≤ 5e-6; trained weights after 5
 # AdamW steps ≤ 7e-5 (Adam divides by the root of the second moment, which lifts the rounding of small gradients).
@@ -43,7 +43,7 @@ def _torchrun(*args: str) -> list[str]:
 
 def _config(root: Path, model_dir, method: str, objective: str, name: str, strategy: str | None = None,
             batch: int = PER_RANK, **train_settings) -> dict:
-    if objective == "dpo":
+    if objective in ("dpo", "reward"):
         rows = [{"prompt": f"Pick a colour for item {i}.", "chosen": "Blue, always blue.",
                  "rejected": f"Red number {i} maybe."} for i in range(16)]
         data = write_jsonl(root / "pairs.jsonl", rows)
@@ -66,8 +66,10 @@ def _losses(run_dir) -> list[float]:
 
 
 def _artifact(run_dir) -> dict:
-    (file,) = Path(run_dir).glob("*/*.safetensors")  # adapter/adapter_model.safetensors or model/model.safetensors
-    return load_file(str(file))
+    """Every tensor of adapter/ or model/ (a reward model's head file too), keyed by file and name."""
+    files = sorted(Path(run_dir).glob("*/*.safetensors"))
+    assert files
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
 
 
 def _largest_difference(a: dict, b: dict) -> float:

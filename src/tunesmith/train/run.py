@@ -217,6 +217,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
     config_yaml = dump_config(cfg)
+    ranks.barrier()  # every rank has read what it needs from output_dir (a cached DPO reference) before it changes
     if ranks.main:
         if overwrite and run_dir.exists() and not resume:
             shutil.rmtree(run_dir)
@@ -270,6 +271,8 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
     result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective)
     result.summary["facts"].update(extra_facts or {})
+    if run.ranks.world > 1:
+        result.summary["facts"]["steps"] += f" per rank × {run.ranks.world} ranks ({run.ranks.strategy})"
     plot_losses(run.run_dir)
     write_report(run.run_dir, result.summary, run.config_yaml)
     atomic_write_text(run.run_dir / "summary.json", json.dumps({
