@@ -24,11 +24,12 @@ from tunesmith.train.loop import train
 
 STEPS, PER_RANK, RANKS = 5, 2, 2
 CASES = [(strategy, method, objective) for strategy in ("ddp", "fsdp") for method in ("lora", "full")
-         for objective in ("sft", "dpo")] + [("ddp", "lora", "reward"), ("fsdp", "lora", "reward")]
+         for objective in ("sft", "dpo")]
 CRASHED = [("ddp", "lora", "sft"), ("fsdp", "full", "sft")]  # checkpoint at step 3, stopped after step 4
-# Measured |2 ranks − 1 process| (the order of the sums differs): per-step loss ≤ 5e-6; trained weights after 5
-# AdamW steps ≤ 7e-5 (Adam divides by the root of the second moment, which lifts the rounding of small gradients).
-LOSS_TOLERANCE, WEIGHT_TOLERANCE = 1e-4, 5e-4
+# Measured |2 ranks − 1 process| (the order of the sums differs): per-step loss ≤ 1.8e-6; trained weights after 5
+# AdamW steps ≤ 6.1e-5 (Adam divides by the root of the second moment, which lifts the rounding of small gradients).
+# Resumed on 1 process after 3 steps on 2 ranks against 5 steps on 2 ranks: weights ≤ 1.2e-7 apart.
+LOSS_TOLERANCE, WEIGHT_TOLERANCE, RESUME_TOLERANCE = 1e-4, 2e-4, 1e-5
 
 
 def _env() -> dict:
@@ -43,7 +44,7 @@ def _torchrun(*args: str) -> list[str]:
 
 def _config(root: Path, model_dir, method: str, objective: str, name: str, strategy: str | None = None,
             batch: int = PER_RANK, **train_settings) -> dict:
-    if objective in ("dpo", "reward"):
+    if objective == "dpo":
         rows = [{"prompt": f"Pick a colour for item {i}.", "chosen": "Blue, always blue.",
                  "rejected": f"Red number {i} maybe."} for i in range(16)]
         data = write_jsonl(root / "pairs.jsonl", rows)
@@ -79,35 +80,37 @@ def _largest_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, tiny_model_dir):
-    """Every 2-rank run of this module in one torchrun launch: the cases, then the runs that stop after step 4."""
+    """Every 2-rank run of this module in one torchrun launch (the cases, then the runs that stop after step 4), and
+    meanwhile the 1-process references in this process."""
     root = tmp_path_factory.mktemp("distributed")
     jobs = [{"config": _config(root, tiny_model_dir, m, o, f"{s}-{m}-{o}", s)} for s, m, o in CASES]
     jobs += [{"config": _config(root, tiny_model_dir, m, o, f"crashed-{s}-{m}-{o}", s, save_every=3),
               "crash_after_step": 4} for s, m, o in CRASHED]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs}))
-    done = subprocess.run(_torchrun(str(REPO / "tests" / "distributed_runs.py"), str(spec)), env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return root, tiny_model_dir
-
-
-_references: dict = {}
+    job = subprocess.Popen(_torchrun(str(REPO / "tests" / "distributed_runs.py"), str(spec)), env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        references = {(m, o): _reference(root, tiny_model_dir, m, o) for m, o in dict.fromkeys(c[1:] for c in CASES)}
+        output, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-8000:]
+    return root, references, tiny_model_dir
 
 
 def _reference(root: Path, model_dir, method: str, objective: str) -> Path:
-    """One process × batch 2b, shared by the DDP and FSDP cases."""
-    if (method, objective) not in _references:
-        cfg = load_config(None, [], base=_config(root, model_dir, method, objective, f"one-{method}-{objective}",
-                                                 batch=PER_RANK * RANKS))
-        _references[method, objective] = train(cfg, quiet=True).run_dir
-    return _references[method, objective]
+    """One process × batch 2b (shared by the DDP and FSDP cases)."""
+    cfg = load_config(None, [], base=_config(root, model_dir, method, objective, f"one-{method}-{objective}",
+                                             batch=PER_RANK * RANKS))
+    return train(cfg, quiet=True).run_dir
 
 
 @pytest.mark.parametrize("strategy,method,objective", CASES)
 def test_two_ranks_train_as_one_process_with_twice_the_batch(launched, strategy, method, objective):
-    root, model_dir = launched
-    one = _reference(root, model_dir, method, objective)
+    root, references, _ = launched
+    one = references[method, objective]
     two = root / f"{strategy}-{method}-{objective}"
     assert len(_losses(two)) == STEPS
     assert _losses(two) == pytest.approx(_losses(one), abs=LOSS_TOLERANCE, rel=0)
@@ -120,14 +123,14 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(launched, strategy,
 
 @pytest.mark.parametrize("strategy,method,objective", CRASHED)
 def test_checkpoint_of_two_ranks_resumes_on_one_process(launched, strategy, method, objective):
-    root, model_dir = launched
+    root, _, model_dir = launched
     crashed = root / f"crashed-{strategy}-{method}-{objective}"
     assert [p.name for p in list_checkpoints(crashed)] == ["step-0000003"]
     cfg = load_config(None, [], base=_config(root, model_dir, method, objective, crashed.name,
                                              batch=PER_RANK * RANKS, save_every=3))
     train(cfg, quiet=True, resume=True)  # 1 process, the same global batch, steps 4-5
     straight = root / f"{strategy}-{method}-{objective}"
-    assert _largest_difference(_artifact(crashed), _artifact(straight)) <= WEIGHT_TOLERANCE
+    assert _largest_difference(_artifact(crashed), _artifact(straight)) <= RESUME_TOLERANCE
     assert _losses(crashed)[:3] == _losses(straight)[:3]  # the 2-rank steps kept as they were logged
     assert _losses(crashed)[3:] == pytest.approx(_losses(straight)[3:], abs=LOSS_TOLERANCE, rel=0)
 
@@ -144,7 +147,7 @@ def _rank_pids(launcher: int) -> dict[int, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks' processes through /proc")
 def test_killing_one_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, "lora", "sft", "run", "ddp", max_steps=5000, save_every=2)
+    cfg = _config(tmp_path, tiny_model_dir, "lora", "sft", "run", "ddp", max_steps=5000, save_every=1)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     job = subprocess.Popen(_torchrun("-m", "tunesmith", "train", str(tmp_path / "run.yaml"), "--quiet"), env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -177,6 +180,7 @@ def test_killing_one_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path, 
 def test_plain_train_with_a_distributed_section_is_one_process(tiny_config, capsys):
     tiny_config["distributed"] = {"strategy": "fsdp"}
     tiny_config["train"]["max_steps"] = 1
+    tiny_config["data"]["eval"] = None
     result = train(load_config(None, [], base=tiny_config))
     assert "not started by torchrun: training as one process" in " ".join(capsys.readouterr().err.split())
     assert result.steps == 1 and len(_losses(result.run_dir)) == 1 and (result.run_dir / "adapter").is_dir()

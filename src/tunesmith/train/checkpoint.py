@@ -77,9 +77,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_
 
     ranks = ranks or OneProcess()
     tensors = {f"model.{n}": t for n, t in ranks.trainable_state(model).items()}
-    opt_tensors, opt_meta = _optimizer_to_flat(ranks.optimizer_state(optimizer)) if ranks.main else ({}, {})
+    optimizer_state = ranks.optimizer_state(optimizer)  # a collective under FSDP: every rank takes part
     if not ranks.main:
         return None
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
