@@ -149,6 +149,25 @@ def run(method: str, strategy: str | None, threads: int, args, tmp: Path) -> dic
             "median_tokens_per_s": sorted(steady)[len(steady) // 2] if steady else summary["tokens_per_s"]}
 
 
+def random_llama(spec: str, folder: Path) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "src"))
+    from tunesmith.models import load_tokenizer
+
+    _, hidden, layers = spec.split(":")
+    tokenizer = load_tokenizer("builtin:smollm2-135m-instruct")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=int(hidden), intermediate_size=int(hidden) * 8 // 3,
+                         num_hidden_layers=int(layers), num_attention_heads=max(1, int(hidden) // 64),
+                         num_key_value_heads=max(1, int(hidden) // 192), max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def predicted(strategy: str, params: dict, ranks: int, accumulation: int = 1) -> dict:
     if strategy == "ddp":
         return {"all-reduce (gradients)": params["trainable"] * 4}
@@ -168,13 +187,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="the global batch (split over the ranks)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--methods", default="lora,full")
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct",
+                        help="a model folder, builtin:NAME, or random:HIDDEN:LAYERS (a random Llama with SmolLM2's "
+                        "tokenizer, built once in a temp folder)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
     results = []
     with tempfile.TemporaryDirectory() as folder:
+        if args.model.startswith("random:"):
+            args.model = random_llama(args.model, Path(folder) / "random-llama")
         for method in args.methods.split(","):
             # one process with the cores the ranks share, one with a rank's one thread, then the ranks
             for strategy, threads in ((None, args.ranks), (None, 1), ("ddp", 1), ("fsdp", 1)):
