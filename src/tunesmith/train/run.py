@@ -25,6 +25,7 @@ from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
+from tunesmith.train.distributed import OneProcess, ranks_for
 from tunesmith.train.report import plot_losses, write_report
 from tunesmith.train.self_check import checked_speed_options
 
@@ -107,10 +108,12 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
 
 
 @torch.no_grad()
-def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int) -> dict | None:
-    """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs)."""
+def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int, ranks=None) -> dict | None:
+    """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs); in a
+    distributed run every rank computes them on the whole held-out set."""
     if not examples:
         return None
+    ranks = ranks or OneProcess()
     was_training = model.training
     model.eval()
     total, count, sums = 0.0, 0, {}
@@ -118,7 +121,7 @@ def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: i
     for i in range(0, len(examples), bs):
         batch = to_device(objective.collate(examples[i : i + bs], cfg, pad_id), device)
         with autocast_for(cfg, device):
-            loss, n, metrics = objective.loss_sum(model, batch)
+            loss, n, metrics = ranks.loss_sum(model, objective, batch)
         total += float(loss)
         count += n
         for key, value in metrics.items():
@@ -158,6 +161,7 @@ class Run:
     trainable: int
     total: int
     config_yaml: str
+    ranks: OneProcess = field(default_factory=OneProcess)
 
 
 def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
@@ -172,6 +176,18 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
+    ranks = ranks_for(cfg, device, console)
+    device = ranks.device(device)
+    ranks.barrier()  # every rank has checked output_dir before the main rank writes there
+    if not ranks.main:
+        console.quiet = True
+    elif ranks.world > 1:
+        console.print(f"[bold]distributed[/bold] {ranks.strategy} on {ranks.world} ranks: global batch "
+                      f"{cfg.train.batch_size} per rank × {ranks.world} ranks × accumulation {cfg.train.grad_accum}")
+    if ranks.strategy == "fsdp" and (cfg.report.heldout_samples or cfg.report.trained_samples):
+        console.print("[bold]report[/bold] no sample generations under fsdp (generation would need every rank's "
+                      "shards in one process); the held-out metrics are reported")
+        cfg.report.heldout_samples = cfg.report.trained_samples = 0
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
     data: Datasets = objective.build_datasets(cfg, tokenizer)
@@ -200,16 +216,18 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if note:
         console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    keep = getattr(objective, "keep_in_run", None)
-    if keep is not None:
-        keep(run_dir)
     config_yaml = dump_config(cfg)
-    atomic_write_text(run_dir / "config.yaml", config_yaml)
+    ranks.barrier()  # every rank has read what it needs from output_dir (a cached DPO reference) before it changes
+    if ranks.main:
+        if overwrite and run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keep = getattr(objective, "keep_in_run", None)
+        if keep is not None:
+            keep(run_dir)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               config_yaml)
+               config_yaml, ranks)
 
 
 def make_optimizer(run: Run, total_steps: int):
@@ -228,7 +246,7 @@ def resume_position(run: Run, resume: bool, optimizer, scheduler) -> tuple[int, 
     if not resume:
         return 0, 0
     last = list_checkpoints(run.run_dir)[-1]
-    meta = load_checkpoint(last, run.model, optimizer, scheduler)
+    meta = load_checkpoint(last, run.model, optimizer, scheduler, run.ranks)
     run.console.print(f"[bold]resume[/bold] from {last.name} (step {meta['step']})")
     return meta["step"], meta["data_position"]
 
@@ -239,14 +257,22 @@ def eval_row(metrics: dict) -> dict:
 
 def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, baseline: dict, after: dict | None,
                extra_facts: dict | None = None) -> RunResult:
-    """Save the trained artifact, then summary, plot, report.md and summary.json."""
+    """Save the trained artifact, then summary, plot, report.md and summary.json (the main rank; the others only
+    help gather the full weights)."""
     cfg, model, method = run.cfg, run.model, run.method
+    run.ranks.consolidate(model)
+    if not run.ranks.main:
+        return RunResult(run.run_dir, total_steps, baseline["eval_loss"], after.get("loss") if after else None,
+                         run.trainable, run.total, seconds, eval_metrics_before=baseline["eval_metrics"],
+                         eval_metrics_after=after)
     run.objective.save(model, method, cfg, run.run_dir / getattr(method, "OUTPUT_NAME", "adapter"))
     after_loss = after.get("loss") if after else None
     result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
     result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
     result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective)
     result.summary["facts"].update(extra_facts or {})
+    if run.ranks.world > 1:
+        result.summary["facts"]["steps"] += f" per rank × {run.ranks.world} ranks ({run.ranks.strategy})"
     plot_losses(run.run_dir)
     write_report(run.run_dir, result.summary, run.config_yaml)
     atomic_write_text(run.run_dir / "summary.json", json.dumps({
@@ -256,7 +282,8 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     return result
 
 
-def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id) -> dict:
+def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id,
+                ranks=None) -> dict:
     """Held-out metrics and sample generations of the untouched model, kept in the run so a resumed run reports them."""
     path = run_dir / "baseline.json"
     if resume and path.is_file():
@@ -264,15 +291,17 @@ def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokeni
     else:
         baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
         if cfg.report.compare:
-            metrics = evaluate(model, objective, data.eval, cfg, device, pad_id)
+            metrics = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
             baseline["eval_loss"] = metrics["loss"] if metrics else None
             if metrics and set(metrics) - {"loss"}:
                 baseline["eval_metrics"] = metrics
-            baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
-                                                             cfg.report.heldout_samples, cfg.report.max_new_tokens)
-            baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
-                                                             cfg.report.trained_samples, cfg.report.max_new_tokens)
-        atomic_write_text(path, json.dumps(baseline, indent=1))
+            if ranks is None or ranks.main:  # the report is the main rank's
+                baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
+                                                                 cfg.report.heldout_samples, cfg.report.max_new_tokens)
+                baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
+                                                                 cfg.report.trained_samples, cfg.report.max_new_tokens)
+        if ranks is None or ranks.main:
+            atomic_write_text(path, json.dumps(baseline, indent=1))
     if "eval_metrics" not in baseline:
         baseline["eval_metrics"] = None if baseline["eval_loss"] is None else {"loss": baseline["eval_loss"]}
     return baseline
