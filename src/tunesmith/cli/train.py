@@ -7,7 +7,9 @@ from tunesmith.cli.output import EPILOG
 
 def register(sub) -> dict:
     t = sub.add_parser("train", help="train from a YAML config", epilog=EPILOG,
-                       description="Train a method (LoRA, ...) with an objective (sft, text) on data described in a YAML config.")
+                       description="Train a method (LoRA, ...) with an objective (sft, text) on data described in a YAML config. "
+                       "On several processes: torchrun --nproc_per_node N -m tunesmith train CONFIG, with a "
+                       "distributed: {strategy: ddp | fsdp} section in CONFIG.")
     t.add_argument("config", help="YAML config file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
@@ -19,11 +21,24 @@ def register(sub) -> dict:
 
 def cmd_train(args) -> int:
     from tunesmith.config import load_config
+    from tunesmith.train.distributed import leave, lost_rank
     from tunesmith.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
-    print_summary(result)
+    try:
+        result = train(cfg, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    except RuntimeError as error:
+        from pathlib import Path
+
+        from tunesmith.train.checkpoint import list_checkpoints
+
+        lost = lost_rank(error, list_checkpoints(Path(cfg.output_dir)))
+        if lost is None or args.debug:
+            raise
+        raise lost from None
+    leave()  # under torchrun: wait for every rank, then close the process group
+    if result.summary:  # only the main rank of a distributed run summarises
+        print_summary(result)
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunesmith.config.distributed import DistributedSettings, refusal
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
 from tunesmith.config.objectives import OBJECTIVE_SECTIONS, DpoSettings, PpoSettings, RewardSettings
 from tunesmith.errors import ConfigError
@@ -221,6 +222,9 @@ class RunConfig(Strict):
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    distributed: DistributedSettings | None = Field(
+        None, description="for runs launched by torchrun: how the ranks share the work; without torchrun the run "
+        "is one process")
     output_dir: str = "runs/latest"
 
     @model_validator(mode="before")
@@ -260,6 +264,10 @@ class RunConfig(Strict):
             raise ValueError(f"data.overlong: 'split' would cut {self.objective} examples apart; use 'drop' or "
                              "'truncate'")
         self._refuse_settings_the_objective_cannot_use()
+        if self.distributed is not None:
+            why = refusal(self.objective, self.method.name, self.distributed.strategy)
+            if why:
+                raise ValueError(f"distributed: {why}")
         for name in OBJECTIVE_SECTIONS:
             if name != self.objective and getattr(self, name) is not None:
                 raise ValueError(f"{name}: these are settings of objective '{name}', but objective is "
@@ -396,5 +404,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
 
 
 def dump_config(cfg: RunConfig) -> str:
-    unused = {name for name in OBJECTIVE_SECTIONS if getattr(cfg, name) is None}
+    unused = {name for name in (*OBJECTIVE_SECTIONS, "distributed") if getattr(cfg, name) is None}
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude=unused), sort_keys=False)

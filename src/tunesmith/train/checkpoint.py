@@ -1,6 +1,8 @@
 """Checkpoints: trainable weights, optimizer, scheduler, RNG and data position; safetensors + JSON, no pickle.
 
-Written to a temp folder, fsynced, then renamed, so a crash never leaves a half checkpoint.
+Written to a temp folder, fsynced, then renamed, so a crash never leaves a half checkpoint. In a distributed run the
+full (consolidated) state is gathered on rank 0, which alone writes, in the same layout one process writes, so a
+checkpoint resumes on any number of ranks (train/distributed.py).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import numpy as np
 import torch
 
 from tunesmith.atomic import fsync_tree
+from tunesmith.train.distributed import OneProcess
 
 CHECKPOINTS = "checkpoints"
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_to_flat(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
@@ -32,7 +34,7 @@ def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -41,7 +43,7 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -68,15 +70,21 @@ def restore_rng(tensors: dict, meta: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_position: int, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, data_position: int, keep: int,
+                    ranks=None) -> Path | None:
+    """Every rank calls it (the state is gathered from all of them); the main rank writes and returns the folder."""
     from safetensors.torch import save_file
 
+    ranks = ranks or OneProcess()
+    tensors = {f"model.{n}": t for n, t in ranks.trainable_state(model).items()}
+    optimizer_state = ranks.optimizer_state(optimizer)  # a collective under FSDP: every rank takes part
+    if not ranks.main:
+        return None
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer_state)
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
     try:
-        tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
         rng_tensors, rng_meta = rng_state()
         save_file({**tensors, **opt_tensors, **rng_tensors}, str(tmp / "state.safetensors"))
         meta = {"step": step, "data_position": data_position, "optimizer": opt_meta,
@@ -102,18 +110,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "meta.json").is_file())
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, ranks=None) -> dict:
+    """Every rank reads the checkpoint and restores its part: the weights, the optimizer state, the schedule, the RNG
+    (the main rank's, when it was written by several)."""
     from safetensors.torch import load_file
 
+    ranks = ranks or OneProcess()
     tensors = load_file(str(folder / "state.safetensors"))
     meta = json.loads((folder / "meta.json").read_text())
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("model."):
-                name = key.removeprefix("model.")
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
-    _optimizer_from_flat(optimizer, tensors, meta["optimizer"])
+    ranks.load_trainable(model, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    ranks.load_optimizer(optimizer, _optimizer_from_flat(tensors, meta["optimizer"]))
     scheduler.load_state_dict(meta["scheduler"])
     restore_rng(tensors, meta["rng"])
     return meta

@@ -76,3 +76,24 @@ class MetricsLogger:
 
     def note(self, text: str) -> None:
         self.progress.console.print(text)
+
+
+class SilentLogger:
+    """What the ranks other than the main one log: nothing (the main rank writes the run's files)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def metrics_logger(main: bool, run_dir: Path, total_steps: int, start_step: int, console: Console,
+                   quiet: bool = False):
+    return MetricsLogger(run_dir, total_steps, start_step, console, quiet) if main else SilentLogger()

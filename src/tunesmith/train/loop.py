@@ -7,13 +7,12 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from tunesmith.config import RunConfig
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives import get_objective
 from tunesmith.train.checkpoint import save_checkpoint
-from tunesmith.train.logging import MetricsLogger
+from tunesmith.train.distributed import OneProcess
+from tunesmith.train.logging import metrics_logger
 from tunesmith.train.run import (RunResult, SimulatedCrash, baseline_of, eval_row, evaluate_data, finish_run,
                                  general_perplexity, make_optimizer, open_run, resume_position)
 
@@ -37,21 +36,30 @@ class StepTotals:
     metrics: dict = field(default_factory=dict)
 
 
-def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, device, pad_id: int) -> StepTotals:
+def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, device, pad_id: int,
+                         ranks=None) -> StepTotals:
     """Backward over the micro-batches of one optimizer step, normalised by all their units (label tokens, pairs)
-    together, so that accumulating k micro-batches gives the gradient of the one big batch."""
-    totals = StepTotals(units=sum(objective.units(ex) for mb in micro for ex in mb),
-                        label_tokens=sum(ex.n_labels for mb in micro for ex in mb),
-                        tokens=sum(len(ex) for mb in micro for ex in mb))
-    for mb in micro:
+    together, on all ranks together, so that accumulating k micro-batches on W ranks gives the gradient of the one
+    big batch on one process. The totals returned are the sums over the ranks."""
+    ranks = ranks or OneProcess()
+    local = StepTotals(units=sum(objective.units(ex) for mb in micro for ex in mb),
+                       label_tokens=sum(ex.n_labels for mb in micro for ex in mb),
+                       tokens=sum(len(ex) for mb in micro for ex in mb))
+    units = int(ranks.sum([local.units])[0])
+    # DDP and FSDP average the ranks' gradients; scaled by the world size, the average is the sum over all units
+    per_unit = units / ranks.world
+    for k, mb in enumerate(micro):
         batch = to_device(objective.collate(mb, cfg, pad_id), device)
-        with autocast_for(cfg, device):
-            loss, _, metrics = objective.loss_sum(model, batch)
-        (loss / totals.units).backward()
-        totals.loss += float(loss.detach())
+        with ranks.gradient_sync(last=k == len(micro) - 1):
+            with autocast_for(cfg, device):
+                loss, _, metrics = ranks.loss_sum(model, objective, batch)
+            (loss / per_unit).backward()
+        local.loss += float(loss.detach())
         for key, value in metrics.items():
-            totals.metrics[key] = totals.metrics.get(key, 0.0) + value
-    return totals
+            local.metrics[key] = local.metrics.get(key, 0.0) + value
+    keys = list(local.metrics)  # the same on every rank
+    summed = ranks.sum([local.loss, local.label_tokens, local.tokens, *(local.metrics[k] for k in keys)])
+    return StepTotals(summed[0], units, int(summed[1]), int(summed[2]), dict(zip(keys, summed[3:])))
 
 
 
@@ -65,13 +73,14 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
         return outer(cfg, objective, overwrite=overwrite, resume=resume, quiet=quiet,
                      crash_after_step=crash_after_step)
     run = open_run(cfg, objective, overwrite, resume, quiet)
-    model, data, device, pad_id, console = run.model, run.data, run.device, run.pad_id, run.console
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    model, data, device, pad_id, console, ranks = run.model, run.data, run.device, run.pad_id, run.console, run.ranks
+    ranks.wrap(model, objective)  # before the optimizer: FSDP replaces the parameters by their shards
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / per_step))
     params, optimizer, scheduler = make_optimizer(run, total_steps)
     start_step, position = resume_position(run, resume, optimizer, scheduler)
 
-    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id,
+    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id, ranks,
                            lambda: general_perplexity(run))
     if baseline["eval_loss"] is not None:
         console.print(f"[bold]eval[/bold] held-out loss before training: {baseline['eval_loss']:.4f}")
@@ -81,18 +90,19 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     started = time.perf_counter()
     tokens_seen = 0
     after = None
-    with MetricsLogger(run.run_dir, total_steps, start_step, console, quiet) as log:
+    with metrics_logger(ranks.main, run.run_dir, total_steps, start_step, console, quiet) as log:
         if start_step == 0 and baseline["eval_loss"] is not None:
             log.log({"step": 0, **eval_row(baseline["eval_metrics"])})
         if start_step == 0 and baseline.get("forgetting_perplexity") is not None:
             log.log({"step": 0, "forgetting/perplexity": baseline["forgetting_perplexity"]})
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
-            micro = [[data.train[i] for i in stream.take(cfg.train.batch_size)] for _ in range(cfg.train.grad_accum)]
-            totals = accumulate_gradients(model, objective, micro, cfg, device, pad_id)
+            micro = [[data.train[i] for i in ranks.shard(stream.take(cfg.train.batch_size * ranks.world))]
+                     for _ in range(cfg.train.grad_accum)]
+            totals = accumulate_gradients(model, objective, micro, cfg, device, pad_id, ranks)
             grad_norm = None
             if cfg.train.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                grad_norm = ranks.clip(params, cfg.train.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step applies; scheduler.step() moves to the next one
             optimizer.step()
             scheduler.step()
@@ -108,16 +118,16 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             if step % cfg.train.log_every == 0 or step == total_steps:
                 log.log(row)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                ev = evaluate_data(model, objective, data, cfg, device, pad_id)
+                ev = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
                 if ev is not None:
                     log.log({"step": step, **eval_row(ev)})
                     log.note(f"step {step}: held-out loss {ev['loss']:.4f}")
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
                 save_checkpoint(run.run_dir, step, model, optimizer, scheduler, stream.position,
-                                cfg.train.keep_checkpoints)
+                                cfg.train.keep_checkpoints, ranks)
             if crash_after_step is not None and step == crash_after_step:
                 raise SimulatedCrash(step)
-        after = evaluate_data(model, objective, data, cfg, device, pad_id)
+        after = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
         if after is not None:
             log.log({"step": total_steps, **eval_row(after)})
         forgot = general_perplexity(run)

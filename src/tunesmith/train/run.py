@@ -26,6 +26,7 @@ from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
 from tunesmith.train.forgetting import ForgettingProbe, forgetting_facts, probe_for
+from tunesmith.train.distributed import OneProcess, ranks_for
 from tunesmith.train.report import plot_losses, write_report
 from tunesmith.train.self_check import checked_speed_options
 
@@ -89,10 +90,12 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
 
 
 @torch.no_grad()
-def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int) -> dict | None:
-    """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs)."""
+def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int, ranks=None) -> dict | None:
+    """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs); in a
+    distributed run every rank computes them on the whole held-out set."""
     if not examples:
         return None
+    ranks = ranks or OneProcess()
     was_training = model.training
     model.eval()
     total, count, sums = 0.0, 0, {}
@@ -100,7 +103,7 @@ def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: i
     for i in range(0, len(examples), bs):
         batch = to_device(objective.collate(examples[i : i + bs], cfg, pad_id), device)
         with autocast_for(cfg, device):
-            loss, n, metrics = objective.loss_sum(model, batch)
+            loss, n, metrics = ranks.loss_sum(model, objective, batch)
         total += float(loss)
         count += n
         for key, value in metrics.items():
@@ -110,11 +113,11 @@ def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: i
     return {"loss": total / max(count, 1), **{k: v / max(count, 1) for k, v in sums.items()}}
 
 
-def evaluate_data(model, objective, data: Datasets, cfg: RunConfig, device, pad_id: int) -> dict | None:
+def evaluate_data(model, objective, data: Datasets, cfg: RunConfig, device, pad_id: int, ranks=None) -> dict | None:
     """Held-out metrics over all the eval examples, and in a multi-task run each task's as `<task>/<metric>`."""
-    overall = evaluate(model, objective, data.eval, cfg, device, pad_id)
+    overall = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
     for name, examples in data.task_evals.items():
-        for key, value in (evaluate(model, objective, examples, cfg, device, pad_id) or {}).items():
+        for key, value in (evaluate(model, objective, examples, cfg, device, pad_id, ranks) or {}).items():
             overall[f"{name}/{key}"] = value
     return overall
 
@@ -150,6 +153,7 @@ class Run:
     total: int
     config_yaml: str
     forgetting: ForgettingProbe | None = None
+    ranks: OneProcess = field(default_factory=OneProcess)
 
 
 def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
@@ -164,6 +168,18 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
+    ranks = ranks_for(cfg, device, console)
+    device = ranks.device(device)
+    ranks.barrier()  # every rank has checked output_dir before the main rank writes there
+    if not ranks.main:
+        console.quiet = True
+    elif ranks.world > 1:
+        console.print(f"[bold]distributed[/bold] {ranks.strategy} on {ranks.world} ranks: global batch "
+                      f"{cfg.train.batch_size} per rank × {ranks.world} ranks × accumulation {cfg.train.grad_accum}")
+    if ranks.strategy == "fsdp" and (cfg.report.heldout_samples or cfg.report.trained_samples):
+        console.print("[bold]report[/bold] no sample generations under fsdp (generation would need every rank's "
+                      "shards in one process); the held-out metrics are reported")
+        cfg.report.heldout_samples = cfg.report.trained_samples = 0
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
     data: Datasets = objective.build_datasets(cfg, tokenizer)
@@ -192,16 +208,18 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if note:
         console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
-    if overwrite and run_dir.exists() and not resume:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    keep = getattr(objective, "keep_in_run", None)
-    if keep is not None:
-        keep(run_dir)
     config_yaml = dump_config(cfg)
-    atomic_write_text(run_dir / "config.yaml", config_yaml)
+    ranks.barrier()  # every rank has read what it needs from output_dir (a cached DPO reference) before it changes
+    if ranks.main:
+        if overwrite and run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keep = getattr(objective, "keep_in_run", None)
+        if keep is not None:
+            keep(run_dir)
+        atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               config_yaml, probe_for(cfg, tokenizer))
+               config_yaml, ranks=ranks, forgetting=probe_for(cfg, tokenizer))
 
 
 def general_perplexity(run: Run) -> float | None:
@@ -210,7 +228,8 @@ def general_perplexity(run: Run) -> float | None:
         return None
     from tunesmith.objectives import lm
 
-    return math.exp(evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id)["loss"])
+    return math.exp(evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id,
+                             run.ranks)["loss"])
 
 
 def make_optimizer(run: Run, total_steps: int):
@@ -229,7 +248,7 @@ def resume_position(run: Run, resume: bool, optimizer, scheduler) -> tuple[int, 
     if not resume:
         return 0, 0
     last = list_checkpoints(run.run_dir)[-1]
-    meta = load_checkpoint(last, run.model, optimizer, scheduler)
+    meta = load_checkpoint(last, run.model, optimizer, scheduler, run.ranks)
     run.console.print(f"[bold]resume[/bold] from {last.name} (step {meta['step']})")
     return meta["step"], meta["data_position"]
 
@@ -241,8 +260,14 @@ def eval_row(metrics: dict) -> dict:
 def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, baseline: dict, after: dict | None,
                extra_facts: dict | None = None, forgetting_after: float | None = None,
                mixture: dict | None = None) -> RunResult:
-    """Save the trained artifact, then summary, plot, report.md and summary.json."""
+    """Save the trained artifact, then summary, plot, report.md and summary.json (the main rank; the others only
+    help gather the full weights)."""
     cfg, model, method = run.cfg, run.model, run.method
+    run.ranks.consolidate(model)
+    if not run.ranks.main:
+        return RunResult(run.run_dir, total_steps, baseline["eval_loss"], after.get("loss") if after else None,
+                         run.trainable, run.total, seconds, eval_metrics_before=baseline["eval_metrics"],
+                         eval_metrics_after=after)
     run.objective.save(model, method, cfg, run.run_dir / getattr(method, "OUTPUT_NAME", "adapter"))
     after_loss = after.get("loss") if after else None
     result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
@@ -259,6 +284,8 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
         forgetting = {"corpus": run.forgetting.corpus, "tokens": run.forgetting.tokens, "perplexity_before": before,
                       "perplexity_after": forgetting_after}
     result.forgetting = forgetting
+    if run.ranks.world > 1:
+        result.summary["facts"]["steps"] += f" per rank × {run.ranks.world} ranks ({run.ranks.strategy})"
     plot_losses(run.run_dir)
     write_report(run.run_dir, result.summary, run.config_yaml)
     atomic_write_text(run.run_dir / "summary.json", json.dumps({
@@ -270,7 +297,7 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
 
 
 def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id,
-                general_perplexity=None) -> dict:
+                ranks=None, general_perplexity=None) -> dict:
     """Held-out metrics and sample generations of the untouched model, kept in the run so a resumed run reports them."""
     path = run_dir / "baseline.json"
     if resume and path.is_file():
@@ -278,17 +305,19 @@ def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokeni
     else:
         baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
         if cfg.report.compare:
-            metrics = evaluate_data(model, objective, data, cfg, device, pad_id)
+            metrics = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
             baseline["eval_loss"] = metrics["loss"] if metrics else None
             if metrics and set(metrics) - {"loss"}:
                 baseline["eval_metrics"] = metrics
-            baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
-                                                             cfg.report.heldout_samples, cfg.report.max_new_tokens)
-            baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
-                                                             cfg.report.trained_samples, cfg.report.max_new_tokens)
+            if ranks is None or ranks.main:  # the report is the main rank's
+                baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
+                                                                 cfg.report.heldout_samples, cfg.report.max_new_tokens)
+                baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
+                                                                 cfg.report.trained_samples, cfg.report.max_new_tokens)
         if general_perplexity is not None:
-            baseline["forgetting_perplexity"] = general_perplexity()
-        atomic_write_text(path, json.dumps(baseline, indent=1))
+            baseline["forgetting_perplexity"] = general_perplexity()  # every rank takes part in the evaluation
+        if ranks is None or ranks.main:
+            atomic_write_text(path, json.dumps(baseline, indent=1))
     if "eval_metrics" not in baseline:
         baseline["eval_metrics"] = None if baseline["eval_loss"] is None else {"loss": baseline["eval_loss"]}
     return baseline
