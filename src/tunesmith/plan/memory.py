@@ -232,7 +232,7 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
     tokens = batch.labels
     head_trains = cfg.method.name == "full" or (cfg.method.name == "freeze" and "lm_head" in " ".join(
         cfg.method.patterns))
-    if cfg.objective in ("dpo", "reward", "ppo"):
+    if cfg.objective in ("dpo", "orpo", "simpo", "kto", "reward", "ppo", "grpo"):
         if cfg.objective == "reward":
             return [Part("reward head", tokens * h * 4, "hidden states at each sequence's last token")]
         # sequence_logps: fp32 logits at the label positions, the log-softmax cross_entropy keeps, and the
