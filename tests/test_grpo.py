@@ -183,11 +183,11 @@ def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     base = _grpo_config(tiny_model_dir, tmp_path)
-    base["train"].update(max_steps=3, save_every=2)
+    base["train"].update(max_steps=2, save_every=1)
     straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
     cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
     with pytest.raises(SimulatedCrash):
-        train(cfg, quiet=True, crash_after_step=2)
+        train(cfg, quiet=True, crash_after_step=1)
     resumed = train(cfg, quiet=True, resume=True)
     a = load_file(str(Path(straight.run_dir) / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed.run_dir) / "adapter" / "adapter_model.safetensors"))
