@@ -131,6 +131,9 @@ def test_cached_group_decode_samples_what_repeated_prompts_sample(tokenizer):
 
 def test_builtin_rewards():
     assert exact_match(None, ["  42. ", "The answer is 42", "forty"], ["42", "42", None]) == [1.0, 0.0, 0.0]
+    from tunesmith.objectives.rewards import extracted_match
+
+    assert extracted_match(r"-?\d+")(None, ["3 + 4 = 7", "7 apples, no 8", "none"], ["7", "7", "7"]) == [1.0, 0.0, 0.0]
     assert format_match(r"\d+")(None, ["42", "42 apples", " 7 "]) == [1.0, 0.0, 1.0]
     assert length_penalty(8)(None, ["a", "b"], completion_ids=[[1, 2], [1] * 8], ended=[True, False]) == \
         [-1 / 8, -1.0]

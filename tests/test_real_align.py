@@ -59,15 +59,16 @@ def test_ppo_raises_heldout_reward_while_kl_stays_bounded(tmp_path):
 
 
 def test_grpo_raises_heldout_exact_match_on_arithmetic(tmp_path):
-    # rewards: exact match against the answer (1.0) + a bare-number format check (0.5), greedy answers to 32 held-out
-    # questions. measured: MEASURED; threshold: +MARGIN over the start, KL under kl_bound.
+    # rewards: the answer's last number equals the record's answer (1.0) + a bare-number format check (0.5); greedy
+    # answers to 32 held-out questions. 6 steps of 4 questions × G 4. measured: MEASURED; threshold: +MARGIN over the
+    # start, KL per step under kl_bound.
     kl_bound = 1.0
-    result = _run("grpo_arithmetic_lora.yaml", tmp_path, "train.max_steps=STEPS", "data.max_eval_examples=32",
-                  "report.heldout_samples=0")
+    result = _run("grpo_arithmetic_lora.yaml", tmp_path, "train.max_steps=6", "train.batch_size=4",
+                  "data.max_eval_examples=32", "report.heldout_samples=0")
     before, after = result.eval_metrics_before, result.eval_metrics_after
     print(f"grpo: {before} -> {after}")
-    assert after["reward"] >= before["reward"] + MARGIN, (before, after)
+    assert after["reward"] >= before["reward"] + 0.1, (before, after)
     rows = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in rows if "kl" in r]
     print(f"grpo: KL per step {kls}")
-    assert len(kls) == STEPS and max(kls) < kl_bound, kls
+    assert len(kls) == 6 and max(kls) < kl_bound, kls

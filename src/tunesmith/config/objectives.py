@@ -95,6 +95,9 @@ class GrpoSettings(Strict):
                                                                  "default all 1")
     format_pattern: str = Field(r"\S.*", description="regular expression the 'format' reward matches against the "
                                                       "whole completion text (its end-of-turn token removed)")
+    answer_pattern: str | None = Field(None, description="'exact_match' compares the last match of this regular "
+                                       "expression in the completion (its first group, if it has one) instead of "
+                                       "the whole text, e.g. '-?\\d+' for the last number")
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
         "grpo", description="grpo: each completion's token mean, then the mean over completions; bnpo: the mean over "
         "all completion tokens; dr_grpo: the token sum over completions × max_new_tokens")
@@ -122,14 +125,13 @@ class GrpoSettings(Strict):
             if spec not in REWARD_BUILTINS and ":" not in spec:
                 raise ValueError(f"grpo.reward_functions: {spec!r} is neither a built-in ({', '.join(REWARD_BUILTINS)}) "
                                  "nor 'path/to/file.py:function'")
-        if "format" in self.reward_functions:
-            import re
+        import re
 
+        for field, pattern in (("format_pattern", self.format_pattern), ("answer_pattern", self.answer_pattern)):
             try:
-                re.compile(self.format_pattern)
+                re.compile(pattern or "")
             except re.error as e:
-                raise ValueError(f"grpo.format_pattern: {self.format_pattern!r} is not a regular expression ({e})") \
-                    from None
+                raise ValueError(f"grpo.{field}: {pattern!r} is not a regular expression ({e})") from None
         return self
 
     @property

@@ -2,7 +2,8 @@
 combined with weights.
 
 Built-ins (the completion's text without its end-of-turn token):
-    exact_match  1 if the text equals the record's answer (case, surrounding spaces and a final full stop ignored)
+    exact_match  1 if the text equals the record's answer (case, surrounding spaces and a final full stop ignored);
+                 with grpo.answer_pattern, the pattern's last match in the text (its first group, if any) is compared
     format       1 if grpo.format_pattern matches the whole text
     length       -tokens / grpo.max_new_tokens, its end-of-turn token not counted (-1: it never ended)
 A function 'path/to/file.py:function' (or 'module:function') is called as
@@ -28,6 +29,22 @@ def exact_match(prompts, completions, answers, **info) -> list[float]:
     return [float(a is not None and normalise_answer(c) == normalise_answer(a)) for c, a in zip(completions, answers)]
 
 
+def extracted_match(pattern: str):
+    compiled = re.compile(pattern)
+
+    def last(text: str) -> str | None:
+        found = list(compiled.finditer(text))
+        if not found:
+            return None
+        return found[-1].group(1) if compiled.groups else found[-1].group(0)
+
+    def exact_match(prompts, completions, answers, **info) -> list[float]:
+        return [float(a is not None and (x := last(c)) is not None and normalise_answer(x) == normalise_answer(a))
+                for c, a in zip(completions, answers)]
+
+    return exact_match
+
+
 def format_match(pattern: str):
     compiled = re.compile(pattern, re.DOTALL)
 
@@ -51,7 +68,7 @@ class RewardSet:
         self.names, self.functions = [], []
         for spec in settings.reward_functions:
             if spec == "exact_match":
-                fn = exact_match
+                fn = extracted_match(settings.answer_pattern) if settings.answer_pattern else exact_match
             elif spec == "format":
                 fn = format_match(settings.format_pattern)
             elif spec == "length":

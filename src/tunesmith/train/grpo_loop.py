@@ -131,7 +131,7 @@ def mean_reward(run, prompts: list) -> dict | None:
     s = run.objective.settings
     rewards = run.objective.rewards
     scores = []
-    bs = run.cfg.train.batch_size
+    bs = max(run.cfg.train.batch_size, s.minibatch_size)  # one completion per prompt: as many as a minibatch holds
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
         with autocast_for(run.cfg, run.device):
