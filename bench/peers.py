@@ -124,12 +124,6 @@ TITLES = {1: "LoRA r=8 (q,k,v,o), 58.5 M Llama from config, random tokens, lengt
           3: "full fine-tuning, 58.5 M Llama from config, random tokens, lengths U(32,256)"}
 
 
-PEERS = {1: ["hf-trainer", "trl", "trl-packed"], 2: ["hf-trainer", "trl", "trl-packed"], 3: ["hf-trainer"]}
-TITLES = {1: "LoRA r=8 (q,k,v,o), 58.5 M Llama from config, random tokens, lengths U(32,256)",
-          2: "LoRA r=8 (q,k,v,o), SmolLM2-135M-Instruct, jargon instructions, loss on responses",
-          3: "full fine-tuning, 58.5 M Llama from config, random tokens, lengths U(32,256)"}
-
-
 def run_in_process(runner: str, spec: dict, tmp: Path, threads: int) -> dict:
     spec_path = tmp / f"spec-{runner}.json"
     spec_path.write_text(json.dumps(spec))

@@ -195,8 +195,12 @@ def test_dpo_tokens_come_from_the_data(tmp_path, tiny_model_dir, tokenizer):
     assert memory.batch.labels == labels < memory.batch.decoder < sum(len(t) for t in longest) < 2 * 2 * 128
     parts = {p.name: p.bytes for p in memory.training}
     vocab = len(tokenizer)
-    assert parts["log-probs over the vocabulary"] == 3 * labels * vocab * 4
+    # chunked per-token log-probs (train.loss_chunk 256 ≥ these labels): one chunk of fp32 logits through oneDNN
+    # and the hidden-state gradient; unchunked: logits, log-softmax and the reference/gradient for every label
+    assert parts["chunked loss buffers"] == labels * vocab * 4 + labels * 64 * 4
     assert memory.peak == memory.runtime.bytes + max(sum(parts.values()), memory.loading_total)
+    unchunked = predict(cfg.model_copy(update={"train": cfg.train.model_copy(update={"loss_chunk": None})}), "cpu")
+    assert {p.name: p.bytes for p in unchunked.training}["log-probs over the vocabulary"] == 3 * labels * vocab * 4
 
 
 def test_unreadable_data_falls_back_to_the_bound():

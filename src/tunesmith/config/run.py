@@ -68,6 +68,10 @@ class TrainSettings(Strict):
     log_every: int = Field(1, gt=0)
     seed: int = 42
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights")
+    bf16_frozen_weights: bool = Field(
+        True, description="with train.bf16, store the frozen linear weights of the base in bf16 once instead of "
+        "autocast casting them at every step (the same products; 2 bytes a frozen weight instead of 4 + a per-step "
+        "copy of 2; not for full, freeze, bitfit, whose artifact is the base); false: keep them in fp32")
     loss_chunk: int | None = Field(
         256, gt=0, description="compute the LM head and cross-entropy (DPO's and PPO's per-token log-probs) over "
         "label positions this many at a time, with the gradient formed chunk by chunk, so the (tokens × vocabulary) "

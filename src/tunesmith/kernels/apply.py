@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tunesmith.errors import ConfigError
-from tunesmith.kernels import fused_norm, onednn_linear, segment_attention
+from tunesmith.kernels import frozen_bf16, fused_norm, onednn_linear, segment_attention
 from tunesmith.kernels.allocator import keep_freed_memory
 
 
@@ -17,12 +17,15 @@ def _chunked_loss(chunk: int) -> Callable:
     return patch
 
 
-def speed_patches(train_settings) -> list[tuple[str, Callable]]:
+def speed_patches(train_settings, base_is_trained: bool = False) -> list[tuple[str, Callable]]:
     """(the train.* setting that turns it off, the function that patches a model and returns whether it changed
     anything) for each patch of the model's computation that `train_settings` switches on, in the order they apply.
     Each rests on transformers' or torch's internals; train/self_check.py compares the patched model's logits with
-    the plain model's, patch by patch."""
+    the plain model's, patch by patch. `base_is_trained`: the method trains and saves base weights (full, freeze,
+    bitfit), whose frozen layers then keep their dtype."""
     patches = []
+    if train_settings.bf16 and train_settings.bf16_frozen_weights and not base_is_trained:
+        patches.append(("train.bf16_frozen_weights", frozen_bf16.enable))
     if train_settings.segment_attention:
         patches.append(("train.segment_attention", segment_attention.enable))
     if train_settings.fused_norm:
@@ -34,16 +37,18 @@ def speed_patches(train_settings) -> list[tuple[str, Callable]]:
     return patches
 
 
-def apply_speed_options(model, train_settings, after_each: Callable[[str], None] | None = None) -> None:
+def apply_speed_options(model, train_settings, after_each: Callable[[str], None] | None = None,
+                        base_is_trained: bool = False) -> None:
     """Freed memory kept for the next step (kernels/allocator.py), segment attention for packed batches (where the
     model allows it), fused RMSNorm, linear products through oneDNN on CPU, chunked cross-entropy (read by
-    objectives/lm.py), activation checkpointing, per-layer torch.compile. `after_each(setting)` is called after each
-    of `speed_patches` that changed the model, with the train.* setting that turns it off."""
+    objectives/lm.py), activation checkpointing, per-layer torch.compile; under bf16 autocast, frozen linear weights
+    stored in bf16. `after_each(setting)` is called after each of `speed_patches` that changed the model, with the
+    train.* setting that turns it off."""
     if train_settings.keep_freed_memory:
         keep_freed_memory()
     onednn_linear.bound_caches()
     model.tunesmith_loss_chunk = None
-    for setting, patch in speed_patches(train_settings):
+    for setting, patch in speed_patches(train_settings, base_is_trained):
         if patch(model) and after_each is not None:
             after_each(setting)
     if train_settings.activation_checkpointing:

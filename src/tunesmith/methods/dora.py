@@ -27,6 +27,8 @@ def claims(config: dict) -> bool:
 
 
 class DoraLinear(lora.LoraLinear):
+    tunesmith_reads_base_weight = True  # its weight norm needs the fp32 base (kernels/frozen_bf16.py)
+
     def __init__(self, base_layer: nn.Linear):
         super().__init__(base_layer)
         self.lora_magnitude_vector = nn.ParameterDict()

@@ -1,0 +1,56 @@
+"""Frozen linear weights stored in bf16 for a bf16-autocast run (train.bf16_frozen_weights).
+
+Under bf16 autocast a frozen fp32 nn.Linear weight is cast to bf16 at every forward — autocast caches casts only of
+weights that train — and the cast copy is kept for the backward, so each step reads 4 bytes a weight, writes 2 and
+holds 6. The product autocast computes takes the bf16 copy either way, so storing the frozen weight in bf16 once
+computes exactly the same outputs and gradients with a third of that memory and no cast. Biases stay as they are
+(autocast casts them as before).
+
+Only what training never updates and never saves is converted: weights (and biases) that do not require grad, not
+shared with another module (a tied LM head is the input embedding, which looks up fp32 rows), and not read directly by
+the layer around them (a module that sets `tunesmith_reads_base_weight`, DoRA, computes its weight norm from the fp32
+base). Methods whose artifact is the base itself (full, freeze, bitfit) are never converted (kernels/apply.py).
+Outside autocast (a caller that forgot it) the layer computes in bf16 and returns the input's dtype, so nothing fails;
+the loop's forwards, evaluation and sample generation run under the run's autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FrozenBf16Linear(nn.Linear):
+    """An nn.Linear whose frozen weight is stored in bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type) or x.dtype == self.weight.dtype:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
+        return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
+
+
+def _convertible(module: nn.Module, shared: set[int], reads_weight: set[int]) -> bool:
+    if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or id(module) in reads_weight:
+        return False
+    params = [p for p in (module.weight, module.bias) if p is not None]
+    return not any(p.requires_grad for p in params) and id(module.weight) not in shared
+
+
+def enable(model: nn.Module) -> int:
+    """Store the frozen fp32 nn.Linear weights of `model` in bf16; returns how many layers changed."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    shared = {pid for pid, n in owners.items() if n > 1}
+    reads_weight = {id(m.base_layer) for m in model.modules()
+                    if getattr(m, "tunesmith_reads_base_weight", False) and hasattr(m, "base_layer")}
+    changed = 0
+    for module in model.modules():
+        if _convertible(module, shared, reads_weight):
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            module.__class__ = FrozenBf16Linear
+            changed += 1
+    return changed

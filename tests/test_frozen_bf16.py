@@ -1,0 +1,127 @@
+"""Frozen linear weights stored in bf16 under bf16 autocast: the same products, less memory, only where nothing trains."""
+
+import copy
+import json
+
+import torch
+from conftest import tiny_llama
+
+from tunesmith.config import load_config
+from tunesmith.config.methods import DoraSettings, LoraSettings
+from tunesmith.kernels import frozen_bf16
+from tunesmith.kernels.apply import speed_patches
+from tunesmith.methods import dora, lora
+
+
+def _lora_model(settings=None, untied=False):
+    model = tiny_llama(vocab_size=300)
+    if untied:  # an own LM head, frozen: converted too
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    module = dora if isinstance(settings, DoraSettings) else lora
+    module.apply(model, settings or LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # B starts at zero; give the adapters an effect
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_loss_and_gradients_bit_identical_to_autocast_over_fp32_weights():
+    plain = _lora_model(untied=True)
+    stored = copy.deepcopy(plain)
+    changed = frozen_bf16.enable(stored)
+    # 2 layers × (q, k, v, o, gate, up, down) base linears + the untied head; LoRA's A and B (trained) stay fp32
+    assert changed == 2 * 7 + 1
+    assert stored.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss_a, grads_a = _loss_and_grads(plain, ids)
+    loss_b, grads_b = _loss_and_grads(stored, ids)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    frozen_linear = sum(m.weight.numel() for m in stored.modules() if isinstance(m, frozen_bf16.FrozenBf16Linear))
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert bytes_of(plain) - bytes_of(stored) == 2 * frozen_linear
+
+
+def test_tied_head_trained_layers_and_doras_base_keep_fp32():
+    model = _lora_model(DoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]))
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # a layer that trains is left alone
+    frozen_bf16.enable(model)
+    assert model.lm_head.weight.dtype == torch.float32  # tied: it is the input embedding
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.float32  # DoRA reads its fp32 base
+        assert layer.self_attn.k_proj.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+def test_outside_autocast_the_layer_computes_in_bf16_and_returns_the_inputs_dtype():
+    layer = torch.nn.Linear(16, 8).requires_grad_(False)
+    holder = torch.nn.Sequential(layer)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = layer(x)
+    assert frozen_bf16.enable(holder) == 1
+    out = layer(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, under_autocast.float())
+
+
+def test_switched_on_only_with_bf16_and_never_for_methods_that_save_the_base(tmp_path):
+    def names(train, base_is_trained=False):
+        cfg = load_config(None, [], base={"data": {"train": "x.jsonl"}, "train": train})
+        return [s for s, _ in speed_patches(cfg.train, base_is_trained)]
+
+    assert "train.bf16_frozen_weights" in names({"bf16": True})
+    assert "train.bf16_frozen_weights" not in names({"bf16": False})
+    assert "train.bf16_frozen_weights" not in names({"bf16": True, "bf16_frozen_weights": False})
+    assert "train.bf16_frozen_weights" not in names({"bf16": True}, base_is_trained=True)
+
+
+def test_a_bf16_run_trains_as_with_fp32_frozen_weights(tiny_config, tmp_path):
+    from tunesmith.train.loop import train
+
+    losses = {}
+    for stored in (True, False):
+        raw = json.loads(json.dumps(tiny_config))
+        raw["method"]["dropout"] = 0.0
+        raw["train"].update({"bf16": True, "bf16_frozen_weights": stored, "max_steps": 2})
+        raw["output_dir"] = str(tmp_path / f"run-{stored}")
+        train(load_config(None, [], base=raw), quiet=True)
+        rows = [json.loads(line) for line in (tmp_path / f"run-{stored}" / "metrics.jsonl").read_text().splitlines()]
+        losses[stored] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) == 2 and losses[True] == losses[False]
+
+
+def test_planner_counts_the_bf16_copy_on_cuda_and_the_mapped_fp32_pages_on_cpu():
+    import os
+
+    from tunesmith.plan.memory import predict
+    from tunesmith.plan.parameters import linears
+
+    os.environ.setdefault("TUNESMITH_RUNTIME_BYTES", str(300 * 2**20))
+    from tunesmith.plan.architectures import PUBLISHED
+
+    arch = PUBLISHED["llama:7b"]
+    frozen = sum(lin.in_features * lin.out_features for lin in linears(arch))  # untied head included
+
+    def peak(device, stored):
+        cfg = load_config(None, ["model.path=llama:7b", "method.name=lora", "train.bf16=true",
+                                 f"train.bf16_frozen_weights={str(stored).lower()}", "train.batch_size=1"],
+                          base={"data": {"train": "x"}})
+        return predict(cfg, device=device).peak
+
+    # on CUDA: 2 bytes a frozen weight instead of 4, and no per-step bf16 cast of 2 kept for backward
+    assert peak("cuda", False) - peak("cuda", True) == 4 * frozen
+    assert peak("cpu", False) == peak("cpu", True)
