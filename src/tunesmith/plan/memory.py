@@ -300,9 +300,10 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
         ppo = cfg.ppo
         out.append(Part("PPO rollouts", ppo.minibatch_size * (cfg.data.max_length + ppo.max_new_tokens) * 4 * 6,
                         "tokens, log-probs, reference log-probs, values, advantages, returns per rollout token"))
-    if cfg.objective in ("dpo", "ppo") and name in ("full", "freeze", "bitfit") and cfg.objective == "ppo":
-        out.append(Part("reference snapshot", plan.trainable * _trainable_bytes(cfg), "PPO keeps the initial "
-                        "trained parameters for its reference forwards"))
+    snapshot = cfg.objective in ("ppo", "kto") or (cfg.objective == "grpo" and cfg.grpo.beta > 0)
+    if snapshot and name in ("full", "freeze", "bitfit"):
+        out.append(Part("reference snapshot", plan.trainable * _trainable_bytes(cfg), f"{cfg.objective.upper()} "
+                        "keeps the initial trained parameters for its reference forwards"))
     return out
 
 
