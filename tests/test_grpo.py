@@ -139,10 +139,20 @@ def test_builtin_rewards():
         [-1 / 8, -1.0]
 
 
+PARITY = """
+def parity(prompts, completions, completion_ids, **info):
+    return [float(ids[0] % 2) for ids in completion_ids]
+"""
+
+
 def _grpo_config(tiny_model_dir, tmp_path, **grpo) -> dict:
+    """Rewards: two built-ins and a function from a file (the first token's parity: the one a random model's groups
+    spread on, so that advantages are not all 0)."""
+    (tmp_path / "rewards.py").write_text(PARITY)
     return {"model": {"path": str(tiny_model_dir)}, "method": {"name": "lora", "r": 4, "dropout": 0.0},
             "objective": "grpo",
-            "grpo": {"reward_functions": ["length", "format"], "format_pattern": "[a-z ]+", "num_generations": 4,
+            "grpo": {"reward_functions": ["length", "format", f"{tmp_path / 'rewards.py'}:parity"],
+                     "reward_weights": [1.0, 1.0, 2.0], "format_pattern": "[a-z ]+", "num_generations": 4,
                      "max_new_tokens": 5, "minibatch_size": 6, **grpo},
             "data": {"train": str(REPO / "data/jargon/train.jsonl"), "max_examples": 24,
                      "eval": str(REPO / "data/jargon/eval.jsonl"), "max_eval_examples": 3, "max_length": 48},
@@ -156,8 +166,9 @@ def _rows(run_dir) -> list[dict]:
 
 def test_config_errors(tiny_model_dir, tmp_path):
     base = _grpo_config(tiny_model_dir, tmp_path)
+    del base["grpo"]["reward_weights"]
     for override, message in (("grpo.reward_functions=[]", "grpo needs at least one reward"),
-                              ("grpo.reward_weights=[1, 2, 3]", "3 weights for 2 rewards"),
+                              ("grpo.reward_weights=[1, 2]", "2 weights for 3 rewards"),
                               ("grpo.reward_functions=[exactmatch]", "neither a built-in"),
                               ("grpo.format_pattern='[a-'", "not a regular expression"),
                               ("grpo.format_pattern=[a-", "the value is not valid YAML"),
@@ -170,22 +181,23 @@ def test_config_errors(tiny_model_dir, tmp_path):
 
 
 def test_first_pass_is_on_policy_and_kl_starts_at_zero(tiny_model_dir, tmp_path):
-    """Step 1 samples from the reference (adapters off = the untrained model), so KL is 0; with num_iterations 2 the
-    second pass sees a ratio ≠ 1, the first none, and the logged rewards are the batch's."""
-    cfg = load_config(None, ["train.max_steps=1", "grpo.beta=0.1", "grpo.num_iterations=2"],
-                      base=_grpo_config(tiny_model_dir, tmp_path))
+    """Step 1 samples from the untrained policy, which is the reference (adapters off): KL exactly 0, and the pass's
+    log-probs are the sampling ones (ratio 1, nothing clipped); the logged reward is the weighted sum of the rewards."""
+    cfg = load_config(None, ["train.max_steps=1", "grpo.beta=0.1"], base=_grpo_config(tiny_model_dir, tmp_path))
     result = train(cfg, quiet=True)
     step = [r for r in _rows(result.run_dir) if "loss" in r][0]
     assert step["completion_tokens"] <= 5 and 0 <= step["reward/format/mean"] <= 1
-    assert step["reward"] == pytest.approx(step["reward/length/mean"] + step["reward/format/mean"], abs=1e-6)
-    assert step["kl"] < 1e-4  # the average over the two passes: 0 on the first, tiny after one lr-1e-3 step
+    assert step["reward"] == pytest.approx(step["reward/length/mean"] + step["reward/format/mean"]
+                                           + 2 * step["reward/parity/mean"], abs=1e-6)
+    assert step["groups_without_spread"] < 1
+    assert step["kl"] == pytest.approx(0.0, abs=1e-7) and step["clip_fraction"] == 0.0
     assert (Path(result.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    base = _grpo_config(tiny_model_dir, tmp_path)
+    base = _grpo_config(tiny_model_dir, tmp_path, num_iterations=2, beta=0.05)  # old and reference log-probs too
     base["train"].update(max_steps=2, save_every=1)
     straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
     cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
