@@ -18,6 +18,8 @@ def register(sub) -> dict:
     s.add_argument("--context", type=int, default=None,
                    help="prompt + completion token limit (default: the model's max_position_embeddings)")
     s.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this get 429")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together, one forward pass per step for all of them (default 8)")
     return {"serve": cmd_serve}
 
 
@@ -28,6 +30,10 @@ def build_app(args):
     from tunesmith.serve.errors import ApiError
     from tunesmith.serve.registry import Registry
 
+    if args.max_batch < 1:
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError(f"--max-batch {args.max_batch}: expected at least 1 (the requests decoded together)")
     adapters = parse_adapter_args(args.adapter)
     model, tokenizer = load_with_adapter(adapter_base(adapters, args.model), None, args.dtype, args.trust_remote_code)
     registry = Registry(model, tokenizer, args.base_name, args.adapter_dir)
@@ -40,7 +46,7 @@ def build_app(args):
             raise ConfigError(f"--adapter {name}={path}: {e.message}") from None
     context = args.context or getattr(model.config, "max_position_embeddings", 2048)
     return create_app(registry, Limits(context, args.max_tokens_cap, min(128, args.max_tokens_cap)), args.api_key,
-                      args.queue_size)
+                      args.queue_size, args.max_batch)
 
 
 def cmd_serve(args) -> int:

@@ -63,18 +63,29 @@ class DoraLinear(lora.LoraLinear):
         return self.base_layer.weight.float() / factor - self.delta_weight(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.forward_rows(x)
         out = self.base_layer(x)
         name = self.active
         if name is None or name in self.merged:
             return out
-        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.weight.dtype)
+        dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
-            bias = self.base_layer.bias
-            plain = out if bias is None else out - bias  # W0·x
-        else:  # as PEFT: the base output keeps the undropped input, the DoRA correction uses the dropped one
-            h = dropout(h)
-            plain = F.linear(h, self.base_layer.weight.to(h.dtype))
+            return self.with_update(name, x, out)
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.weight.dtype)
+        # as PEFT: the base output keeps the undropped input, the DoRA correction uses the dropped one
+        h = dropout(h)
+        plain = F.linear(h, self.base_layer.weight.to(h.dtype))
+        scale = self.lora_magnitude_vector[name] / self.weight_norm(name)
+        return out + ((scale - 1) * plain + scale * b(a(h)) * self.scaling[name]).to(out.dtype)
+
+    def with_update(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (the base output for `x`) rescaled and updated as DoRA without dropout."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.weight.dtype)
+        bias = self.base_layer.bias
+        plain = out if bias is None else out - bias  # W0·x
         scale = self.lora_magnitude_vector[name] / self.weight_norm(name)
         return out + ((scale - 1) * plain + scale * b(a(h)) * self.scaling[name]).to(out.dtype)
 

@@ -1,12 +1,14 @@
 """LoRA (Hu et al., 2021) and rsLoRA scaling: y = W0·x + s·B·A·dropout(x), with B = 0 at init.
 
-Adapters live in ModuleDicts keyed by adapter name, so several can sit in one model; one is active at a time.
+Adapters live in ModuleDicts keyed by adapter name, so several can sit in one model; one is active at a time, or,
+for serving, each row of a batch runs through its own adapter (`per_row`).
 Saved in PEFT's format: keys `base_model.model.<module>.lora_A.weight`, config with peft_type LORA.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -31,6 +33,8 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
 
 
 class LoraLinear(nn.Module):
+    rows: dict[str, torch.Tensor] | None = None  # set by per_row: the batch rows of each adapter; None: `active` rules
+
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
         self.base_layer = base_layer
@@ -103,6 +107,8 @@ class LoraLinear(nn.Module):
         self.merged.discard(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.forward_rows(x)
         name = self.active
         if name is None or name in self.merged:
             return self.base_layer(x)
@@ -124,6 +130,26 @@ class LoraLinear(nn.Module):
                                b.weight.t(), alpha=self.scaling[name])
             return flat.view(out.shape)
         return out + (b(low_rank) * self.scaling[name]).to(out.dtype)
+
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference with each batch row (dim 0) through its own adapter, the rows of none through the base alone."""
+        out = self.base_layer(x)
+        for name, index in self.rows.items():
+            if name in self.lora_A:
+                index = index.to(x.device)
+                out.index_copy_(0, index, self.with_update(name, x.index_select(0, index), out.index_select(0, index)))
+        return out
+
+    def with_update(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out` (the base output for `x`) plus the adapter's update, without dropout, in forward's order of operations:
+        out + s·(x·Aᵀ)·Bᵀ as one addmm where the dtypes allow it."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        low_rank = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
+        flat = out.reshape(-1, out.shape[-1])
+        if flat.dtype == low_rank.dtype == b.dtype:
+            return flat.addmm(low_rank, b.t(), alpha=self.scaling[name]).view(out.shape)
+        return (flat + (torch.mm(low_rank, b.t().to(low_rank.dtype)) * self.scaling[name]).to(out.dtype)).view(out.shape)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -159,6 +185,31 @@ def set_active(model: nn.Module, adapter_name: str | None) -> None:
     """Activate one adapter by name, or None to run the bare base model."""
     for layer in lora_layers(model).values():
         layer.active = adapter_name
+
+
+@contextmanager
+def per_row(model: nn.Module, adapter_names: list[str | None]):
+    """Inside the block, row i of every batch runs through adapter `adapter_names[i]` (None: the bare base) in every
+    LoRA/DoRA layer, whatever is active: several adapters in one forward pass, each row computed as its adapter alone
+    computes it (an adapter that does not target a layer leaves that layer's rows to the base). Inference only: no
+    dropout; merged adapters are refused (a merged weight changes every row)."""
+    layers = list(lora_layers(model).values())
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise ModelError(f"adapters {merged} are merged into the base weights, so rows cannot choose their adapter; "
+                         "unmerge first")
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(adapter_names):
+        if name is not None:
+            groups.setdefault(name, []).append(row)
+    rows = {name: torch.tensor(index) for name, index in groups.items()}
+    for layer in layers:
+        layer.rows = rows
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.rows = None
 
 
 def disabled(model: nn.Module):

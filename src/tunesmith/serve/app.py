@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tunesmith.serve.engine import Engine, Job
+from tunesmith.serve.decoding import Job
+from tunesmith.serve.engine import Engine
 from tunesmith.serve.errors import ApiError, error_body
 
 
@@ -44,8 +45,9 @@ def _stops(body: dict) -> list[str]:
     return stop
 
 
-def create_app(registry, limits: Limits, api_key: str | None = None, queue_size: int = 16) -> FastAPI:
-    engine = Engine(registry, queue_size)
+def create_app(registry, limits: Limits, api_key: str | None = None, queue_size: int = 16,
+               max_batch: int = 8) -> FastAPI:
+    engine = Engine(registry, queue_size, max_batch=max_batch)
 
     @asynccontextmanager
     async def lifespan(_app):

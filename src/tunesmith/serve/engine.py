@@ -1,59 +1,37 @@
-"""Generation for the server: one worker thread takes requests from a bounded queue (full: 429) and decodes them
-token by token with a KV cache, holding the model lock only for each forward step, so adapters can be loaded and
-unloaded between steps. A request whose client went away is cancelled and stops at its next step."""
+"""Generation for the server, batched across requests: one worker thread keeps up to `max_batch` requests decoding
+together. Between steps it admits requests from a bounded queue (full: 429); a newcomer's prompt is prefilled alone,
+then its KV cache joins the batch (serve/batch.py). Each step is one forward pass for all active requests, every
+row through its own adapter (lora.per_row), and each request samples, stops and streams on its own
+(serve/decoding.py). The model lock is held only for each forward, so adapters can be loaded and unloaded between
+steps. A request whose client went away is cancelled and leaves the batch at the next step."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import Counter, deque
 
 import torch
 
+from tunesmith.serve.batch import Batch
+from tunesmith.serve.decoding import Decoding, Job
 from tunesmith.serve.errors import ApiError
 
 log = logging.getLogger("tunesmith.serve")
 
 
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    adapter: str | None
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    model_name: str = ""
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None  # ("text", str) … then ("done", finish_reason, completion_tokens)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, *event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest set whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 class Engine:
-    def __init__(self, registry, queue_size: int = 16, retry_after_s: int = 1):
+    def __init__(self, registry, queue_size: int = 16, retry_after_s: int = 1, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.registry = registry
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.max_batch = retry_after_s, max_batch
         self.finished: deque[tuple[str, int]] = deque(maxlen=256)  # (finish reason, completion tokens), newest last
+        self.step_sizes: Counter[int] = Counter()  # decode steps by the number of requests they served
+        self.mixed_steps = 0  # decode steps whose rows ran under more than one model (the base or adapters)
         self.worker = threading.Thread(target=self._run, name="tunesmith-engine", daemon=True)
         self.worker.start()
 
@@ -72,55 +50,91 @@ class Engine:
             pass
 
     def _run(self) -> None:
+        batch, active = Batch(), []  # active[i] decodes in the batch's row i
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
+            joining = []
             try:
-                self._decode(job)
-            except Exception as e:  # a failed request must not stop the worker
+                while len(active) + len(joining) < self.max_batch:
+                    try:
+                        job = self.jobs.get(block=not active and not joining)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        return
+                    started = self._prefill(job)
+                    if started is not None:
+                        joining.append(started)
+                if joining:
+                    batch.join([cache for _, cache in joining])
+                    active, joining = active + [decoding for decoding, _ in joining], []
+                active = self._leave(batch, active)
+                if active:
+                    self._step(batch, active)
+                    active = self._leave(batch, active)
+            except Exception as e:  # a failed step fails its requests, not the worker
                 log.exception("generation failed")
-                job.emit("error", str(e))
+                for decoding in active + [decoding for decoding, _ in joining]:
+                    if decoding.finish is None:
+                        decoding.job.emit("error", str(e))
+                batch, active = Batch(), []
 
     @torch.no_grad()
-    def _decode(self, job: Job) -> None:
+    def _prefill(self, job: Job):
+        """The request's prompt through the model alone: (its decoding, its KV cache), or None when it ended already."""
         from transformers import DynamicCache
 
         from tunesmith.methods import lora
 
-        reg, tok = self.registry, self.registry.tokenizer
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        device = next(reg.model.parameters()).device
-        cache, ids, out_ids, text, finish = DynamicCache(), torch.tensor([job.prompt_ids], device=device), [], "", None
-        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        while finish is None:
-            if job.cancelled.is_set():
-                finish = "cancelled"
-                break
-            with reg.model_lock:
-                lora.set_active(reg.model, job.adapter)
-                logits = reg.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
-            token = next_token(logits, job.temperature, job.top_p, generator)
-            if token in eos:
-                finish = "stop"
-                break
-            out_ids.append(token)
-            ids = torch.tensor([[token]], device=device)
-            full = tok.decode(out_ids, skip_special_tokens=True)
-            if full.endswith("\ufffd") and len(out_ids) < job.max_tokens:  # half a multi-byte character: wait
-                continue
-            hit = [full.find(s, max(0, len(text) - len(s))) for s in job.stop]
-            hit = min((i for i in hit if i >= 0), default=-1)
-            if hit >= 0:
-                full, finish = full[:hit], "stop"
-            if len(full) > len(text):
-                job.emit("text", full[len(text):])
-                text = full
-            if finish is None and len(out_ids) >= job.max_tokens:
-                finish = "length"
-        elapsed = time.perf_counter() - start
+        reg = self.registry
+        decoding = Decoding(job, reg.tokenizer)
+        if job.cancelled.is_set():
+            decoding.finish = "cancelled"
+            self._close(decoding)
+            return None
+        try:
+            device = next(reg.model.parameters()).device
+            cache = DynamicCache()
+            with reg.model_lock, lora.per_row(reg.model, [job.adapter]):
+                logits = reg.model(input_ids=torch.tensor([job.prompt_ids], device=device), past_key_values=cache,
+                                   use_cache=True).logits[0, -1]
+            decoding.accept(logits)
+        except Exception as e:  # a failed request must not stop the worker
+            log.exception("generation failed")
+            job.emit("error", str(e))
+            return None
+        if decoding.finish is not None:
+            self._close(decoding)
+            return None
+        return decoding, cache
+
+    @torch.no_grad()
+    def _step(self, batch: Batch, active: list[Decoding]) -> None:
+        from tunesmith.methods import lora
+
+        reg, adapters = self.registry, [d.job.adapter for d in active]
+        with reg.model_lock, lora.per_row(reg.model, adapters):
+            logits = batch.step(reg.model, [d.last_token for d in active])
+        self.step_sizes[len(active)] += 1
+        self.mixed_steps += len(set(adapters)) > 1
+        for decoding, row in zip(active, logits):
+            decoding.accept(row)
+            if decoding.finish is not None:
+                self._close(decoding)
+
+    def _leave(self, batch: Batch, active: list[Decoding]) -> list[Decoding]:
+        """The requests that go on; the finished and the cancelled leave the batch."""
+        for decoding in active:
+            if decoding.finish is None and decoding.job.cancelled.is_set():
+                decoding.finish = "cancelled"
+                self._close(decoding)
+        rows = [i for i, d in enumerate(active) if d.finish is None]
+        batch.keep(rows)
+        return [active[i] for i in rows]
+
+    def _close(self, decoding: Decoding) -> None:
+        job, n = decoding.job, len(decoding.out_ids)
+        elapsed = time.perf_counter() - decoding.start
         log.info("model=%s prompt_tokens=%d completion_tokens=%d finish=%s latency=%.3fs tokens/s=%.1f",
-                 job.model_name, len(job.prompt_ids), len(out_ids), finish, elapsed, len(out_ids) / max(elapsed, 1e-9))
-        self.finished.append((finish, len(out_ids)))
-        job.emit("done", finish, len(out_ids))
+                 job.model_name, len(job.prompt_ids), n, decoding.finish, elapsed, n / max(elapsed, 1e-9))
+        self.finished.append((decoding.finish, n))
+        job.emit("done", decoding.finish, n)
