@@ -1,4 +1,5 @@
 """DPO throughput and memory: tunesmith vs TRL's DPOTrainer, same model, pairs, LoRA, batch, steps and precision.
+With `--objective grpo`: GRPO vs TRL's GRPOTrainer (completions/s, peak RSS; bench/align_grpo.py).
 
     .venv/bin/python bench/align.py [--steps 8] [--batch 4] [--rounds 1] [--threads 2] [--bf16] [--smoke]
                                     [--model builtin:smollm2-135m-instruct] [--results PATH]
@@ -156,10 +157,17 @@ def main() -> None:
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 (the default)")
     parser.add_argument("--smoke", action="store_true", help="2 steps × 2 pairs, 1 round: checks the bench runs")
     parser.add_argument("--results", help="results file (default: bench/results/<date>-<cpu>.jsonl)")
+    parser.add_argument("--objective", choices=["dpo", "grpo"], default="dpo")
+    parser.add_argument("--generations", type=int, default=4, help="grpo: completions per question (G)")
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="grpo: longest completion")
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.objective == "grpo":
+        import align_grpo
+
+        return align_grpo.main(args)
     if args.worker:
         return worker(args)
     if args.smoke:

@@ -188,6 +188,7 @@ def test_plain_train_with_a_distributed_section_is_one_process(tiny_config, caps
 
 @pytest.mark.parametrize("change,message", [
     ({"objective": "ppo", "ppo": {"reward_function": "m:f"}}, "PPO runs its own loop"),
+    ({"objective": "grpo", "grpo": {"reward_functions": ["exact_match"]}}, "GRPO runs its own loop"),
     ({"method": {"name": "qlora"}, "distributed": {"strategy": "fsdp"}}, "cannot be gathered back or dequantised"),
 ])
 def test_refused_combinations_say_why(tiny_config, change, message):

@@ -15,10 +15,12 @@ def _base(objective: str) -> dict:
     cfg = {"objective": objective, "data": {"train": PREFERENCE}}
     if objective == "ppo":
         cfg["ppo"] = {"reward_function": "mod:fn"}
+    if objective == "grpo":
+        cfg["grpo"] = {"reward_functions": ["exact_match"]}
     return cfg
 
 
-@pytest.mark.parametrize("objective", ["reward", "dpo", "ppo", "sft"])
+@pytest.mark.parametrize("objective", ["reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "sft"])
 def test_defaults_are_accepted_and_the_saved_config_loads_again(objective, tmp_path):
     cfg = load_config(None, [], base=_base(objective))
     saved = tmp_path / "config.yaml"
@@ -49,6 +51,9 @@ def test_loss_chunk_is_kept_for_dpo_and_ppo(objective):
     ("reward", "there is no per-token loss that could include the prompt"),
     ("dpo", "the prompt's log-probabilities would cancel in their difference"),
     ("ppo", "the prompt is given, not generated"),
+    ("grpo", "the prompt is given, not generated"),
+    ("simpo", "the prompt is never scored"),
+    ("kto", "the prompt is never scored"),
 ])
 def test_train_on_prompt_is_refused_where_the_prompt_is_never_scored(objective, why):
     with pytest.raises(ConfigError) as e:

@@ -1,4 +1,5 @@
-"""Each alignment objective's options (pydantic, no torch): the `reward:`, `dpo:` and `ppo:` config sections."""
+"""Each alignment objective's options (pydantic, no torch): the `reward:`, `dpo:`, `orpo:`, `simpo:`, `kto:`, `ppo:`
+and `grpo:` config sections."""
 
 from __future__ import annotations
 
@@ -56,4 +57,88 @@ class PpoSettings(Strict):
         return self
 
 
-OBJECTIVE_SECTIONS = {"reward": RewardSettings, "dpo": DpoSettings, "ppo": PpoSettings}
+class OrpoSettings(Strict):
+    beta: float = Field(0.1, gt=0, description="λ: weight of the odds-ratio term -log σ(log odds(chosen) - log "
+                                               "odds(rejected)) beside the NLL of the chosen answer")
+
+
+class SimpoSettings(Strict):
+    beta: float = Field(2.0, gt=0, description="scale of the length-normalised log-prob margin")
+    gamma: float = Field(1.0, ge=0, description="target reward margin γ: -log σ(β·(avg log π(chosen) - avg log "
+                                               "π(rejected)) - γ)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="the probability that a pair's label is flipped")
+    nll_weight: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen answer (TRL's cpo_alpha)")
+
+
+class KtoSettings(Strict):
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of the losses of desirable (label true) examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of the losses of undesirable (label false) "
+                                                             "examples")
+
+
+REWARD_BUILTINS = ("exact_match", "format", "length")
+
+
+class GrpoSettings(Strict):
+    num_generations: int = Field(4, ge=2, description="G: completions sampled per prompt (the group)")
+    max_new_tokens: int = Field(32, gt=0, description="longest sampled completion")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_k: int = Field(0, ge=0, description="0: sample from the whole vocabulary")
+    reward_functions: list[str] = Field(
+        default_factory=list, description="built-ins 'exact_match' (the record's answer), 'format' (format_pattern "
+        "matches the whole completion), 'length' (-tokens/max_new_tokens), or 'path/to/file.py:function' / "
+        "'module:function' called as fn(prompts, completions, **info) -> floats")
+    reward_model: str | None = Field(None, description="folder saved by an `objective: reward` run, scored after the "
+                                                       "functions")
+    reward_weights: list[float] | None = Field(None, description="one weight per reward (functions, then the model); "
+                                                                 "default all 1")
+    format_pattern: str = Field(r"\S.*", description="regular expression the 'format' reward matches against the "
+                                                      "whole completion text (its end-of-turn token removed)")
+    answer_pattern: str | None = Field(None, description="'exact_match' compares the last match of this regular "
+                                       "expression in the completion (its first group, if it has one) instead of "
+                                       "the whole text, e.g. '-?\\d+' for the last number")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field(
+        "grpo", description="grpo: each completion's token mean, then the mean over completions; bnpo: the mean over "
+        "all completion tokens; dr_grpo: the token sum over completions × max_new_tokens")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage = reward - group mean, divided by the group's (or the batch's) std; none: "
+                             "not divided (Dr. GRPO)")
+    beta: float = Field(0.0, ge=0, description="weight of the per-token KL (k3 estimator) to the reference model "
+                                               "(adapters off); 0: no reference forward at all")
+    epsilon: float = Field(0.2, gt=0, description="policy ratio clip: [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip; default: epsilon")
+    num_iterations: int = Field(1, gt=0, description="μ: optimisation passes (optimizer steps) per generation batch")
+    minibatch_size: int = Field(16, gt=0, description="completions per forward/backward (gradients accumulate over a "
+                                                      "pass, so this only bounds memory)")
+
+    @model_validator(mode="after")
+    def _rewards_are_given_and_weighted(self) -> "GrpoSettings":
+        n = len(self.reward_functions) + (1 if self.reward_model else 0)
+        if n == 0:
+            raise ValueError("grpo needs at least one reward: set grpo.reward_functions (built-ins: "
+                             f"{', '.join(REWARD_BUILTINS)}; or 'path/to/file.py:function') and/or grpo.reward_model")
+        if self.reward_weights is not None and len(self.reward_weights) != n:
+            raise ValueError(f"grpo.reward_weights has {len(self.reward_weights)} weights for {n} rewards (the "
+                             "functions in order, then the reward model); give one weight per reward")
+        for spec in self.reward_functions:
+            if spec not in REWARD_BUILTINS and ":" not in spec:
+                raise ValueError(f"grpo.reward_functions: {spec!r} is neither a built-in ({', '.join(REWARD_BUILTINS)}) "
+                                 "nor 'path/to/file.py:function'")
+        import re
+
+        for field, pattern in (("format_pattern", self.format_pattern), ("answer_pattern", self.answer_pattern)):
+            try:
+                re.compile(pattern or "")
+            except re.error as e:
+                raise ValueError(f"grpo.{field}: {pattern!r} is not a regular expression ({e})") from None
+        return self
+
+    @property
+    def weights(self) -> list[float]:
+        n = len(self.reward_functions) + (1 if self.reward_model else 0)
+        return list(self.reward_weights) if self.reward_weights is not None else [1.0] * n
+
+
+OBJECTIVE_SECTIONS = {"reward": RewardSettings, "dpo": DpoSettings, "orpo": OrpoSettings, "simpo": SimpoSettings,
+                      "kto": KtoSettings, "ppo": PpoSettings, "grpo": GrpoSettings}

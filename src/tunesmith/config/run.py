@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunesmith.config.distributed import DistributedSettings, refusal
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
-from tunesmith.config.objectives import OBJECTIVE_SECTIONS, DpoSettings, PpoSettings, RewardSettings
+from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, DpoSettings, GrpoSettings, KtoSettings, OrpoSettings,
+                                         PpoSettings, RewardSettings, SimpoSettings)
 from tunesmith.errors import ConfigError
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -32,7 +33,7 @@ class ModelSettings(Strict):
         "TUNESMITH_ALLOW_DOWNLOAD=1); off: nothing is downloaded at run time")
 
 
-FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "unpaired"]
 
 
 class TaskSettings(Strict):
@@ -197,7 +198,14 @@ PROMPT_NEVER_TRAINED = {
     "dpo": "compares the chosen and the rejected answer to the same prompt: the prompt's log-probabilities would "
            "cancel in their difference, so DPO scores answer tokens only",
     "ppo": "trains on the answers the policy samples; the prompt is given, not generated, so it is never trained",
+    "grpo": "trains on the answers the policy samples; the prompt is given, not generated, so it is never trained",
+    "simpo": "compares the length-normalised log-probabilities of the two answers to the same prompt; the prompt is "
+             "never scored",
+    "kto": "scores each completion's log-ratio to the reference; the prompt is never scored",
 }
+# objective `orpo` takes data.train_on_prompt: true to put the prompt's tokens in its NLL term, as TRL's ORPOTrainer
+# does; the odds ratio is always over the answers' tokens only.
+SAMPLING_OBJECTIVES = ("ppo", "grpo")  # their prompts are kept whole: the completions are sampled after them
 
 
 def _quantize_base_means_qlora(data):
@@ -215,10 +223,14 @@ def _quantize_base_means_qlora(data):
 class RunConfig(Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name")
-    objective: Literal["sft", "text", "reward", "dpo", "ppo"] = "sft"
+    objective: Literal["sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo"] = "sft"
     reward: RewardSettings | None = None
     dpo: DpoSettings | None = None
+    orpo: OrpoSettings | None = None
+    simpo: SimpoSettings | None = None
+    kto: KtoSettings | None = None
     ppo: PpoSettings | None = None
+    grpo: GrpoSettings | None = None
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
@@ -260,7 +272,7 @@ class RunConfig(Strict):
     def _objective_fits_data(self) -> "RunConfig":
         if self.objective == "sft" and self.data.overlong == "split":
             raise ValueError("data.overlong: 'split' cuts chat examples mid-turn; use 'drop' or 'truncate' for sft")
-        if self.objective in ("reward", "dpo", "ppo") and self.data.overlong == "split":
+        if self.objective not in ("sft", "text") and self.data.overlong == "split":
             raise ValueError(f"data.overlong: 'split' would cut {self.objective} examples apart; use 'drop' or "
                              "'truncate'")
         self._refuse_settings_the_objective_cannot_use()
@@ -280,6 +292,9 @@ class RunConfig(Strict):
             if self.train.grad_accum != 1:
                 raise ValueError("train.grad_accum: PPO splits each rollout into ppo.minibatch_size pieces itself; "
                                  "leave grad_accum at 1")
+        if self.objective == "grpo" and self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: GRPO accumulates each pass over its generation batch in "
+                             "grpo.minibatch_size pieces itself; leave grad_accum at 1")
         return self
 
     def _refuse_settings_the_objective_cannot_use(self) -> None:
@@ -297,11 +312,12 @@ class RunConfig(Strict):
         if self.data.train_on_prompt and self.objective in PROMPT_NEVER_TRAINED:
             raise ValueError(f"data.train_on_prompt: objective '{self.objective}' "
                              f"{PROMPT_NEVER_TRAINED[self.objective]}; remove it or set it to false")
-        if self.objective == "ppo" and self.data.overlong == "truncate":
-            raise ValueError("data.overlong: 'truncate' has no meaning for objective 'ppo': a prompt cut short would "
-                             "lose its chat template's start or its generation prompt, so PPO keeps each prompt whole "
-                             "and drops those that leave fewer than ppo.max_new_tokens tokens within data.max_length; "
-                             "use 'drop' (the default) or raise data.max_length")
+        if self.objective in SAMPLING_OBJECTIVES and self.data.overlong == "truncate":
+            name = self.objective
+            raise ValueError(f"data.overlong: 'truncate' has no meaning for objective '{name}': a prompt cut short "
+                             "would lose its chat template's start or its generation prompt, so it keeps each prompt "
+                             f"whole and drops those that leave fewer than {name}.max_new_tokens tokens within "
+                             "data.max_length; use 'drop' (the default) or raise data.max_length")
 
     @property
     def overlong(self) -> str:
@@ -338,7 +354,11 @@ def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}={raw}: '{k}' is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {dotted}={raw}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                          f"it, e.g. --set \"{dotted}='{raw}'\"") from None
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:

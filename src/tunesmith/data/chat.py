@@ -22,6 +22,8 @@ EXPECTED = {
     "text": "'text': a string",
     "preference": "'prompt' (text or messages), 'chosen' and 'rejected' (text or assistant turns); or 'chosen' and "
                   "'rejected' as whole conversations that differ only in the last assistant turn",
+    "unpaired": "'prompt' (text or messages), 'completion' (text or one assistant turn) and 'label' (true: "
+                "desirable, false: undesirable)",
 }
 
 

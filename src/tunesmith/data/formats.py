@@ -5,14 +5,17 @@ from __future__ import annotations
 from tunesmith.data.chat import EXPECTED, Chat, Document, check_chat, read_turns
 from tunesmith.data.preference import normalize_pair
 from tunesmith.data.sources import Record
+from tunesmith.data.unpaired import normalize_unpaired
 from tunesmith.errors import DataError
 
-FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference")
+FORMATS = ("alpaca", "sharegpt", "messages", "text", "preference", "unpaired")
 
 
 
 def detect_format(record: Record) -> str:
     keys = set(record.fields)
+    if "completion" in keys or "label" in keys:
+        return "unpaired"
     if "chosen" in keys or "rejected" in keys or "prompt" in keys:
         return "preference"
     if "messages" in keys:
@@ -44,6 +47,8 @@ def _need_str(record: Record, key: str, fmt: str, allow_empty: bool = False) -> 
 def normalize(record: Record, fmt: str, system_prompt: str | None = None) -> Chat | Document:
     if fmt == "preference":
         return normalize_pair(record, system_prompt)
+    if fmt == "unpaired":
+        return normalize_unpaired(record, system_prompt)
     if fmt == "text":
         return Document(_need_str(record, "text", fmt), record.where)
     if fmt == "alpaca":

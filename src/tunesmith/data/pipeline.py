@@ -13,11 +13,16 @@ from tunesmith.data.sources import read_many
 from tunesmith.data.templates import LengthReport, apply_length_policy, tokenize_all
 from tunesmith.errors import DataError
 
+PROMPTS = ("preference", "alpaca", "sharegpt", "messages", "unpaired")
 OBJECTIVE_FORMATS = {"sft": ("alpaca", "sharegpt", "messages"), "text": ("text",), "reward": ("preference",),
-                     "dpo": ("preference",), "ppo": ("preference", "alpaca", "sharegpt", "messages")}
+                     "dpo": ("preference",), "orpo": ("preference",), "simpo": ("preference",),
+                     "kto": ("unpaired", "preference"), "ppo": PROMPTS, "grpo": PROMPTS}
 DESCRIBED = {"text": " (raw documents with a 'text' field)", "sft": " (conversations)",
              "reward": " (prompt, chosen, rejected)", "dpo": " (prompt, chosen, rejected)",
-             "ppo": " (prompts: 'prompt' records or conversations)"}
+             "orpo": " (prompt, chosen, rejected)", "simpo": " (prompt, chosen, rejected)",
+             "kto": " (prompt, completion, label; or prompt, chosen, rejected: each pair becomes two examples)",
+             "ppo": " (prompts: 'prompt' records or conversations)",
+             "grpo": " (prompts: 'prompt' records or conversations)"}
 
 
 @dataclass

@@ -15,7 +15,7 @@
 
 from tunesmith.errors import ConfigError
 
-NAMES = ("sft", "text", "reward", "dpo", "ppo")
+NAMES = ("sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
 
 
 def get_objective(name: str, settings=None):
@@ -34,6 +34,24 @@ def get_objective(name: str, settings=None):
         from tunesmith.objectives.dpo import DpoObjective
 
         return DpoObjective(settings or DpoSettings())
+    if name in ("orpo", "simpo"):
+        from tunesmith.config.objectives import OrpoSettings, SimpoSettings
+        from tunesmith.objectives.reference_free import OrpoObjective, SimpoObjective
+
+        if name == "orpo":
+            return OrpoObjective(settings or OrpoSettings())
+        return SimpoObjective(settings or SimpoSettings())
+    if name == "kto":
+        from tunesmith.config.objectives import KtoSettings
+        from tunesmith.objectives.kto import KtoObjective
+
+        return KtoObjective(settings or KtoSettings())
+    if name == "grpo":
+        from tunesmith.objectives.grpo import GrpoObjective
+
+        if settings is None:
+            raise ConfigError("grpo: objective grpo needs its settings (grpo.reward_functions or grpo.reward_model)")
+        return GrpoObjective(settings)
     if name == "ppo":
         from tunesmith.objectives.ppo import PpoObjective
 

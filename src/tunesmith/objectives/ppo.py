@@ -21,6 +21,7 @@ from torch import nn
 
 from tunesmith.config.objectives import PpoSettings
 from tunesmith.data.chat import IGNORE, Chat, Tokenized, ensure_chat_template, render
+from tunesmith.data.pipeline import prompt_and_answer
 from tunesmith.data.templates import LengthReport
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.objectives.lm import hidden_states, token_logps
@@ -77,6 +78,7 @@ class PromptExample:
     messages: list[dict[str, str]]
     ids: list[int]
     where: str
+    answer: str | None = None  # the record's own answer (a chat's last assistant turn, a pair's chosen one)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,7 +92,8 @@ def prompt_of(item) -> list[dict[str, str]]:
     return item.prompt
 
 
-def tokenize_prompts(tokenizer, items: list, room: int, max_length: int) -> tuple[list[PromptExample], LengthReport]:
+def tokenize_prompts(tokenizer, items: list, room: int, max_length: int, section: str = "ppo"
+                     ) -> tuple[list[PromptExample], LengthReport]:
     """Prompts rendered with the generation prompt; dropped where fewer than `room` tokens would be left to answer."""
     ensure_chat_template(tokenizer)
     report = LengthReport("drop", max_length)
@@ -102,10 +105,11 @@ def tokenize_prompts(tokenizer, items: list, room: int, max_length: int) -> tupl
         if len(ids) + room > max_length:
             report.dropped += 1
             continue
-        out.append(PromptExample(messages, list(ids), item.where))
+        split = prompt_and_answer(item)
+        out.append(PromptExample(messages, list(ids), item.where, split[1] if split else None))
     report.kept = len(out)
     if items and not out:
-        raise DataError(f"every prompt leaves fewer than ppo.max_new_tokens={room} tokens within data.max_length="
+        raise DataError(f"every prompt leaves fewer than {section}.max_new_tokens={room} tokens within data.max_length="
                         f"{max_length} (longest prompt {report.longest}); raise data.max_length")
     return out, report
 
@@ -182,26 +186,26 @@ def score_tokens(model, batch: dict[str, torch.Tensor], width: int, values: bool
 
 # ----- rewards
 
-def load_reward_function(spec: str):
-    """'package.module:function' or 'path/to/file.py:function'."""
+def load_reward_function(spec: str, field: str = "ppo.reward_function"):
+    """'package.module:function' or 'path/to/file.py:function'; errors name the config `field`."""
     module_name, sep, function = spec.rpartition(":")
     if not sep or not module_name or not function:
-        raise ConfigError(f"ppo.reward_function: {spec!r} is not 'module:function' (or 'file.py:function')")
+        raise ConfigError(f"{field}: {spec!r} is not 'module:function' (or 'file.py:function')")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
-                raise ConfigError(f"ppo.reward_function: {path} not found")
+                raise ConfigError(f"{field}: {path} not found")
             loader = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"ppo.reward_function: cannot import {module_name!r} ({e})") from None
+        raise ConfigError(f"{field}: cannot import {module_name!r} ({e})") from None
     fn = getattr(module, function, None)
     if not callable(fn):
-        raise ConfigError(f"ppo.reward_function: {module_name!r} has no function {function!r}")
+        raise ConfigError(f"{field}: {module_name!r} has no function {function!r}")
     return fn
 
 

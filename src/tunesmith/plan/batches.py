@@ -28,12 +28,13 @@ class BatchTokens:
 
 
 def bound(cfg: RunConfig, why: str = "") -> BatchTokens:
-    per_example = 2 if cfg.objective in ("dpo", "reward") else 1
+    per_example = 2 if cfg.objective in ("dpo", "orpo", "simpo", "reward", "kto") else 1
     sequences = cfg.train.batch_size * per_example
     tokens = sequences * cfg.data.max_length
     return BatchTokens(sequences, tokens, tokens, tokens,
                        f"bound: batch {cfg.train.batch_size} × max_length {cfg.data.max_length}"
-                       + (" × 2 sequences per pair" if per_example == 2 else "") + (f" ({why})" if why else ""))
+                       + (" × 2 sequences per example (a pair; KTO: a completion and its KL one)"
+                          if per_example == 2 else "") + (f" ({why})" if why else ""))
 
 
 def _readable(cfg: RunConfig) -> bool:
@@ -44,8 +45,9 @@ def _readable(cfg: RunConfig) -> bool:
 
 def largest_batch(cfg: RunConfig) -> BatchTokens:
     """The data's micro-batch with the most tokens (its `batch_size` longest examples), as the run collates it."""
-    if cfg.objective == "ppo" or not _readable(cfg):
-        return bound(cfg, "data not read" if cfg.objective != "ppo" else "PPO samples its own answers")
+    if cfg.objective in ("ppo", "grpo") or not _readable(cfg):
+        return bound(cfg, "data not read" if cfg.objective not in ("ppo", "grpo") else
+                     f"{cfg.objective.upper()} samples its own answers")
     from tunesmith.models import load_tokenizer
     from tunesmith.objectives import get_objective
 
@@ -71,7 +73,7 @@ def batch_of(cfg: RunConfig, objective, examples: list, pad_id: int) -> BatchTok
     shared = "decoder_ids" in batch and cfg.method.name not in VIRTUAL  # virtual tokens run the padded rows
     decoder = batch["decoder_ids"].numel() if shared else positions
     labels = int((batch["targets"] != -100).sum())
-    sequences = len(longest) * (2 if cfg.objective in ("dpo", "reward") else 1)
+    sequences = len(longest) * (2 if cfg.objective in ("dpo", "orpo", "simpo", "reward", "kto") else 1)
     return BatchTokens(sequences, decoder, positions, labels,
                        f"data: the {len(longest)} longest of {len(examples):,} training examples, collated as the run "
                        f"does ({decoder:,} tokens computed, {labels:,} labelled)")

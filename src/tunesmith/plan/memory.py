@@ -261,7 +261,7 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
     tokens = batch.labels
     head_trains = cfg.method.name == "full" or (cfg.method.name == "freeze" and "lm_head" in " ".join(
         cfg.method.patterns))
-    if cfg.objective in ("dpo", "reward", "ppo"):
+    if cfg.objective in ("dpo", "orpo", "simpo", "kto", "reward", "ppo", "grpo"):
         if cfg.objective == "reward":
             return [Part("reward head", tokens * h * 4, "hidden states at each sequence's last token")]
         if cfg.train.loss_chunk is None:
@@ -300,9 +300,10 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
         ppo = cfg.ppo
         out.append(Part("PPO rollouts", ppo.minibatch_size * (cfg.data.max_length + ppo.max_new_tokens) * 4 * 6,
                         "tokens, log-probs, reference log-probs, values, advantages, returns per rollout token"))
-    if cfg.objective in ("dpo", "ppo") and name in ("full", "freeze", "bitfit") and cfg.objective == "ppo":
-        out.append(Part("reference snapshot", plan.trainable * _trainable_bytes(cfg), "PPO keeps the initial "
-                        "trained parameters for its reference forwards"))
+    snapshot = cfg.objective in ("ppo", "kto") or (cfg.objective == "grpo" and cfg.grpo.beta > 0)
+    if snapshot and name in ("full", "freeze", "bitfit"):
+        out.append(Part("reference snapshot", plan.trainable * _trainable_bytes(cfg), f"{cfg.objective.upper()} "
+                        "keeps the initial trained parameters for its reference forwards"))
     return out
 
 

@@ -84,7 +84,7 @@ def predicted_peak(cfg: RunConfig, device: str, objective=None, examples: list |
     from tunesmith.plan.memory import predict
 
     try:
-        batch = batch_of(cfg, objective, examples, pad_id) if examples is not None and cfg.objective != "ppo" else None
+        batch = batch_of(cfg, objective, examples, pad_id) if examples is not None and cfg.objective not in ("ppo", "grpo") else None
         return predict(cfg, device="cuda" if device == "cuda" else "cpu", batch=batch)
     except TunesmithError:
         return None

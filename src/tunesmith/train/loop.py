@@ -19,7 +19,7 @@ from tunesmith.train.run import (RunResult, SimulatedCrash, baseline_of, eval_ro
 __all__ = ["RunResult", "SimulatedCrash", "accumulate_gradients", "train"]
 
 # Outer loops an objective may name as its `own_loop` (objectives never import the training loops).
-OUTER_LOOPS = {"ppo": "tunesmith.train.ppo_loop:train_ppo"}
+OUTER_LOOPS = {"ppo": "tunesmith.train.ppo_loop:train_ppo", "grpo": "tunesmith.train.grpo_loop:train_grpo"}
 
 
 def _outer_loop(name: str):

@@ -120,15 +120,21 @@ def mean_reward(run: Run, prompts: list) -> float | None:
     return total / len(prompts)
 
 
-def _baseline(run: Run, resume: bool) -> dict:
+def _held_out_reward(run: Run, prompts: list) -> dict | None:
+    reward = mean_reward(run, prompts)
+    return None if reward is None else {"reward": reward}
+
+
+def baseline_with(run: Run, resume: bool, held_out) -> dict:
+    """The untrained policy's held-out metrics (`held_out(run, prompts) -> dict | None`) and sample generations, kept
+    in the run folder so that a resumed run reports them."""
     path = run.run_dir / "baseline.json"
     if resume and path.is_file():
         return json.loads(path.read_text())
     cfg = run.cfg
     baseline = {"eval_loss": None, "eval_metrics": None, "heldout_samples": [], "trained_samples": []}
     if cfg.report.compare:
-        reward = mean_reward(run, run.data.eval)
-        baseline["eval_metrics"] = None if reward is None else {"reward": reward}
+        baseline["eval_metrics"] = held_out(run, run.data.eval)
         baseline["heldout_samples"] = sample_generations(run.model, run.tokenizer, run.data.eval_items,
                                                          cfg.report.heldout_samples, cfg.report.max_new_tokens)
         baseline["trained_samples"] = sample_generations(run.model, run.tokenizer, run.data.train_items,
@@ -147,7 +153,7 @@ def train_ppo(cfg: RunConfig, objective, overwrite: bool = False, resume: bool =
     params, optimizer, scheduler = make_optimizer(run, total_steps * updates_per_step)
     start_step, position = resume_position(run, resume, optimizer, scheduler)
     run.model.eval()
-    baseline = _baseline(run, resume)
+    baseline = baseline_with(run, resume, _held_out_reward)
     if baseline["eval_metrics"]:
         run.console.print(f"[bold]eval[/bold] held-out mean reward before training: "
                           f"{baseline['eval_metrics']['reward']:.4f}")

@@ -1,0 +1,193 @@
+"""GRPO's outer loop: per step, a generation batch (train.batch_size prompts × G completions, sampled in one cached
+decode, scored, advantages within each group), then grpo.num_iterations optimizer steps over it, each accumulating
+the whole batch in grpo.minibatch_size pieces.
+
+It reuses the pieces PPO's loop uses (run setup, optimizer and schedule, resumable checkpoints, prompt stream,
+metrics, report). The model stays in eval mode (no dropout), so the sampling policy's log-probs and the first pass's
+agree exactly; the checkpoint holds the weights, optimizer, schedule, RNG and prompt position, which is all a step
+depends on, so a resumed run ends with the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.data.pair_batches import collate_sequences
+from tunesmith.devices import autocast_for, to_device
+from tunesmith.objectives.group_sampling import sample_groups
+from tunesmith.objectives.grpo import completion_logps, group_advantages, reduce_losses, token_losses
+from tunesmith.objectives.ppo import sequences
+from tunesmith.train.checkpoint import save_checkpoint
+from tunesmith.train.logging import MetricsLogger
+from tunesmith.train.ppo_loop import baseline_with
+from tunesmith.train.run import ExampleStream, RunResult, SimulatedCrash, finish_run, make_optimizer, open_run, \
+    resume_position
+
+
+@dataclass
+class GenerationBatch:
+    seqs: list
+    width: int
+    mask: torch.Tensor        # (N, width) 1 on completion tokens
+    old_logps: torch.Tensor   # the sampling policy's, (N, width)
+    ref_logps: torch.Tensor | None
+    advantages: torch.Tensor  # (N,)
+    stats: dict
+
+
+def _batch(run, seqs: list) -> dict[str, torch.Tensor]:
+    cfg = run.cfg
+    return to_device(collate_sequences(seqs, cfg.data.packing, cfg.data.max_length, run.pad_id,
+                                       cfg.data.share_prefixes), run.device)
+
+
+def _scored(run, seqs: list, width: int, reference: bool = False) -> torch.Tensor:
+    """(N, width) completion-token log-probs, minibatch_size sequences at a time (no gradient)."""
+    s = run.objective.settings
+    rows = []
+    for i in range(0, len(seqs), s.minibatch_size):
+        batch = _batch(run, seqs[i : i + s.minibatch_size])
+        with autocast_for(run.cfg, run.device), (run.objective.reference(run.model) if reference else nullcontext()):
+            rows.append(completion_logps(run.model, batch, width, s.temperature))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def generate(run, prompts: list) -> GenerationBatch:
+    s = run.objective.settings
+    with autocast_for(run.cfg, run.device):
+        completions = sample_groups(run.model, run.tokenizer, prompts, s.num_generations, s.max_new_tokens,
+                                    s.temperature, s.top_k)
+    each = [p for p in prompts for _ in range(s.num_generations)]
+    per_function = run.objective.rewards.per_function(run.tokenizer, each, completions)
+    rewards = run.objective.rewards.total(per_function)
+    advantages = group_advantages(rewards, s.num_generations, s.scale_rewards).to(run.device)
+    seqs = sequences(each, completions)
+    width = max(1, max(len(c) for c in completions))
+    lengths = torch.tensor([len(c) for c in completions])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float().to(run.device)
+    old = _scored(run, seqs, width) if s.num_iterations > 1 else None
+    ref = _scored(run, seqs, width, reference=True) if s.beta else None
+    eos = run.tokenizer.eos_token_id
+    stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+             "completion_tokens": float(lengths.float().mean()),
+             "ended": sum(bool(c) and c[-1] == eos for c in completions) / len(completions),
+             "groups_without_spread": float((rewards.view(-1, s.num_generations).std(1) == 0).float().mean())}
+    for k, name in enumerate(run.objective.rewards.names):
+        stats[f"reward/{name}/mean"] = float(per_function[:, k].mean())
+        stats[f"reward/{name}/std"] = float(per_function[:, k].std())
+    return GenerationBatch(seqs, width, mask, old, ref, advantages, stats)
+
+
+def optimize(run, gb: GenerationBatch, params, optimizer, scheduler) -> dict:
+    """num_iterations optimizer steps, each over the whole generation batch (gradients accumulated)."""
+    cfg, s = run.cfg, run.objective.settings
+    n, n_tokens = len(gb.seqs), int(gb.mask.sum())
+    high = s.epsilon_high if s.epsilon_high is not None else s.epsilon
+    sums = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
+    for _ in range(s.num_iterations):
+        loss_total = 0.0
+        clipped = kl = 0.0
+        for start in range(0, n, s.minibatch_size):
+            idx = slice(start, start + s.minibatch_size)
+            batch = _batch(run, gb.seqs[idx])
+            with autocast_for(cfg, run.device):
+                logps = completion_logps(run.model, batch, gb.width, s.temperature)
+            mask = gb.mask[idx]
+            old = gb.old_logps[idx] if gb.old_logps is not None else logps.detach()
+            ref = gb.ref_logps[idx] if gb.ref_logps is not None else None
+            losses, stats = token_losses(logps, old, gb.advantages[idx], mask, s.epsilon, high, s.beta, ref)
+            loss = reduce_losses(losses, mask, s.loss_type, s.max_new_tokens, n, n_tokens)
+            loss.backward()
+            loss_total += float(loss.detach())
+            clipped += float((stats["clipped"] * mask).sum())
+            if "kl" in stats:
+                kl += float((stats["kl"] * mask).sum())
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums["loss"] += loss_total
+        sums["clip_fraction"] += clipped / max(n_tokens, 1)
+        sums["kl"] += kl / max(n_tokens, 1)
+    out = {k: v / s.num_iterations for k, v in sums.items()}
+    if not s.beta:
+        del out["kl"]
+    return {**out, "lr": lr}
+
+
+@torch.no_grad()
+def mean_reward(run, prompts: list) -> dict | None:
+    """Mean weighted reward (and each reward's mean) of greedy answers to the held-out prompts."""
+    if not prompts:
+        return None
+    s = run.objective.settings
+    rewards = run.objective.rewards
+    scores = []
+    bs = max(run.cfg.train.batch_size, s.minibatch_size)  # one completion per prompt: as many as a minibatch holds
+    for i in range(0, len(prompts), bs):
+        chunk = prompts[i : i + bs]
+        with autocast_for(run.cfg, run.device):
+            completions = sample_groups(run.model, run.tokenizer, chunk, 1, s.max_new_tokens, greedy=True)
+        scores.append(rewards.per_function(run.tokenizer, chunk, completions))
+    per_function = torch.cat(scores)
+    out = {"reward": float(rewards.total(per_function).mean())}
+    out.update({f"reward/{name}": float(per_function[:, k].mean()) for k, name in enumerate(rewards.names)})
+    return out
+
+
+def train_grpo(cfg, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False,
+               crash_after_step: int | None = None) -> RunResult:
+    run = open_run(cfg, objective, overwrite, resume, quiet)
+    s = objective.settings
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(run.data.train)
+                                                           / cfg.train.batch_size))
+    params, optimizer, scheduler = make_optimizer(run, total_steps * s.num_iterations)
+    start_step, position = resume_position(run, resume, optimizer, scheduler)
+    run.model.eval()
+    baseline = baseline_with(run, resume, mean_reward)
+    if baseline["eval_metrics"]:
+        run.console.print(f"[bold]eval[/bold] held-out mean reward before training: "
+                          f"{baseline['eval_metrics']['reward']:.4f}")
+
+    stream = ExampleStream(len(run.data.train), cfg.train.seed, position)
+    started = time.perf_counter()
+    tokens_seen = 0
+    after = None
+    with MetricsLogger(run.run_dir, total_steps, start_step, run.console, quiet) as log:
+        if start_step == 0 and baseline["eval_metrics"]:
+            log.log({"step": 0, **{f"eval/{k}": v for k, v in baseline["eval_metrics"].items()}})
+        for step in range(start_step + 1, total_steps + 1):
+            t0 = time.perf_counter()
+            gb = generate(run, [run.data.train[i] for i in stream.take(cfg.train.batch_size)])
+            t1 = time.perf_counter()
+            losses = optimize(run, gb, params, optimizer, scheduler)
+            tokens = sum(len(x) for x in gb.seqs)
+            tokens_seen += tokens
+            dt = time.perf_counter() - t0
+            row = {"step": step, **losses, **gb.stats, "tokens": tokens, "tokens_per_s": tokens / dt,
+                   "completions_per_s": len(gb.seqs) / (t1 - t0), "elapsed_s": time.perf_counter() - started}
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                log.log(row)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
+                ev = mean_reward(run, run.data.eval)
+                if ev is not None:
+                    log.log({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+                    log.note(f"step {step}: held-out mean reward {ev['reward']:.4f}")
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
+                save_checkpoint(run.run_dir, step, run.model, optimizer, scheduler, stream.position,
+                                cfg.train.keep_checkpoints)
+            if crash_after_step is not None and step == crash_after_step:
+                raise SimulatedCrash(step)
+        after = mean_reward(run, run.data.eval)
+        if after is not None:
+            log.log({"step": total_steps, **{f"eval/{k}": v for k, v in after.items()}})
+    seconds = time.perf_counter() - started
+    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after)
