@@ -223,13 +223,13 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
 
 
 def general_perplexity(run: Run) -> float | None:
-    """Perplexity on the forgetting corpus (report.forgetting), or None when that is off."""
-    if run.forgetting is None:
+    """Perplexity on the forgetting corpus (report.forgetting), or None when that is off. Not yet under torchrun:
+    distributed evaluation runs the run's own objective through the wrapped model, not the LM loss."""
+    if run.forgetting is None or run.ranks.world > 1:
         return None
     from tunesmith.objectives import lm
 
-    return math.exp(evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id,
-                             run.ranks)["loss"])
+    return math.exp(evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id)["loss"])
 
 
 def make_optimizer(run: Run, total_steps: int):
