@@ -47,7 +47,7 @@ def _config(spec: dict, steps: int, output_dir: str):
 
 def loop_order(n: int, seed: int = 0) -> list[int]:
     """The order in which the loop takes a training set of n examples in its first epoch."""
-    from tunesmith.train.run import ExampleStream
+    from tunesmith.data.mixture import ExampleStream
 
     return ExampleStream(n, seed).take(n)
 

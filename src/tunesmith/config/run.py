@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config.distributed import DistributedSettings, refusal
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
@@ -33,11 +33,36 @@ class ModelSettings(Strict):
         "TUNESMITH_ALLOW_DOWNLOAD=1); off: nothing is downloaded at run time")
 
 
-class DataSettings(Strict):
+FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "unpaired"]
+
+
+class TaskSettings(Strict):
+    name: str = Field(min_length=1)
     train: str | list[str]
     eval: str | list[str] | None = None
+    format: FORMATS = "auto"
+    system_prompt: str | None = None
+    instruction_prefix: str | None = Field(None, description="put before each user turn (each document) of this task")
+    weight: float | None = Field(None, ge=0, description="this task's share under mixture kind explicit")
+
+
+class MixtureSettings(Strict):
+    kind: Literal["proportional", "temperature", "explicit"] = Field(
+        "proportional", description="proportional: each task's share is its share of the train examples; "
+        "temperature: proportional to size^(1/T); explicit: the tasks' `weight`s (or `weights` by task name)")
+    temperature: float = Field(2.0, gt=0)
+    weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+
+
+class DataSettings(Strict):
+    train: str | list[str] | None = None
+    tasks: list[TaskSettings] | None = Field(
+        None, description="multi-task fine-tuning: several named data sets mixed by data.mixture (instead of "
+        "data.train)")
+    mixture: MixtureSettings = Field(default_factory=MixtureSettings)
+    eval: str | list[str] | None = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "unpaired"] = "auto"
+    format: FORMATS = "auto"
     max_length: int = Field(1024, gt=8)
     overlong: Literal["drop", "truncate", "split"] | None = Field(
         None, description="what to do with examples over max_length; default: drop for sft, split for text"
@@ -49,8 +74,48 @@ class DataSettings(Strict):
         "DPO pair's prompt) once: the same values, less work; applies where segment attention runs (SDPA "
         "attention without sliding windows)")
     system_prompt: str | None = None
-    max_examples: int | None = Field(None, gt=0)
-    max_eval_examples: int | None = Field(None, gt=0)
+    max_examples: int | None = Field(None, gt=0, description="per task, in a multi-task run")
+    max_eval_examples: int | None = Field(None, gt=0, description="per task, in a multi-task run")
+
+    @model_validator(mode="after")
+    def _train_or_tasks(self) -> "DataSettings":
+        if (self.train is None) == (self.tasks is None):
+            raise ValueError("data.train / data.tasks: give exactly one: data.train (one data set) or data.tasks (a "
+                             "list of named data sets to mix)")
+        if self.tasks is None:
+            if self.mixture.weights is not None or self.mixture.kind != "proportional":
+                raise ValueError("data.mixture: mixes the data.tasks; with data.train alone there is nothing to mix")
+            return self
+        names = [t.name for t in self.tasks]
+        if not self.tasks:
+            raise ValueError("data.tasks: empty; list at least one task")
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.tasks: task names must be unique (got {names})")
+        for name in self.mixture.weights or {}:
+            if name not in names:
+                raise ValueError(f"data.mixture.weights.{name}: no task is named {name!r}; the tasks are "
+                                 f"{', '.join(names)}")
+        if self.mixture.kind != "explicit":
+            given = [f"data.tasks.{i}.weight" for i, t in enumerate(self.tasks) if t.weight is not None]
+            if self.mixture.weights is not None:
+                given.insert(0, "data.mixture.weights")
+            if given:
+                raise ValueError(f"{given[0]}: weights apply to data.mixture.kind explicit, but the kind is "
+                                 f"{self.mixture.kind!r}; set kind: explicit or remove them")
+            return self
+        for i, (name, weight) in enumerate(zip(names, self.task_weights())):
+            if weight is None:
+                raise ValueError(f"data.tasks.{i}.weight: mixture kind explicit needs a weight for task {name!r} "
+                                 "(here or in data.mixture.weights)")
+        if sum(self.task_weights()) <= 0:
+            raise ValueError("data.mixture.weights: the task weights sum to zero; give at least one task a "
+                             "positive weight")
+        return self
+
+    def task_weights(self) -> list[float | None]:
+        """Each task's explicit weight: data.mixture.weights by name first, else the task's own `weight`."""
+        by_name = self.mixture.weights or {}
+        return [by_name.get(t.name, t.weight) for t in self.tasks or []]
 
 
 class TrainSettings(Strict):
@@ -102,11 +167,28 @@ class TrainSettings(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
+class ForgettingSettings(Strict):
+    corpus: str | None = Field(
+        None, description="a JSONL/CSV/Parquet file of {text} records; default: the shipped slice of general English "
+        "and code (src/tunesmith/eval/general_text.jsonl, data/general/README.md)")
+    max_tokens: int = Field(512, gt=8, description="tokens read from the corpus, split evenly between its records")
+
+
 class ReportSettings(Strict):
     compare: bool = True
+    forgetting: ForgettingSettings | None = Field(
+        default_factory=ForgettingSettings, description="general-text perplexity before and after training (how much "
+        "general ability the run cost); null or false: off")
     heldout_samples: int = Field(3, ge=0)
     trained_samples: int = Field(3, ge=0)
     max_new_tokens: int = Field(64, gt=0)
+
+    @field_validator("forgetting", mode="before")
+    @classmethod
+    def _false_is_off(cls, value):
+        if value is False:
+            return None
+        return {} if value is True else value
 
 
 # Why `data.train_on_prompt: true` cannot apply to these objectives.
@@ -217,6 +299,9 @@ class RunConfig(Strict):
 
     def _refuse_settings_the_objective_cannot_use(self) -> None:
         """Settings a user gave that this objective would have nothing to apply to (their defaults pass)."""
+        if self.data.tasks is not None and self.objective not in ("sft", "text"):
+            raise ValueError(f"data.tasks: multi-task mixtures are for objectives sft and text (token-level losses "
+                             f"that mix), not {self.objective!r}; use data.train")
         if self.objective == "reward":
             if "loss_chunk" not in self.train.model_fields_set:
                 self.train.loss_chunk = None  # so config.yaml records what a reward run computes

@@ -29,6 +29,12 @@ class LengthReport:
             parts.append(f"{self.split_extra} extra pieces from splitting long documents")
         return ", ".join(parts) + f" (policy: {self.policy}; longest {self.longest} tokens)"
 
+    def merged(self, other: "LengthReport") -> "LengthReport":
+        """Both reports' counts together (the tasks of a multi-task run)."""
+        return LengthReport(self.policy, self.max_length, self.kept + other.kept, self.dropped + other.dropped,
+                            self.truncated + other.truncated, self.split_extra + other.split_extra,
+                            max(self.longest, other.longest), self.dropped_where + other.dropped_where)
+
 
 def tokenize_chat(tokenizer, chat: Chat, train_on_prompt: bool = False) -> Tokenized:
     text, spans = assistant_spans(tokenizer, chat)

@@ -38,7 +38,8 @@ def bound(cfg: RunConfig, why: str = "") -> BatchTokens:
 
 
 def _readable(cfg: RunConfig) -> bool:
-    files = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    sources = [t.train for t in cfg.data.tasks] if cfg.data.tasks else [cfg.data.train]
+    files = [f for source in sources for f in (source if isinstance(source, list) else [source])]
     return all(Path(f).expanduser().is_file() for f in files)
 
 

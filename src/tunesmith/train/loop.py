@@ -13,8 +13,8 @@ from tunesmith.objectives import get_objective
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.distributed import OneProcess
 from tunesmith.train.logging import metrics_logger
-from tunesmith.train.run import (ExampleStream, RunResult, SimulatedCrash, baseline_of, eval_row, evaluate, finish_run,
-                                 make_optimizer, open_run, resume_position)
+from tunesmith.train.run import (RunResult, SimulatedCrash, baseline_of, eval_row, evaluate_data, finish_run,
+                                 general_perplexity, make_optimizer, open_run, resume_position)
 
 __all__ = ["RunResult", "SimulatedCrash", "accumulate_gradients", "train"]
 
@@ -80,11 +80,12 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     params, optimizer, scheduler = make_optimizer(run, total_steps)
     start_step, position = resume_position(run, resume, optimizer, scheduler)
 
-    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id, ranks)
+    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id, ranks,
+                           lambda: general_perplexity(run))
     if baseline["eval_loss"] is not None:
         console.print(f"[bold]eval[/bold] held-out loss before training: {baseline['eval_loss']:.4f}")
 
-    stream = ExampleStream(len(data.train), cfg.train.seed, position)
+    stream = data.stream(cfg.train.seed, position)
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
@@ -92,6 +93,8 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     with metrics_logger(ranks.main, run.run_dir, total_steps, start_step, console, quiet) as log:
         if start_step == 0 and baseline["eval_loss"] is not None:
             log.log({"step": 0, **eval_row(baseline["eval_metrics"])})
+        if start_step == 0 and baseline.get("forgetting_perplexity") is not None:
+            log.log({"step": 0, "forgetting/perplexity": baseline["forgetting_perplexity"]})
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             micro = [[data.train[i] for i in ranks.shard(stream.take(cfg.train.batch_size * ranks.world))]
@@ -115,7 +118,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             if step % cfg.train.log_every == 0 or step == total_steps:
                 log.log(row)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                ev = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
+                ev = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
                 if ev is not None:
                     log.log({"step": step, **eval_row(ev)})
                     log.note(f"step {step}: held-out loss {ev['loss']:.4f}")
@@ -124,8 +127,15 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
                                 cfg.train.keep_checkpoints, ranks)
             if crash_after_step is not None and step == crash_after_step:
                 raise SimulatedCrash(step)
-        after = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
+        after = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
         if after is not None:
             log.log({"step": total_steps, **eval_row(after)})
+        forgot = general_perplexity(run)
+        if forgot is not None:
+            log.log({"step": total_steps, "forgetting/perplexity": forgot})
+        mixture = data.sampled_mixture(stream)
+        if mixture:
+            log.log({"step": total_steps, **{f"mixture/{name}": share for name, share in mixture.items()}})
     seconds = time.perf_counter() - started
-    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after)
+    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after, forgetting_after=forgot,
+                      mixture=mixture)

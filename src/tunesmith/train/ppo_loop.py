@@ -16,12 +16,13 @@ import torch
 
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig
+from tunesmith.data.mixture import ExampleStream
 from tunesmith.data.pair_batches import collate_sequences
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.ppo import gae, masked_mean, policy_loss, sample, score_tokens, sequences, value_loss, whiten
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.logging import MetricsLogger
-from tunesmith.train.run import (ExampleStream, Run, RunResult, SimulatedCrash, finish_run, make_optimizer, open_run,
+from tunesmith.train.run import (Run, RunResult, SimulatedCrash, finish_run, make_optimizer, open_run,
                                  resume_position, sample_generations)
 
 

@@ -37,6 +37,10 @@ def plot_losses(run_dir: Path) -> Path | None:
     return out
 
 
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:400]
 
@@ -51,6 +55,14 @@ def write_report(run_dir: Path, summary: dict, config_yaml: str) -> Path:
         for name, (before, after) in summary["before_after"].items():
             change = f"{(after - before) / before * 100:+.1f} %" if before else ""
             lines.append(f"| {name} | {before:.4f} | {after:.4f} | {change} |")
+    if summary.get("tasks"):
+        lines += ["", "## Tasks", "", "| task | train examples | mixture weight | sampled share | held-out loss before "
+                  "| after | change |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, t in summary["tasks"].items():
+            before, after = t["eval_loss_before"], t["eval_loss_after"]
+            change = f"{(after - before) / before * 100:+.1f} %" if before and after is not None else ""
+            lines.append(f"| {name} | {t['train_examples']} | {t['weight']:.3f} | {_number(t['sampled_share'])} "
+                         f"| {_number(before)} | {_number(after)} | {change} |")
     for title, key in (("Held-out prompts", "heldout_samples"), ("Trained prompts", "trained_samples")):
         samples = summary.get(key) or []
         if samples:

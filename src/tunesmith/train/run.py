@@ -25,6 +25,7 @@ from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
+from tunesmith.train.forgetting import ForgettingProbe, forgetting_facts, probe_for
 from tunesmith.train.distributed import OneProcess, ranks_for
 from tunesmith.train.report import plot_losses, write_report
 from tunesmith.train.self_check import checked_speed_options
@@ -46,6 +47,8 @@ class RunResult:
     summary: dict = field(default_factory=dict)
     eval_metrics_before: dict | None = None  # the objective's held-out metrics, loss included
     eval_metrics_after: dict | None = None
+    forgetting: dict | None = None  # general-text perplexity before/after (report.forgetting)
+    tasks: dict | None = None  # multi-task runs: each task's mixture share and held-out metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -69,27 +72,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
             f"output_dir {run_dir} already holds a run (or other files). Pass --overwrite to replace it, "
             "--resume to continue it from its last checkpoint, or choose another output_dir."
         )
-
-
-class ExampleStream:
-    """An endless, seeded stream of example indices, one fresh permutation per epoch; its position is resumable."""
-
-    def __init__(self, n: int, seed: int, position: int = 0):
-        self.n, self.seed, self.position = n, seed, position
-
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            epoch, offset = divmod(self.position, self.n)
-            order = self._order(epoch)
-            grab = order[offset : offset + k - len(out)]
-            out.extend(grab)
-            self.position += len(grab)
-        return out
 
 
 def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
@@ -131,6 +113,15 @@ def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: i
     return {"loss": total / max(count, 1), **{k: v / max(count, 1) for k, v in sums.items()}}
 
 
+def evaluate_data(model, objective, data: Datasets, cfg: RunConfig, device, pad_id: int, ranks=None) -> dict | None:
+    """Held-out metrics over all the eval examples, and in a multi-task run each task's as `<task>/<metric>`."""
+    overall = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
+    for name, examples in data.task_evals.items():
+        for key, value in (evaluate(model, objective, examples, cfg, device, pad_id, ranks) or {}).items():
+            overall[f"{name}/{key}"] = value
+    return overall
+
+
 def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: int) -> list[dict]:
     from tunesmith.infer.generate import generate_chat
 
@@ -161,6 +152,7 @@ class Run:
     trainable: int
     total: int
     config_yaml: str
+    forgetting: ForgettingProbe | None = None
     ranks: OneProcess = field(default_factory=OneProcess)
 
 
@@ -227,7 +219,17 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
             keep(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               config_yaml, ranks)
+               config_yaml, ranks=ranks, forgetting=probe_for(cfg, tokenizer))
+
+
+def general_perplexity(run: Run) -> float | None:
+    """Perplexity on the forgetting corpus (report.forgetting), or None when that is off. Not yet under torchrun:
+    distributed evaluation runs the run's own objective through the wrapped model, not the LM loss."""
+    if run.forgetting is None or run.ranks.world > 1:
+        return None
+    from tunesmith.objectives import lm
+
+    return math.exp(evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id)["loss"])
 
 
 def make_optimizer(run: Run, total_steps: int):
@@ -256,7 +258,8 @@ def eval_row(metrics: dict) -> dict:
 
 
 def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, baseline: dict, after: dict | None,
-               extra_facts: dict | None = None) -> RunResult:
+               extra_facts: dict | None = None, forgetting_after: float | None = None,
+               mixture: dict | None = None) -> RunResult:
     """Save the trained artifact, then summary, plot, report.md and summary.json (the main rank; the others only
     help gather the full weights)."""
     cfg, model, method = run.cfg, run.model, run.method
@@ -271,6 +274,16 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
     result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective)
     result.summary["facts"].update(extra_facts or {})
+    result.tasks = _task_results(run.data, mixture, baseline["eval_metrics"], after)
+    if result.tasks:
+        result.summary["tasks"] = result.tasks
+    forgetting = None
+    if run.forgetting is not None and forgetting_after is not None:
+        before = baseline.get("forgetting_perplexity")
+        result.summary["facts"].update(forgetting_facts(run.forgetting, before, forgetting_after))
+        forgetting = {"corpus": run.forgetting.corpus, "tokens": run.forgetting.tokens, "perplexity_before": before,
+                      "perplexity_after": forgetting_after}
+    result.forgetting = forgetting
     if run.ranks.world > 1:
         result.summary["facts"]["steps"] += f" per rank × {run.ranks.world} ranks ({run.ranks.strategy})"
     plot_losses(run.run_dir)
@@ -278,12 +291,13 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     atomic_write_text(run.run_dir / "summary.json", json.dumps({
         "method": cfg.method.name, "objective": cfg.objective, "steps": total_steps, "trainable": run.trainable,
         "total": run.total, "eval_before": result.eval_before, "eval_after": after_loss, "train_seconds": seconds,
-        "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(seconds, 1e-9)}, indent=1))
+        "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(seconds, 1e-9), "forgetting": forgetting,
+        **({"tasks": result.tasks} if result.tasks else {})}, indent=1))
     return result
 
 
 def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id,
-                ranks=None) -> dict:
+                ranks=None, general_perplexity=None) -> dict:
     """Held-out metrics and sample generations of the untouched model, kept in the run so a resumed run reports them."""
     path = run_dir / "baseline.json"
     if resume and path.is_file():
@@ -291,7 +305,7 @@ def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokeni
     else:
         baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
         if cfg.report.compare:
-            metrics = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
+            metrics = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
             baseline["eval_loss"] = metrics["loss"] if metrics else None
             if metrics and set(metrics) - {"loss"}:
                 baseline["eval_metrics"] = metrics
@@ -300,11 +314,26 @@ def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokeni
                                                                  cfg.report.heldout_samples, cfg.report.max_new_tokens)
                 baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
                                                                  cfg.report.trained_samples, cfg.report.max_new_tokens)
+        if general_perplexity is not None:
+            baseline["forgetting_perplexity"] = general_perplexity()  # every rank takes part in the evaluation
         if ranks is None or ranks.main:
             atomic_write_text(path, json.dumps(baseline, indent=1))
     if "eval_metrics" not in baseline:
         baseline["eval_metrics"] = None if baseline["eval_loss"] is None else {"loss": baseline["eval_loss"]}
     return baseline
+
+
+def _task_results(data: Datasets, mixture: dict | None, before: dict | None, after: dict | None) -> dict | None:
+    """Per task: its mixture weight, the share of the examples it supplied, its held-out loss before and after."""
+    if not data.tasks:
+        return None
+    out = {}
+    for task in data.tasks:
+        key = f"{task.name}/loss"
+        out[task.name] = {"train_examples": task.size, "weight": task.weight,
+                          "sampled_share": (mixture or {}).get(task.name),
+                          "eval_loss_before": (before or {}).get(key), "eval_loss_after": (after or {}).get(key)}
+    return out
 
 
 def _memory_line(model, trainable: int) -> str:
