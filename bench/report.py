@@ -209,7 +209,8 @@ def render(rows: list[dict]) -> str:
     out = [header_line(header), ""]
     peaks = [r["flops"] for r in rows if r.get("kind") == "peak_flops"]
     if peaks:
-        out += [f"Fastest fp32 2048² product in the run: {max(peaks) / 1e9:.0f} GFLOP/s (MFU is over it).", ""]
+        precision = "bf16" if header["settings"].get("bf16") else "fp32"
+        out += [f"Fastest {precision} 2048² product in the run: {max(peaks) / 1e9:.0f} GFLOP/s (MFU is over it).", ""]
     out += summary_table(rows)
     for w in sorted({r["workload"] for r in rows if r.get("kind") == "round"}):
         out += [""] + workload_table(rows, w)

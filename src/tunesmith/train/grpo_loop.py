@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tunesmith.data.mixture import ExampleStream
 from tunesmith.data.pair_batches import collate_sequences
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.group_sampling import sample_groups
@@ -25,8 +26,7 @@ from tunesmith.objectives.ppo import sequences
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.logging import MetricsLogger
 from tunesmith.train.ppo_loop import baseline_with
-from tunesmith.train.run import ExampleStream, RunResult, SimulatedCrash, finish_run, make_optimizer, open_run, \
-    resume_position
+from tunesmith.train.run import RunResult, SimulatedCrash, finish_run, make_optimizer, open_run, resume_position
 
 
 @dataclass
