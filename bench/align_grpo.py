@@ -118,20 +118,36 @@ def main(args) -> None:
         return worker(args)
     if args.smoke:
         args.steps, args.batch, args.rounds = 1, 2, 1
+    from results_log import ResultsLog, cpu_summary, default_path
+
+    cpu = cpu_summary()
+    log = ResultsLog(Path(args.results) if args.results else default_path(cpu))
+    settings = {"steps": args.steps, "questions_per_step": args.batch, "generations": args.generations,
+                "max_new_tokens": args.max_new_tokens, "threads": args.threads, "precision": "fp32",
+                "lora": "r=16, alpha 32, all decoder linears", "beta": 0.04, "model": args.model}
+    log.header(["bench/align.py"] + sys.argv[1:], {**settings, "rounds": args.rounds, "smoke": args.smoke}, cpu)
     results = {"ours": [], "trl": []}
     for r in range(1, args.rounds + 1):
         for side in ("ours", "trl"):
             result = run(side, args)
             print(f"grpo round {r} {side}: {result}", file=sys.stderr)
+            log.row("grpo", runner="tunesmith" if side == "ours" else "trl-grpo", round=r, settings=settings,
+                    **result)
             results[side].append(result)
+    print(f"results: {log.path} (run {log.run_id})", file=sys.stderr)
     print(f"\nGRPO {args.steps} steps × {args.batch} questions × G {args.generations}, ≤ {args.max_new_tokens} new "
           f"tokens, LoRA r=16, fp32, {args.threads} threads ({args.model})\n")
-    print("| round | tunesmith completions/s | TRL completions/s | ratio | tunesmith peak RSS | TRL peak RSS |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| round | tunesmith completions/s | TRL completions/s | ratio | tunesmith peak RSS | TRL peak RSS | "
+          "mean training reward (ours / TRL) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r, (a, b) in enumerate(zip(results["ours"], results["trl"]), 1):
         if "error" in a or "error" in b:
-            print(f"| {r} | {a.get('error', '')} | {b.get('error', '')} | | | |")
+            print(f"| {r} | {a.get('error', '')} | {b.get('error', '')} | | | | |")
             continue
         print(f"| {r} | {a['completions_per_s']:.2f} | {b['completions_per_s']:.2f} | "
               f"{a['completions_per_s'] / b['completions_per_s']:.2f}x | {a['peak_rss_gb']:.2f} GB | "
-              f"{b['peak_rss_gb']:.2f} GB |")
+              f"{b['peak_rss_gb']:.2f} GB | {_reward(a)} / {_reward(b)} |")
+
+
+def _reward(result: dict) -> str:
+    return "n/a" if result.get("mean_reward") is None else f"{result['mean_reward']:.3f}"
