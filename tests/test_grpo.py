@@ -211,3 +211,17 @@ def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
     assert [r["reward"] for r in _rows(straight.run_dir) if "reward" in r] == \
         [r["reward"] for r in _rows(resumed.run_dir) if "reward" in r]
+
+
+def test_policy_loop_reports_forgetting_before_and_after(tiny_model_dir, tmp_path):
+    """PPO and GRPO share train/policy_loop.py: both log the general-text perplexity at step 0 and the last step and
+    report it, like the supervised loop."""
+    base = _grpo_config(tiny_model_dir, tmp_path)
+    base["report"] = {"compare": False, "forgetting": {"max_tokens": 64}}
+    result = train(load_config(None, [], base=base), quiet=True)
+    rows = [r for r in _rows(result.run_dir) if "forgetting/perplexity" in r]
+    assert [r["step"] for r in rows] == [0, 2]
+    summary = json.loads((Path(result.run_dir) / "summary.json").read_text())["forgetting"]
+    assert [summary["perplexity_before"], summary["perplexity_after"]] == [r["forgetting/perplexity"] for r in rows]
+    assert summary["perplexity_before"] != summary["perplexity_after"] and summary["tokens"] == 64
+    assert "general-text perplexity" in (Path(result.run_dir) / "report.md").read_text()

@@ -199,3 +199,5 @@ def test_short_run_learns_the_preference(objective, tiny_model_dir, tmp_path):
     assert before["accuracy"] <= 0.5 and after["accuracy"] >= 0.9, (before, after)
     if objective == "orpo":
         assert after["log_odds_ratio"] > before["log_odds_ratio"] + 0.3
+    forgetting = result.forgetting  # the reference-free losses train the LM head: their runs report forgetting too
+    assert forgetting["perplexity_after"] != forgetting["perplexity_before"] and forgetting["tokens"] > 0

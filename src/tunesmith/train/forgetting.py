@@ -11,8 +11,8 @@ from tunesmith.data.formats import normalize_all
 from tunesmith.data.sources import read_many
 from tunesmith.errors import DataError
 
-# Objectives scored by next-token loss on the LM head (a reward model's LM head is never trained or used).
-SCORED_OBJECTIVES = ("sft", "text", "dpo")
+# Objectives that train the LM head's next-token distribution (a reward model's LM head is never trained or used).
+SCORED_OBJECTIVES = ("sft", "text", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
 
 
 def default_corpus() -> str:

@@ -1,32 +1,25 @@
-"""GRPO's outer loop: per step, a generation batch (train.batch_size prompts × G completions, sampled in one cached
+"""GRPO's step: a generation batch (train.batch_size prompts × G completions, sampled in one cached
 decode, scored, advantages within each group), then grpo.num_iterations optimizer steps over it, each accumulating
 the whole batch in grpo.minibatch_size pieces.
 
-It reuses the pieces PPO's loop uses (run setup, optimizer and schedule, resumable checkpoints, prompt stream,
-metrics, report). The model stays in eval mode (no dropout), so the sampling policy's log-probs and the first pass's
-agree exactly; the checkpoint holds the weights, optimizer, schedule, RNG and prompt position, which is all a step
-depends on, so a resumed run ends with the weights of an uninterrupted one.
+The outer loop around a step (set-up, resume, evaluation, checkpoints, report) is train/policy_loop.py's, shared
+with PPO.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from tunesmith.data.mixture import ExampleStream
-from tunesmith.data.pair_batches import collate_sequences
-from tunesmith.devices import autocast_for, to_device
+from tunesmith.devices import autocast_for
 from tunesmith.objectives.group_sampling import sample_groups
 from tunesmith.objectives.grpo import completion_logps, group_advantages, reduce_losses, token_losses
 from tunesmith.objectives.ppo import sequences
-from tunesmith.train.checkpoint import save_checkpoint
-from tunesmith.train.logging import MetricsLogger
-from tunesmith.train.ppo_loop import baseline_with
-from tunesmith.train.run import RunResult, SimulatedCrash, finish_run, make_optimizer, open_run, resume_position
+from tunesmith.train.policy_loop import PolicyAlgorithm, collated, train_policy
+from tunesmith.train.run import RunResult
 
 
 @dataclass
@@ -40,18 +33,12 @@ class GenerationBatch:
     stats: dict
 
 
-def _batch(run, seqs: list) -> dict[str, torch.Tensor]:
-    cfg = run.cfg
-    return to_device(collate_sequences(seqs, cfg.data.packing, cfg.data.max_length, run.pad_id,
-                                       cfg.data.share_prefixes), run.device)
-
-
 def _scored(run, seqs: list, width: int, reference: bool = False) -> torch.Tensor:
     """(N, width) completion-token log-probs, minibatch_size sequences at a time (no gradient)."""
     s = run.objective.settings
     rows = []
     for i in range(0, len(seqs), s.minibatch_size):
-        batch = _batch(run, seqs[i : i + s.minibatch_size])
+        batch = collated(run, seqs[i : i + s.minibatch_size])
         with autocast_for(run.cfg, run.device), (run.objective.reference(run.model) if reference else nullcontext()):
             rows.append(completion_logps(run.model, batch, width, s.temperature))
     return torch.cat(rows)
@@ -95,7 +82,7 @@ def optimize(run, gb: GenerationBatch, params, optimizer, scheduler) -> dict:
         clipped = kl = 0.0
         for start in range(0, n, s.minibatch_size):
             idx = slice(start, start + s.minibatch_size)
-            batch = _batch(run, gb.seqs[idx])
+            batch = collated(run, gb.seqs[idx])
             with autocast_for(cfg, run.device):
                 logps = completion_logps(run.model, batch, gb.width, s.temperature)
             mask = gb.mask[idx]
@@ -143,51 +130,18 @@ def mean_reward(run, prompts: list) -> dict | None:
     return out
 
 
+def _step(run, prompts: list, params, optimizer, scheduler) -> tuple[dict, int]:
+    t0 = time.perf_counter()
+    gb = generate(run, prompts)
+    t1 = time.perf_counter()
+    losses = optimize(run, gb, params, optimizer, scheduler)
+    tokens = sum(len(x) for x in gb.seqs)
+    row = {**losses, **gb.stats, "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0),
+           "completions_per_s": len(gb.seqs) / (t1 - t0)}
+    return row, tokens
+
+
 def train_grpo(cfg, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False,
                crash_after_step: int | None = None) -> RunResult:
-    run = open_run(cfg, objective, overwrite, resume, quiet)
-    s = objective.settings
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(run.data.train)
-                                                           / cfg.train.batch_size))
-    params, optimizer, scheduler = make_optimizer(run, total_steps * s.num_iterations)
-    start_step, position = resume_position(run, resume, optimizer, scheduler)
-    run.model.eval()
-    baseline = baseline_with(run, resume, mean_reward)
-    if baseline["eval_metrics"]:
-        run.console.print(f"[bold]eval[/bold] held-out mean reward before training: "
-                          f"{baseline['eval_metrics']['reward']:.4f}")
-
-    stream = ExampleStream(len(run.data.train), cfg.train.seed, position)
-    started = time.perf_counter()
-    tokens_seen = 0
-    after = None
-    with MetricsLogger(run.run_dir, total_steps, start_step, run.console, quiet) as log:
-        if start_step == 0 and baseline["eval_metrics"]:
-            log.log({"step": 0, **{f"eval/{k}": v for k, v in baseline["eval_metrics"].items()}})
-        for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            gb = generate(run, [run.data.train[i] for i in stream.take(cfg.train.batch_size)])
-            t1 = time.perf_counter()
-            losses = optimize(run, gb, params, optimizer, scheduler)
-            tokens = sum(len(x) for x in gb.seqs)
-            tokens_seen += tokens
-            dt = time.perf_counter() - t0
-            row = {"step": step, **losses, **gb.stats, "tokens": tokens, "tokens_per_s": tokens / dt,
-                   "completions_per_s": len(gb.seqs) / (t1 - t0), "elapsed_s": time.perf_counter() - started}
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                log.log(row)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                ev = mean_reward(run, run.data.eval)
-                if ev is not None:
-                    log.log({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
-                    log.note(f"step {step}: held-out mean reward {ev['reward']:.4f}")
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
-                save_checkpoint(run.run_dir, step, run.model, optimizer, scheduler, stream.position,
-                                cfg.train.keep_checkpoints)
-            if crash_after_step is not None and step == crash_after_step:
-                raise SimulatedCrash(step)
-        after = mean_reward(run, run.data.eval)
-        if after is not None:
-            log.log({"step": total_steps, **{f"eval/{k}": v for k, v in after.items()}})
-    seconds = time.perf_counter() - started
-    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after)
+    algorithm = PolicyAlgorithm(objective.settings.num_iterations, _step, mean_reward)
+    return train_policy(cfg, objective, algorithm, overwrite, resume, quiet, crash_after_step)

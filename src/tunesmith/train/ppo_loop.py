@@ -1,29 +1,19 @@
-"""PPO's outer loop: per step, a rollout (sample, score, reference, values, advantages), then minibatch epochs.
-
-It reuses the training loop's pieces: run setup (data, model, method, run dir), optimizer and schedule, resumable
-checkpoints and prompt stream, metrics.jsonl/TensorBoard/progress bar, report and summary. Dropout stays off
-throughout (the model is in eval mode), so the rollout's log-probs and the first update's agree exactly.
-"""
+"""PPO's step: a rollout (sample, score, reference, values, advantages), then minibatch epochs; the outer loop around
+it (set-up, resume, evaluation, checkpoints, report) is train/policy_loop.py's, shared with GRPO."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig
-from tunesmith.data.mixture import ExampleStream
-from tunesmith.data.pair_batches import collate_sequences
-from tunesmith.devices import autocast_for, to_device
+from tunesmith.devices import autocast_for
 from tunesmith.objectives.ppo import gae, masked_mean, policy_loss, sample, score_tokens, sequences, value_loss, whiten
-from tunesmith.train.checkpoint import save_checkpoint
-from tunesmith.train.logging import MetricsLogger
-from tunesmith.train.run import (Run, RunResult, SimulatedCrash, finish_run, make_optimizer, open_run,
-                                 resume_position, sample_generations)
+from tunesmith.train.policy_loop import PolicyAlgorithm, collated, train_policy
+from tunesmith.train.run import Run, RunResult
 
 
 @dataclass
@@ -39,11 +29,6 @@ class Rollout:
     stats: dict
 
 
-def _batch(run: Run, seqs: list) -> dict[str, torch.Tensor]:
-    return to_device(collate_sequences(seqs, run.cfg.data.packing, run.cfg.data.max_length, run.pad_id,
-                                       run.cfg.data.share_prefixes), run.device)
-
-
 @torch.no_grad()
 def rollout(run: Run, prompts: list) -> Rollout:
     cfg, model, objective = run.cfg, run.model, run.objective
@@ -55,7 +40,7 @@ def rollout(run: Run, prompts: list) -> Rollout:
     width = max(len(c) for c in completions)
     lengths = torch.tensor([len(c) for c in completions])
     mask = (torch.arange(width)[None, :] < lengths[:, None]).float().to(run.device)
-    batch = _batch(run, seqs)
+    batch = collated(run, seqs)
     with autocast_for(cfg, run.device):
         policy = score_tokens(model, batch, width, values=True, entropy=True)
         with objective.reference(model):
@@ -83,7 +68,7 @@ def optimize(run: Run, ro: Rollout, params, optimizer, scheduler) -> dict:
         order = torch.randperm(len(ro.seqs))
         for start in range(0, len(order), s.minibatch_size):
             chosen = order[start : start + s.minibatch_size]
-            batch = _batch(run, [ro.seqs[i] for i in chosen.tolist()])
+            batch = collated(run, [ro.seqs[i] for i in chosen.tolist()])
             idx = chosen.to(run.device)
             mask, old_logps = ro.mask[idx], ro.logps[idx]
             with autocast_for(cfg, run.device):
@@ -125,71 +110,20 @@ def _held_out_reward(run: Run, prompts: list) -> dict | None:
     return None if reward is None else {"reward": reward}
 
 
-def baseline_with(run: Run, resume: bool, held_out) -> dict:
-    """The untrained policy's held-out metrics (`held_out(run, prompts) -> dict | None`) and sample generations, kept
-    in the run folder so that a resumed run reports them."""
-    path = run.run_dir / "baseline.json"
-    if resume and path.is_file():
-        return json.loads(path.read_text())
-    cfg = run.cfg
-    baseline = {"eval_loss": None, "eval_metrics": None, "heldout_samples": [], "trained_samples": []}
-    if cfg.report.compare:
-        baseline["eval_metrics"] = held_out(run, run.data.eval)
-        baseline["heldout_samples"] = sample_generations(run.model, run.tokenizer, run.data.eval_items,
-                                                         cfg.report.heldout_samples, cfg.report.max_new_tokens)
-        baseline["trained_samples"] = sample_generations(run.model, run.tokenizer, run.data.train_items,
-                                                         cfg.report.trained_samples, cfg.report.max_new_tokens)
-    atomic_write_text(path, json.dumps(baseline, indent=1))
-    return baseline
+def _step(run: Run, prompts: list, params, optimizer, scheduler) -> tuple[dict, int]:
+    s = run.objective.settings
+    t0 = time.perf_counter()
+    ro = rollout(run, prompts)
+    losses = optimize(run, ro, params, optimizer, scheduler)
+    tokens = sum(len(x) for x in ro.seqs)
+    row = {"loss": losses["policy_loss"] + s.value_coef * losses["value_loss"], **ro.stats, **losses,
+           "tokens": tokens, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+    return row, tokens
 
 
 def train_ppo(cfg: RunConfig, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False,
               crash_after_step: int | None = None) -> RunResult:
-    run = open_run(cfg, objective, overwrite, resume, quiet)
     s = objective.settings
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(run.data.train)
-                                                           / cfg.train.batch_size))
     updates_per_step = s.epochs * math.ceil(cfg.train.batch_size / s.minibatch_size)
-    params, optimizer, scheduler = make_optimizer(run, total_steps * updates_per_step)
-    start_step, position = resume_position(run, resume, optimizer, scheduler)
-    run.model.eval()
-    baseline = baseline_with(run, resume, _held_out_reward)
-    if baseline["eval_metrics"]:
-        run.console.print(f"[bold]eval[/bold] held-out mean reward before training: "
-                          f"{baseline['eval_metrics']['reward']:.4f}")
-
-    stream = ExampleStream(len(run.data.train), cfg.train.seed, position)
-    started = time.perf_counter()
-    tokens_seen = 0
-    after = None
-    with MetricsLogger(run.run_dir, total_steps, start_step, run.console, quiet) as log:
-        if start_step == 0 and baseline["eval_metrics"]:
-            log.log({"step": 0, "eval/reward": baseline["eval_metrics"]["reward"]})
-        for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            ro = rollout(run, [run.data.train[i] for i in stream.take(cfg.train.batch_size)])
-            losses = optimize(run, ro, params, optimizer, scheduler)
-            tokens = sum(len(x) for x in ro.seqs)
-            tokens_seen += tokens
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": losses["policy_loss"] + s.value_coef * losses["value_loss"], **ro.stats,
-                   **losses, "tokens": tokens, "tokens_per_s": tokens / dt,
-                   "elapsed_s": time.perf_counter() - started}
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                log.log(row)
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                reward = mean_reward(run, run.data.eval)
-                if reward is not None:
-                    log.log({"step": step, "eval/reward": reward})
-                    log.note(f"step {step}: held-out mean reward {reward:.4f}")
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
-                save_checkpoint(run.run_dir, step, run.model, optimizer, scheduler, stream.position,
-                                cfg.train.keep_checkpoints)
-            if crash_after_step is not None and step == crash_after_step:
-                raise SimulatedCrash(step)
-        reward = mean_reward(run, run.data.eval)
-        if reward is not None:
-            after = {"reward": reward}
-            log.log({"step": total_steps, "eval/reward": reward})
-    seconds = time.perf_counter() - started
-    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after)
+    return train_policy(cfg, objective, PolicyAlgorithm(updates_per_step, _step, _held_out_reward), overwrite,
+                        resume, quiet, crash_after_step)

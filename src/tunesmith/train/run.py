@@ -1,6 +1,6 @@
-"""What every outer loop (the supervised one in loop.py, PPO's in ppo_loop.py) sets up and finishes the same way:
-the run folder, seeding, data, model, method and objective, optimizer and schedule, resume, held-out evaluation, the
-baseline before training, and the saved artifact with its report."""
+"""What every outer loop (the supervised one in loop.py, PPO's and GRPO's in policy_loop.py) sets up and finishes the
+same way: the run folder, seeding, data, model, method and objective, optimizer and schedule, resume, held-out
+evaluation, the baseline before training, and the saved artifact with its report."""
 
 from __future__ import annotations
 
