@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from tunesmith.config.objectives import DpoSettings
 from tunesmith.data.chat import IGNORE
-from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.lm import hidden_states, token_logps
+from tunesmith.objectives.pairwise import PairwiseObjective
 from tunesmith.objectives.reference import adapters_off
 from tunesmith.objectives.reference_cache import REFERENCE_FILE, load_reference, reference_key, save_reference
 
@@ -54,23 +54,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return sums, counts
 
 
-class DpoObjective:
-    own_loop = None
-
+class DpoObjective(PairwiseObjective):
     def __init__(self, settings: DpoSettings):
         self.settings = settings
         self.reference = None  # a context manager factory: the method's adapters-off switch
         self.cached = None  # (key, pairs) where the reference log-probs are cached on the pairs
-
-    def build_datasets(self, cfg, tokenizer):
-        return build_pair_datasets(cfg, tokenizer)
-
-    def collate(self, pairs, cfg, pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id,
-                             share_prefixes=cfg.data.share_prefixes)
-
-    def units(self, pair) -> int:
-        return 1
 
     def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
         self.reference = adapters_off(method)
@@ -119,9 +107,6 @@ class DpoObjective:
                  "margin": "held-out reward margin", "chosen_reward": "held-out chosen reward",
                  "rejected_reward": "held-out rejected reward"}
         return {label: (before[key], after[key]) for key, label in names.items()}
-
-    def save(self, model, method, cfg, folder) -> None:
-        method.save(model, cfg.method, folder, cfg.model.path)
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from tunesmith.config.objectives import OrpoSettings, SimpoSettings
 from tunesmith.data.chat import IGNORE
-from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs
 from tunesmith.objectives.lm import hidden_states, token_logps
+from tunesmith.objectives.pairwise import PairwiseObjective
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -73,21 +73,13 @@ def answer_logps(model, batch: dict[str, torch.Tensor], with_prompt: bool
     return sums, counts, -(logps * in_nll).sum(), int(in_nll.sum())
 
 
-class ReferenceFreeObjective:
+class ReferenceFreeObjective(PairwiseObjective):
     """Shared by ORPO and SimPO: pairs, no reference, a per-pair term plus a token-mean NLL on the chosen answers."""
-    own_loop = None
     name = ""
 
     def build_datasets(self, cfg, tokenizer):
         self.nll_on_prompt = bool(cfg.data.train_on_prompt)
-        return build_pair_datasets(cfg, tokenizer)
-
-    def collate(self, pairs, cfg, pad_id: int) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, cfg.data.packing, cfg.data.max_length, pad_id,
-                             share_prefixes=cfg.data.share_prefixes)
-
-    def units(self, pair) -> int:
-        return 1
+        return super().build_datasets(cfg, tokenizer)
 
     def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
         self.nll_on_prompt = bool(cfg.data.train_on_prompt)
@@ -114,9 +106,6 @@ class ReferenceFreeObjective:
         names = {"loss": f"held-out {self.name} loss", "accuracy": "held-out reward accuracy",
                  "margin": "held-out reward margin", "nll": "held-out NLL of the chosen answers"}
         return {label: (before[key], after[key]) for key, label in names.items()}
-
-    def save(self, model, method, cfg, folder) -> None:
-        method.save(model, cfg.method, folder, cfg.model.path)
 
 
 class OrpoObjective(ReferenceFreeObjective):
