@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -109,7 +108,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     result = {"ours": ours, "trl": trl}[args.worker](args)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+    from tunesmith.plan.runtime import own_peak_rss
+
+    peak = own_peak_rss() / 2**30  # VmHWM: ru_maxrss would carry the parent's peak across fork and exec
     print(json.dumps({**result, "pairs": args.steps * args.batch,
                       "pairs_per_s": args.steps * args.batch / result["seconds"], "peak_rss_gb": peak,
                       "timed": TIMED[args.worker]}))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -90,12 +89,14 @@ def trl(args) -> dict:
 def worker(args) -> None:
     import torch
 
+    from tunesmith.plan.runtime import own_peak_rss  # VmHWM: ru_maxrss would carry the parent's peak
+
     sys.path.insert(0, str(REPO / "bench"))
     torch.set_num_threads(args.threads)
     result = {"ours": ours, "trl": trl}[args.worker](args)
     completions = args.steps * args.batch * args.generations
     print(json.dumps({**result, "completions": completions, "completions_per_s": completions / result["seconds"],
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                      "peak_rss_gb": own_peak_rss() / 2**30}))
 
 
 def run(side: str, args) -> dict:

@@ -12,7 +12,6 @@ last optimizer step, as tunesmith's run from before its first batch to the end o
 from __future__ import annotations
 
 import json
-import resource
 import time
 
 from compute_count import ComputeCounter, counting_collator
@@ -20,7 +19,9 @@ from peers_ours import LORA_ALPHA, LORA_R, LORA_TARGETS, run_tunesmith_direct, r
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    from tunesmith.plan.runtime import own_peak_rss  # VmHWM: ru_maxrss would carry the parent's peak
+
+    return own_peak_rss() / 2**30
 
 
 def _report(spec: dict, result: dict) -> dict:

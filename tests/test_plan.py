@@ -275,3 +275,14 @@ def test_block_gradients_take_the_activations_freed_memory():
         assert parts["block gradients in freed activations"] == -expected
     lora = predict(_plan(["method.name=lora"], model="smollm2:135m"), device="cpu")
     assert "block gradients in freed activations" not in {p.name for p in lora.training}
+
+
+def test_runtime_probe_measures_its_own_peak_not_its_parents():
+    """Linux carries ru_maxrss across fork and exec: a probe started by a large process (here this one, holding
+    512 MiB more) must still report only its own high-water mark."""
+    from tunesmith.plan.runtime import measure, own_peak_rss
+
+    held = torch.ones(512 * 2**20 // 4)  # touched pages: this process's peak is at least its size above the probe's
+    probe = measure()
+    assert 100 * 2**20 < probe < own_peak_rss() - 256 * 2**20, (probe / 2**20, own_peak_rss() / 2**20)
+    del held

@@ -96,9 +96,9 @@ def measured_peak(device) -> int:
         import torch
 
         return torch.cuda.max_memory_allocated()
-    import resource
+    from tunesmith.plan.runtime import own_peak_rss
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return own_peak_rss()
 
 
 def predicted_vs_measured(memory: MemoryPlan | None, device) -> str:

@@ -1,6 +1,11 @@
 """The runtime's fixed memory: the peak RSS of a fresh interpreter that has imported torch, transformers and
 tunesmith's training loop, before any model exists. Measured once per machine (a subprocess) and cached in
-~/.cache/tunesmith/plan-runtime.json, keyed by host, Python, torch and transformers versions."""
+~/.cache/tunesmith/plan-runtime.json, keyed by host, Python, torch and transformers versions and the probe's version.
+
+A process's own peak is the kernel's high-water mark of its address space (VmHWM in /proc/self/status), not
+getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child started by a large process (the
+planner inside `tunesmith train` after the model is loaded, a test, a bench worker) reports its parent's peak when
+its own is smaller. Probe version 1 measured that way and cached 1.6 GiB where the runtime is 0.4 GiB."""
 
 from __future__ import annotations
 
@@ -15,8 +20,23 @@ from tunesmith.atomic import atomic_write_text
 
 PROBE = ("import torch, transformers, tunesmith.train.loop, tunesmith.models\n"
          "from transformers import LlamaForCausalLM, AutoTokenizer\n"
-         "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+         "from tunesmith.plan.runtime import own_peak_rss; print(own_peak_rss())")
+PROBE_VERSION = 2
 ENV = "TUNESMITH_RUNTIME_BYTES"  # overrides the measurement (tests, or a machine where it cannot run)
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM where /proc has it, else getrusage)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def cache_file() -> Path:
@@ -27,7 +47,8 @@ def cache_file() -> Path:
 def _key() -> str:
     from importlib.metadata import version
 
-    return f"{platform.node()}|{platform.python_version()}|torch {version('torch')}|transformers {version('transformers')}"
+    return (f"{platform.node()}|{platform.python_version()}|torch {version('torch')}|"
+            f"transformers {version('transformers')}|probe {PROBE_VERSION}")
 
 
 def measure() -> int:
