@@ -115,6 +115,7 @@ def test_forgetting_is_measured_before_and_after_every_run(tiny_config):
     assert [r["step"] for r in rows] == [0, 6]
     forgetting = json.loads((Path(result.run_dir) / "summary.json").read_text())["forgetting"]
     assert forgetting["tokens"] == 64 and forgetting["corpus"].endswith("general_text.jsonl")
+    assert 0 < forgetting["seconds"] < result.seconds + 60  # both passes timed, in the summary
     assert [forgetting["perplexity_before"], forgetting["perplexity_after"]] == [r["forgetting/perplexity"] for r in rows]
     assert forgetting["perplexity_before"] != forgetting["perplexity_after"]
     assert "general-text perplexity" in (Path(result.run_dir) / "report.md").read_text()

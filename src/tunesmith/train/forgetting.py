@@ -23,6 +23,7 @@ def default_corpus() -> str:
 class ForgettingProbe:
     corpus: str
     examples: list[Tokenized]
+    seconds: float = 0.0  # spent scoring the corpus in this process (before and after training)
 
     @property
     def tokens(self) -> int:
@@ -59,4 +60,4 @@ def forgetting_facts(probe: ForgettingProbe, before: float | None, after: float)
     change = f" ({(after - before) / before * 100:+.1f} %)" if before else ""
     before_s = f"{before:.3f} before, " if before else ""
     return {"forgetting": f"general-text perplexity {before_s}{after:.3f} after{change} on {probe.tokens} tokens of "
-                          f"{probe.corpus}"}
+                          f"{probe.corpus} (measuring it took {probe.seconds:.1f} s)"}

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,7 +230,10 @@ def general_perplexity(run: Run) -> float | None:
         return None
     from tunesmith.objectives import lm
 
-    return math.exp(evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id)["loss"])
+    started = time.perf_counter()
+    loss = evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id)["loss"]
+    run.forgetting.seconds += time.perf_counter() - started
+    return math.exp(loss)
 
 
 def make_optimizer(run: Run, total_steps: int):
@@ -282,7 +286,7 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
         before = baseline.get("forgetting_perplexity")
         result.summary["facts"].update(forgetting_facts(run.forgetting, before, forgetting_after))
         forgetting = {"corpus": run.forgetting.corpus, "tokens": run.forgetting.tokens, "perplexity_before": before,
-                      "perplexity_after": forgetting_after}
+                      "perplexity_after": forgetting_after, "seconds": run.forgetting.seconds}
     result.forgetting = forgetting
     if run.ranks.world > 1:
         result.summary["facts"]["steps"] += f" per rank × {run.ranks.world} ranks ({run.ranks.strategy})"
