@@ -168,7 +168,7 @@ def main() -> None:
     rows = [(m, "text") for m in METHODS] + [("lora", "dpo")]
     if args.only:
         keep = set(args.only.split(","))
-        rows = [(m, o) for m, o in rows if m in keep or o in keep]
+        rows = [(m, o) for m, o in rows if (o == "text" and m in keep) or o in keep]  # 'lora': its text row
     settings = [tuple(int(x) for x in s.split("x")) for s in args.settings.split(",")]
     for batch, length in settings:
         for method, objective in rows:
