@@ -343,3 +343,30 @@ def test_the_example_config_is_the_demo():
 
     example = load_dreambooth_config(REPO / "examples" / "dreambooth_demo.yaml")
     assert example == load_dreambooth_config(None, base=DEMO)
+
+
+def test_the_cli_trains_from_a_yaml_file_and_renders_with_generate_image(model_dir, instance_dir, tmp_path, capsys):
+    import yaml
+    from PIL import Image
+
+    from tunesmith.cli import main
+    from tunesmith.diffusion.sample import load_trained
+
+    cfg = config(model_dir, instance_dir, tmp_path / "run", prior={"weight": 0.0}, train={"steps": 2})
+    path = tmp_path / "db.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["dreambooth", str(path), "--quiet"]) == 0
+    run = tmp_path / "run"
+    assert {"report.md", "config.yaml", "metrics.jsonl", "samples_before.png", "samples_after.png", "lora"} <= {
+        p.name for p in run.iterdir()}
+    out = tmp_path / "gen.png"
+    assert main(["generate-image", str(run), "--prompt", "a photo of sks dog", "--n", "2", "--steps", "3",
+                 "--seed", "7", "--out", str(out)]) == 0
+    with Image.open(out) as im:  # 1 row × 2 images of 8 px shown 8× larger, 2 px padding
+        assert im.size == (2 + 2 * (64 + 2), 2 + 64 + 2)
+        grid = np.asarray(im)
+    expected = render(load_trained(run, device=torch.device("cpu")))
+    first = grid[2:66:8, 2:66:8].astype(np.float32) / 255  # the first image, one pixel per cell
+    assert np.abs(first - expected[0].permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
+    assert main(["dreambooth", str(path), "--quiet"]) == 2  # the run exists: refused, not overwritten
+    assert "--overwrite" in capsys.readouterr().err

@@ -21,7 +21,6 @@ from tunesmith.diffusion.progress import bar
 from tunesmith.errors import OutputDirError
 
 CLASS_IMAGES = "class_images"
-GRID_SCALE = 4  # the tiny model's 16-pixel images are shown 4× larger
 
 
 @dataclass
@@ -31,6 +30,11 @@ class DreamBoothResult:
     before: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt → (N, C, H, W) in [0, 1]
     after: dict[str, torch.Tensor] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+
+
+def grid_scale(resolution: int) -> int:
+    """Small images are shown enlarged (nearest neighbour) to at least 64 pixels a side."""
+    return max(1, 64 // resolution)
 
 
 def warn(message: str) -> None:
@@ -135,7 +139,7 @@ def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = Fa
     classes = class_images(pipe, cfg, run_dir, channels, quiet) if cfg.prior.weight > 0 else None
     prompts = cfg.grid_prompts()
     before = render(pipe, cfg, prompts, cfg.sample.per_prompt, cfg.sample.seed)
-    images.save_grid(run_dir / "samples_before.png", list(before.values()), GRID_SCALE)
+    images.save_grid(run_dir / "samples_before.png", list(before.values()), grid_scale(pipe.resolution))
 
     trained = trainable.apply(pipe, cfg.method)
     n_train, n_total = 0, 0
@@ -157,7 +161,7 @@ def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = Fa
     else:
         weights = saving.save_full(run_dir / "pipeline", pipe)
     after = render(pipe, cfg, prompts, cfg.sample.per_prompt, cfg.sample.seed)
-    images.save_grid(run_dir / "samples_after.png", list(after.values()), GRID_SCALE)
+    images.save_grid(run_dir / "samples_after.png", list(after.values()), grid_scale(pipe.resolution))
 
     summary = {"model": cfg.model, "space": "latent space (VAE)" if pipe.vae is not None else "pixel space",
                "resolution": pipe.resolution, "method": cfg.method.name + (" + text encoder" if cfg.method.train_text_encoder else ""),

@@ -32,12 +32,14 @@ def load_trained(run_dir: str | Path, device=None):
 
 
 def generate(run_dir, prompts: list[str], out: Path, per_prompt: int = 4, steps: int = 25, guidance_scale: float = 1.0,
-             seed: int = 1234, scale: int = 4) -> Path:
+             seed: int = 1234) -> Path:
     from tunesmith.diffusion.images import save_grid
 
     pipe = load_trained(run_dir)
     generator = torch.Generator().manual_seed(seed)
     rows = [pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                  num_images_per_prompt=per_prompt) for p in prompts]
-    save_grid(Path(out), rows, scale)
+    from tunesmith.diffusion.run import grid_scale
+
+    save_grid(Path(out), rows, grid_scale(pipe.resolution))
     return Path(out)

@@ -1,7 +1,7 @@
 """The embedded default (no pretrained diffusion weights exist offline): a small text-conditioned diffusers UNet
-(pixel space, 16×16 RGB) with a small CLIP text encoder (transformers CLIPTextModel from a config) and the WordPiece
+(pixel space, 8×8 RGB: the digits' own resolution) with a small CLIP text encoder (transformers CLIPTextModel from a config) and the WordPiece
 tokenizer of all-MiniLM-L6-v2 (an installed dependency), pretrained once on scikit-learn's handwritten digits
-(1,797 real 8×8 scans, upscaled) captioned from their labels, e.g. "a drawing of the digit three", and cached under
+(1,797 real 8×8 scans) captioned from their labels, e.g. "a drawing of the digit three", and cached under
 $TUNESMITH_CACHE/models/ (default ~/.cache/tunesmith/models/).
 
 The demo subject: five 3s held back from pretraining, drawn in amber (the pretraining digits are grey), so the subject
@@ -20,13 +20,13 @@ from tunesmith.atomic import atomic_folder
 from tunesmith.errors import ModelError
 
 NAME = "tiny-digits"
-VERSION = 1
-RESOLUTION = 16
+VERSION = 2
+RESOLUTION = 8
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SUBJECT_DIGIT = 3
 SUBJECT_COUNT = 5
 AMBER = (1.0, 0.62, 0.12)
-PRETRAIN = {"steps": 2400, "batch_size": 64, "lr": 1e-3, "caption_dropout": 0.1, "seed": 0}
+PRETRAIN = {"steps": 2500, "batch_size": 64, "lr": 1e-3, "caption_dropout": 0.1, "seed": 0}
 
 
 def caption(label: int) -> str:
@@ -40,13 +40,11 @@ def folder() -> Path:
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits as (N, 3, 16, 16) grey images in [0, 1] and their labels."""
-    import torch.nn.functional as F
+    """All 1,797 digits as (N, 3, 8, 8) grey images in [0, 1] (white strokes on black) and their labels."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False).clamp(0, 1)
     return x.repeat(1, 3, 1, 1), torch.tensor(data.target)
 
 
@@ -76,9 +74,8 @@ def build_components():
                                  eos_token_id=tokenizer.sep_token_id, projection_dim=64)
     text_encoder = CLIPTextModel(text_config)
     unet = UNet2DConditionModel(
-        sample_size=RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        sample_size=RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
     return unet, text_encoder, tokenizer, scheduler
@@ -159,6 +156,6 @@ def ensure_pretrained(quiet: bool = False) -> Path:
             except ImportError:
                 raise ModelError(f"builtin:{NAME} is pretrained on scikit-learn's digits; install scikit-learn") from None
             if not quiet:
-                print(f"builtin:{NAME}: pretraining once (a few minutes on 2 CPU cores), cached in {dest}")
+                print(f"builtin:{NAME}: pretraining once (about 5-10 minutes on 2 CPU cores), cached in {dest}")
             pretrain(dest, quiet=quiet)
     return dest
