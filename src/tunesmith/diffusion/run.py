@@ -141,6 +141,7 @@ def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = Fa
     before = render(pipe, cfg, prompts, cfg.sample.per_prompt, cfg.sample.seed)
     images.save_grid(run_dir / "samples_before.png", list(before.values()), grid_scale(pipe.resolution))
 
+    torch.manual_seed(cfg.seed)  # LoRA's init and dropout: the same whether or not the model was just pretrained here
     trained = trainable.apply(pipe, cfg.method)
     n_train, n_total = 0, 0
     for module in trained.values():
