@@ -6,7 +6,7 @@ before vs after, and prior preservation with vs without the preservation loss, o
 Measures (tunesmith/diffusion/fidelity.py, a fixed embedding: each channel average-pooled to 8×8): the instance
 prompt's samples against the five held-back amber 3s (distance to the nearest, lower = more faithful; tint = red −
 blue), the class prompt's samples against the real grey 3s (distance to the nearest real 3, lower = closer to the
-class). Prints one markdown table per seed and the medians over seeds (the README's "DreamBooth" tables).
+class); the same two for an unrelated prompt, "a drawing of the digit seven", against the real 7s. Prints one markdown table per seed and the medians over seeds (the README's "DreamBooth" tables).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from tunesmith.diffusion.demo import DEMO
 from tunesmith.diffusion.run import dreambooth
 
 
+OTHER = "a drawing of the digit seven"
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -39,13 +42,16 @@ def cpu_name() -> str:
 def one(seed: int, weight: float, steps: int, out: Path) -> dict:
     base = {**DEMO, "output_dir": str(out / f"seed{seed}-prior{weight:g}"), "seed": seed,
             "prior": {**DEMO["prior"], "weight": weight},
-            "train": {**DEMO["train"], "steps": steps, "save_every": None}}
+            "train": {**DEMO["train"], "steps": steps, "save_every": None},
+            # a third row, an unrelated class (sampled after the demo's two rows, so their noise is the demo's)
+            "sample": {**DEMO["sample"], "prompts": [DEMO["instance"]["prompt"], DEMO["prior"]["class_prompt"], OTHER]}}
     cfg = load_dreambooth_config(None, base=base)
     start = time.perf_counter()
     result = dreambooth(cfg, overwrite=True, quiet=True)
     seconds = time.perf_counter() - start
     data = tiny.split()
     inst, cls = cfg.instance.prompt, "a drawing of the digit three"
+    sevens = data["pretrain_x"][data["pretrain_y"] == 7]
     return {
         "seconds": seconds,
         "subject_before": fidelity.nearest_distance(result.before[inst], data["subject"]),
@@ -54,16 +60,21 @@ def one(seed: int, weight: float, steps: int, out: Path) -> dict:
         "class_before": fidelity.nearest_distance(result.before[cls], data["class_real"]),
         "class_after": fidelity.nearest_distance(result.after[cls], data["class_real"]),
         "class_tint_before": fidelity.tint(result.before[cls]), "class_tint_after": fidelity.tint(result.after[cls]),
+        "other_before": fidelity.nearest_distance(result.before[OTHER], sevens),
+        "other_after": fidelity.nearest_distance(result.after[OTHER], sevens),
+        "other_tint_before": fidelity.tint(result.before[OTHER]), "other_tint_after": fidelity.tint(result.after[OTHER]),
     }
 
 
 def table(rows: dict[str, dict]) -> str:
     lines = ["| run | instance prompt → subject (before → after) | instance tint | class prompt → real 3s "
-             "(before → after) | class tint | wall s |", "|---|---|---|---|---|---|"]
+             "(before → after) | class tint | \"digit seven\" → real 7s | seven tint | wall s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['subject_before']:.3f} → {r['subject_after']:.3f} | {r['tint_before']:+.3f} → "
                      f"{r['tint_after']:+.3f} | {r['class_before']:.3f} → {r['class_after']:.3f} | "
-                     f"{r['class_tint_before']:+.3f} → {r['class_tint_after']:+.3f} | {r['seconds']:.0f} |")
+                     f"{r['class_tint_before']:+.3f} → {r['class_tint_after']:+.3f} | {r['other_before']:.3f} → "
+                     f"{r['other_after']:.3f} | {r['other_tint_before']:+.3f} → {r['other_tint_after']:+.3f} | "
+                     f"{r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
