@@ -370,3 +370,22 @@ def test_the_cli_trains_from_a_yaml_file_and_renders_with_generate_image(model_d
     assert np.abs(first - expected[0].permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
     assert main(["dreambooth", str(path), "--quiet"]) == 2  # the run exists: refused, not overwritten
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_class_images_are_cached_in_the_run_and_remade_when_their_recipe_changes(lora_run, model_dir, instance_dir):
+    from tunesmith.diffusion.run import class_images
+
+    class NoSampling:  # a pipeline that must not be asked for images
+        resolution = RES
+        unet = torch.nn.Linear(1, 1)  # where autocast looks for the device
+        unet.device = torch.device("cpu")
+
+        def __call__(self, *a, **k):
+            raise AssertionError("sampled although the cached class images fit")
+
+    cfg = config(model_dir, instance_dir, lora_run.run_dir)
+    cached = class_images(NoSampling(), cfg, lora_run.run_dir, 3, quiet=True)
+    assert cached.shape == (4, 3, RES, RES)
+    with pytest.raises(AssertionError, match="sampled although"):
+        class_images(NoSampling(), config(model_dir, instance_dir, lora_run.run_dir,
+                                          prior={"class_prompt": "a photo of a cat"}), lora_run.run_dir, 3, quiet=True)
