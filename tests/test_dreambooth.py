@@ -389,3 +389,23 @@ def test_class_images_are_cached_in_the_run_and_remade_when_their_recipe_changes
     with pytest.raises(AssertionError, match="sampled although"):
         class_images(NoSampling(), config(model_dir, instance_dir, lora_run.run_dir,
                                           prior={"class_prompt": "a photo of a cat"}), lora_run.run_dir, 3, quiet=True)
+
+
+def test_a_lora_on_the_text_encoder_too_reloads_with_diffusers_with_equal_outputs(model_dir, instance_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tunesmith.diffusion.run import dreambooth
+
+    cfg = config(model_dir, instance_dir, tmp_path / "te", method={"train_text_encoder": True}, prior={"weight": 0.0},
+                 train={"steps": 2})
+    result = dreambooth(cfg, quiet=True)
+    saved = load_file(str(result.weights / "pytorch_lora_weights.safetensors"))
+    text_keys = [k for k in saved if k.startswith("text_encoder.")]
+    assert text_keys and all(".self_attn." in k for k in text_keys)
+    assert any(saved[k].abs().max() > 0 for k in text_keys if "lora_B" in k)
+    pipe = diffusers_pipeline(model_dir)
+    pipe.load_lora_weights(str(result.weights), weight_name="pytorch_lora_weights.safetensors")
+    assert (render(pipe) - result.after["a photo of sks dog"]).abs().max().item() < 1e-5
+    ids = pipe.tokenize(["a photo of sks dog"])
+    base = diffusers_pipeline(model_dir).text_encoder(ids)[0]
+    assert (pipe.text_encoder(ids)[0] - base).abs().max().item() > 1e-6  # the text encoder's adapter is loaded
