@@ -409,3 +409,35 @@ def test_a_lora_on_the_text_encoder_too_reloads_with_diffusers_with_equal_output
     ids = pipe.tokenize(["a photo of sks dog"])
     base = diffusers_pipeline(model_dir).text_encoder(ids)[0]
     assert (pipe.text_encoder(ids)[0] - base).abs().max().item() > 1e-6  # the text encoder's adapter is loaded
+
+
+def test_an_interrupted_run_resumed_from_the_cli_path_saves_the_uninterrupted_runs_lora(model_dir, instance_dir,
+                                                                                         tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from tunesmith.diffusion import run as run_module
+
+    def cfg(name):
+        return config(model_dir, instance_dir, tmp_path / name, train={"steps": 4, "save_every": 2})
+
+    whole = run_module.dreambooth(cfg("whole"), quiet=True)
+    real_train = run_module.train
+
+    def interrupted(*args, on_step=None, **kwargs):
+        def crash(row):
+            if row["step"] == 3:
+                raise KeyboardInterrupt
+
+        return real_train(*args, on_step=crash, **kwargs)
+
+    monkeypatch.setattr(run_module, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.dreambooth(cfg("cut"), quiet=True)
+    assert [p.name for p in run_module.checkpoint.list_checkpoints(tmp_path / "cut")] == ["step-0000002"]
+    assert not (tmp_path / "cut" / "lora").exists()  # no half-finished weights
+    monkeypatch.setattr(run_module, "train", real_train)
+    resumed = run_module.dreambooth(cfg("cut"), resume=True, quiet=True)
+    a = load_file(str(whole.weights / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed.weights / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not run_module.checkpoint.list_checkpoints(tmp_path / "cut")  # the finished run drops its checkpoints
