@@ -13,8 +13,8 @@ DEMO = {
     # (attention alone: the subject distance fell 4.94 → 3.43 instead of → 2.83, same steps; bench/dreambooth.py)
     "method": {"name": "lora", "r": 8, "alpha": 8, "train_text_encoder": False,
                "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]},
-    # one thread: the tiny model's kernels are small; two threads on a box whose other core is busy ran a pretraining
-    # step in 7.5 s against 0.55 s for one
+    # one thread: the tiny model's kernels are small; two threads on a box whose other core was busy ran a pretraining
+    # step of an earlier 16x16 candidate in 7.5 s against 0.55 s for one
     "train": {"steps": 300, "batch_size": 4, "lr": 1e-3, "save_every": 100, "threads": 1},
     "sample": {"per_prompt": 8, "steps": 25, "guidance_scale": 1.0, "seed": 1234},
 }
