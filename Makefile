@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo dreambooth-demo test venv clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/tunesmith train examples/demo_lora_sft.yaml --overwrite
+
+dreambooth-demo: $(STAMP)
+	$(BIN)/tunesmith dreambooth --demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests

@@ -11,7 +11,8 @@ import sys
 from tunesmith.cli.output import EPILOG
 from tunesmith.errors import TunesmithError
 
-GROUPS = ("train", "inference", "merge", "export", "serve", "align", "rag", "quant", "plan", "advise")
+GROUPS = ("train", "inference", "merge", "export", "serve", "align", "rag", "quant", "plan", "advise",
+          "dreambooth")
 
 
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:

@@ -1,0 +1,129 @@
+"""The DreamBooth run configuration: YAML validated by pydantic; unknown keys and wrong types name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunesmith.config import parse_overrides
+from tunesmith.config.run import _format_validation_error, _set_dotted
+from tunesmith.errors import ConfigError
+
+DEMO_MODEL = "builtin:tiny-digits"
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InstanceSettings(Strict):
+    images: str = Field(description="folder of 3-20 images of the subject (png, jpg, jpeg, bmp, webp)")
+    prompt: str = Field(description="the prompt naming the subject by its identifier, e.g. 'a photo of sks dog'")
+    identifier: str = Field("sks", min_length=1, description="the rare token bound to the subject")
+
+
+class PriorSettings(Strict):
+    class_prompt: str | None = Field(None, description="the subject's class without the identifier, e.g. 'a photo "
+                                     "of a dog'; required when weight > 0")
+    weight: float = Field(1.0, ge=0, description="weight of the prior-preservation term; 0 turns it off")
+    num_images: int = Field(50, gt=0, description="class images the base pipeline generates before training "
+                            "(cached in the run folder)")
+    steps: int = Field(25, gt=0, description="sampling steps for the class images")
+
+
+class MethodSettings(Strict):
+    name: Literal["lora", "full"] = "lora"
+    r: int = Field(8, gt=0)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(UNET_ATTENTION),
+                                      description="UNet linear layers LoRA wraps (module-name suffixes)")
+    train_text_encoder: bool = Field(False, description="also train the text encoder (LoRA on its attention "
+                                     "projections with method lora, all of it with full)")
+
+
+class TrainSettings(Strict):
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(4, gt=0, description="instance images per step (and as many class images)")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (for --resume)")
+    keep_checkpoints: int = Field(2, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has "
+                                                       "it, fp32 elsewhere")
+    threads: int | None = Field(None, gt=0)
+
+
+class SampleSettings(Strict):
+    prompts: list[str] = Field(default_factory=list, description="grid rows (default: the instance prompt and the "
+                               "class prompt)")
+    per_prompt: int = Field(4, gt=0)
+    steps: int = Field(25, gt=0)
+    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance; 1 = none")
+    seed: int = 1234
+
+
+class DreamBoothConfig(Strict):
+    model: str = Field(DEMO_MODEL, description="a diffusers Stable-Diffusion-style folder (unet/, text_encoder/, "
+                       "tokenizer/, scheduler/, optional vae/) or builtin:tiny-digits")
+    output_dir: str = "runs/dreambooth"
+    seed: int = 0
+    instance: InstanceSettings
+    prior: PriorSettings = Field(default_factory=PriorSettings)
+    method: MethodSettings = Field(default_factory=MethodSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    sample: SampleSettings = Field(default_factory=SampleSettings)
+
+    @model_validator(mode="after")
+    def _class_prompt_when_weighted(self) -> "DreamBoothConfig":
+        if self.prior.weight > 0 and not self.prior.class_prompt:
+            raise ValueError("prior.class_prompt is required while prior.weight > 0 (set prior.weight: 0 to train "
+                             "without prior preservation)")
+        return self
+
+    def grid_prompts(self) -> list[str]:
+        if self.sample.prompts:
+            return list(self.sample.prompts)
+        return [self.instance.prompt] + ([self.prior.class_prompt] if self.prior.class_prompt else [])
+
+
+def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None = None,
+                           base: dict | None = None) -> DreamBoothConfig:
+    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
+    tree: dict = dict(base or {})
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise ConfigError(f"{p}:{mark.line + 1 if mark else '?'}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, instance, prior, method, train, sample)")
+        tree.update(loaded)
+        images = tree.get("instance", {}).get("images") if isinstance(tree.get("instance"), dict) else None
+        if isinstance(images, str) and not Path(images).is_absolute() and not Path(images).exists():
+            beside = p.parent / images  # a folder named relative to the config file
+            if beside.exists():
+                tree["instance"]["images"] = str(beside)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return DreamBoothConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def dump(cfg: DreamBoothConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,102 @@
+"""Trained weights in diffusers' formats. LoRA: one `pytorch_lora_weights.safetensors` with keys
+`unet.<module>.lora_A.weight` / `text_encoder.<module>.lora_B.weight` and the adapter's settings in the file's
+`lora_adapter_metadata` (what diffusers' `load_lora_weights` reads). Full: a pipeline folder (save_pretrained,
+safetensors) that is also a model folder tunesmith loads. Both written to a temp folder and renamed into place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tunesmith.atomic import atomic_folder
+from tunesmith.errors import ModelError
+from tunesmith.methods import lora
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"
+
+
+def lora_tensors(trained: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The adapter weights only, by diffusers' key names."""
+    out = {}
+    for prefix, module in trained.items():
+        for name, layer in lora.lora_layers(module).items():
+            for suffix, tensor in layer.adapter_tensors(lora.DEFAULT).items():
+                out[f"{prefix}.{name}.{suffix}"] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def lora_metadata(trained: dict[str, torch.nn.Module], method) -> dict:
+    meta = {}
+    for prefix, module in trained.items():
+        layers = lora.lora_layers(module)
+        targets = sorted({_suffix(n, method, prefix) for n in layers})
+        meta.update({f"{prefix}.{k}": v for k, v in {
+            "r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout, "target_modules": targets,
+            "init_lora_weights": True, "use_dora": False, "use_rslora": False, "bias": "none"}.items()})
+    return meta
+
+
+def _suffix(module_name: str, method, prefix: str) -> str:
+    """The target entry (e.g. 'to_out.0', 'q_proj') a wrapped module's name ends with."""
+    from tunesmith.diffusion.config import TEXT_ATTENTION
+
+    for t in sorted(method.target_modules if prefix == "unet" else TEXT_ATTENTION, key=len, reverse=True):
+        if module_name == t or module_name.endswith("." + t):
+            return t
+    return module_name.rsplit(".", 1)[-1]
+
+
+def save_lora(folder: Path, trained: dict[str, torch.nn.Module], method) -> Path:
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(trained, method), sort_keys=True)}
+    with atomic_folder(folder) as tmp:
+        save_file(lora_tensors(trained), str(tmp / LORA_WEIGHTS), metadata=metadata)
+    return folder / LORA_WEIGHTS
+
+
+def read_lora(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / LORA_WEIGHTS
+    if not path.is_file():
+        raise ModelError(f"{folder}: no {LORA_WEIGHTS}")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
+    return load_file(str(path)), meta
+
+
+def load_lora(pipe, folder: Path) -> list[str]:
+    """Put a saved LoRA (ours, or any diffusers LoRA in the same layout) onto the pipeline's UNet/text encoder with
+    tunesmith's LoRA layers; returns the components it touched."""
+    from tunesmith.config.methods import LoraSettings
+
+    tensors, meta = read_lora(folder)
+    touched = []
+    for prefix in ("unet", "text_encoder"):
+        mine = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if not mine:
+            continue
+        module = getattr(pipe, prefix)
+        r = int(meta.get(f"{prefix}.r") or next(v.shape[0] for k, v in mine.items() if k.endswith("lora_A.weight")))
+        alpha = float(meta.get(f"{prefix}.lora_alpha") or r)
+        names = sorted({k.rsplit(".lora_", 1)[0] for k in mine})
+        lora.apply(module, LoraSettings(r=r, alpha=alpha, dropout=0.0, target_modules=names))
+        ours = {f"{name}.{suffix}": t for name, layer in lora.lora_layers(module).items()
+                for suffix, t in layer.adapter_tensors(lora.DEFAULT).items()}
+        lora.check_and_copy(folder, ours, mine)
+        module.eval()
+        touched.append(prefix)
+    if not touched:
+        raise ModelError(f"{folder}/{LORA_WEIGHTS}: no unet.* or text_encoder.* LoRA weights")
+    return touched
+
+
+def save_full(folder: Path, pipe) -> Path:
+    with atomic_folder(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return folder
