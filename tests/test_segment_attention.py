@@ -7,7 +7,7 @@ from conftest import tiny_llama
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
 from tunesmith.errors import ModelError
-from tunesmith.kernels import segment_attention
+from tunesmith.kernels import attention_precision, segment_attention
 from tunesmith.objectives import lm
 
 
@@ -137,3 +137,56 @@ def test_the_row_placeholder_mask_without_a_layout_is_refused_outside_run_decode
     causal = torch.ones((1, 1, 5, 5), dtype=torch.bool).tril()
     out, _ = segment_attention._segment_attention(attention, q, kv, kv, causal)  # an ordinary mask: plain SDPA
     assert out.shape == (1, 5, 4, 16)
+
+
+def test_bf16_attention_rule_follows_the_cpu_flag_and_the_segment_length(monkeypatch):
+    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: True)
+    assert not attention_precision.bf16_on_cpu(attention_precision.AMX_BF16_FROM - 1)
+    assert attention_precision.bf16_on_cpu(attention_precision.AMX_BF16_FROM)
+    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: False)
+    assert not attention_precision.bf16_on_cpu(100_000)
+
+
+def test_long_segments_keep_bf16_on_amx_and_short_ones_are_upcast_in_the_same_row(monkeypatch):
+    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(attention_precision, "AMX_BF16_FROM", 48)
+    model = tiny_llama(vocab_size=300)
+    segment_attention.enable(model)
+    batch = collate(_examples([60, 20, 50]), True, 64, 2)
+    keep = batch["segments"] >= 0
+    fp32 = lm.hidden_states(model, batch)[keep]
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):  # the output's dtype is the one computed in (autocast casts inside)
+        out = sdpa(query, key, value, **kwargs)
+        seen.append((key.shape[2], out.dtype))
+        return out
+
+    monkeypatch.setattr(segment_attention.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = lm.hidden_states(model, batch)[keep].float()
+    layers = model.config.num_hidden_layers
+    assert sorted(set(seen)) == [(20, torch.float32), (50, torch.bfloat16), (60, torch.bfloat16)]
+    assert len(seen) == 3 * layers
+    assert (bf16 - fp32).abs().mean() <= 2e-2 * fp32.abs().mean()
+
+
+def test_without_amx_bf16_autocast_attends_every_segment_in_fp32(monkeypatch):
+    """RoPE promotes the query to fp32, and CPU autocast would cast SDPA's inputs back to bf16: the rule still holds."""
+    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: False)
+    model = tiny_llama(vocab_size=300)
+    segment_attention.enable(model)
+    batch = collate(_examples([60, 20, 50]), True, 64, 2)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        out = sdpa(query, key, value, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(segment_attention.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lm.hidden_states(model, batch)
+    assert seen and set(seen) == {torch.float32}

@@ -17,7 +17,6 @@ other, so `run_decoder` raises `SegmentAttentionError` instead (train.segment_at
 
 from __future__ import annotations
 
-import contextlib
 from contextvars import ContextVar
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
 from tunesmith.errors import ModelError
+from tunesmith.kernels.attention_precision import bf16_on_cpu
 
 NAME = "tunesmith_segments"
 LAYOUT_KWARG = "tunesmith_segment_layout"
@@ -63,6 +63,23 @@ def _attend(module, query, key, value, mask, dropout: float, scaling) -> torch.T
                                           is_causal=mask is None, **extra)
 
 
+def _computed_dtype(query: torch.Tensor) -> torch.dtype:
+    """The precision SDPA computes `query` in: CPU autocast casts SDPA's inputs to its dtype, so under bf16 autocast
+    a query that RoPE has promoted to fp32 (fp32 cos/sin) is still attended in bf16."""
+    if query.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return query.dtype
+
+
+def _upcast(query: torch.Tensor, keys: int) -> bool:
+    """Whether a CPU segment that would be attended in half precision runs in fp32 instead: float16 always, bf16
+    where its backward is slower (kernels/attention_precision.py); fp32 only adds precision."""
+    if query.device.type != "cpu":
+        return False
+    dtype = _computed_dtype(query)
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not bf16_on_cpu(keys))
+
+
 def _is_placeholder(mask, query) -> bool:
     """Whether `mask` is run_decoder's all-True (1, 1, 1, 1) mask, which no causal mask of several queries is."""
     return mask is not None and mask.dtype == torch.bool and tuple(mask.shape) == (1, 1, 1, 1) and query.shape[2] > 1
@@ -84,23 +101,23 @@ def _segment_attention(module, query, key, value, attention_mask, dropout: float
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"segment attention: {len(lengths)} segments of {sum(lengths)} tokens do not tile "
                          f"a single row of {query.shape[2]}")
-    low = query.dtype
-    upcast = query.device.type == "cpu" and low in (torch.bfloat16, torch.float16)
-    if upcast:  # the CPU kernel's backward runs 2x slower in bf16 than in fp32 (measured); fp32 only adds precision
-        query, key, value = query.float(), key.float(), value.float()
+    low = _computed_dtype(query)
     # split, not slicing: the backward of a split is one concatenation, of a slice a zero-filled full-size gradient
     qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
     outputs = []
-    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        for s, chain in enumerate(chains):
-            if not chain:
-                outputs.append(_attend(module, qs[s], ks[s], vs[s], None, dropout, scaling))
-                continue
-            k = torch.cat([ks[a] for a in chain] + [ks[s]], dim=2)
-            v = torch.cat([vs[a] for a in chain] + [vs[s]], dim=2)
+    for s, chain in enumerate(chains):
+        q, k, v, mask = qs[s], ks[s], vs[s], None
+        if chain:
+            k = torch.cat([ks[a] for a in chain] + [k], dim=2)
+            v = torch.cat([vs[a] for a in chain] + [v], dim=2)
             mask = _prefix_causal_mask(lengths[s], k.shape[2] - lengths[s], query.device)
-            outputs.append(_attend(module, qs[s], k, v, mask, dropout, scaling))
-    return torch.cat(outputs, dim=2).transpose(1, 2).to(low), None
+        if _upcast(q, k.shape[2]):
+            with torch.autocast("cpu", enabled=False):
+                out = _attend(module, q.float(), k.float(), v.float(), mask, dropout, scaling).to(low)
+        else:
+            out = _attend(module, q, k, v, mask, dropout, scaling)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2).transpose(1, 2), None
 
 
 def _register() -> None:
