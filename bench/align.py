@@ -69,7 +69,7 @@ def ours(args) -> dict:
         "data": {"train": args.pairs, "max_length": args.max_length},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 5e-4, "schedule": "constant",
                   "bf16": args.bf16, "seed": 0},
-        "report": {"compare": False}, "output_dir": args.out})
+        "report": {"compare": False, "forgetting": False}, "output_dir": args.out})
     rows = train_with_progress(cfg)
     return {"seconds": rows[-1]["elapsed_s"], "steps": len(rows), "first_loss": rows[0]["loss"],
             "last_loss": rows[-1]["loss"]}

@@ -41,7 +41,7 @@ def ours(args) -> dict:
                  "max_new_tokens": args.max_new_tokens, "beta": 0.04, "minibatch_size": args.batch * args.generations},
         "data": {"train": args.prompts, "max_length": 128},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": 5e-4, "schedule": "constant", "seed": 0},
-        "report": {"compare": False}, "output_dir": args.out})
+        "report": {"compare": False, "forgetting": False}, "output_dir": args.out})
     rows = train_with_progress(cfg)
     return {"seconds": rows[-1]["elapsed_s"], "steps": len(rows), "mean_reward": statistics.mean(
         r["reward"] for r in rows)}

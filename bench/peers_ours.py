@@ -42,7 +42,7 @@ def _config(spec: dict, steps: int, output_dir: str):
                   "compile": levers.get("compile", False),
                   "activation_checkpointing": levers.get("activation_checkpointing", False),
                   "onednn_linear": levers.get("onednn_linear", True), "seed": 0},
-        "report": {"compare": False}, "output_dir": output_dir})
+        "report": {"compare": False, "forgetting": False}, "output_dir": output_dir})
 
 
 def loop_order(n: int, seed: int = 0) -> list[int]:

@@ -251,3 +251,33 @@ def test_bf16_base_weights_under_fp32_adapters_stay_allowed(tiny_config):
 
     tiny_config["model"]["dtype"] = "bfloat16"
     assert load_config(None, [], base=tiny_config).model.dtype == "bfloat16"  # lora trains fp32 parameters
+
+
+def test_a_tokenizer_of_another_model_names_the_first_example_past_the_embedding(tiny_config, tokenizer, tmp_path,
+                                                                                 capsys):
+    from conftest import tiny_llama
+
+    folder = tmp_path / "small-vocab"
+    tiny_llama(vocab_size=1000).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # 49,152 tokens for 1,000 embedding rows
+    tiny_config["model"]["path"] = str(folder)
+    _, code = _run(tmp_path, tiny_config)
+    _check(capsys, code, f"{tiny_config['data']['train']}:1 (data.train): token id", "has 1000 embedding rows",
+           "the tokenizer is not this model's")
+    assert not Path(tiny_config["output_dir"]).exists()
+
+
+def test_the_forgetting_corpus_is_checked_against_the_embedding_too(tiny_config, tokenizer):
+    from conftest import tiny_llama
+    from tunesmith.config import RunConfig
+    from tunesmith.data.chat import Tokenized
+    from tunesmith.errors import ModelError
+    from tunesmith.train.forgetting import probe_for
+    from tunesmith.train.vocab_check import check_ids_fit
+
+    probe = probe_for(RunConfig.model_validate(tiny_config), tokenizer)
+    fitting = [Tokenized([1, 999], [1, 999], "train.jsonl:1")]
+    check_ids_fit(tiny_llama(vocab_size=1000), "m", {"data.train": fitting})  # ids below the rows pass
+    with pytest.raises(ModelError, match=r"general_text\.jsonl:\d+@0 \(report\.forgetting\): token id \d+ but the "
+                                         r"model \(m\) has 1000 embedding rows"):
+        check_ids_fit(tiny_llama(vocab_size=1000), "m", {"data.train": fitting, "report.forgetting": probe.examples})

@@ -27,6 +27,7 @@ from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
 from tunesmith.train.forgetting import ForgettingProbe, forgetting_facts, probe_for
+from tunesmith.train.vocab_check import check_ids_fit
 from tunesmith.train.distributed import OneProcess, ranks_for
 from tunesmith.train.report import plot_losses, write_report
 from tunesmith.train.self_check import checked_speed_options
@@ -187,7 +188,11 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     console.print(f"[bold]data[/bold] train: {data.train_report.summary()}")
     if data.eval_report:
         console.print(f"[bold]data[/bold] eval: {data.eval_report.summary()}")
+    forgetting = probe_for(cfg, tokenizer)
     model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_download)
+    check_ids_fit(model, cfg.model.path, {"data.train": data.train, "data.eval": data.eval,
+                                          **{f"data.tasks.{name}": evals for name, evals in data.task_evals.items()},
+                                          "report.forgetting": forgetting.examples if forgetting else []})
     method = get_method(cfg.method.name)
     method.apply(model, cfg.method)
     model.to(device)
@@ -220,7 +225,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
             keep(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               config_yaml, ranks=ranks, forgetting=probe_for(cfg, tokenizer))
+               config_yaml, ranks=ranks, forgetting=forgetting)
 
 
 def general_perplexity(run: Run) -> float | None:
