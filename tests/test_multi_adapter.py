@@ -53,6 +53,21 @@ def test_switching_adapters_per_call_and_disabling(two_adapters):
         torch.testing.assert_close(model(IDS).logits, tiny_llama(vocab_size=300)(IDS).logits, atol=1e-6, rtol=0)
 
 
+def test_adapters_targeting_different_modules_switch(two_adapters):
+    base_dir, a, _, tmp_path = two_adapters
+    mlp_only = _adapter(tmp_path / "m", base_dir, seed=5, targets=("gate_proj",))
+    model = tiny_llama(vocab_size=300)
+    lora.load(model, tmp_path / "a", "a")
+    lora.load(model, tmp_path / "m", "m")
+    with torch.no_grad():
+        lora.set_active(model, "m")  # q/v/down layers hold only "a": they run their base
+        torch.testing.assert_close(model(IDS).logits, mlp_only(IDS).logits, atol=1e-6, rtol=0)
+        lora.set_active(model, "a")
+        torch.testing.assert_close(model(IDS).logits, a(IDS).logits, atol=1e-6, rtol=0)
+    with pytest.raises(ModelError, match="no adapter named 'c' to activate; loaded: a, m"):
+        lora.set_active(model, "c")
+
+
 def test_memory_is_base_plus_each_adapters_own_size(two_adapters):
     base_dir, a, b, tmp_path = two_adapters
     model = _registry(base_dir, tmp_path)
@@ -156,3 +171,16 @@ def test_lora_and_dora_adapters_cannot_share_a_model(two_adapters):
     _dora_adapter(tmp_path / "c", base_dir, seed=3)
     with pytest.raises(ConfigError, match="cannot share the model with lora adapters"):
         load_with_adapter(None, [f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"])
+
+
+def test_chat_use_switches_adapter_and_a_wrong_name_keeps_the_session(two_adapters, monkeypatch, capsys):
+    from tunesmith.cli import main
+
+    base_dir, _, _, tmp_path = two_adapters
+    lines = iter(["/use b", "/use c", "/use none", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(base_dir), "--adapter", f"a={tmp_path / 'a'}", "--adapter",
+                 f"b={tmp_path / 'b'}", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(now using b)" in out and "(now using none)" in out
+    assert "(not switched: no adapter named 'c' to activate; loaded: a, b)" in out

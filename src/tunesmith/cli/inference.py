@@ -65,10 +65,15 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         if line.startswith("/use "):
+            from tunesmith.errors import ModelError
             from tunesmith.methods import lora
 
             name = line.split(None, 1)[1].strip()
-            lora.set_active(model, None if name == "none" else name)
+            try:
+                lora.set_active(model, None if name == "none" else name)
+            except ModelError as error:
+                print(f"(not switched: {error})", flush=True)
+                continue
             print(f"(now using {name})", flush=True)
             continue
         history.append({"role": "user", "content": line})

@@ -182,9 +182,14 @@ def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
 
 
 def set_active(model: nn.Module, adapter_name: str | None) -> None:
-    """Activate one adapter by name, or None to run the bare base model."""
-    for layer in lora_layers(model).values():
-        layer.active = adapter_name
+    """Activate one adapter by name, or None to run the bare base model. Layers the adapter does not target run
+    their base alone (adapters loaded side by side may target different modules)."""
+    layers = lora_layers(model).values()
+    if adapter_name is not None and not any(adapter_name in layer.lora_A for layer in layers):
+        loaded = sorted({n for layer in layers for n in layer.lora_A})
+        raise ModelError(f"no adapter named {adapter_name!r} to activate; loaded: {', '.join(loaded) or 'none'}")
+    for layer in layers:
+        layer.active = adapter_name if adapter_name in layer.lora_A else None
 
 
 @contextmanager
