@@ -59,13 +59,14 @@ def preference_file(folder: Path, n: int = 64) -> Path:
     return out
 
 
-def row_config(method: str, objective: str, batch: int, length: int, steps: int, folder: Path) -> dict:
+def row_config(method: str, objective: str, batch: int, length: int, steps: int, folder: Path,
+               bf16: bool = False) -> dict:
     data = {"train": str(text_file(folder)), "max_length": length, "overlong": "truncate"}
     if objective == "dpo":
         data = {"train": str(preference_file(folder)), "max_length": length, "overlong": "truncate"}
     return {"model": {"path": "builtin:smollm2-135m-instruct"},
             "method": {"name": method, **METHOD_OPTIONS.get(method, {})}, "objective": objective,
-            "data": data, "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4},
+            "data": data, "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "bf16": bf16},
             "report": {"compare": False, "heldout_samples": 0, "trained_samples": 0},
             "output_dir": str(folder / "run")}
 
@@ -135,10 +136,11 @@ def table_row(method: str, objective: str, batch: int, length: int, measured: di
     from tunesmith.config import RunConfig
     from tunesmith.plan.memory import predict
 
-    cfg = row_config(method, objective, batch, length, measured["steps"], folder)
+    cfg = row_config(method, objective, batch, length, measured["steps"], folder, measured.get("bf16", False))
     predicted = predict(RunConfig.model_validate(cfg), device="cpu").peak
     error = (predicted - measured["peak_rss"]) / measured["peak_rss"]
-    return (f"| {method} | {objective} | {batch} × {length} | {predicted / 2**20:,.0f} MiB | "
+    precision = "bf16" if measured.get("bf16") else "fp32"
+    return (f"| {method} | {objective} | {precision} | {batch} × {length} | {predicted / 2**20:,.0f} MiB | "
             f"{measured['peak_rss'] / 2**20:,.0f} MiB | {100 * error:+.1f} % |"), error
 
 
@@ -149,11 +151,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated methods (and 'dpo')")
     parser.add_argument("--settings", default="4x256,8x512", help="batch×max_length pairs")
     parser.add_argument("--record", help="append each measured row (peak, phases, token counts) to this JSONL file")
+    parser.add_argument("--bf16", action="store_true", help="train.bf16: true (autocast, frozen weights in bf16)")
     parser.add_argument("--replay", help="predict the rows recorded in this JSONL file again, without training")
     args = parser.parse_args()
     if args.child:
         return child(args.child)
-    header = "| method | objective | batch × length | predicted | measured | error |\n|---|---|---|---|---|---|"
+    header = ("| method | objective | precision | batch × length | predicted | measured | error |\n"
+              "|---|---|---|---|---|---|---|")
     print(header, flush=True)
     worst = 0.0
     if args.replay:
@@ -173,8 +177,9 @@ def main() -> None:
     for batch, length in settings:
         for method, objective in rows:
             with tempfile.TemporaryDirectory() as tmp:
-                measured = measure(row_config(method, objective, batch, length, args.steps, Path(tmp)))
-                measured.update(method=method, objective=objective, batch=batch, length=length, steps=args.steps)
+                measured = measure(row_config(method, objective, batch, length, args.steps, Path(tmp), args.bf16))
+                measured.update(method=method, objective=objective, batch=batch, length=length, steps=args.steps,
+                                bf16=args.bf16)
                 if args.record:
                     with open(args.record, "a") as fh:
                         fh.write(json.dumps(measured) + "\n")

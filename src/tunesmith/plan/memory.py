@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunesmith.config import RunConfig
+from tunesmith.kernels.attention_precision import bf16_on_cpu
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
 from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, numel
@@ -114,9 +115,10 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
         return [Part("weights (4-bit linears)", q_bytes, f"{quantized:,} weights, {what}"),
                 Part("weights (embeddings, norms)", rest * dtype_bytes, f"{rest:,} × {dtype_bytes} B"),
                 Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)")]
-    frozen = _frozen_bf16_linears(arch, cfg) if device != "cpu" else 0
-    parts = [Part("weights", (sum_base(arch) - frozen) * dtype_bytes,
-                  f"{sum_base(arch) - frozen:,} × {dtype_bytes} B ({cfg.model.dtype}; on CPU an fp32 model is the "
+    frozen = _frozen_bf16_linears(arch, cfg)
+    replaced = frozen if device != "cpu" else 0  # on CPU the fp32 weights are the checkpoint's pages, kept resident
+    parts = [Part("weights", (sum_base(arch) - replaced) * dtype_bytes,
+                  f"{sum_base(arch) - replaced:,} × {dtype_bytes} B ({cfg.model.dtype}; on CPU an fp32 model is the "
                   "checkpoint's mapped pages)")]
     if frozen:
         parts.append(Part("frozen linear weights in bf16", frozen * 2,
@@ -129,9 +131,8 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
 def _frozen_bf16_linears(arch: Architecture, cfg: RunConfig) -> int:
     """Weights of the base linears that kernels/frozen_bf16.py stores in bf16: every frozen fp32 one under bf16
     autocast (a tied head is the embedding; DoRA's targets read their fp32 base), for methods that leave the base
-    untouched. Counted off the device only: on CPU the fp32 weights are the checkpoint's mapped pages, which stay
-    resident, and the bf16 copy takes the place of autocast's per-step casts (measured: SmolLM2 LoRA bf16, peak RSS
-    1.97 GiB with it, 1.95 GiB without, AMX Xeon)."""
+    untouched. Off the device they replace the fp32 weights; on CPU the fp32 weights are the checkpoint's mapped
+    pages, which stay resident, so the bf16 copy is counted beside them (bench/plan.py --bf16)."""
     train = cfg.train
     if not (train.bf16 and train.bf16_frozen_weights and cfg.model.dtype == "float32"
             and cfg.method.name not in ("full", "freeze", "bitfit", "qlora")):
@@ -161,8 +162,14 @@ def _layers_with_grad(arch: Architecture, cfg: RunConfig) -> int:
     return arch.num_layers
 
 
-def _saved_per_token_layer(arch: Architecture, cfg: RunConfig) -> tuple[int, str]:
-    """Bytes one token keeps for backward in one decoder block, and how they add up."""
+def _saved_per_token_layer(arch: Architecture, cfg: RunConfig, attention_bf16: bool = False) -> tuple[int, str]:
+    """Bytes one token keeps for backward in one decoder block, and how they add up. `attention_bf16`: under bf16
+    autocast, segment attention keeps bf16 inputs (kernels/attention_precision.py) rather than upcasting them."""
+    if cfg.train.activation_checkpointing:
+        return arch.hidden_size * 4, "block input only (checkpointing): h × 4 B"
+    if cfg.train.bf16:
+        terms = _saved_under_bf16_autocast(arch, cfg, attention_bf16)
+        return sum(terms.values()), " + ".join(f"{k} {v:,}" for k, v in terms.items())
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
     bf16 = cfg.train.bf16
     low = 2 if bf16 else 4  # what autocast computes the linears in
@@ -195,10 +202,49 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig) -> tuple[int, str
     if name == "adapter":
         width = max(1, h // method.reduction_factor)
         terms["adapter inputs and bottleneck"] = 2 * (h + 2 * width) * low
-    if cfg.train.activation_checkpointing:
-        return h * 4, "block input only (checkpointing): h × 4 B"
     detail = " + ".join(f"{k} {v:,}" for k, v in terms.items())
     return sum(terms.values()), detail
+
+
+def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf16: bool) -> dict[str, int]:
+    """What a block keeps under bf16 autocast with frozen bases stored in bf16 (kernels/frozen_bf16.py), measured
+    tensor by tensor with saved_tensors_hooks: the residual stream and the norms' outputs stay fp32, the linears'
+    outputs are bf16. A linear keeps its input only where a weight trains on it (its own, or an adapter's A): under
+    autocast each consumer of an fp32 input (the normed attention and MLP inputs) keeps its own bf16 cast, while a
+    bf16 input (attention's output into o_proj, the gated product into down_proj) is kept once. Dropout runs in the
+    input's dtype and CPU dropout keeps its scaled noise in that dtype."""
+    h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
+    method = cfg.method
+    name = method.name
+    weights_train = name in ("full", "freeze")
+    low_rank = name in ("lora", "dora", "qlora")
+    dropout = low_rank and method.dropout > 0
+    lse = arch.num_heads * SDPA_LSE_BYTES
+    terms = {"norm inputs 2h (fp32)": 2 * h * 4, "gate, silu, up 3i (bf16)": 3 * i * 2}
+    if name in ("prompt", "prefix", "ptuning-v2"):  # transformers' SDPA: k, v repeated to every head, cast to bf16
+        terms["q, k and v repeated to every query head, attention out (bf16)"] = 4 * q * 2 + lse
+    elif attention_bf16:
+        terms["q, k, v, attention out (bf16 attention)"] = (2 * q + 2 * kv) * 2 + lse
+    else:  # upcast: the fp32 q, k, v rotary gave, SDPA's fp32 output (cast to bf16 after it, not kept)
+        terms["q, k, v, attention out (fp32 attention)"] = (2 * q + 2 * kv) * 4 + lse
+    sites = ((h, 4, 3), (q, 2, 1), (h, 4, 2), (i, 2, 1))  # (width, input bytes, consumers): qkv, o, gate+up, down
+    if dropout:
+        terms["dropped inputs, noise, A's bf16 inputs"] = sum(n * w * (b + 2) for w, b, n in sites)
+    elif weights_train or low_rank:
+        terms["linear inputs in bf16 (a cast per consumer of fp32)"] = sum((n if b == 4 else 1) * w * 2
+                                                                            for w, b, n in sites)
+    if weights_train:
+        terms["normalised norm inputs 2h (fp32)"] = 2 * h * 4
+    if low_rank:
+        terms["low-rank A·x, 7 targets"] = 7 * method.r * 2
+    if name == "dora":
+        terms["DoRA W0·x and B·A·x per target"] = 2 * (q + 2 * kv + h + 2 * i + h) * 2
+    if name == "ia3":
+        terms["IA3 rescaled outputs/inputs"] = (2 * kv + i) * 2
+    if name == "adapter":
+        width = max(1, h // method.reduction_factor)
+        terms["adapter inputs (bf16 base outputs) and activations"] = 2 * (h + width) * 2
+    return terms
 
 
 def _block_gradient_parameters(plan: ParameterPlan, cfg: RunConfig) -> int:
@@ -218,7 +264,8 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     t = plan.trainable
     rows = batch.sequences
     seq_tokens = batch.decoder + rows * _virtual_tokens(cfg)
-    per, detail = _saved_per_token_layer(arch, cfg)
+    attention_bf16 = device != "cpu" or bf16_on_cpu(batch.decoder // max(1, batch.sequences))
+    per, detail = _saved_per_token_layer(arch, cfg, attention_bf16)
     layers = _layers_with_grad(arch, cfg)
     factor = CPU_ACTIVATION_RSS if device == "cpu" else 1.0
     activations = Part("activations", int(seq_tokens * layers * per * factor),
@@ -236,9 +283,11 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     if cfg.train.bf16 and cfg.model.dtype == "float32" and cfg.method.name in ("full", "freeze"):
         cached = sum(lin.in_features * lin.out_features for lin in linears(arch))
         parts.append(Part("autocast weight cache", cached * 2, "bf16 copies of trained linear weights, per step"))
-    elif cfg.train.bf16 and not cfg.train.bf16_frozen_weights and device != "cpu":
-        copies = _frozen_bf16_linears(arch, cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"bf16_frozen_weights": True})}))
+    elif cfg.train.bf16 and (cfg.method.name == "bitfit" or not cfg.train.bf16_frozen_weights):
+        # bitfit's base stays fp32 (it saves the base), so autocast casts its frozen weights at every forward
+        copies = (sum(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
+                  if cfg.method.name == "bitfit" else _frozen_bf16_linears(arch, cfg.model_copy(update={
+                      "train": cfg.train.model_copy(update={"bf16_frozen_weights": True})})))
         if copies:
             parts.append(Part("autocast copies of frozen weights", copies * 2,
                               "bf16 casts of the frozen linear weights, kept for backward, per step"))
@@ -246,7 +295,7 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     h, i, vocab = arch.hidden_size, arch.intermediate_size, arch.vocab_size
     if cfg.train.activation_checkpointing:
         full, _ = _saved_per_token_layer(arch, cfg.model_copy(update={"train": cfg.train.model_copy(
-            update={"activation_checkpointing": False})}))
+            update={"activation_checkpointing": False})}), attention_bf16)
         parts.append(Part("one block recomputed", seq_tokens * full, "checkpointing: one block's activations"))
     parts.append(Part("backward workspace", seq_tokens * (3 * i + 3 * h) * 4,
                       "one block's gradients in flight: 3 × intermediate + 3 × hidden per token, fp32"))
@@ -293,7 +342,15 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
                         f"{rows} rows × {n} × {width:,} × 4 B, expanded per row (and its gradient)"))
         out.append(Part("padded batch attention", rows * arch.num_layers * cfg.data.max_length * (n + cfg.data.max_length)
                         // 8, "bool masks per row"))
-    if name == "dora":
+    if name == "dora" and cfg.train.bf16:
+        # measured under bf16 autocast (saved_tensors_hooks, SmolLM2, 1,024 and 4,096 tokens: 4.1 B a weight a layer);
+        # the fp32 rows of bench/plan.py are within range without it (their per-token count carries more slack)
+        targets = cfg.method.target_modules
+        targeted = sum(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head"
+                       and (not isinstance(targets, list) or lin.suffix in targets))
+        out.append(Part("DoRA weight norms' inputs", targeted * 4,
+                        f"W0 + s·B·A of every target in fp32, kept for the norm's backward: {targeted:,} × 4 B"))
+    elif name == "dora":
         biggest = max(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
         out.append(Part("DoRA weight norm", biggest * 4, "||W0 + s·B·A|| forms one full weight in fp32 at a time"))
     if cfg.objective == "ppo":
