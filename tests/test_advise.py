@@ -37,15 +37,19 @@ def test_memory_budget_steps_lora_down_to_what_the_planner_says_fits():
     from tunesmith.config import RunConfig
     from tunesmith.plan.advisor import _planned
 
-    cfg = RunConfig.model_validate({"data": {"train": "(not read)", "max_length": 512}})
+    # a 7B model at 8 × 256, where the 4-bit base saves more than QLoRA's plain-path dropout keeps (LoRA's fused
+    # node keeps a boolean mask; on SmolLM2-135M, and on 7B at 8 × 512, LoRA plans below QLoRA)
+    cfg = RunConfig.model_validate({"model": {"path": "llama:7b"}, "data": {"train": "(not read)", "max_length": 256}})
     peaks = {m: _planned(cfg, m, "sft")[0] for m in ("lora", "qlora", "prompt")}
     assert peaks["prompt"] < peaks["qlora"] < peaks["lora"]
     profile = DataProfile("pairs", "alpaca", 1200, 72_000)
-    rec = recommend(profile, "style", budget_memory=peaks["qlora"])
+    rec = recommend(profile, "style", model="llama:7b", max_length=256, budget_memory=peaks["qlora"])
     assert rec.pick.method == "qlora" and rec.runners_up[0].method == "lora"
     assert "does not fit --budget-memory" in rec.runners_up[0].why
-    assert recommend(profile, "style", budget_memory=peaks["prompt"]).pick.method == "prompt"
-    assert recommend(profile, "style", budget_memory=peaks["prompt"] - 1).pick.method == "few-shot"
+    assert recommend(profile, "style", model="llama:7b", max_length=256,
+                     budget_memory=peaks["prompt"]).pick.method == "prompt"
+    assert recommend(profile, "style", model="llama:7b", max_length=256,
+                     budget_memory=peaks["prompt"] - 1).pick.method == "few-shot"
 
 
 def test_time_budget_sizes_the_steps_or_falls_back_to_prompting():

@@ -67,3 +67,46 @@ def test_input_without_grad_still_trains_the_adapter():
     x = torch.randn(5, 24)  # e.g. the first layer, fed by frozen embeddings
     layer(x).square().sum().backward()
     assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_dropout_keeps_the_input_once_and_a_boolean_mask():
+    """With dropout the node keeps x (shared by every linear that reads it) and a 1-byte mask, not nn.Dropout's fp32
+    noise and a dropped copy per layer: two adapted layers reading one input keep x once."""
+    layers = [_layer(False, 0.3), _layer(False, 0.3)]
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [layer(x) for layer in layers]
+    tokens, r = 14, 4
+    assert sorted(kept.values(), key=str) == sorted(
+        [(tokens * 24 * 4, torch.float32)] + [(tokens * 24, torch.bool)] * 2 + [(tokens * r * 4, torch.float32)] * 2,
+        key=str)
+    sum(o.sum() for o in outs).backward()
+    assert x.grad is not None and all(p.grad is not None for layer in layers for p in layer.parameters()
+                                      if p.requires_grad)
+
+
+def test_dropout_only_in_training_and_the_same_mask_as_nn_dropout():
+    layer = _layer(False, 0.5)
+    x = torch.randn(3, 5, 24)
+    layer.eval()
+    with torch.no_grad():
+        expected = layer.base_layer(x) + layer.scaling["default"] * layer.lora_B["default"](layer.lora_A["default"](x))
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+    layer.train()
+    torch.manual_seed(3)
+    fused = layer(x)
+    torch.manual_seed(3)
+    dropped = nn.Dropout(0.5)(x)
+    plain = layer.base_layer(x) + layer.scaling["default"] * layer.lora_B["default"](layer.lora_A["default"](dropped))
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="not in \\[0, 1\\)"):
+        lora_function.frozen_linear_with_lora(x, layer.base_layer, layer.lora_A["default"].weight,
+                                              layer.lora_B["default"].weight, 1.0, 1.0)

@@ -115,9 +115,8 @@ class LoraLinear(nn.Module):
         a, b = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         if lora_function.applies(x, self.base_layer, a.weight, b.weight):
-            dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
-            return lora_function.frozen_linear_with_lora(x, self.base_layer, a.weight, b.weight, self.scaling[name],
-                                                         dropped)
+            p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+            return lora_function.frozen_linear_with_lora(x, self.base_layer, a.weight, b.weight, self.scaling[name], p)
         out = self.base_layer(x)
         h = dropout(x)
         autocast = torch.is_autocast_enabled(h.device.type)

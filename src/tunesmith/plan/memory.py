@@ -183,12 +183,16 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig, attention_bf16: b
     # log-sum-exp, SiLU's input, its output and up_proj's output (the gated product keeps both)
     terms = {"norm inputs 2h": 2 * h * 4, "q, k, v": (q + 2 * kv) * 4, "attention out": q * 4 + arch.num_heads *
              SDPA_LSE_BYTES, "gate, silu, up 3i": 3 * i * low}
-    needs_input = weights_train or (low_rank and not dropout)
+    # methods/lora_function.py drops inside its node: x kept once for all its readers, the mask as booleans
+    fused_dropout = dropout and name == "lora" and cfg.model.dtype == "float32"
+    needs_input = weights_train or (low_rank and not dropout) or fused_dropout
     if needs_input or bf16:  # a trained or adapted linear keeps its input; autocast's bf16 copy is kept either way
         terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
     if weights_train:  # the fused RMSNorm keeps its normalised input for its weight's gradient
         terms["normalised norm inputs 2h"] = 2 * h * 4
-    if dropout:  # each adapted linear keeps its own dropped input, and CPU dropout its scaled noise (same dtype)
+    if fused_dropout:
+        terms["dropout masks, 1 B a feature"] = 5 * h + q + i
+    elif dropout:  # each adapted linear keeps its own dropped input, and CPU dropout its scaled noise (same dtype)
         d_sum = 5 * h + q + i
         terms["dropped inputs + noise"] = d_sum * 2 * low
     if low_rank:
