@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunesmith.config import RunConfig
-from tunesmith.kernels.attention_precision import bf16_on_cpu
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
 from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, numel
@@ -262,13 +261,20 @@ def _virtual_tokens(cfg: RunConfig) -> int:
     return getattr(cfg.method, "num_virtual_tokens", 0) if cfg.method.name == "prompt" else 0
 
 
+def _segments_attended_in_bf16(batch: BatchTokens) -> bool:
+    """Whether a CPU under bf16 autocast attends this batch's segments (of their mean length) in bf16."""
+    from tunesmith.kernels.attention_precision import bf16_on_cpu  # imports torch: only for bf16 plans
+
+    return bf16_on_cpu(batch.decoder // max(1, batch.sequences))
+
+
 def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str,
                     batch: BatchTokens) -> list[Part]:
     nbytes = _trainable_bytes(cfg)
     t = plan.trainable
     rows = batch.sequences
     seq_tokens = batch.decoder + rows * _virtual_tokens(cfg)
-    attention_bf16 = device != "cpu" or bf16_on_cpu(batch.decoder // max(1, batch.sequences))
+    attention_bf16 = device != "cpu" or (cfg.train.bf16 and _segments_attended_in_bf16(batch))
     per, detail = _saved_per_token_layer(arch, cfg, attention_bf16)
     layers = _layers_with_grad(arch, cfg)
     factor = CPU_ACTIVATION_RSS if device == "cpu" else 1.0
