@@ -96,7 +96,7 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
     """The model's weights as trained: model dtype, or the base linears in 4 bits (NF4/FP4 or int4 GPTQ)."""
     dtype_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     method = cfg.method
-    quantized = sum(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
+    quantized = _block_linear_weights(arch)
     added = plan.total - sum_base(arch)
     if method.name == "qlora" or int4_group:
         rest = sum_base(arch) - quantized
@@ -125,6 +125,12 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
     if added:
         parts.append(Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)"))
     return parts
+
+
+def _block_linear_weights(arch: Architecture, suffixes: list[str] | None = None) -> int:
+    """Weights of the decoder blocks' linears (the LM head left out), or of those whose name ends in `suffixes`."""
+    return sum(lin.in_features * lin.out_features for lin in linears(arch)
+               if lin.name != "lm_head" and (suffixes is None or lin.suffix in suffixes))
 
 
 def _frozen_bf16_linears(arch: Architecture, cfg: RunConfig) -> int:
@@ -166,12 +172,14 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig, attention_bf16: b
     autocast, segment attention keeps bf16 inputs (kernels/attention_precision.py) rather than upcasting them."""
     if cfg.train.activation_checkpointing:
         return arch.hidden_size * 4, "block input only (checkpointing): h × 4 B"
-    if cfg.train.bf16:
-        terms = _saved_under_bf16_autocast(arch, cfg, attention_bf16)
-        return sum(terms.values()), " + ".join(f"{k} {v:,}" for k, v in terms.items())
+    terms = _saved_under_bf16_autocast(arch, cfg, attention_bf16) if cfg.train.bf16 else _saved_in_fp32(arch, cfg)
+    return sum(terms.values()), " + ".join(f"{k} {v:,}" for k, v in terms.items())
+
+
+def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
+    """What a block keeps without autocast (fp32 activations throughout)."""
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
-    bf16 = cfg.train.bf16
-    low = 2 if bf16 else 4  # what autocast computes the linears in
+    low = 4
     method = cfg.method
     name = method.name
     weights_train = name in ("full", "freeze")
@@ -185,7 +193,7 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig, attention_bf16: b
     # methods/lora_function.py drops inside its node: x kept once for all its readers, the mask as booleans
     fused_dropout = dropout and name == "lora" and cfg.model.dtype == "float32"
     needs_input = weights_train or (low_rank and not dropout) or fused_dropout
-    if needs_input or bf16:  # a trained or adapted linear keeps its input; autocast's bf16 copy is kept either way
+    if needs_input:  # a trained or adapted linear keeps its input
         terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
     if weights_train:  # the fused RMSNorm keeps its normalised input for its weight's gradient
         terms["normalised norm inputs 2h"] = 2 * h * 4
@@ -205,8 +213,7 @@ def _saved_per_token_layer(arch: Architecture, cfg: RunConfig, attention_bf16: b
     if name == "adapter":
         width = max(1, h // method.reduction_factor)
         terms["adapter inputs and bottleneck"] = 2 * (h + 2 * width) * low
-    detail = " + ".join(f"{k} {v:,}" for k, v in terms.items())
-    return sum(terms.values()), detail
+    return terms
 
 
 def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf16: bool) -> dict[str, int]:
@@ -295,9 +302,8 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
         parts.append(Part("autocast weight cache", cached * 2, "bf16 copies of trained linear weights, per step"))
     elif cfg.train.bf16 and (cfg.method.name == "bitfit" or not cfg.train.bf16_frozen_weights):
         # bitfit's base stays fp32 (it saves the base), so autocast casts its frozen weights at every forward
-        copies = (sum(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
-                  if cfg.method.name == "bitfit" else _frozen_bf16_linears(arch, cfg.model_copy(update={
-                      "train": cfg.train.model_copy(update={"bf16_frozen_weights": True})})))
+        copies = (_block_linear_weights(arch) if cfg.method.name == "bitfit" else _frozen_bf16_linears(
+            arch, cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16_frozen_weights": True})})))
         if copies:
             parts.append(Part("autocast copies of frozen weights", copies * 2,
                               "bf16 casts of the frozen linear weights, kept for backward, per step"))
@@ -356,8 +362,7 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
         # measured under bf16 autocast (saved_tensors_hooks, SmolLM2, 1,024 and 4,096 tokens: 4.1 B a weight a layer);
         # the fp32 rows of bench/plan.py are within range without it (their per-token count carries more slack)
         targets = cfg.method.target_modules
-        targeted = sum(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head"
-                       and (not isinstance(targets, list) or lin.suffix in targets))
+        targeted = _block_linear_weights(arch, targets if isinstance(targets, list) else None)
         out.append(Part("DoRA weight norms' inputs", targeted * 4,
                         f"W0 + s·B·A of every target in fp32, kept for the norm's backward: {targeted:,} × 4 B"))
     elif name == "dora":
