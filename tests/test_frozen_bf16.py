@@ -53,6 +53,32 @@ def test_lora_loss_and_gradients_bit_identical_to_autocast_over_fp32_weights():
     assert bytes_of(plain) - bytes_of(stored) == 2 * frozen_linear
 
 
+def test_an_untied_bf16_head_still_goes_through_chunked_cross_entropy():
+    """The converted head is still a plain linear map: train.loss_chunk keeps computing its logits a chunk at a time
+    (the whole (labels × vocabulary) logits and their log-softmax never form), with the loss of the plain head."""
+    from tunesmith.config import TrainSettings
+    from tunesmith.data.chat import Tokenized
+    from tunesmith.data.packing import collate
+    from tunesmith.kernels.apply import apply_speed_options
+    from tunesmith.objectives import lm
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
+    batch = collate([Tokenized(ids, ids) for ids in rows], True, 64, 2)
+    losses, head_calls = {}, {}
+    for chunk in (None, 5):
+        model = _lora_model(untied=True)
+        apply_speed_options(model, TrainSettings(bf16=True, loss_chunk=chunk))
+        assert type(model.lm_head) is frozen_bf16.FrozenBf16Linear
+        calls = []
+        model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n, _ = lm.loss_sum(model, batch)
+        losses[chunk], head_calls[chunk] = loss.item() / n, len(calls)
+    assert head_calls == {None: 1, 5: 0}
+    assert abs(losses[5] - losses[None]) <= 1e-5
+
+
 def test_tied_head_trained_layers_and_doras_base_keep_fp32():
     model = _lora_model(DoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]))
     model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # a layer that trains is left alone

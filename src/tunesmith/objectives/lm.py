@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tunesmith.data.chat import IGNORE
 from tunesmith.kernels import segment_attention
 from tunesmith.kernels.attention_mask import attention_mask_for
+from tunesmith.kernels.frozen_bf16 import FrozenBf16Linear
 from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum, linear_token_logps
 
 
@@ -47,11 +48,13 @@ def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _chunkable_head(model) -> torch.nn.Linear | None:
-    """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map."""
+    """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map: an
+    nn.Linear, or one whose frozen weight is stored in bf16 (kernels/frozen_bf16.py: same product under autocast)."""
     if not getattr(model, "tunesmith_loss_chunk", None) or getattr(model.config, "final_logit_softcapping", None):
         return None
     head = model.get_output_embeddings()
-    return head if type(head) is torch.nn.Linear and head.bias is None else None
+    plain = type(head) is torch.nn.Linear or type(head) is FrozenBf16Linear
+    return head if plain and head.bias is None else None
 
 
 def _workspace(model) -> Workspace:
