@@ -3,6 +3,7 @@
 import copy
 import json
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -130,7 +131,7 @@ def test_a_bf16_run_trains_as_with_fp32_frozen_weights(tiny_config, tmp_path):
     assert len(losses[True]) == 2 and losses[True] == losses[False]
 
 
-def test_planner_counts_the_bf16_copy_on_cuda_and_the_mapped_fp32_pages_on_cpu():
+def test_planner_counts_the_bf16_copy_in_place_of_the_fp32_weights():
     import os
 
     from tunesmith.plan.memory import predict
@@ -146,8 +147,39 @@ def test_planner_counts_the_bf16_copy_on_cuda_and_the_mapped_fp32_pages_on_cpu()
         cfg = load_config(None, ["model.path=llama:7b", "method.name=lora", "train.bf16=true",
                                  f"train.bf16_frozen_weights={str(stored).lower()}", "train.batch_size=1"],
                           base={"data": {"train": "x"}})
-        return predict(cfg, device=device).peak
+        return predict(cfg, device=device)
 
-    # on CUDA: 2 bytes a frozen weight instead of 4, and no per-step bf16 cast of 2 kept for backward
-    assert peak("cuda", False) - peak("cuda", True) == 4 * frozen
-    assert peak("cpu", False) == peak("cpu", True)
+    # training: 2 bytes a frozen weight instead of 4, and no per-step bf16 cast of 2 kept for backward; on CPU too,
+    # since the conversion unmaps the checkpoint's fp32 pages, which then count only while loading (beside the copies)
+    assert peak("cuda", False).peak - peak("cuda", True).peak == 4 * frozen
+    assert peak("cpu", False).training_total - peak("cpu", True).training_total == 4 * frozen
+    base = sum(p.bytes for p in peak("cpu", False).loading) // 4
+    assert peak("cpu", True).loading_total - peak("cpu", False).loading_total == 2 * frozen + 4 * (base - frozen)
+
+
+def test_conversion_unmaps_the_checkpoint_so_its_fp32_pages_leave_memory(tiny_model_dir, tmp_path):
+    """The fp32 weights are views of the mapped safetensors file; once the frozen ones are bf16 copies, the rest is
+    copied out too, so the file is no longer mapped (its pages no longer count in RSS), with every value and tie kept."""
+    import gc
+    import shutil
+    from pathlib import Path
+
+    from tunesmith.models import load_model
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")  # a file of its own: no other test maps it
+    weights = str(Path(folder) / "model.safetensors")
+    model = load_model(str(folder)).requires_grad_(False)
+    assert weights in maps.read_text()  # loaded as views of the file
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert frozen_bf16.enable(model) == 2 * 7
+    gc.collect()
+    assert weights not in maps.read_text()
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        expected = value.to(torch.bfloat16) if after[name].dtype == torch.bfloat16 else value
+        assert torch.equal(after[name], expected), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight

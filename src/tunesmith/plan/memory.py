@@ -115,10 +115,9 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
                 Part("weights (embeddings, norms)", rest * dtype_bytes, f"{rest:,} × {dtype_bytes} B"),
                 Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)")]
     frozen = _frozen_bf16_linears(arch, cfg)
-    replaced = frozen if device != "cpu" else 0  # on CPU the fp32 weights are the checkpoint's pages, kept resident
-    parts = [Part("weights", (sum_base(arch) - replaced) * dtype_bytes,
-                  f"{sum_base(arch) - replaced:,} × {dtype_bytes} B ({cfg.model.dtype}; on CPU an fp32 model is the "
-                  "checkpoint's mapped pages)")]
+    parts = [Part("weights", (sum_base(arch) - frozen) * dtype_bytes,
+                  f"{sum_base(arch) - frozen:,} × {dtype_bytes} B ({cfg.model.dtype}; on CPU an fp32 model is the "
+                  "checkpoint's mapped pages, or its own copy once frozen weights are stored in bf16)")]
     if frozen:
         parts.append(Part("frozen linear weights in bf16", frozen * 2,
                           f"{frozen:,} × 2 B (train.bf16_frozen_weights; kernels/frozen_bf16.py)"))
@@ -136,8 +135,8 @@ def _block_linear_weights(arch: Architecture, suffixes: list[str] | None = None)
 def _frozen_bf16_linears(arch: Architecture, cfg: RunConfig) -> int:
     """Weights of the base linears that kernels/frozen_bf16.py stores in bf16: every frozen fp32 one under bf16
     autocast (a tied head is the embedding; DoRA's targets read their fp32 base), for methods that leave the base
-    untouched. Off the device they replace the fp32 weights; on CPU the fp32 weights are the checkpoint's mapped
-    pages, which stay resident, so the bf16 copy is counted beside them (bench/plan.py --bf16)."""
+    untouched. They replace the fp32 weights, also on CPU, where the conversion then unmaps the checkpoint file
+    (its pages count only while loading: `_loading_parts`)."""
     train = cfg.train
     if not (train.bf16 and train.bf16_frozen_weights and cfg.model.dtype == "float32"
             and cfg.method.name not in ("full", "freeze", "bitfit", "qlora")):
@@ -389,6 +388,10 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
     parts = [Part("checkpoint pages", base * 4, f"{base:,} × 4 B, the fp32 file mapped while read")]
     if cfg.model.dtype == "bfloat16":
         parts.append(Part("bf16 copy", base * 2, f"{base:,} × 2 B"))
+    frozen = _frozen_bf16_linears(arch, cfg)
+    if frozen:  # kernels/frozen_bf16.py: the bf16 weights and a copy of the rest exist before the file is unmapped
+        parts.append(Part("frozen weights converted to bf16", frozen * 2 + (base - frozen) * 4,
+                          f"{frozen:,} × 2 B + the other {base - frozen:,} weights copied out of the file, × 4 B"))
     return parts
 
 
