@@ -13,10 +13,8 @@ base). Methods whose artifact is the base itself (full, freeze, bitfit) are neve
 Outside autocast (a caller that forgot it) the layer computes in bf16 and returns the input's dtype, so nothing fails;
 the loop's forwards, evaluation and sample generation run under the run's autocast.
 
-On CPU an fp32 model's weights are views of the safetensors file, mapped once for all of them: the pages the
-conversion read stay resident while any tensor still views the file (the embedding, the norms), so the fp32 weights
-would stay in RSS beside their bf16 copies. The parameters left in place are therefore copied into memory of their
-own, which unmaps the file (SmolLM2-135M: RSS after conversion 1,014 → 709 MB, measured 2026-12-04).
+On CPU an fp32 model's weights are views of the safetensors file; the parameters left in place are copied out of it
+(kernels/file_mapping.py), so that the fp32 pages the conversion read do not stay in RSS beside their bf16 copies.
 """
 
 from __future__ import annotations
@@ -24,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tunesmith.kernels.file_mapping import copy_out_of_file
 
 
 class FrozenBf16Linear(nn.Linear):
@@ -58,15 +58,6 @@ def enable(model: nn.Module) -> int:
             module.weight.data = module.weight.data.to(torch.bfloat16)
             module.__class__ = FrozenBf16Linear
             changed += 1
-    if changed:
-        _release_checkpoint_mapping(model)
+    if changed:  # the converted weights are new tensors already
+        copy_out_of_file(p for p in model.parameters() if p.dtype != torch.bfloat16)
     return changed
-
-
-@torch.no_grad()
-def _release_checkpoint_mapping(model: nn.Module) -> None:
-    """Copy every CPU parameter that is not a converted bf16 weight into its own memory (values, identities and ties
-    unchanged), so that no tensor keeps the checkpoint file mapped."""
-    for param in model.parameters():  # each shared parameter once
-        if param.device.type == "cpu" and param.dtype != torch.bfloat16:
-            param.data = param.data.clone()
