@@ -135,6 +135,43 @@ def test_chunked_cross_entropy_weight_gradient_under_bf16_autocast_sums_every_ch
             assert (grad - full_grad).abs().max() <= 0.05 * full_grad.abs().max()
 
 
+def test_a_trained_heads_bf16_weight_gradient_takes_whole_chunks_in_one_product(monkeypatch):
+    """Below fp32 the chunks' logit gradients wait until WEIGHT_GRAD_ROWS rows can go into one weight-gradient
+    product; the loss and the hidden-state gradient do not depend on it, the weight gradient only by bf16 rounding."""
+    from tunesmith.objectives import chunked_ce
+
+    assert chunked_ce.weight_grad_rows(256) == 1024 and chunked_ce.weight_grad_rows(300) == 1200
+    assert chunked_ce.weight_grad_rows(2048) == 2048
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    full_grad = torch.autograd.grad(F.cross_entropy(hidden @ weight.T, targets, reduction="sum"), weight)[0]
+    logp = F.log_softmax(hidden @ weight.T, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    token_weights = torch.linspace(-1.0, 2.0, 37)
+    full_logp_grad = torch.autograd.grad((logp * token_weights).sum(), weight)[0]
+
+    def cross_entropy(space):
+        return linear_cross_entropy_sum(hidden, weight, targets, 8, space)
+
+    def token_logps(space):  # DPO's and PPO's path: the weight gradient is formed in the backward
+        return (linear_token_logps(hidden, weight, targets, 8, space)[0] * token_weights).sum()
+
+    for score, reference in ((cross_entropy, full_grad), (token_logps, full_logp_grad)):
+        results = {}
+        for rows in (1, 16, 1024):  # a product per chunk (8 rows), per two chunks, one for all five
+            monkeypatch.setattr(chunked_ce, "WEIGHT_GRAD_ROWS", rows)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                value = score(chunked_ce.Workspace())
+                results[rows] = (value.detach(), *torch.autograd.grad(value, (hidden, weight)))
+        for rows in (16, 1024):
+            assert torch.equal(results[rows][0], results[1][0]) and torch.equal(results[rows][1], results[1][1])
+            assert not torch.equal(results[rows][2], results[1][2])  # other sums, other rounding
+        for _, _, grad in results.values():
+            assert grad.dtype == torch.float32
+            assert (grad - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
 @pytest.mark.parametrize("trainable_head", [False, True])
 def test_chunked_loss_in_the_model_equals_the_label_only_loss(trainable_head):
     model = _lora_model()

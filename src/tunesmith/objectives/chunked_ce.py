@@ -39,8 +39,9 @@ class Workspace:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._weight: tuple | None = None
 
-    def buffer(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (dtype, device)
+    def buffer(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device, slot: str = "chunk"
+               ) -> torch.Tensor:
+        key = (slot, dtype, device)
         buf = self._buffers.get(key)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
             self._buffers.pop(key, None)
@@ -80,12 +81,58 @@ def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
     return loss, probs.div_(norm)
 
 
+def weight_grad_rows(chunk: int) -> int:
+    """Rows of logit gradients a trained head's low-precision weight gradient takes in one product: whole chunks,
+    at least WEIGHT_GRAD_ROWS of them."""
+    return max(1, -(-WEIGHT_GRAD_ROWS // chunk)) * chunk
+
+
+# Below fp32 the weight gradient's product cannot accumulate into the fp32 gradient (no mixed-precision addmm on
+# CPU), so each product is added to it in a pass over (vocabulary × hidden) fp32, ~20 ms for SmolLM2's head on a
+# 2-core box; the chunks' bf16 logit gradients are therefore held until this many rows are ready for one product
+# (workload 3 of bench/peers.py in bf16, in-process, alternating: 1305–1447 against 1251–1291 tokens/s).
+WEIGHT_GRAD_ROWS = 1024
+
+
+class _HeadWeightGradient:
+    """A trained head's fp32 weight gradient, the sum over chunks of (logit gradient)ᵀ · hidden: in fp32 one addmm_
+    per chunk, below it one product per `weight_grad_rows` rows, whose logit gradients wait in the workspace."""
+
+    def __init__(self, weight, hidden, chunk: int, dtype: torch.dtype, space: Workspace) -> None:
+        self.grad = torch.empty_like(weight, dtype=torch.float32)
+        self.hidden, self.dtype, self.chunk, self.space = hidden, dtype, chunk, space
+        self.held_rows = min(weight_grad_rows(chunk), hidden.shape[0]) if dtype != torch.float32 else 0
+        self.held_from = 0  # the first row whose logit gradient is held
+        self.started = False
+
+    def logit_grad_slot(self, start: int, rows: int, vocab: int) -> torch.Tensor | None:
+        """Where chunk `start`'s low-precision logit gradient is to be written (None in fp32)."""
+        if not self.held_rows:
+            return None
+        held = self.space.buffer(self.held_rows, vocab, self.dtype, self.hidden.device, slot="weight gradient")
+        return held[start - self.held_from : start - self.held_from + rows]
+
+    def add(self, start: int, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+        """Count chunk `start` (its logit gradient, its hidden rows `h` in the compute dtype)."""
+        if not self.held_rows:  # beta 0 on the first chunk overwrites the uninitialised buffer
+            self.grad.addmm_(grad_logits.T, h, beta=1.0 if self.started else 0.0)
+            self.started = True
+            return
+        end = start + h.shape[0]
+        if end - self.held_from + self.chunk <= self.held_rows and end < self.hidden.shape[0]:
+            return  # the next chunk still fits
+        held = self.space.buffer(self.held_rows, grad_logits.shape[1], self.dtype, h.device, slot="weight gradient")
+        product = held[: end - self.held_from].T @ self.hidden[self.held_from : end].to(self.dtype)
+        self.grad.add_(product) if self.started else self.grad.copy_(product)
+        self.started, self.held_from = True, end
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace):
         w = space.weight_in(weight, dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.empty_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        head = _HeadWeightGradient(weight, hidden, chunk, dtype, space) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
@@ -94,19 +141,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             total += loss
             # d(sum of cross-entropies)/d(logits) = softmax − one-hot(target)
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            if dtype != torch.float32:
-                grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
+            grad_logits = _in_compute_dtype(grad_logits, start, head, dtype, space)
             if space.onednn and onednn_linear.applies(grad_logits, w):
                 grad_hidden[start : start + chunk] = onednn_linear.input_grad(grad_logits, w)
             else:
                 grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                if dtype == torch.float32:  # beta 0 on the first chunk overwrites the uninitialised buffer
-                    grad_weight.addmm_(grad_logits.T, h, beta=0.0 if start == 0 else 1.0)
-                elif start == 0:
-                    grad_weight.copy_(grad_logits.T @ h)
-                else:
-                    grad_weight += (grad_logits.T @ h).float()
+            if head is not None:
+                head.add(start, grad_logits, h)
+        grad_weight = head.grad if head is not None else None
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -117,6 +159,18 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
         return grad_h, grad_w, None, None, None, None
+
+
+def _in_compute_dtype(grad_logits: torch.Tensor, start: int, head: _HeadWeightGradient | None,
+                      dtype: torch.dtype, space: Workspace) -> torch.Tensor:
+    """The fp32 logit gradient of chunk `start` in the products' dtype: in the trained head's held rows, else in the
+    workspace's chunk buffer (fp32: as it is)."""
+    if dtype == torch.float32:
+        return grad_logits
+    slot = head.logit_grad_slot(start, *grad_logits.shape) if head is not None else None
+    if slot is None:
+        slot = space.buffer(grad_logits.shape[0], grad_logits.shape[1], dtype, grad_logits.device)
+    return slot.copy_(grad_logits)
 
 
 def balanced_chunk(rows: int, chunk: int) -> int:
@@ -179,7 +233,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         chunk, dtype, space = ctx.chunk, ctx.dtype, ctx.space
         w = space.weight_in(weight, dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        head = _HeadWeightGradient(weight, hidden, chunk, dtype, space) if ctx.needs_input_grad[1] else None
         grad_logps = grad_logps.float()
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
@@ -188,16 +242,15 @@ class _LinearTokenLogps(torch.autograd.Function):
             # d log p(target) / d logits = one-hot(target) − softmax
             grad_logits = probs.mul_(-g[:, None])
             grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
-            if dtype != torch.float32:
-                grad_logits = space.buffer(h.shape[0], w.shape[0], dtype, h.device).copy_(grad_logits)
+            grad_logits = _in_compute_dtype(grad_logits, start, head, dtype, space)
             if grad_hidden is not None:
                 if space.onednn and onednn_linear.applies(grad_logits, w):
                     grad_hidden[start : start + chunk] = onednn_linear.input_grad(grad_logits, w)
                 else:
                     grad_hidden[start : start + chunk] = (grad_logits @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ h).float()
-        grad_w = grad_weight.to(weight.dtype) if grad_weight is not None else None
+            if head is not None:
+                head.add(start, grad_logits, h)
+        grad_w = head.grad.to(weight.dtype) if head is not None else None
         return grad_hidden, grad_w, None, None, None, None
 
 

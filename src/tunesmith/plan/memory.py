@@ -344,6 +344,12 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
                   f"{n} × {chunk} rows × {vocab:,} × 4 B, and the hidden-state gradient {tokens:,} × {h} × 4 B")]
     if head_trains:
         parts.append(Part("head gradient (in the forward)", vocab * h * 4, f"{vocab:,} × {h} × 4 B"))
+        if cfg.train.bf16:
+            from tunesmith.objectives.chunked_ce import weight_grad_rows  # torch: only for such plans
+
+            held = min(weight_grad_rows(chunk), tokens)
+            parts.append(Part("held logit gradients", held * vocab * 2, f"{held:,} rows × {vocab:,} × 2 B: the head's "
+                              "weight gradient takes them in one product (objectives/chunked_ce.py)"))
     return parts
 
 
