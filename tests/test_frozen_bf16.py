@@ -183,3 +183,22 @@ def test_conversion_unmaps_the_checkpoint_so_its_fp32_pages_leave_memory(tiny_mo
         expected = value.to(torch.bfloat16) if after[name].dtype == torch.bfloat16 else value
         assert torch.equal(after[name], expected), name
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_onednn_caches_are_bounded_before_the_self_check_runs_its_first_product(tiny_config, tmp_path, monkeypatch):
+    """oneDNN reads its cache capacities once, at its first product; the speed options' self-check computes bf16
+    products before the options apply, so the run bounds the caches before it (unbounded, a 60-step demo's peak RSS
+    grew to 3.69 GiB against 2.86 GiB bounded)."""
+    from tunesmith.kernels import onednn_linear
+    from tunesmith.train import self_check
+    from tunesmith.train.loop import train
+
+    order = []
+    bound, logits = onednn_linear.bound_caches, self_check._logits
+    monkeypatch.setattr(onednn_linear, "bound_caches", lambda: (order.append("bound"), bound())[1])
+    monkeypatch.setattr(self_check, "_logits", lambda *a: (order.append("product"), logits(*a))[1])
+    raw = json.loads(json.dumps(tiny_config))
+    raw["train"].update({"bf16": True, "max_steps": 1})
+    raw["output_dir"] = str(tmp_path / "run")
+    train(load_config(None, [], base=raw), quiet=True)
+    assert "product" in order and order[0] == "bound"
