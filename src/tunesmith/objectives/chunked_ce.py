@@ -99,7 +99,8 @@ class _HeadWeightGradient:
     per chunk, below it one product per `weight_grad_rows` rows, whose logit gradients wait in the workspace."""
 
     def __init__(self, weight, hidden, chunk: int, dtype: torch.dtype, space: Workspace) -> None:
-        self.grad = torch.empty_like(weight, dtype=torch.float32)
+        # no rows, no chunk to overwrite it: zeros (DPO's backward allocated zeros before this class)
+        self.grad = (torch.empty_like if hidden.shape[0] else torch.zeros_like)(weight, dtype=torch.float32)
         self.hidden, self.dtype, self.chunk, self.space = hidden, dtype, chunk, space
         self.held_rows = min(weight_grad_rows(chunk), hidden.shape[0]) if dtype != torch.float32 else 0
         self.held_from = 0  # the first row whose logit gradient is held
