@@ -75,7 +75,9 @@ def test_the_pick_rule():
 
 
 def test_bakeoff_table_holds_the_candidates_own_outputs_and_skips_by_budget(tiny_model_dir, tmp_path, monkeypatch):
-    from tunesmith.cli import advise, bakeoff_candidates
+    from tunesmith import bakeoff
+    from tunesmith.bakeoff import candidates as bakeoff_candidates
+    from tunesmith.cli import advise
 
     train = write_jsonl(tmp_path / "train.jsonl", qa_rows(24))
     evals = write_jsonl(tmp_path / "eval.jsonl", qa_rows(6, seed=1))
@@ -97,7 +99,7 @@ def test_bakeoff_table_holds_the_candidates_own_outputs_and_skips_by_budget(tiny
                             "--max-length", "128", "--questions", "2", "--eval-examples", "4", "--steps", "2",
                             "--max-new-tokens", "4", "--out", str(tmp_path / "bake"), "--quiet"])
     cfg = advise.bakeoff_config(ns)
-    result, paths = advise.bake_off(cfg, ["zero-shot", "few-shot", "rag", "lora", "prompt", "full"], None, 2, 2, 2,
+    result, paths = bakeoff.bake_off(cfg, ["zero-shot", "few-shot", "rag", "lora", "prompt", "full"], None, 2, 2, 2,
                                     4, memory_budget=None, budget_s=600, out_dir=tmp_path / "bake")
     table = json.loads(paths["json"].read_text())
     rows = {r["name"]: r for r in table["rows"]}
@@ -118,11 +120,11 @@ def test_bakeoff_table_holds_the_candidates_own_outputs_and_skips_by_budget(tiny
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
     # the same trained candidates under a 1-second budget: each probe's plan exceeds what is left, so each is skipped
-    tight = advise.bake_off(cfg, ["lora"], None, 2, 2, 2, 4, memory_budget=None, budget_s=1,
+    tight = bakeoff.bake_off(cfg, ["lora"], None, 2, 2, 2, 4, memory_budget=None, budget_s=1,
                             out_dir=tmp_path / "tight")[0]
     assert tight.rows == [] and tight.skipped[0][0] == "lora" and "of the time budget are left" in tight.skipped[0][1]
     assert (tmp_path / "tight" / "bakeoff.json").is_file()
-    small = advise.bake_off(cfg, ["full"], None, 2, 2, 2, 4, memory_budget=10**6, budget_s=600,
+    small = bakeoff.bake_off(cfg, ["full"], None, 2, 2, 2, 4, memory_budget=10**6, budget_s=600,
                             out_dir=tmp_path / "small")[0]
     assert small.skipped[0][0] == "full fine-tuning" and "does not fit --budget-memory" in small.skipped[0][1]
 

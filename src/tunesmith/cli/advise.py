@@ -6,9 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from tunesmith.bakeoff import CANDIDATES
 from tunesmith.cli.output import EPILOG
-
-CANDIDATES = ("zero-shot", "few-shot", "rag", "lora", "qlora", "prompt", "full")
 
 
 def register(sub) -> dict:
@@ -70,6 +69,7 @@ def bakeoff_config(args):
 
 
 def cmd_advise(args) -> int:
+    from tunesmith.bakeoff import bake_off
     from tunesmith.errors import ConfigError
     from tunesmith.plan.advisor import parse_duration, profile_data, recommend
     from tunesmith.plan.budget import parse_size
@@ -103,14 +103,3 @@ def cmd_advise(args) -> int:
         print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
     return 0
 
-
-def bake_off(cfg, names, docs, k, steps, n_questions, max_new_tokens, memory_budget, budget_s, out_dir: Path,
-             quiet: bool = True):
-    from tunesmith.cli.bakeoff_candidates import Shared, all_candidates, questions_and_pool
-    from tunesmith.plan.bakeoff import run_bakeoff, write_bakeoff
-
-    questions, pool = questions_and_pool(cfg, n_questions)
-    shared = Shared(cfg, out_dir, questions, pool, max_new_tokens, quiet)
-    candidates = all_candidates(shared, names, docs, k, steps, memory_budget)
-    result = run_bakeoff(candidates, budget_s, progress=not quiet)
-    return result, write_bakeoff(result, out_dir)
