@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from tunesmith.cli import main
+from tunesmith.cli import build_parser, main
 from tunesmith.config import LoraSettings
 from tunesmith.methods import lora
-from tunesmith.models import load_model
+from tunesmith.models import load_model, load_tokenizer
 
 
 def _trained_adapter(tiny_model_dir, tmp_path) -> Path:
@@ -53,18 +54,62 @@ def test_generate_runs_with_and_without_adapter_and_the_adapter_is_applied(tiny_
         assert (base(ids).logits - adapted(ids).logits).abs().max() > 1e-3
 
 
-def test_chat_reads_turns_until_empty_line(tiny_model_dir, monkeypatch, capsys):
-    lines = iter(["Hi there", "And again", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out.count("model> ") == 2
+def test_chat_reads_turns_until_empty_line_and_answers_with_the_whole_history(tiny_model_dir, monkeypatch, capsys):
+    """The tiny random model's greedy answer is blank lines only (its tied head repeats the last token), so the turns
+    are sampled, each from a seed set as the turn is read; the answers must be what generate_chat gives for the whole
+    history up to each turn."""
+    from tunesmith.infer.generate import generate_chat
+
+    turns = ["Hi there", "And again", ""]
+    read = iter(enumerate(turns))
+
+    def typed(prompt=""):
+        i, line = next(read)
+        torch.manual_seed(i)
+        return line
+
+    monkeypatch.setattr("builtins.input", typed)
+    assert main(["chat", "--model", str(tiny_model_dir), "--system", "Be brief.", "--max-new-tokens", "6",
+                 "--temperature", "1.0"]) == 0
+    printed = [line.removeprefix("model> ") for line in capsys.readouterr().out.splitlines()
+               if line.startswith("model> ")]
+    model, tok = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    history, expected = [{"role": "system", "content": "Be brief."}], []
+    for i, turn in enumerate(turns[:2]):
+        history.append({"role": "user", "content": turn})
+        torch.manual_seed(i)
+        expected.append(generate_chat(model, tok, history, 6, 1.0))
+        history.append({"role": "assistant", "content": expected[-1]})
+    assert printed == expected and all(expected) and expected[0] != expected[1]
 
 
-def test_help_for_every_command(capsys):
-    import pytest
+def _commands(parser, prefix=()) -> list[tuple[str, ...]]:
+    """Every command and sub-command, read from the parser itself (a new one is covered without listing it)."""
+    import argparse
 
-    for cmd in ("train", "generate", "chat", "merge"):
-        with pytest.raises(SystemExit) as e:
-            main([cmd, "--help"])
-        assert e.value.code == 0
-        assert "usage: tunesmith " + cmd in capsys.readouterr().out
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.append((*prefix, name))
+                found += _commands(sub, (*prefix, name))
+    return found
+
+
+COMMANDS = _commands(build_parser())
+
+
+def test_the_enumeration_reaches_every_group_and_the_nested_commands():
+    from tunesmith.cli import GROUPS
+
+    assert {("train",), ("generate",), ("chat",), ("rag",), ("rag", "index"), ("rag", "ask"), ("rag", "eval"),
+            ("quantize",), ("generate-image",)} <= set(COMMANDS)
+    assert len(COMMANDS) >= len(GROUPS) + 3
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_for_every_command(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: tunesmith " + " ".join(command) + " ")

@@ -49,7 +49,6 @@ def test_counts_equal_the_trained_model(case, tmp_path):
 
 
 def test_qlora_trains_what_lora_trains():
-    pytest.importorskip("bitsandbytes")
     from tunesmith.methods import get_method
     from tunesmith.methods.base import count_parameters
 
@@ -160,19 +159,35 @@ def test_plan_json_from_a_config(tmp_path, capsys):
     assert data["peak_bytes"] == data["runtime"]["bytes"] + sum(p["bytes"] for p in data["training"])
 
 
-def test_train_prints_the_plan_and_reports_predicted_vs_measured(tiny_config, capsys):
+def test_train_prints_the_plan_and_reports_predicted_vs_measured(tiny_config, capsys, monkeypatch):
+    """The numbers printed are the plan the run computed and the process's peak RSS as it ended, and the percentage
+    is their difference."""
     import re
 
+    import tunesmith.plan.memory
     from tunesmith.config import RunConfig
+    from tunesmith.plan.memory import gib
+    from tunesmith.plan.runtime import own_peak_rss
     from tunesmith.train.loop import train
 
+    plans = []
+    monkeypatch.setattr(tunesmith.plan.memory, "predict",
+                        lambda *a, _predict=predict, **k: plans.append(_predict(*a, **k)) or plans[-1])
     tiny_config["train"]["max_steps"] = 2
+    peak_before = own_peak_rss()
     result = train(RunConfig.model_validate(tiny_config), quiet=False)
-    assert "plan predicted peak RSS" in capsys.readouterr().err
+    peak_after = own_peak_rss()
+    assert len(plans) == 1 and plans[0].device == "cpu"
+    predicted = gib(plans[0].peak)
+    assert f"plan predicted peak RSS {predicted} (" in capsys.readouterr().err
     report = (result.run_dir / "report.md").read_text()
-    match = re.search(r"\| peak memory \| predicted ([0-9.]+) GiB, measured ([0-9.]+) GiB \(([-+][0-9.]+) %\) \|",
+    match = re.search(r"\| peak memory \| predicted ([0-9.]+ GiB), measured ([0-9.]+) GiB \(([-+][0-9.]+) %\) \|",
                       report)
-    assert match and float(match.group(1)) > 0 and float(match.group(2)) > 0
+    assert match and match.group(1) == predicted, report
+    measured = float(match.group(2)) * 2**30
+    assert peak_before - 2**30 / 200 <= measured <= peak_after + 2**30 / 200  # printed to 0.01 GiB
+    errors = [(plans[0].peak - m) / m * 100 for m in (measured - 2**30 / 200, measured + 2**30 / 200)]
+    assert min(errors) - 0.05 <= float(match.group(3)) <= max(errors) + 0.05
 
 
 def test_dpo_tokens_come_from_the_data(tmp_path, tiny_model_dir, tokenizer):

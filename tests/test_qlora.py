@@ -4,6 +4,7 @@ import copy
 import json
 from pathlib import Path
 
+import bitsandbytes  # noqa: F401 (a hard dependency: missing, these tests fail rather than skip)
 import pytest
 import torch
 import yaml
@@ -14,8 +15,6 @@ from tunesmith.config.methods import QloraSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods import lora, qlora
 from tunesmith.quant import nf4
-
-pytest.importorskip("bitsandbytes")
 
 
 def _ids(vocab=300, shape=(2, 13), seed=3):

@@ -7,14 +7,13 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 import torch
 
 from tunesmith.config import LoraSettings
 from tunesmith.methods import lora
 from tunesmith.models import load_model
-
-openai = pytest.importorskip("openai")
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 

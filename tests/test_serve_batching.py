@@ -5,6 +5,7 @@ import concurrent.futures
 import threading
 import time
 
+import openai
 import pytest
 import torch
 from test_serve import MESSAGES, Server, _adapter, _generate
@@ -13,8 +14,6 @@ from tunesmith.config import LoraSettings
 from tunesmith.config.methods import DoraSettings
 from tunesmith.methods import dora, lora
 from tunesmith.models import load_model
-
-openai = pytest.importorskip("openai")
 
 TOLERANCE = 1e-5  # fp32: only the order of floating-point operations differs between a batch row and a lone request
 
