@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.serve.decoding import Job
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.errors import ApiError, error_body
+from tunesmith.serve.requests import AdapterRequest, ChatRequest, CompletionRequest, Sampling, parse, raise_first
 
 
 @dataclass
@@ -26,23 +28,6 @@ class Limits:
     context: int
     max_tokens_cap: int = 512
     default_max_tokens: int = 128
-
-
-def _field(body: dict, name: str, kinds, default=None):
-    value = body.get(name, default)
-    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds):
-        raise ApiError(400, f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}", param=name)
-    return value
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "stop: expected a string or a list of up to 4 non-empty strings", param="stop")
-    return stop
 
 
 def create_app(registry, limits: Limits, api_key: str | None = None, queue_size: int = 16,
@@ -60,6 +45,13 @@ def create_app(registry, limits: Limits, api_key: str | None = None, queue_size:
     @app.exception_handler(ApiError)
     async def api_error(_request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, e: RequestValidationError):  # FastAPI's own checks: a 400, not its 422
+        try:
+            raise_first([{**error, "loc": tuple(error["loc"])[1:]} for error in e.errors()])
+        except ApiError as error:
+            return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, e: StarletteHTTPException):
@@ -96,43 +88,31 @@ def create_app(registry, limits: Limits, api_key: str | None = None, queue_size:
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
-        body = await read_json(request)
-        name, path = _field(body, "name", (str,)), _field(body, "path", (str,))
-        if not name or not path:
-            raise ApiError(400, "expected {\"name\": ..., \"path\": ...}", param="name" if not name else "path")
-        await asyncio.to_thread(registry.load, name, path)
-        return {"id": name, "object": "model", "loaded": True}
+        body = parse(AdapterRequest, await read_json(request))
+        await asyncio.to_thread(registry.load, body.name, body.path)
+        return {"id": body.name, "object": "model", "loaded": True}
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         registry.unload(name)
         return {"id": name, "object": "model", "deleted": True}
 
-    def prepare(body: dict, prompt_ids: list[int]) -> Job:
-        if _field(body, "n", (int,), 1) != 1:
-            raise ApiError(400, "n: only n = 1 is supported", param="n")
-        max_tokens = _field(body, "max_tokens", (int,)) or _field(body, "max_completion_tokens", (int,)) \
-            or limits.default_max_tokens
-        if max_tokens < 1 or max_tokens > limits.max_tokens_cap:
+    def prepare(body: Sampling, prompt_ids: list[int]) -> Job:
+        max_tokens = body.max_tokens or getattr(body, "max_completion_tokens", None) or limits.default_max_tokens
+        if max_tokens > limits.max_tokens_cap:
             raise ApiError(400, f"max_tokens: {max_tokens} is outside 1..{limits.max_tokens_cap} (the server's cap)",
-                           param="max_tokens")
+                           param="max_tokens" if body.max_tokens else "max_completion_tokens", code="invalid_value")
         if len(prompt_ids) >= limits.context:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {limits.context} "
-                           "tokens", param="messages", code="context_length_exceeded")
-        temperature = float(_field(body, "temperature", (int, float), 1.0))
-        top_p = float(_field(body, "top_p", (int, float), 1.0))
-        if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
-            raise ApiError(400, "temperature must be in [0, 2] and top_p in (0, 1]",
-                           param="temperature" if not 0 <= temperature <= 2 else "top_p")
-        stop, seed = _stops(body), _field(body, "seed", (int,))
-        model_name = _field(body, "model", (str,))
-        if not model_name:
-            raise ApiError(400, "model: required", param="model")
-        adapter = registry.acquire(model_name)
-        return Job(prompt_ids, adapter, min(max_tokens, limits.context - len(prompt_ids)), temperature, top_p, seed,
-                   stop, model_name)
+                           "tokens", param="messages" if isinstance(body, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        top_p = 1.0 if body.top_p is None else body.top_p
+        temperature = 1.0 if body.temperature is None else body.temperature
+        adapter = registry.acquire(body.model)
+        return Job(prompt_ids, adapter, min(max_tokens, limits.context - len(prompt_ids)),
+                   0.0 if top_p == 0 else temperature, top_p, body.seed, body.stops, body.model)
 
-    async def run(request: Request, body: dict, prompt_ids: list[int], chat: bool):
+    async def run(request: Request, body: Sampling, prompt_ids: list[int], chat: bool):
         job = prepare(body, prompt_ids)
         job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
         try:
@@ -169,8 +149,8 @@ def create_app(registry, limits: Limits, api_key: str | None = None, queue_size:
                 job.cancelled.set()  # the client left (or we are done): the worker stops at its next step
                 registry.release(job.adapter)
 
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
             async def sse():
                 if chat:
@@ -207,27 +187,17 @@ def create_app(registry, limits: Limits, api_key: str | None = None, queue_size:
     async def chat_completions(request: Request):
         from tunesmith.data.chat import ensure_chat_template, render
 
-        body = await read_json(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(400, "messages: expected a non-empty list of {role, content} objects with string content",
-                           param="messages")
+        body = parse(ChatRequest, await read_json(request))
         tok = registry.tokenizer
         ensure_chat_template(tok)
-        text = render(tok, [{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        text = render(tok, messages, add_generation_prompt=True)
         return await run(request, body, tok(text, add_special_tokens=False)["input_ids"], chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_json(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "prompt: expected a non-empty string", param="prompt")
-        return await run(request, body, registry.tokenizer(prompt)["input_ids"], chat=False)
+        body = parse(CompletionRequest, await read_json(request))
+        return await run(request, body, registry.tokenizer(body.text)["input_ids"], chat=False)
 
     return app
 
