@@ -17,9 +17,10 @@ from tunesmith.data.pair_batches import collate_pairs, tokenize_pairs
 from tunesmith.data.preference import PreferenceItem
 from tunesmith.data.sources import Record
 from tunesmith.data.unpaired import UnpairedItem, normalize_unpaired, unpair
+from tunesmith.data.unpaired_batches import tokenize_unpaired
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.methods import get_method
-from tunesmith.objectives.kto import KtoObjective, kto_loss, tokenize_unpaired
+from tunesmith.objectives.kto import KtoObjective, kto_loss
 from tunesmith.objectives.reference_free import OrpoObjective, SimpoObjective, orpo_odds_term, simpo_loss
 from tunesmith.train.loop import train
 

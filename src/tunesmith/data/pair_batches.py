@@ -85,35 +85,54 @@ def tokenize_pairs(tokenizer, items: list[PreferenceItem], max_length: int, poli
     report = PairReport(policy, max_length)
     pairs = []
     for item in drop_identical(items, report):
-        chosen = tokenize_answer(tokenizer, item.prompt, item.chosen, item.where)
-        rejected = tokenize_answer(tokenizer, item.prompt, item.rejected, item.where)
-        longest = max(len(chosen), len(rejected))
-        report.longest = max(report.longest, longest)
-        if longest > max_length:
-            if policy == "drop":
-                report.dropped += 1
-                continue
-            chosen, rejected = (Tokenized(s.input_ids[:max_length], s.labels[:max_length], s.where)
-                                for s in (chosen, rejected))
-            if not (chosen.n_labels and rejected.n_labels):
-                report.dropped += 1
-                continue
-            report.truncated += 1
-        pairs.append(TokenizedPair(chosen, rejected, item.where, item.margin))
-    report.kept = len(pairs)
-    if items and not pairs:
-        raise DataError(f"none of the {len(items)} preference pairs is left: {report.summary()}; raise "
-                        "data.max_length or set data.overlong: truncate")
+        fitted = fit_length((tokenize_answer(tokenizer, item.prompt, item.chosen, item.where),
+                             tokenize_answer(tokenizer, item.prompt, item.rejected, item.where)),
+                            max_length, policy, report)
+        if fitted is not None:
+            pairs.append(TokenizedPair(*fitted, item.where, item.margin))
+    require_kept(items, pairs, report, "preference pairs")
     return pairs, report
+
+
+def fit_length(seqs: tuple[Tokenized, ...], max_length: int, policy: str, report, min_labels: int = 1
+               ) -> tuple[Tokenized, ...] | None:
+    """The length policy on sequences kept or dropped together (a pair's two answers): kept as they are when the
+    longest fits; else dropped (policy "drop") or each cut to max_length, dropped still when a cut one keeps fewer
+    than `min_labels` predicted tokens. Counts into `report` (a PairReport or a LengthReport); None when dropped."""
+    longest = max(len(s) for s in seqs)
+    report.longest = max(report.longest, longest)
+    if longest <= max_length:
+        return seqs
+    cut = tuple(Tokenized(s.input_ids[:max_length], s.labels[:max_length], s.where) for s in seqs)
+    if policy == "drop" or min(s.n_labels for s in cut) < min_labels:
+        report.dropped += 1
+        return None
+    report.truncated += 1
+    return cut
+
+
+def require_kept(items: list, kept: list, report, what: str) -> None:
+    """Record how many were kept; none kept out of some is an error naming the length settings."""
+    report.kept = len(kept)
+    if items and not kept:
+        raise DataError(f"none of the {len(items)} {what} is left: {report.summary()}; raise "
+                        "data.max_length or set data.overlong: truncate")
+
+
+def tokenize_splits(tokenize, tokenizer, cfg, train_items: list, eval_items: list) -> tuple:
+    """`tokenize(tokenizer, items, max_length, policy)` over the train and the eval items:
+    (train, eval, train report, eval report); no eval items: ([], None) for the eval side."""
+    train, train_report = tokenize(tokenizer, train_items, cfg.data.max_length, cfg.overlong)
+    evals, eval_report = tokenize(tokenizer, eval_items, cfg.data.max_length, cfg.overlong) if eval_items \
+        else ([], None)
+    return train, evals, train_report, eval_report
 
 
 def build_pair_datasets(cfg, tokenizer, with_items: bool = True):
     """The `Datasets` of a pair objective; `with_items` keeps the items for sample generations (prompt → chosen)."""
     fmt, train_items, eval_items = split_items(cfg)
     require_answers(train_items + eval_items, cfg.objective)
-    train, train_report = tokenize_pairs(tokenizer, train_items, cfg.data.max_length, cfg.overlong)
-    evals, eval_report = tokenize_pairs(tokenizer, eval_items, cfg.data.max_length, cfg.overlong) if eval_items \
-        else ([], None)
+    train, evals, train_report, eval_report = tokenize_splits(tokenize_pairs, tokenizer, cfg, train_items, eval_items)
     if not with_items:
         train_items, eval_items = [], []
     return Datasets(train, evals, train_items, eval_items, fmt, train_report, eval_report)

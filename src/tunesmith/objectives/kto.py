@@ -15,16 +15,11 @@ from __future__ import annotations
 import torch
 
 from tunesmith.config.objectives import KtoSettings
-from tunesmith.data.chat import IGNORE, Tokenized
-from tunesmith.data.pair_batches import collate_sequences, tokenize_answer
-from tunesmith.data.pipeline import Datasets, split_items
-from tunesmith.data.templates import LengthReport
-from tunesmith.data.unpaired import TokenizedUnpaired, mismatched, unpair
-from tunesmith.errors import DataError
+from tunesmith.data.pipeline import Datasets
+from tunesmith.data.unpaired import TokenizedUnpaired
+from tunesmith.data.unpaired_batches import KL_PREFIX, build_unpaired_datasets, collate_unpaired
 from tunesmith.objectives.dpo import sequence_logps
 from tunesmith.objectives.reference import InitialWeights, adapters_off
-
-KL_PREFIX = "kl_"
 
 
 def kto_loss(policy: torch.Tensor, reference: torch.Tensor, label: torch.Tensor, kl: torch.Tensor, beta: float,
@@ -36,28 +31,6 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, label: torch.Tensor,
     return torch.where(label, desirable, undesirable), beta * ratio.detach()
 
 
-def tokenize_unpaired(tokenizer, items: list, max_length: int, policy: str
-                      ) -> tuple[list[TokenizedUnpaired], LengthReport]:
-    report = LengthReport(policy, max_length)
-    out = []
-    for item in items:
-        seq = tokenize_answer(tokenizer, item.prompt, item.completion, item.where)
-        prompt_length = next(i for i, t in enumerate(seq.labels) if t != IGNORE)
-        report.longest = max(report.longest, len(seq))
-        if len(seq) > max_length:
-            if policy == "drop" or prompt_length + 1 >= max_length:
-                report.dropped += 1
-                continue
-            seq = Tokenized(seq.input_ids[:max_length], seq.labels[:max_length], seq.where)
-            report.truncated += 1
-        out.append(TokenizedUnpaired(seq, prompt_length, item.label, item.where))
-    report.kept = len(out)
-    if items and not out:
-        raise DataError(f"none of the {len(items)} KTO examples is left: {report.summary()}; raise "
-                        "data.max_length or set data.overlong: truncate")
-    return out, report
-
-
 class KtoObjective:
     own_loop = None
 
@@ -66,22 +39,10 @@ class KtoObjective:
         self.reference = None
 
     def build_datasets(self, cfg, tokenizer) -> Datasets:
-        fmt, train_items, eval_items = split_items(cfg)
-        train_items, eval_items = unpair(train_items), unpair(eval_items)
-        train, train_report = tokenize_unpaired(tokenizer, train_items, cfg.data.max_length, cfg.overlong)
-        evals, eval_report = tokenize_unpaired(tokenizer, eval_items, cfg.data.max_length, cfg.overlong) \
-            if eval_items else ([], None)
-        if len(train) < 2:
-            raise DataError(f"data.train: KTO needs at least 2 examples (its KL estimate pairs each prompt with "
-                            f"another example's completion); {len(train)} left")
-        return Datasets(train, evals, train_items, eval_items, fmt, train_report, eval_report)
+        return build_unpaired_datasets(cfg, tokenizer)
 
     def collate(self, examples: list[TokenizedUnpaired], cfg, pad_id: int) -> dict[str, torch.Tensor]:
-        args = (cfg.data.packing, cfg.data.max_length, pad_id, cfg.data.share_prefixes)
-        batch = collate_sequences([ex.sequence for ex in examples], *args)
-        kl = collate_sequences(mismatched(examples), *args)
-        return {**batch, **{KL_PREFIX + k: v for k, v in kl.items()},
-                "label": torch.tensor([ex.label for ex in examples], dtype=torch.bool)}
+        return collate_unpaired(examples, cfg.data.packing, cfg.data.max_length, pad_id, cfg.data.share_prefixes)
 
     def units(self, example) -> int:
         return 1
