@@ -1,5 +1,6 @@
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,24 @@ def tiny_config(tmp_path, tiny_model_dir):
         "report": {"compare": False},
         "output_dir": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture
+def crash_after(monkeypatch):
+    """`with crash_after(n): train(...)`: the run stops abruptly after step n (its checkpoint written, if that step
+    saves one), as a killed process would, through TUNESMITH_FAULT_AFTER_STEP (tunesmith/faults.py)."""
+    from tunesmith.faults import FAULT_AFTER_STEP, SimulatedCrash
+
+    @contextmanager
+    def stopping(step: int):
+        monkeypatch.setenv(FAULT_AFTER_STEP, str(step))
+        try:
+            with pytest.raises(SimulatedCrash):
+                yield
+        finally:
+            monkeypatch.delenv(FAULT_AFTER_STEP)
+
+    return stopping
 
 
 @pytest.fixture

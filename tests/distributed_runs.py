@@ -1,6 +1,7 @@
 """Run on every rank by torchrun from tests/test_distributed.py: `python distributed_runs.py JOBS.json`.
 
-JOBS.json holds a list of {"config": run config dict, "crash_after_step": int or null, "resume": bool}; the runs go
+JOBS.json holds a list of {"config": run config dict, "fault_after_step": int or null (run with
+TUNESMITH_FAULT_AFTER_STEP set to it), "resume": bool}; the runs go
 one after another in the same process group (one launch for many runs keeps the tests cheap). With
 "pid_dir" at the top level each rank first writes its pid there, so a test can kill one."""
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from tunesmith.config import load_config
 from tunesmith.train.distributed import leave
-from tunesmith.train.loop import SimulatedCrash, train
+from tunesmith.faults import FAULT_AFTER_STEP, SimulatedCrash
+from tunesmith.train.loop import train
 
 
 def main(path: str) -> None:
@@ -20,10 +22,14 @@ def main(path: str) -> None:
         Path(spec["pid_dir"], f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
     for job in spec["jobs"]:
         cfg = load_config(None, [], base=job["config"])
+        if job.get("fault_after_step") is not None:
+            os.environ[FAULT_AFTER_STEP] = str(job["fault_after_step"])
         try:
-            train(cfg, quiet=True, resume=job.get("resume", False), crash_after_step=job.get("crash_after_step"))
+            train(cfg, quiet=True, resume=job.get("resume", False))
         except SimulatedCrash:
             pass
+        finally:
+            os.environ.pop(FAULT_AFTER_STEP, None)
     leave()
 
 

@@ -85,7 +85,7 @@ def launched(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("distributed")
     jobs = [{"config": _config(root, tiny_model_dir, m, o, f"{s}-{m}-{o}", s)} for s, m, o in CASES]
     jobs += [{"config": _config(root, tiny_model_dir, m, o, f"crashed-{s}-{m}-{o}", s, save_every=3),
-              "crash_after_step": 4} for s, m, o in CRASHED]
+              "fault_after_step": 4} for s, m, o in CRASHED]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs}))
     job = subprocess.Popen(_torchrun(str(REPO / "tests" / "distributed_runs.py"), str(spec)), env=_env(),

@@ -202,20 +202,19 @@ def test_dpo_starts_at_log2_and_learns_the_preference(method, tiny_model_dir, tm
     assert result.summary["facts"]["held-out reward accuracy"].startswith("0.0000 before")
 
 
-def test_resume_reads_the_reference_logps_kept_in_the_run_folder(tiny_model_dir, tmp_path, monkeypatch):
+def test_resume_reads_the_reference_logps_kept_in_the_run_folder(tiny_model_dir, tmp_path, monkeypatch, crash_after):
     """Full fine-tuning: the reference log-probs are computed once and kept in the run folder; the resumed run reads
     them back (no reference pass over the pairs) and ends with exactly the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
     from tunesmith.objectives import dpo
     from tunesmith.objectives.reference_cache import REFERENCE_FILE
-    from tunesmith.train.loop import SimulatedCrash
 
     base = _tiny_dpo_config(tiny_model_dir, tmp_path, {"name": "full"}, lr=1e-3, max_steps=4, save_every=2)
     straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
     crashy = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with pytest.raises(SimulatedCrash):
-        train(crashy, quiet=True, crash_after_step=3)
+    with crash_after(3):
+        train(crashy, quiet=True)
     assert (tmp_path / "b" / REFERENCE_FILE).is_file()
 
     reference_passes = []

@@ -208,7 +208,7 @@ def _trained_state(trained):
     return {k: v.detach().clone() for k, v in named_trainable(trained).items()}
 
 
-def test_resume_equals_an_uninterrupted_run(model_dir, instance_dir, tmp_path):
+def test_resume_equals_an_uninterrupted_run(model_dir, instance_dir, tmp_path, crash_after):
     from tunesmith.diffusion import trainable
     from tunesmith.diffusion.components import load_pipeline
     from tunesmith.diffusion.images import read_instance_images
@@ -229,15 +229,11 @@ def test_resume_equals_an_uninterrupted_run(model_dir, instance_dir, tmp_path):
     whole = train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "a")
     expected = _trained_state(trained)
 
-    def crash(row):
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
     torch.manual_seed(0)
     pipe, scheduler, trained = fresh()
     (tmp_path / "b").mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "b", on_step=crash)
+    with crash_after(3):
+        train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "b")
     torch.manual_seed(123)  # a new process: another global RNG state, restored from the checkpoint
     pipe, scheduler, trained = fresh()
     resumed = train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "b", resume=True)
@@ -412,7 +408,7 @@ def test_a_lora_on_the_text_encoder_too_reloads_with_diffusers_with_equal_output
 
 
 def test_an_interrupted_run_resumed_from_the_cli_path_saves_the_uninterrupted_runs_lora(model_dir, instance_dir,
-                                                                                         tmp_path, monkeypatch):
+                                                                                         tmp_path, crash_after):
     from safetensors.torch import load_file
 
     from tunesmith.diffusion import run as run_module
@@ -421,21 +417,10 @@ def test_an_interrupted_run_resumed_from_the_cli_path_saves_the_uninterrupted_ru
         return config(model_dir, instance_dir, tmp_path / name, train={"steps": 4, "save_every": 2})
 
     whole = run_module.dreambooth(cfg("whole"), quiet=True)
-    real_train = run_module.train
-
-    def interrupted(*args, on_step=None, **kwargs):
-        def crash(row):
-            if row["step"] == 3:
-                raise KeyboardInterrupt
-
-        return real_train(*args, on_step=crash, **kwargs)
-
-    monkeypatch.setattr(run_module, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after(3):
         run_module.dreambooth(cfg("cut"), quiet=True)
     assert [p.name for p in run_module.checkpoint.list_checkpoints(tmp_path / "cut")] == ["step-0000002"]
     assert not (tmp_path / "cut" / "lora").exists()  # no half-finished weights
-    monkeypatch.setattr(run_module, "train", real_train)
     resumed = run_module.dreambooth(cfg("cut"), resume=True, quiet=True)
     a = load_file(str(whole.weights / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed.weights / "pytorch_lora_weights.safetensors"))

@@ -19,7 +19,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.objectives.grpo import completion_logps, group_advantages, reduce_losses, token_losses
 from tunesmith.objectives.ppo import PromptExample
 from tunesmith.objectives.rewards import exact_match, format_match, length_penalty
-from tunesmith.train.loop import SimulatedCrash, train
+from tunesmith.train.loop import train
 
 
 def test_group_advantages_equal_hand_computed_values():
@@ -194,15 +194,15 @@ def test_first_pass_is_on_policy_and_kl_starts_at_zero(tiny_model_dir, tmp_path)
     assert (Path(result.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path):
+def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path, crash_after):
     from safetensors.torch import load_file
 
     base = _grpo_config(tiny_model_dir, tmp_path, num_iterations=2, beta=0.05)  # old and reference log-probs too
     base["train"].update(max_steps=2, save_every=1)
     straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
     cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with pytest.raises(SimulatedCrash):
-        train(cfg, quiet=True, crash_after_step=1)
+    with crash_after(1):
+        train(cfg, quiet=True)
     resumed = train(cfg, quiet=True, resume=True)
     a = load_file(str(Path(straight.run_dir) / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed.run_dir) / "adapter" / "adapter_model.safetensors"))

@@ -12,7 +12,7 @@ from tunesmith.config import load_config
 from tunesmith.data.mixture import MixtureStream, TaskSlice, mixture_weights
 from tunesmith.errors import ConfigError
 from tunesmith.train.logging import read_metrics
-from tunesmith.train.loop import SimulatedCrash, train
+from tunesmith.train.loop import train
 
 
 @pytest.mark.parametrize("weights", [(0.5, 0.5), (2 / 3, 1 / 3), (0.7, 0.2, 0.1), (0.0, 0.25, 0.75)])
@@ -79,15 +79,15 @@ def test_bad_mixture_weights_are_config_errors_naming_the_field(data, field):
     assert "Traceback" not in str(err.value)
 
 
-def test_two_tasks_train_together_report_each_task_and_resume_exactly(tiny_config, tmp_path):
+def test_two_tasks_train_together_report_each_task_and_resume_exactly(tiny_config, tmp_path, crash_after):
     cfg_dict = _tasks_config(tiny_config, tmp_path, kind="explicit", weights={"combine": 3, "echo": 1})
     cfg_dict["train"].update(max_steps=6, save_every=3, batch_size=4)
     cfg_dict["report"] = {"compare": True, "heldout_samples": 0, "trained_samples": 0,
                           "forgetting": {"max_tokens": 64}}
     straight = train(load_config(None, [f"output_dir={tmp_path / 'straight'}"], base=cfg_dict), quiet=True)
     cfg = load_config(None, [f"output_dir={tmp_path / 'crashy'}"], base=cfg_dict)
-    with pytest.raises(SimulatedCrash):
-        train(cfg, quiet=True, crash_after_step=4)
+    with crash_after(4):
+        train(cfg, quiet=True)
     resumed = train(cfg, quiet=True, resume=True)
 
     a = load_file(str(Path(straight.run_dir) / "adapter" / "adapter_model.safetensors"))

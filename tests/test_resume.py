@@ -10,22 +10,22 @@ from safetensors.torch import load_file
 
 from tunesmith.config import load_config
 from tunesmith.train.checkpoint import list_checkpoints
-from tunesmith.train.loop import SimulatedCrash, train
+from tunesmith.train.loop import train
 
 
 def _adapter(run_dir) -> dict:
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
 
-def test_kill_and_resume_matches_uninterrupted(tiny_config, tmp_path):
+def test_kill_and_resume_matches_uninterrupted(tiny_config, tmp_path, crash_after):
     tiny_config["train"].update(max_steps=6, save_every=3, grad_accum=2)
     tiny_config["report"] = {"compare": True, "heldout_samples": 1, "trained_samples": 0, "max_new_tokens": 4}
     straight = load_config(None, [f"output_dir={tmp_path / 'straight'}"], base=tiny_config)
     first = train(straight, quiet=True)
 
     cfg = load_config(None, [f"output_dir={tmp_path / 'crashy'}"], base=tiny_config)
-    with pytest.raises(SimulatedCrash):
-        train(cfg, quiet=True, crash_after_step=4)  # dies one step after the step-3 checkpoint
+    with crash_after(4):
+        train(cfg, quiet=True)  # dies one step after the step-3 checkpoint
     assert [p.name for p in list_checkpoints(Path(cfg.output_dir))] == ["step-0000003"]
     assert not (Path(cfg.output_dir) / "adapter").exists()
     resumed = train(cfg, quiet=True, resume=True)
@@ -42,14 +42,14 @@ def test_kill_and_resume_matches_uninterrupted(tiny_config, tmp_path):
     assert len(steps) == 6  # metrics from the lost step 4 were dropped on resume, not duplicated
 
 
-def test_metrics_survive_a_crash_and_resume_continues_them(tiny_config, tmp_path, fsynced_inodes):
+def test_metrics_survive_a_crash_and_resume_continues_them(tiny_config, tmp_path, fsynced_inodes, crash_after):
     """Rows are fsynced one by one; a crash mid-row leaves a torn last line that is skipped; resume starts a new file
     (the old one is never truncated in place) holding the rows up to the checkpoint, then appends: every step once."""
     tiny_config["train"].update(max_steps=6, save_every=3, eval_every=2)
     cfg = load_config(None, [], base=tiny_config)
     metrics = Path(cfg.output_dir) / "metrics.jsonl"
-    with pytest.raises(SimulatedCrash):
-        train(cfg, quiet=True, crash_after_step=4)
+    with crash_after(4):
+        train(cfg, quiet=True)
     lines = metrics.read_text().splitlines()
     rows = [json.loads(line) for line in lines]  # every row whole
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
@@ -104,3 +104,16 @@ def test_text_objective_splits_long_documents_and_trains(tiny_config):
     assert facts.startswith("text; train ") and "extra pieces from splitting long documents" in facts
     assert result.eval_after < result.eval_before
     assert result.summary["heldout_samples"] == []  # documents have no prompt to answer
+
+
+def test_a_fault_step_that_is_not_a_number_is_an_error_naming_the_variable(monkeypatch):
+    from tunesmith.errors import ConfigError
+    from tunesmith.faults import FAULT_AFTER_STEP, SimulatedCrash, fault_after
+
+    monkeypatch.setenv(FAULT_AFTER_STEP, "four")
+    with pytest.raises(ConfigError, match="TUNESMITH_FAULT_AFTER_STEP='four': expected a step number"):
+        fault_after(1)
+    monkeypatch.setenv(FAULT_AFTER_STEP, "4")
+    fault_after(3)  # any other step goes on
+    with pytest.raises(SimulatedCrash):
+        fault_after(4)

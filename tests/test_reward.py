@@ -94,17 +94,16 @@ def test_packed_segment_attention_training_equals_padded_training(tiny_model_dir
             assert runs[name][key] == pytest.approx(runs["segments"][key], abs=1e-3), (name, key, runs)
 
 
-def test_reward_head_is_checkpointed_and_resumed(tiny_model_dir, tmp_path):
+def test_reward_head_is_checkpointed_and_resumed(tiny_model_dir, tmp_path, crash_after):
     from safetensors import safe_open
 
     from tunesmith.train.checkpoint import list_checkpoints
-    from tunesmith.train.loop import SimulatedCrash
 
     base = _reward_config(tiny_model_dir, tmp_path, max_steps=4, save_every=2)
     straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
     cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with pytest.raises(SimulatedCrash):
-        train(cfg, quiet=True, crash_after_step=3)
+    with crash_after(3):
+        train(cfg, quiet=True)
     with safe_open(str(list_checkpoints(Path(cfg.output_dir))[-1] / "state.safetensors"), "pt") as fh:
         assert f"model.{HEAD_ATTR}.weight" in fh.keys()
     resumed = train(cfg, quiet=True, resume=True)
@@ -145,7 +144,7 @@ def test_reward_head_is_written_inside_the_adapters_atomic_folder(tiny_model_dir
     from tunesmith.methods import get_method
     from tunesmith.models import load_model
     from tunesmith.objectives import reward as reward_module
-    from tunesmith.train.loop import SimulatedCrash
+    from tunesmith.faults import SimulatedCrash
 
     cfg = load_config(None, [], base=_reward_config(tiny_model_dir, tmp_path))
     model, method = load_model(str(tiny_model_dir)), get_method("lora")

@@ -14,6 +14,7 @@ from tunesmith.diffusion import checkpoint
 from tunesmith.diffusion.config import DreamBoothConfig
 from tunesmith.diffusion.loss import dreambooth_loss, target
 from tunesmith.diffusion.trainable import named_trainable, set_train_mode
+from tunesmith.faults import fault_after
 
 METRICS = "metrics.jsonl"
 
@@ -86,6 +87,7 @@ def train(cfg: DreamBoothConfig, pipe, scheduler, trained: dict, instance: torch
                 fh.write(json.dumps(row) + "\n")
             if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < steps:
                 checkpoint.save(run_dir, step + 1, params, optimizer, generator, cfg.train.keep_checkpoints)
+            fault_after(step + 1)
             if on_step is not None:
                 on_step(row)
     finally:

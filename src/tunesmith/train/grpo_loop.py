@@ -141,7 +141,6 @@ def _step(run, prompts: list, params, optimizer, scheduler) -> tuple[dict, int]:
     return row, tokens
 
 
-def train_grpo(cfg, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-               crash_after_step: int | None = None) -> RunResult:
+def train_grpo(cfg, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
     algorithm = PolicyAlgorithm(objective.settings.num_iterations, _step, mean_reward)
-    return train_policy(cfg, objective, algorithm, overwrite, resume, quiet, crash_after_step)
+    return train_policy(cfg, objective, algorithm, overwrite, resume, quiet)

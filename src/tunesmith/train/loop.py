@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 
 from tunesmith.config import RunConfig
 from tunesmith.devices import autocast_for, to_device
+from tunesmith.faults import fault_after
 from tunesmith.objectives import get_objective
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.distributed import OneProcess
 from tunesmith.train.logging import metrics_logger
-from tunesmith.train.run import (RunResult, SimulatedCrash, baseline_of, eval_row, evaluate_data, finish_run,
+from tunesmith.train.run import (RunResult, baseline_of, eval_row, evaluate_data, finish_run,
                                  general_perplexity, make_optimizer, open_run, resume_position)
 
-__all__ = ["RunResult", "SimulatedCrash", "accumulate_gradients", "train"]
+__all__ = ["RunResult", "accumulate_gradients", "train"]
 
 # Outer loops an objective may name as its `own_loop` (objectives never import the training loops).
 OUTER_LOOPS = {"ppo": "tunesmith.train.ppo_loop:train_ppo", "grpo": "tunesmith.train.grpo_loop:train_grpo"}
@@ -63,15 +64,13 @@ def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, de
 
 
 
-def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-          crash_after_step: int | None = None) -> RunResult:
+def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
     """Train `cfg`'s method with its objective; an objective with an outer loop of its own (PPO's rollouts) runs
     that loop instead."""
     objective = get_objective(cfg.objective, getattr(cfg, cfg.objective, None))
     if objective.own_loop is not None:
         outer = _outer_loop(objective.own_loop)
-        return outer(cfg, objective, overwrite=overwrite, resume=resume, quiet=quiet,
-                     crash_after_step=crash_after_step)
+        return outer(cfg, objective, overwrite=overwrite, resume=resume, quiet=quiet)
     run = open_run(cfg, objective, overwrite, resume, quiet)
     model, data, device, pad_id, console, ranks = run.model, run.data, run.device, run.pad_id, run.console, run.ranks
     ranks.wrap(model, objective)  # before the optimizer: FSDP replaces the parameters by their shards
@@ -125,8 +124,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
                 save_checkpoint(run.run_dir, step, model, optimizer, scheduler, stream.position,
                                 cfg.train.keep_checkpoints, ranks)
-            if crash_after_step is not None and step == crash_after_step:
-                raise SimulatedCrash(step)
+            fault_after(step)
         after = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
         if after is not None:
             log.log({"step": total_steps, **eval_row(after)})

@@ -22,9 +22,10 @@ from tunesmith.atomic import atomic_write_text
 from tunesmith.data.mixture import ExampleStream
 from tunesmith.data.pair_batches import collate_sequences
 from tunesmith.devices import to_device
+from tunesmith.faults import fault_after
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.logging import MetricsLogger
-from tunesmith.train.run import (Run, RunResult, SimulatedCrash, eval_row, finish_run, general_perplexity,
+from tunesmith.train.run import (Run, RunResult, eval_row, finish_run, general_perplexity,
                                  make_optimizer, open_run, resume_position, sample_generations)
 
 
@@ -61,7 +62,7 @@ def baseline_with(run: Run, resume: bool, held_out) -> dict:
 
 
 def train_policy(cfg, objective, algorithm: PolicyAlgorithm, overwrite: bool = False, resume: bool = False,
-                 quiet: bool = False, crash_after_step: int | None = None) -> RunResult:
+                 quiet: bool = False) -> RunResult:
     run = open_run(cfg, objective, overwrite, resume, quiet)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(run.data.train)
                                                            / cfg.train.batch_size))
@@ -95,8 +96,7 @@ def train_policy(cfg, objective, algorithm: PolicyAlgorithm, overwrite: bool = F
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
                 save_checkpoint(run.run_dir, step, run.model, optimizer, scheduler, stream.position,
                                 cfg.train.keep_checkpoints)
-            if crash_after_step is not None and step == crash_after_step:
-                raise SimulatedCrash(step)
+            fault_after(step)
         after = algorithm.held_out(run, run.data.eval)
         if after is not None:
             log.log({"step": total_steps, **eval_row(after)})

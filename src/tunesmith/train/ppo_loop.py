@@ -121,9 +121,8 @@ def _step(run: Run, prompts: list, params, optimizer, scheduler) -> tuple[dict, 
     return row, tokens
 
 
-def train_ppo(cfg: RunConfig, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-              crash_after_step: int | None = None) -> RunResult:
+def train_ppo(cfg: RunConfig, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
     s = objective.settings
     updates_per_step = s.epochs * math.ceil(cfg.train.batch_size / s.minibatch_size)
     return train_policy(cfg, objective, PolicyAlgorithm(updates_per_step, _step, _held_out_reward), overwrite,
-                        resume, quiet, crash_after_step)
+                        resume, quiet)

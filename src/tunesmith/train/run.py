@@ -34,10 +34,6 @@ from tunesmith.train.report import plot_losses, write_report
 from tunesmith.train.self_check import checked_speed_options
 
 
-class SimulatedCrash(BaseException):
-    """Raised by tests to stop a run abruptly after a given step (after that step's checkpoint, if any)."""
-
-
 @dataclass
 class RunResult:
     run_dir: Path
