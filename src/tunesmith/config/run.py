@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunesmith.config.distributed import DistributedSettings, refusal
+from tunesmith.config.loading import load_yaml_model
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
 from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, DpoSettings, GrpoSettings, KtoSettings, OrpoSettings,
                                          PpoSettings, RewardSettings, SimpoSettings)
@@ -324,53 +325,6 @@ class RunConfig(Strict):
         return self.data.overlong or ("split" if self.objective == "text" else "drop")
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: the configuration is not valid:"]
-    for e in err.errors():
-        loc = list(e["loc"])
-        if len(loc) > 1 and loc[0] == "method" and loc[1] in METHOD_NAMES:
-            del loc[1]  # the discriminator tag pydantic inserts
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "union_tag_invalid":
-            got = (e.get("ctx") or {}).get("tag")
-            lines.append(f"  - {field}.name: unknown method {got!r}; expected one of: {', '.join(METHOD_NAMES)}")
-        elif e["type"] == "extra_forbidden":
-            lines.append(f"  - {field}: unknown key (check the spelling; see `tunesmith train --help`)")
-        elif e["type"] == "missing":
-            lines.append(f"  - {field}: required but missing")
-        else:
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {field}: {msg}{got_s}")
-    return "\n".join(lines)
-
-
-def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        child = node.setdefault(k, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}={raw}: '{k}' is a value, not a section")
-        node = child
-    try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {dotted}={raw}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
-                          f"it, e.g. --set \"{dotted}='{raw}'\"") from None
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-4")
-        key, value = item.split("=", 1)
-        pairs.append((key.strip(), value))
-    return pairs
-
-
 def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:
     """`--set method.name=X` over a file written for another method: drop the file's options X does not have."""
     new_name = next((yaml.safe_load(v) for k, v in pairs if k == "method.name"), None)
@@ -393,34 +347,8 @@ def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
-    tree: dict = dict(base or {})
-    source = "config"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{p}: not UTF-8 text") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model, method, data, ...), got {type(loaded).__name__}")
-        tree.update(loaded)
-    pairs = parse_overrides(overrides or [])
-    _switch_method(tree, pairs)
-    for key, value in pairs:
-        _set_dotted(tree, key, value)
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+    return load_yaml_model(RunConfig, path, overrides, base, sections="model, method, data, ...",
+                           adjust=_switch_method, unions={"method": METHOD_NAMES})
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -32,7 +32,7 @@ class PreferenceItem:
     margin: float | None = None
 
 
-def _answer(record: Record, key: str) -> str:
+def read_answer(record: Record, key: str) -> str:
     value = record.fields[key]
     if isinstance(value, dict):
         value = [value]
@@ -50,7 +50,7 @@ def _answer(record: Record, key: str) -> str:
     return value
 
 
-def _prompt(record: Record) -> list[dict[str, str]]:
+def read_prompt(record: Record) -> list[dict[str, str]]:
     value = record.fields["prompt"]
     if isinstance(value, str):
         if not value.strip():
@@ -86,9 +86,9 @@ def normalize_pair(record: Record, system_prompt: str | None = None) -> Preferen
         missing = "rejected" if has["chosen"] else "chosen"
         raise DataError(f"{record.where}: record is missing '{missing}' ({FORMAT_HELP})")
     if has["prompt"]:
-        prompt = _prompt(record)
-        chosen = _answer(record, "chosen") if has["chosen"] else None
-        rejected = _answer(record, "rejected") if has["rejected"] else None
+        prompt = read_prompt(record)
+        chosen = read_answer(record, "chosen") if has["chosen"] else None
+        rejected = read_answer(record, "rejected") if has["rejected"] else None
     elif has["chosen"] and isinstance(keys["chosen"], list) and len(keys["chosen"]) > 1:
         prompt, chosen, rejected = _implicit_prompt(record)
     else:

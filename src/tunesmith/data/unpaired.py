@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunesmith.data.chat import EXPECTED, Tokenized
-from tunesmith.data.preference import PreferenceItem, _answer, _prompt
+from tunesmith.data.preference import PreferenceItem, read_answer, read_prompt
 from tunesmith.data.sources import Record
 from tunesmith.errors import DataError
 
@@ -42,8 +42,8 @@ def normalize_unpaired(record: Record, system_prompt: str | None = None) -> Unpa
     label = fields["label"]
     if not isinstance(label, bool):
         raise DataError(f"{record.where}: 'label' must be true or false (desirable or not), got {label!r}")
-    prompt = _prompt(record)
-    completion = _answer(record, "completion")
+    prompt = read_prompt(record)
+    completion = read_answer(record, "completion")
     if system_prompt and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
     return UnpairedItem(prompt, completion, label, record.where)

@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tunesmith.config import parse_overrides
-from tunesmith.config.run import _format_validation_error, _set_dotted
-from tunesmith.errors import ConfigError
+from tunesmith.config import load_yaml_model
 
 DEMO_MODEL = "builtin:tiny-digits"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -97,32 +95,16 @@ class DreamBoothConfig(Strict):
 def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None = None,
                            base: dict | None = None) -> DreamBoothConfig:
     """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
-    tree: dict = dict(base or {})
-    source = "config"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise ConfigError(f"{p}:{mark.line + 1 if mark else '?'}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections (model, instance, prior, method, train, sample)")
-        tree.update(loaded)
+    def images_beside(tree: dict, _pairs) -> None:  # a folder named relative to the config file
         images = tree.get("instance", {}).get("images") if isinstance(tree.get("instance"), dict) else None
         if isinstance(images, str) and not Path(images).is_absolute() and not Path(images).exists():
-            beside = p.parent / images  # a folder named relative to the config file
+            beside = Path(path).parent / images
             if beside.exists():
                 tree["instance"]["images"] = str(beside)
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        return DreamBoothConfig.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+
+    return load_yaml_model(DreamBoothConfig, path, overrides, base,
+                           sections="model, instance, prior, method, train, sample",
+                           adjust=images_beside if path is not None else None)
 
 
 def dump(cfg: DreamBoothConfig) -> str:
