@@ -23,7 +23,8 @@ class Outer(BaseModel):
 def test_load_yaml_model_reads_overrides_and_names_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\ninner:\n  size: 2\n")
-    assert load_yaml_model(Outer, path, ["inner.size=5"], sections="name, inner") == Outer(name="x", inner=Inner(size=5))
+    expected = Outer(name="x", inner=Inner(size=5))
+    assert load_yaml_model(Outer, path, ["inner.size=5"], sections="name, inner") == expected
     assert load_yaml_model(Outer, None, base={"name": "b"}, sections="name, inner").name == "b"
     with pytest.raises(ConfigError) as e:
         load_yaml_model(Outer, path, ["inner.size=big", "inner.colour=red"], sections="name, inner")
