@@ -155,6 +155,37 @@ def test_adapter_for_another_base_names_shapes(tmp_path):
         ia3.load(other, tmp_path / "adapter")
 
 
+def test_a_second_adapter_by_name_an_unknown_or_taken_name_refused_with_the_loaded_ones():
+    """The adapter-layer functions LoRA has (methods/base.py): IA3 now refuses what LoRA refuses."""
+    model = tiny_llama(vocab_size=300)
+    base_logits = model(_ids()).logits
+    ia3.apply(model, IA3Settings())
+    _train_a_little(model)
+    first = model(_ids()).logits
+    params = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ModelError) as e:  # before: the vectors silently reset to ones
+        ia3.apply(model, IA3Settings())
+    assert "adapter name 'default' is already taken on this model (its adapters: default)" in str(e.value)
+    assert "ia3.delete_adapter(model, NAME)" in str(e.value)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters()) and params.keys() == dict(
+        model.named_parameters()).keys()
+    with pytest.raises(ModelError, match="'train' is not allowed"):
+        ia3.apply(model, IA3Settings(), adapter_name="train")
+
+    ia3.apply(model, IA3Settings(target_modules=["q_proj"], feedforward_modules=[]), adapter_name="q")
+    with pytest.raises(ModelError, match="no adapter named 'c' to activate; loaded: default, q"):
+        ia3.set_active(model, "c")  # before: every layer's active name set to 'c', a KeyError at the next forward
+    ia3.set_active(model, "default")
+    torch.testing.assert_close(model(_ids()).logits, first, atol=0, rtol=0)
+    ia3.set_active(model, "q")  # k, v and down_proj do not hold 'q': they run their base alone
+    assert all(l.active is None for n, l in ia3.ia3_layers(model).items() if not n.endswith("q_proj"))
+    torch.testing.assert_close(model(_ids()).logits, base_logits, atol=1e-6, rtol=0)  # 'q' is still ones
+    ia3.delete_adapter(model, "q")
+    assert {n for l in ia3.ia3_layers(model).values() for n in l.ia3_l} == {"default"}
+    with pytest.raises(ModelError, match="no adapter named 'q' is loaded"):
+        ia3.delete_adapter(model, "q")
+
+
 @pytest.mark.slow
 def test_real_model_ia3_lowers_heldout_loss(tmp_path):
     """The demo's config with (IA)³ on the real SmolLM2 for 10 steps of 8. Measured: 4.554 -> 4.078 (10.5 %);

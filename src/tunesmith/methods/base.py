@@ -1,4 +1,5 @@
-"""What every method shares: target matching, parameter counting, the adapter files on disk."""
+"""What every method shares: target matching, parameter counting, the adapter files on disk, and the layers that
+hold named adapters (LoRA's, DoRA's, (IA)³'s) with the model-level operations on them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from tunesmith.atomic import atomic_folder
 from tunesmith.config import DEFAULT_MODEL
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.surgery import replace_module  # noqa: F401  (the methods' import path)
+from tunesmith.surgery import replace_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -124,12 +125,115 @@ def check_and_copy(folder, ours: dict[str, torch.Tensor], theirs: dict[str, torc
             p.copy_(theirs[k].to(p.dtype))
 
 
+class AdapterLayer(nn.Module):
+    """A linear wrapped to hold named adapters: one active at a time (or none), each mergeable into the base weights
+    and back. A subclass stores its adapters, says which it holds (`names`) and how one folds into the base weights
+    (`fold`); `METHOD` is the module whose functions manage it, for messages."""
+
+    METHOD = ""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.active: str | None = None
+        self.merged: set[str] = set()
+
+    @property
+    def weight(self) -> torch.Tensor:  # lets code that inspects `.weight` (e.g. dtype probes) keep working
+        return self.base_layer.weight
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def fold(self, name: str, inverse: bool) -> None:
+        """Put adapter `name`'s effect into the base weights, or (inverse) take it out."""
+        raise NotImplementedError
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget adapter `name` (unmerged first); the layer runs its base alone if it was the active one."""
+        raise NotImplementedError
+
+    def check_new_name(self, name: str, store: nn.Module) -> None:
+        """Refuse a name this layer holds, or one `store` (the dict its tensors go in) cannot take as a key."""
+        if name in self.names():
+            raise ModelError(name_taken(name, self.names(), self.METHOD))
+        if not name.isidentifier() or hasattr(store, name):
+            raise ModelError(f"adapter name {name!r} is not allowed (use a plain identifier that is not a "
+                             "torch.nn.Module attribute such as 'half' or 'train')")
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        name = name or self.active
+        if name is None or name in self.merged:
+            return
+        self.fold(name, inverse=False)
+        self.merged.add(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        name = name or self.active
+        if name not in self.merged:
+            return
+        self.fold(name, inverse=True)
+        self.merged.discard(name)
+
+
+def name_taken(name: str, present: list[str], method: str) -> str:
+    return (f"adapter name {name!r} is already taken on this model (its adapters: {', '.join(sorted(present))}); "
+            "give the new adapter another name: adapter_name=... in Python, --adapter NAME=PATH on the command line "
+            f"(or delete the old one first: {method}.delete_adapter(model, NAME))")
+
+
+def adapter_layers(model: nn.Module, layer_cls: type[AdapterLayer]) -> dict[str, AdapterLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, layer_cls)}
+
+
+def loaded_names(model: nn.Module, layer_cls: type[AdapterLayer]) -> list[str]:
+    return sorted({n for layer in adapter_layers(model, layer_cls).values() for n in layer.names()})
+
+
+def adapter_targets(model: nn.Module, target_modules: list[str] | str, adapter_name: str,
+                    layer_cls: type[AdapterLayer]) -> list[str]:
+    """Freeze the model and name the linears (or `layer_cls` wrappers) an adapter `adapter_name` goes on; a name
+    already loaded is refused before anything changes."""
+    present = loaded_names(model, layer_cls)
+    if adapter_name in present:
+        raise ModelError(name_taken(adapter_name, present, layer_cls.METHOD))
+    freeze_all(model)
+    return match_modules(model, target_modules, kinds=(nn.Linear, layer_cls))
+
+
+def wrapped(model: nn.Module, name: str, layer_cls: type[AdapterLayer], *args) -> AdapterLayer:
+    """The layer `name` as a `layer_cls` wrapper: the one already there, or `layer_cls(linear, *args)` put in its
+    place; a wrapper of another class is refused (one layer holds adapters of one kind)."""
+    layer = model.get_submodule(name)
+    if not isinstance(layer, AdapterLayer):
+        layer = layer_cls(layer, *args)
+        replace_module(model, name, layer)
+    elif type(layer) is not layer_cls:
+        raise ConfigError(f"{name} already holds {type(layer).__name__} adapters; cannot add a "
+                          f"{layer_cls.__name__} one beside them")
+    return layer
+
+
+def activate(model: nn.Module, layer_cls: type[AdapterLayer], adapter_name: str | None) -> None:
+    """Activate one adapter by name, or None to run the bare base model. Layers the adapter does not target run
+    their base alone (adapters loaded side by side may target different modules)."""
+    layers = adapter_layers(model, layer_cls).values()
+    if adapter_name is not None and not any(adapter_name in layer.names() for layer in layers):
+        loaded = loaded_names(model, layer_cls)
+        raise ModelError(f"no adapter named {adapter_name!r} to activate; loaded: {', '.join(loaded) or 'none'}")
+    for layer in layers:
+        layer.active = adapter_name if adapter_name in layer.names() else None
+
+
 @contextmanager
-def switched_off(model: nn.Module, layers: list, merged_error: str):
-    """Inside the block every layer runs without its trainable part (`active = None`); each layer's own active
-    state comes back afterwards. Layers merged into the base weights cannot be switched off: `merged_error`."""
+def switched_off(model: nn.Module, layer_cls: type[AdapterLayer], what: str):
+    """Inside the block every layer runs without its adapters (`active = None`); each layer's own active state comes
+    back afterwards. Adapters merged into the base weights cannot be switched off: an error naming `what` they are."""
+    layers = list(adapter_layers(model, layer_cls).values())
     if any(layer.merged for layer in layers):
-        raise ModelError(merged_error)
+        raise ModelError(f"{what} are merged into the base weights, so they cannot be switched off; unmerge first")
     saved = [layer.active for layer in layers]
     try:
         for layer in layers:
@@ -138,6 +242,33 @@ def switched_off(model: nn.Module, layers: list, merged_error: str):
     finally:
         for layer, active in zip(layers, saved):
             layer.active = active
+
+
+def delete_everywhere(model: nn.Module, layer_cls: type[AdapterLayer], adapter_name: str) -> None:
+    """Remove adapter `adapter_name` from every layer holding it (unmerged first)."""
+    layers = adapter_layers(model, layer_cls).values()
+    if not any(adapter_name in layer.names() for layer in layers):
+        raise ModelError(f"no adapter named {adapter_name!r} is loaded")
+    for layer in layers:
+        if adapter_name in layer.names():
+            layer.remove_adapter(adapter_name)
+
+
+def merge_all(model: nn.Module, layer_cls: type[AdapterLayer]) -> None:
+    for layer in adapter_layers(model, layer_cls).values():
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module, layer_cls: type[AdapterLayer]) -> None:
+    for layer in adapter_layers(model, layer_cls).values():
+        layer.unmerge()
+
+
+def unload_all(model: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
+    """Put the plain base linears back (merge first to keep the adapters' effect)."""
+    for name, layer in list(adapter_layers(model, layer_cls).items()):
+        replace_module(model, name, layer.base_layer)
+    return model
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

@@ -14,8 +14,9 @@ from torch import nn
 
 from tunesmith.config.methods import IA3Settings
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
-                                    switched_off, write_adapter)
+from tunesmith.methods.base import (AdapterLayer, activate, adapter_layers, adapter_targets, check_and_copy,
+                                    delete_everywhere, merge_all, read_adapter, switched_off, unload_all, unmerge_all,
+                                    wrapped, write_adapter)
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
@@ -26,42 +27,31 @@ def claims(config: dict) -> bool:
     return config.get("peft_type") == "IA3"
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLayer):
+    METHOD = "ia3"
+
     def __init__(self, base_layer: nn.Linear, feedforward: bool):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.feedforward = feedforward
         self.ia3_l = nn.ParameterDict()
-        self.active: str | None = None
-        self.merged: set[str] = set()
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+    def names(self) -> list[str]:
+        return list(self.ia3_l)
 
     def add_adapter(self, name: str) -> None:
+        self.check_new_name(name, self.ia3_l)
         base = self.base_layer
         shape = (1, base.in_features) if self.feedforward else (base.out_features, 1)
         self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=base.weight.device, dtype=torch.float32))
         self.active = name
 
-    @torch.no_grad()
-    def merge(self, name: str | None = None) -> None:
-        name = name or self.active
-        if name is None or name in self.merged:
-            return
-        self._rescale(name, inverse=False)
-        self.merged.add(name)
+    def remove_adapter(self, name: str) -> None:
+        self.unmerge(name)
+        del self.ia3_l[name]
+        if self.active == name:
+            self.active = None
 
-    @torch.no_grad()
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or self.active
-        if name not in self.merged:
-            return
-        self._rescale(name, inverse=True)
-        self.merged.discard(name)
-
-    def _rescale(self, name: str, inverse: bool) -> None:
+    def fold(self, name: str, inverse: bool) -> None:
         """Multiply (or divide) the weight's rows, or for feedforward its columns; the bias goes with the rows."""
         w, bias, vector = self.base_layer.weight, self.base_layer.bias, self.ia3_l[name]
         w.data = (w / vector if inverse else w * vector).to(w.dtype)  # (out, 1) broadcasts over rows, (1, in) columns
@@ -81,7 +71,7 @@ class IA3Linear(nn.Module):
 
 
 def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return adapter_layers(model, IA3Linear)
 
 
 def _is_feedforward(name: str, patterns: list[str] | str) -> bool:
@@ -92,8 +82,7 @@ def _is_feedforward(name: str, patterns: list[str] | str) -> bool:
 
 def apply(model: nn.Module, settings: IA3Settings, adapter_name: str = DEFAULT) -> dict[str, IA3Linear]:
     """Freeze the model and add an (IA)³ vector to every targeted linear layer."""
-    freeze_all(model)
-    names = match_modules(model, settings.target_modules, kinds=(nn.Linear, IA3Linear))
+    names = adapter_targets(model, settings.target_modules, adapter_name, IA3Linear)
     feedforward = {n: _is_feedforward(n, settings.feedforward_modules) for n in names}
     split = ({n.rsplit(".", 1)[-1] for n in names if feedforward[n]}
              & {n.rsplit(".", 1)[-1] for n in names if not feedforward[n]})
@@ -101,40 +90,36 @@ def apply(model: nn.Module, settings: IA3Settings, adapter_name: str = DEFAULT) 
         raise ConfigError(f"method.feedforward_modules: {sorted(split)} layers are feedforward in some blocks and "
                           "not in others; PEFT's adapter format cannot record that")
     for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, IA3Linear):
-            layer = IA3Linear(layer, feedforward[name])
-            replace_module(model, name, layer)
-        layer.add_adapter(adapter_name)
+        wrapped(model, name, IA3Linear, feedforward[name]).add_adapter(adapter_name)
     return ia3_layers(model)
 
 
 def set_active(model: nn.Module, adapter_name: str | None) -> None:
-    """Activate one adapter by name, or None to run the bare base model."""
-    for layer in ia3_layers(model).values():
-        layer.active = adapter_name
+    """Activate one adapter by name, or None to run the bare base model (layers it does not target run their base
+    alone); an unknown name is refused with the loaded ones."""
+    activate(model, IA3Linear, adapter_name)
 
 
 def disabled(model: nn.Module):
     """Run the bare base model inside the block (every vector off, none merged), then restore each layer's state."""
-    return switched_off(model, list(ia3_layers(model).values()), "(IA)³ vectors are merged into the base weights, so they cannot be switched off; unmerge first")
+    return switched_off(model, IA3Linear, "(IA)³ vectors")
 
 
 def merge(model: nn.Module) -> None:
-    for layer in ia3_layers(model).values():
-        layer.merge()
+    merge_all(model, IA3Linear)
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in ia3_layers(model).values():
-        layer.unmerge()
+    unmerge_all(model, IA3Linear)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Put the plain base linears back (merge first to keep the adapter's effect)."""
-    for name, layer in list(ia3_layers(model).items()):
-        replace_module(model, name, layer.base_layer)
-    return model
+    return unload_all(model, IA3Linear)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    delete_everywhere(model, IA3Linear, adapter_name)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from tunesmith.config.methods import DoraSettings, LoraSettings
-from tunesmith.errors import ConfigError, ModelError
+from tunesmith.errors import ModelError
 from tunesmith.methods import lora_function
-from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
-                                    switched_off, write_adapter)
+from tunesmith.methods.base import (AdapterLayer, activate, adapter_layers, adapter_targets, check_and_copy,
+                                    delete_everywhere, merge_all, read_adapter, switched_off, unload_all, unmerge_all,
+                                    wrapped, write_adapter)
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
@@ -32,29 +33,22 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
+    METHOD = "lora"
     rows: dict[str, torch.Tensor] | None = None  # set by per_row: the batch rows of each adapter; None: `active` rules
 
     def __init__(self, base_layer: nn.Linear):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active: str | None = None
-        self.merged: set[str] = set()
 
-    @property
-    def weight(self) -> torch.Tensor:  # lets code that inspects `.weight` (e.g. dtype probes) keep working
-        return self.base_layer.weight
+    def names(self) -> list[str]:
+        return list(self.lora_A)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
-        if name in self.lora_A:
-            raise ModelError(name_taken(name, list(self.lora_A)))
-        if not name.isidentifier() or hasattr(self.lora_A, name):
-            raise ModelError(f"adapter name {name!r} is not allowed (use a plain identifier that is not a "
-                             "torch.nn.Module attribute such as 'half' or 'train')")
+        self.check_new_name(name, self.lora_A)
         w = self.base_layer.weight
         a = nn.Linear(self.base_layer.in_features, r, bias=False, device=w.device, dtype=torch.float32)
         b = nn.Linear(r, self.base_layer.out_features, bias=False, device=w.device, dtype=torch.float32)
@@ -88,23 +82,9 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         return w - self.delta_weight(name).to(w.dtype)
 
-    @torch.no_grad()
-    def merge(self, name: str | None = None) -> None:
-        name = name or self.active
-        if name is None or name in self.merged:
-            return
+    def fold(self, name: str, inverse: bool) -> None:
         w = self.base_layer.weight
-        w.data = self.merged_weight(name).to(w.dtype)
-        self.merged.add(name)
-
-    @torch.no_grad()
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or self.active
-        if name not in self.merged:
-            return
-        w = self.base_layer.weight
-        w.data = self.unmerged_weight(name).to(w.dtype)
-        self.merged.discard(name)
+        w.data = (self.unmerged_weight(name) if inverse else self.merged_weight(name)).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
@@ -152,43 +132,22 @@ class LoraLinear(nn.Module):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
-
-
-def name_taken(name: str, present: list[str]) -> str:
-    return (f"adapter name {name!r} is already taken on this model (its adapters: {', '.join(sorted(present))}); "
-            "give the new adapter another name: adapter_name=... in Python, --adapter NAME=PATH on the command line "
-            "(or delete the old one first: lora.delete_adapter(model, NAME))")
+    return adapter_layers(model, LoraLinear)
 
 
 def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
           layer_cls: type[LoraLinear] = LoraLinear) -> dict[str, LoraLinear]:
     """Freeze the model and add an adapter (LoRA, or the variant `layer_cls` is) to every targeted linear layer."""
-    present = {n for layer in lora_layers(model).values() for n in layer.lora_A}
-    if adapter_name in present:  # refused before any layer changes
-        raise ModelError(name_taken(adapter_name, list(present)))
-    freeze_all(model)
-    for name in match_modules(model, settings.target_modules, kinds=(nn.Linear, LoraLinear)):
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoraLinear):
-            layer = layer_cls(layer)
-            replace_module(model, name, layer)
-        elif type(layer) is not layer_cls:
-            raise ConfigError(f"{name} already holds {type(layer).__name__} adapters; cannot add a "
-                              f"{layer_cls.__name__} one beside them")
+    for name in adapter_targets(model, settings.target_modules, adapter_name, LoraLinear):
+        layer = wrapped(model, name, layer_cls)
         layer.add_adapter(adapter_name, settings.r, settings.alpha, settings.dropout, settings.rslora)
     return lora_layers(model)
 
 
 def set_active(model: nn.Module, adapter_name: str | None) -> None:
-    """Activate one adapter by name, or None to run the bare base model. Layers the adapter does not target run
-    their base alone (adapters loaded side by side may target different modules)."""
-    layers = lora_layers(model).values()
-    if adapter_name is not None and not any(adapter_name in layer.lora_A for layer in layers):
-        loaded = sorted({n for layer in layers for n in layer.lora_A})
-        raise ModelError(f"no adapter named {adapter_name!r} to activate; loaded: {', '.join(loaded) or 'none'}")
-    for layer in layers:
-        layer.active = adapter_name if adapter_name in layer.lora_A else None
+    """Activate one adapter by name, or None to run the bare base model (layers it does not target run their base
+    alone); an unknown name is refused with the loaded ones."""
+    activate(model, LoraLinear, adapter_name)
 
 
 @contextmanager
@@ -218,24 +177,20 @@ def per_row(model: nn.Module, adapter_names: list[str | None]):
 
 def disabled(model: nn.Module):
     """Run the bare base model inside the block (every adapter off, none merged), then restore each layer's state."""
-    return switched_off(model, list(lora_layers(model).values()), "adapters are merged into the base weights, so they cannot be switched off; unmerge first")
+    return switched_off(model, LoraLinear, "adapters")
 
 
 def merge(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.merge()
+    merge_all(model, LoraLinear)
 
 
 def unmerge(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.unmerge()
+    unmerge_all(model, LoraLinear)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Put the plain base linears back (merge first to keep the adapter's effect)."""
-    for name, layer in list(lora_layers(model).items()):
-        replace_module(model, name, layer.base_layer)
-    return model
+    return unload_all(model, LoraLinear)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
@@ -309,12 +264,7 @@ def copy_saved(model: nn.Module, folder, tensors: dict[str, torch.Tensor], adapt
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    layers = lora_layers(model)
-    if not any(adapter_name in layer.lora_A for layer in layers.values()):
-        raise ModelError(f"no adapter named {adapter_name!r} is loaded")
-    for layer in layers.values():
-        if adapter_name in layer.lora_A:
-            layer.remove_adapter(adapter_name)
+    delete_everywhere(model, LoraLinear, adapter_name)
 
 
 def combine(model: nn.Module, weights: dict[str, float], new_name: str, how: str = "cat") -> LoraSettings:
