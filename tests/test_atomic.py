@@ -99,3 +99,16 @@ def test_loss_plot_is_fsynced_before_it_is_renamed_into_place(tmp_path, fsynced_
     assert out.read_bytes().startswith(b"\x89PNG")
     assert out.stat().st_ino in fsynced_inodes  # the bytes were on disk before the name pointed at them
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "metrics.jsonl"]
+
+
+def test_a_file_written_through_atomic_file_is_fsynced_first_and_a_failed_one_leaves_the_old(tmp_path,
+                                                                                              fsynced_inodes):
+    dest = tmp_path / "model.gguf"
+    with atomic.atomic_file(dest) as tmp:
+        tmp.write_bytes(b"old")
+    assert dest.read_bytes() == b"old" and dest.stat().st_ino in fsynced_inodes
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_file(dest) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the writer fails half-way")
+    assert dest.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

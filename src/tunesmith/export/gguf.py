@@ -8,12 +8,11 @@ they are permuted here and transformers' reader permutes them back), and a tied 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tunesmith.atomic import atomic_file
 from tunesmith.errors import ConfigError, ModelError, OutputDirError
 
 ARCHITECTURE = "llama"
@@ -167,11 +166,8 @@ def write_gguf(model, tokenizer, dest: str | Path, quant: str = "f16", name: str
         raise OutputDirError(f"{dest}: is a folder; GGUF export writes one file (e.g. {dest / 'model.gguf'})")
     if dest.exists() and not overwrite:
         raise OutputDirError(f"{dest} already exists; pass --overwrite to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, ARCHITECTURE)
+    with atomic_file(dest) as tmp:
+        writer = GGUFWriter(str(tmp), ARCHITECTURE)
         _write_metadata(writer, model, tokenizer, quant, name)
         with torch.no_grad():
             for gguf_name, data, kind in gguf_tensors(model, quant):
@@ -180,14 +176,7 @@ def write_gguf(model, tokenizer, dest: str | Path, quant: str = "f16", name: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tmp.chmod(0o644)
     return dest
 
 
