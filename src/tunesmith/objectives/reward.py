@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunesmith.atomic import atomic_folder, atomic_write_bytes
+from tunesmith.atomic import atomic_folder
 from tunesmith.config.objectives import RewardSettings
 from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
-from tunesmith.errors import ModelError
-from tunesmith.objectives.lm import hidden_states
+from tunesmith.objectives import heads
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_ATTR = "tunesmith_reward_head"
@@ -32,69 +31,27 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
 
 def attach_head(model: nn.Module) -> nn.Linear:
-    """A fresh scalar head (fp32, no bias: Bradley-Terry only sees score differences), registered on the model so
-    the optimizer, checkpoints and parameter counts see it."""
-    weight = model.get_input_embeddings().weight
-    hidden = weight.shape[1]
-    head = nn.Linear(hidden, 1, bias=False, device=weight.device, dtype=torch.float32)
-    nn.init.normal_(head.weight, std=hidden ** -0.5)
-    setattr(model, HEAD_ATTR, head)
-    return head
+    """A fresh scalar head (no bias: Bradley-Terry only sees score differences)."""
+    return heads.attach_head(model, HEAD_ATTR, 1)
 
 
 def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One score per sequence: the head on the hidden state of the sequence's last token (batch["last"])."""
-    head = getattr(model, HEAD_ATTR)
-    hidden = hidden_states(model, batch)
-    last = hidden.reshape(-1, hidden.shape[-1])[batch["last"]]
-    if not torch.is_autocast_enabled(last.device.type):
-        last = last.to(head.weight.dtype)
-    return head(last).squeeze(-1).float()
+    return heads.last_token_outputs(model, getattr(model, HEAD_ATTR), batch).squeeze(-1)
 
 
 def save_head(model: nn.Module, folder: Path) -> Path:
-    """The head's weight as `folder`/reward_head.safetensors, written atomically (temp file, fsync, rename)."""
-    from safetensors.torch import save
-
-    head = getattr(model, HEAD_ATTR)
-    path = Path(folder) / HEAD_FILE
-    atomic_write_bytes(path, save({"weight": head.weight.detach().float().cpu().contiguous()},
-                                  metadata={"format": "pt", "pooling": "last_token",
-                                            "hidden_size": str(head.in_features)}))
-    return path
+    return heads.write_head(Path(folder) / HEAD_FILE, getattr(model, HEAD_ATTR), {})
 
 
 def load_head(model: nn.Module, folder: Path) -> nn.Linear:
-    from safetensors import safe_open
-
-    path = Path(folder) / HEAD_FILE
-    if not path.is_file():
-        raise ModelError(f"{folder}: no {HEAD_FILE} here, so it is not a reward model; point at the adapter/ (or "
-                         "model/) folder of an `objective: reward` run")
-    with safe_open(str(path), "pt") as fh:
-        weight = fh.get_tensor("weight")
-    head = attach_head(model)
-    if weight.shape != head.weight.shape:
-        raise ModelError(f"{path}: head of shape {tuple(weight.shape)} does not fit this model's hidden size "
-                         f"{head.in_features} (made for a different base?)")
-    with torch.no_grad():
-        head.weight.copy_(weight)
-    return head
+    return heads.read_head(Path(folder) / HEAD_FILE, model, HEAD_ATTR, 1,
+                           "a reward model; point at the adapter/ (or model/) folder of an `objective: reward` run")
 
 
 def load_reward_model(folder, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
     """(model, tokenizer) of a saved reward model: an adapter folder (on its base, or `base`) or a model folder."""
-    from tunesmith.infer.adapters import is_adapter_folder, load_with_adapter
-    from tunesmith.models import load_model, load_tokenizer
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelError(f"{folder}: reward model folder not found")
-    if is_adapter_folder(folder):
-        model, tokenizer = load_with_adapter(base, str(folder), dtype, trust_remote_code)
-    else:
-        model = load_model(str(folder), dtype, trust_remote_code)
-        tokenizer = load_tokenizer(str(folder), trust_remote_code)
+    model, tokenizer = heads.load_trained(folder, base, dtype, trust_remote_code, "reward model")
     load_head(model, folder)
     return model.eval(), tokenizer
 
@@ -148,14 +105,10 @@ class RewardObjective:
 
     def save(self, model, method, cfg, folder) -> None:
         """The method's files, the head and reward_model.json in one temp folder, renamed into place together."""
-        head = getattr(model, HEAD_ATTR)
         info = {"objective": "reward", "pooling": "last_token", "base_model": cfg.model.path,
                 "method": cfg.method.name, "margin": self.settings.margin}
         with atomic_folder(folder) as tmp:
-            setattr(model, HEAD_ATTR, None)  # keeps the head out of the method's files (a full model's state dict)
-            try:
+            with heads.set_aside(model, HEAD_ATTR):
                 method.save(model, cfg.method, tmp, cfg.model.path)
-            finally:
-                setattr(model, HEAD_ATTR, head)
             save_head(model, tmp)
             (tmp / "reward_model.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
