@@ -1,11 +1,11 @@
-"""Each alignment objective's options (pydantic, no torch): the `reward:`, `dpo:`, `orpo:`, `simpo:`, `kto:`, `ppo:`
-and `grpo:` config sections."""
+"""Each objective's options (pydantic, no torch): the `reward:`, `dpo:`, `orpo:`, `simpo:`, `kto:`, `ppo:`, `grpo:`
+and `classify:` config sections."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -77,6 +77,36 @@ class KtoSettings(Strict):
                                                              "examples")
 
 
+class ClassifySettings(Strict):
+    labels: list[str] | None = Field(
+        None, description="the label names, in the order of the head's outputs (id2label of the saved classifier); "
+        "default: the training data's labels, sorted. Every record's label must be one of them")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _numbers_are_names(cls, value):
+        """`labels: [0, 1]` names the labels "0" and "1", as integer labels in the data are read; spaces around a
+        name are dropped, as they are from the data's labels."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v.strip() if isinstance(v, str)
+                    else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _labels_are_distinct(self) -> "ClassifySettings":
+        if self.labels is None:
+            return self
+        names = self.labels
+        if len(names) < 2:
+            raise ValueError(f"a classifier needs at least two labels, got {self.labels}")
+        if "" in names:
+            raise ValueError("a label is empty")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"labels named twice: {', '.join(repeated)}")
+        return self
+
+
 REWARD_BUILTINS = ("exact_match", "format", "length")
 
 
@@ -141,4 +171,4 @@ class GrpoSettings(Strict):
 
 
 OBJECTIVE_SECTIONS = {"reward": RewardSettings, "dpo": DpoSettings, "orpo": OrpoSettings, "simpo": SimpoSettings,
-                      "kto": KtoSettings, "ppo": PpoSettings, "grpo": GrpoSettings}
+                      "kto": KtoSettings, "ppo": PpoSettings, "grpo": GrpoSettings, "classify": ClassifySettings}

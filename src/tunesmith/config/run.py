@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tunesmith.config.distributed import DistributedSettings, refusal
 from tunesmith.config.loading import load_yaml_model
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
-from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, DpoSettings, GrpoSettings, KtoSettings, OrpoSettings,
-                                         PpoSettings, RewardSettings, SimpoSettings)
+from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, ClassifySettings, DpoSettings, GrpoSettings, KtoSettings,
+                                         OrpoSettings, PpoSettings, RewardSettings, SimpoSettings)
 from tunesmith.errors import ConfigError
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -203,10 +203,14 @@ PROMPT_NEVER_TRAINED = {
     "simpo": "compares the length-normalised log-probabilities of the two answers to the same prompt; the prompt is "
              "never scored",
     "kto": "scores each completion's log-ratio to the reference; the prompt is never scored",
+    "classify": "reads a label head at each text's last token; a text has no prompt",
 }
 # objective `orpo` takes data.train_on_prompt: true to put the prompt's tokens in its NLL term, as TRL's ORPOTrainer
 # does; the odds ratio is always over the answers' tokens only.
 SAMPLING_OBJECTIVES = ("ppo", "grpo")  # their prompts are kept whole: the completions are sampled after them
+# Objectives that read a head of their own instead of the LM head, and what it is.
+HEAD_OBJECTIVES = {"reward": "scores each sequence with a scalar head on its last hidden state",
+                   "classify": "reads a label head on each text's last hidden state"}
 
 
 def _quantize_base_means_qlora(data):
@@ -224,7 +228,7 @@ def _quantize_base_means_qlora(data):
 class RunConfig(Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name")
-    objective: Literal["sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo"] = "sft"
+    objective: Literal["sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "classify"] = "sft"
     reward: RewardSettings | None = None
     dpo: DpoSettings | None = None
     orpo: OrpoSettings | None = None
@@ -232,6 +236,7 @@ class RunConfig(Strict):
     kto: KtoSettings | None = None
     ppo: PpoSettings | None = None
     grpo: GrpoSettings | None = None
+    classify: ClassifySettings | None = None
     data: DataSettings
     train: TrainSettings = Field(default_factory=TrainSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
@@ -303,13 +308,16 @@ class RunConfig(Strict):
         if self.data.tasks is not None and self.objective not in ("sft", "text"):
             raise ValueError(f"data.tasks: multi-task mixtures are for objectives sft and text (token-level losses "
                              f"that mix), not {self.objective!r}; use data.train")
-        if self.objective == "reward":
+        if self.objective in HEAD_OBJECTIVES:
             if "loss_chunk" not in self.train.model_fields_set:
-                self.train.loss_chunk = None  # so config.yaml records what a reward run computes
+                self.train.loss_chunk = None  # so config.yaml records what the run computes
             elif self.train.loss_chunk is not None:
-                raise ValueError("train.loss_chunk: objective 'reward' scores each sequence with a scalar head on its "
-                                 "last hidden state and never computes the LM head's logits, so there is nothing to "
-                                 "chunk; remove it or set it to null")
+                raise ValueError(f"train.loss_chunk: objective '{self.objective}' {HEAD_OBJECTIVES[self.objective]} "
+                                 "and never computes the LM head's logits, so there is nothing to chunk; remove it or "
+                                 "set it to null")
+        if self.objective == "classify" and self.data.format != "auto":
+            raise ValueError(f"data.format: objective 'classify' reads {{\"text\", \"label\"}} records, not "
+                             f"'{self.data.format}'; leave data.format at auto")
         if self.data.train_on_prompt and self.objective in PROMPT_NEVER_TRAINED:
             raise ValueError(f"data.train_on_prompt: objective '{self.objective}' "
                              f"{PROMPT_NEVER_TRAINED[self.objective]}; remove it or set it to false")
@@ -322,7 +330,7 @@ class RunConfig(Strict):
 
     @property
     def overlong(self) -> str:
-        return self.data.overlong or ("split" if self.objective == "text" else "drop")
+        return self.data.overlong or {"text": "split", "classify": "truncate"}.get(self.objective, "drop")
 
 
 def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:

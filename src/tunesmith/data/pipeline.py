@@ -63,16 +63,16 @@ def load_items(paths, cfg: RunConfig, field: str, fmt: str | None = None, system
     return fmt, items
 
 
-def split_items(cfg: RunConfig, task=None, where: str = "data") -> tuple[str, list, list]:
+def split_items(cfg: RunConfig, task=None, where: str = "data", load=load_items) -> tuple[str, list, list]:
     """The normalised train and eval items (of data.train, or of one of data.tasks): eval from its own file, a
-    held-out fraction, or none; both capped."""
+    held-out fraction, or none; both capped. `load` reads and checks one set (load_items' signature)."""
     source = task or cfg.data
     fmt_of = (task.format, task.system_prompt or cfg.data.system_prompt) if task else (None, None)
-    fmt, train_items = load_items(source.train, cfg, f"{where}.train", *fmt_of)
+    fmt, train_items = load(source.train, cfg, f"{where}.train", *fmt_of)
     if cfg.data.max_examples:
         train_items = train_items[: cfg.data.max_examples]
     if source.eval:
-        _, eval_items = load_items(source.eval, cfg, f"{where}.eval", *fmt_of)
+        _, eval_items = load(source.eval, cfg, f"{where}.eval", *fmt_of)
     elif cfg.data.eval_fraction > 0:
         rng = random.Random(cfg.train.seed)
         order = list(range(len(train_items)))

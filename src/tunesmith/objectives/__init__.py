@@ -15,7 +15,7 @@
 
 from tunesmith.errors import ConfigError
 
-NAMES = ("sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
+NAMES = ("sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "classify")
 
 
 def get_objective(name: str, settings=None):
@@ -58,4 +58,9 @@ def get_objective(name: str, settings=None):
         if settings is None:
             raise ConfigError("ppo: objective ppo needs its settings (ppo.reward_model or ppo.reward_function)")
         return PpoObjective(settings)
+    if name == "classify":
+        from tunesmith.config.objectives import ClassifySettings
+        from tunesmith.objectives.classify import ClassifyObjective
+
+        return ClassifyObjective(settings or ClassifySettings())
     raise ConfigError(f"objective: unknown objective {name!r}; expected one of {sorted(NAMES)}")
