@@ -229,7 +229,7 @@ def test_unusable_index_folders(tmp_path, capsys, problem):
     elif problem == "file":
         idx.write_text("x")
     code = main(["rag", "ask", str(idx), "anything?", "--retrieve-only"])
-    expected = {"missing": f"{idx}: no such index folder", "file": f"{idx}: a file, not an index folder",
+    expected = {"missing": f"{idx}: no such index folder", "file": f"INDEX {idx}: is a file; expected a folder",
                 "not-an-index": f"{idx}: not a tunesmith RAG index",
                 "bad-manifest": f"{idx / 'manifest.json'}:2: malformed manifest"}
     _error(capsys, code, expected[problem])

@@ -1,6 +1,7 @@
 """`tunesmith` command line. Each command group is a module of this package whose register(subparsers) adds its
-sub-commands and returns {command: handler(args) -> exit code}. Errors print one paragraph; --debug shows
-tracebacks. Handlers import the heavy libraries, so `--help` stays fast."""
+sub-commands and returns {command: handler(args) -> exit code}; path arguments say what they expect (cli/paths.py)
+and are checked before any handler runs. Errors print one paragraph; --debug shows tracebacks. Handlers import the
+heavy libraries, so `--help` stays fast."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import sys
 
 from tunesmith.cli.output import EPILOG
+from tunesmith.cli.paths import check_path_arguments
 from tunesmith.errors import TunesmithError
 
 GROUPS = ("train", "inference", "merge", "export", "serve", "align", "rag", "quant", "plan", "advise",
@@ -31,8 +33,10 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     commands: dict = {}
-    args = build_parser(commands).parse_args(argv)
+    parser = build_parser(commands)
+    args = parser.parse_args(argv)
     try:
+        check_path_arguments(parser, args)
         return commands[args.command](args)
     except TunesmithError as e:
         if args.debug:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tunesmith.bakeoff import CANDIDATES
 from tunesmith.cli.output import EPILOG
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
 
 
 def register(sub) -> dict:
@@ -15,11 +17,13 @@ def register(sub) -> dict:
                        epilog=EPILOG, description="Without running anything: the method and objective that fit the "
                        "data (pairs, preferences, raw text, documents), the goal and the budgets, with reasons and "
                        "the runners-up. With --bake-off: each candidate tried on a held-out slice within --budget-time.")
-    p.add_argument("--data", help="training data (JSONL/CSV/Parquet): pairs, preferences or raw text")
-    p.add_argument("--eval", help="held-out data for the bake-off (default: a fraction of --data)")
-    p.add_argument("--docs", help="a folder (or file) of documents: makes RAG a candidate")
+    p.add_argument("--data", type=PathArg(Expect.DATA),
+                   help="training data (JSONL/CSV/Parquet): pairs, preferences or raw text")
+    p.add_argument("--eval", type=PathArg(Expect.DATA),
+                   help="held-out data for the bake-off (default: a fraction of --data)")
+    p.add_argument("--docs", type=PathArg(Expect.ENTRY), help="a folder (or file) of documents: makes RAG a candidate")
     p.add_argument("--goal", choices=["knowledge", "behaviour", "format", "style"], default="behaviour")
-    p.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct", type=PathArg(Expect.MODEL))
     p.add_argument("--budget-memory", help="e.g. 16GiB: training picks are planned against it (tunesmith plan)")
     p.add_argument("--budget-time", help="e.g. 30m: sizes training (advise) / bounds the whole bake-off")
     p.add_argument("--bake-off", action="store_true", help="measure the candidates instead of only recommending")
@@ -32,7 +36,8 @@ def register(sub) -> dict:
     p.add_argument("--eval-examples", type=int, default=16, help="held-out examples the losses are measured on")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--out", default="runs/bakeoff", help="folder for bakeoff.md, bakeoff.json, bakeoff.png and runs")
+    p.add_argument("--out", default="runs/bakeoff", type=PathArg(Expect.OUT_FOLDER),
+                   help="folder for bakeoff.md, bakeoff.json, bakeoff.png and runs")
     p.add_argument("--json", action="store_true", help="print the recommendation (or the bake-off) as JSON")
     p.add_argument("--quiet", action="store_true")
     return {"advise": cmd_advise}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.paths import PathArg
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.paths import Expect
 
 SCORE_HELP = """Score answers with a reward model.
 
@@ -19,10 +21,12 @@ plus the pairwise accuracy); prompts are text or chat messages."""
 def register(sub) -> dict:
     p = sub.add_parser("score", help="reward-model scores of answers", description=SCORE_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a full reward model folder, or the base for --adapter "
+    p.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
+                   help="a full reward model folder, or the base for --adapter "
                    "(default: the adapter's base model)")
-    p.add_argument("--adapter", default=None, help="the reward model's adapter folder")
-    p.add_argument("--file", default=None, help="records to score (.jsonl, .csv, .parquet, datasets folder)")
+    p.add_argument("--adapter", default=None, type=PathArg(Expect.FOLDER), help="the reward model's adapter folder")
+    p.add_argument("--file", default=None, type=PathArg(Expect.DATA),
+                   help="records to score (.jsonl, .csv, .parquet, datasets folder)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--trust-remote-code", action="store_true")

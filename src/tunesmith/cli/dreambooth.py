@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from tunesmith.cli.output import EPILOG
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect, check_config_paths
 
 def register(sub) -> dict:
     d = sub.add_parser("dreambooth", help="DreamBooth: teach a diffusion model a subject (full or LoRA)", epilog=EPILOG,
@@ -11,7 +13,7 @@ def register(sub) -> dict:
                        "with an identifier, prior preservation from class images the base model generates, full or "
                        "LoRA fine-tuning, weights in diffusers' format, before/after grids and report.md. "
                        "--demo pretrains the embedded tiny model once (cached) and personalises it.")
-    d.add_argument("config", nargs="?", help="YAML config file (README 'DreamBooth')")
+    d.add_argument("config", nargs="?", type=PathArg(Expect.FILE), help="YAML config file (README 'DreamBooth')")
     d.add_argument("--demo", action="store_true", help="run the embedded demo (builtin:tiny-digits)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (repeatable)")
@@ -20,9 +22,10 @@ def register(sub) -> dict:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     g = sub.add_parser("generate-image", help="render prompts with a trained DreamBooth run", epilog=EPILOG)
-    g.add_argument("run", help="a DreamBooth run folder (output_dir)")
+    g.add_argument("run", type=PathArg(Expect.FOLDER), help="a DreamBooth run folder (output_dir)")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
-    g.add_argument("--out", default=None, help="PNG to write (default RUN/generated.png)")
+    g.add_argument("--out", default=None, type=PathArg(Expect.OUT_FILE),
+                   help="PNG to write (default RUN/generated.png)")
     g.add_argument("--n", type=int, default=4, help="images per prompt")
     g.add_argument("--steps", type=int, default=25)
     g.add_argument("--guidance-scale", type=float, default=None, help="default: the run's sample.guidance_scale")
@@ -38,6 +41,7 @@ def cmd_dreambooth(args) -> int:
     if args.demo == bool(args.config):
         raise ConfigError("tunesmith dreambooth: give a CONFIG file or --demo (one of the two)")
     cfg = load_dreambooth_config(None if args.demo else args.config, args.overrides, base=DEMO if args.demo else None)
+    check_config_paths(cfg)
     from tunesmith.diffusion.run import dreambooth
 
     measure = measure_demo(cfg) if cfg.model == "builtin:tiny-digits" else None

@@ -3,17 +3,27 @@ folder or one GGUF file."""
 
 from __future__ import annotations
 
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
+
 QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0")  # export/gguf.py's; repeated here so that --help imports no torch
+
+
+def _out_kind(args) -> Expect:
+    return Expect.OUT_FILE if args.format == "gguf" else Expect.OUT_FOLDER
 
 
 def register(sub) -> dict:
     e = sub.add_parser("export", help="ship a model: an adapter merged into its base as an HF folder or a GGUF file")
-    e.add_argument("source", help="adapter folder (merged into its base) or a model (builtin:NAME, HF folder)")
-    e.add_argument("out", help="output: a folder for --format hf, a .gguf file for --format gguf")
+    e.add_argument("source", type=PathArg(Expect.MODEL),
+                   help="adapter folder (merged into its base) or a model (builtin:NAME, HF folder)")
+    e.add_argument("out", type=PathArg(_out_kind),
+                   help="output: a folder for --format hf, a .gguf file for --format gguf")
     e.add_argument("--format", choices=["hf", "gguf"], default="hf")
     e.add_argument("--quant", default="f16", metavar="TYPE",
                    help=f"GGUF weight type: {', '.join(QUANT_TYPES)} (default f16; norms stay f32)")
-    e.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    e.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
+                   help="base model (default: the adapter's base_model_name_or_path)")
     e.add_argument("--separate-adapter", action="store_true",
                    help="--format hf for methods that cannot be merged (prompt, prefix, bottleneck): the base as an "
                    "HF folder with the adapter kept beside it in OUT/adapter")

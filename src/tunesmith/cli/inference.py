@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="builtin:NAME, a local HF folder or a hub id "
+    p.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
+                   help="builtin:NAME, a local HF folder or a hub id "
                    "(default: the adapter's base model, else builtin:smollm2-135m-instruct)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   type=PathArg(Expect.FOLDER, named=True),
                    help="adapter folder (adapter_config.json + adapter_model.safetensors); repeat with NAME=PATH "
                    "to load several LoRA adapters into one base")
     p.add_argument("--use", default=None, metavar="NAME",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
+
 
 def register(sub) -> dict:
     m = sub.add_parser("merge", help="merge an adapter into its base and save a plain HF model folder")
-    m.add_argument("adapter", help="adapter folder")
-    m.add_argument("out", help="output folder (must not exist unless --overwrite)")
-    m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    m.add_argument("adapter", type=PathArg(Expect.FOLDER), help="adapter folder")
+    m.add_argument("out", type=PathArg(Expect.OUT_FOLDER), help="output folder (must not exist unless --overwrite)")
+    m.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
+                   help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--into", choices=["full", "nf4"], default="full",
                    help="full: the full-precision base (default, no rounding); nf4: its 4-bit weights (lossy: "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from tunesmith.cli.output import EPILOG
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
 
 PLACEHOLDER_DATA = "(not read by the planner)"
 
@@ -12,8 +14,10 @@ def register(sub) -> dict:
                        description="Predict the peak memory of a training run (CPU: peak RSS; CUDA: peak allocated), "
                        "broken down into weights, gradients, optimizer state, activations and the loss's buffers, "
                        "and count the method's parameters. From a config, or from --model and --method.")
-    p.add_argument("config", nargs="?", help="YAML config file (optional with --model/--method)")
-    p.add_argument("--model", help="HF folder, cached hub id, builtin:NAME, or an architecture and size such as "
+    p.add_argument("config", nargs="?", type=PathArg(Expect.FILE),
+                   help="YAML config file (optional with --model/--method)")
+    p.add_argument("--model", type=PathArg(Expect.MODEL),
+                   help="HF folder, cached hub id, builtin:NAME, or an architecture and size such as "
                    "llama:7b, qwen2:1.5b (see README 'Planning')")
     p.add_argument("--method", help="method name (full, lora, qlora, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

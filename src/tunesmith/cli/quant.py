@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import sys
 
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
+
 
 def register(sub) -> dict:
     q = sub.add_parser("quantize", help="quantise a model's linear layers to int4 (GPTQ or RTN) into a model folder",
                        description="Weight-only int4 quantisation of every linear layer in the decoder blocks "
                        "(the embeddings and the output head stay as they are). Train LoRA on the result with "
                        "`model.path: OUT` and `method.name: lora`.")
-    q.add_argument("out", help="output folder (must not exist unless --overwrite)")
-    q.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model to quantise (default: %(default)s)")
+    q.add_argument("out", type=PathArg(Expect.OUT_FOLDER), help="output folder (must not exist unless --overwrite)")
+    q.add_argument("--model", default="builtin:smollm2-135m-instruct", type=PathArg(Expect.MODEL),
+                   help="model to quantise (default: %(default)s)")
     q.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
                    help="gptq: Hessian-based with error feedback, needs --calib; rtn: round to nearest")
     q.add_argument("--bits", type=int, choices=[4], default=4, help="bits per weight (4 only)")
     q.add_argument("--group-size", type=int, default=128, help="weights sharing one scale and zero point")
-    q.add_argument("--calib", action="append", default=[], metavar="DATA",
+    q.add_argument("--calib", action="append", default=[], metavar="DATA", type=PathArg(Expect.DATA),
                    help="calibration data (.jsonl/.parquet/.csv; text or chats), repeatable; gptq only")
     q.add_argument("--samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: %(default)s)")

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.paths import PathArg
 from tunesmith.errors import ConfigError
+from tunesmith.paths import Expect
 
 DEFAULT_QUESTIONS = "data/pydoc_kb/questions.jsonl"
 
 
 def _model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--model", default=None, help="builtin:NAME, a local HF folder or a hub id (default: the adapter's "
+    p.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
+                   help="builtin:NAME, a local HF folder or a hub id (default: the adapter's "
                    "base model, else builtin:smollm2-135m-instruct)")
-    p.add_argument("--adapter", default=None, metavar="PATH", help="a fine-tuned adapter folder to answer with")
+    p.add_argument("--adapter", default=None, metavar="PATH", type=PathArg(Expect.FOLDER),
+                   help="a fine-tuned adapter folder to answer with")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -36,9 +40,11 @@ def register(sub) -> dict:
     icl = sub.add_parser("icl", help="few-shot prompting: score k = 0, 1, 4, ... examples in the prompt",
                          description="Put k training examples before each eval question (chat turns or plain text), "
                          "answer, and print exact match, token F1, prompt size and time per answer for each k.")
-    icl.add_argument("--data", required=True, action="append", help="example pool (.jsonl/.parquet/.csv; alpaca, "
+    icl.add_argument("--data", required=True, action="append", type=PathArg(Expect.DATA),
+                     help="example pool (.jsonl/.parquet/.csv; alpaca, "
                      "sharegpt or messages format; repeatable)")
-    icl.add_argument("--eval", required=True, help="questions with reference answers (same formats)")
+    icl.add_argument("--eval", required=True, type=PathArg(Expect.DATA),
+                     help="questions with reference answers (same formats)")
     icl.add_argument("--k", type=_int_list, default=[0, 1, 4, 8], help="comma-separated shot counts (default 0,1,4,8)")
     icl.add_argument("--select", default="similar", choices=["fixed", "random", "similar"],
                      help="which examples: the first k, k at random (seeded), or the k nearest by embedding")
@@ -50,7 +56,8 @@ def register(sub) -> dict:
     icl.add_argument("--format", default="auto", help="data format (auto, alpaca, sharegpt, messages)")
     icl.add_argument("--limit", type=int, default=None, help="use only the first N eval questions")
     icl.add_argument("--seed", type=int, default=0)
-    icl.add_argument("--out", default=None, help="write every prompt's answer and score to this JSONL file")
+    icl.add_argument("--out", default=None, type=PathArg(Expect.OUT_FILE),
+                     help="write every prompt's answer and score to this JSONL file")
     _model_args(icl, 48)
 
     rag = sub.add_parser("rag", help="retrieval-augmented generation: index documents, ask, evaluate")
@@ -59,32 +66,36 @@ def register(sub) -> dict:
                                description="Read .txt/.md/.rst/.jsonl files (folders are searched recursively), split "
                                "them into overlapping token windows, embed them and write INDEX atomically. Files "
                                "already indexed and unchanged are skipped; changed ones are re-indexed.")
-    index.add_argument("docs", nargs="+", metavar="DOCS", help="files or folders")
-    index.add_argument("--out", required=True, metavar="INDEX", help="index folder (created, or added to)")
+    index.add_argument("docs", nargs="+", metavar="DOCS", type=PathArg(Expect.ENTRY), help="files or folders")
+    index.add_argument("--out", required=True, metavar="INDEX", type=PathArg(Expect.OUT_FOLDER),
+                       help="index folder (created, or added to)")
     index.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 200)")
     index.add_argument("--overlap-tokens", type=int, default=None,
                        help="tokens shared by neighbouring chunks (default 40)")
-    index.add_argument("--embedding-model", default=None,
+    index.add_argument("--embedding-model", default=None, type=PathArg(Expect.MODEL),
                        help="builtin:all-minilm-l6-v2 (default) or a sentence-transformers folder")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ask = rag_sub.add_parser("ask", help="answer a question from the index, citing the sources")
-    ask.add_argument("index", metavar="INDEX", help="index folder written by `tunesmith rag index`")
+    ask.add_argument("index", metavar="INDEX", type=PathArg(Expect.FOLDER),
+                     help="index folder written by `tunesmith rag index`")
     ask.add_argument("question", metavar="QUESTION")
     _retrieval_args(ask, top_k=3)
     ask.add_argument("--retrieve-only", action="store_true", help="print the sources without loading the LLM")
     _model_args(ask, 160)
 
     ev = rag_sub.add_parser("eval", help="recall@k and MRR of retrieval; answer F1 with and without retrieval")
-    ev.add_argument("index", metavar="INDEX", help="index folder written by `tunesmith rag index`")
-    ev.add_argument("--questions", default=DEFAULT_QUESTIONS,
+    ev.add_argument("index", metavar="INDEX", type=PathArg(Expect.FOLDER),
+                    help="index folder written by `tunesmith rag index`")
+    ev.add_argument("--questions", default=DEFAULT_QUESTIONS, type=PathArg(Expect.DATA),
                     help=f"question set with gold sources (default {DEFAULT_QUESTIONS})")
     ev.add_argument("--ks", type=_int_list, default=[1, 3, 5, 10], help="recall cut-offs (default 1,3,5,10)")
     _retrieval_args(ev, top_k=3)
     ev.add_argument("--limit", type=int, default=None,
                     help="answer only N questions, evenly spread over the set (retrieval uses all)")
     ev.add_argument("--no-answers", action="store_true", help="score retrieval only (no LLM)")
-    ev.add_argument("--out", default=None, help="write every answer and score to this JSONL file")
+    ev.add_argument("--out", default=None, type=PathArg(Expect.OUT_FILE),
+                    help="write every answer and score to this JSONL file")
     _model_args(ev, 48)
     return {"icl": cmd_icl, "rag": cmd_rag}
 

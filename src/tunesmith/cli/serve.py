@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from tunesmith.cli.inference import add_model_args
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect
 
 
 def register(sub) -> dict:
@@ -11,7 +13,7 @@ def register(sub) -> dict:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--adapter-dir", default=None, metavar="DIR",
+    s.add_argument("--adapter-dir", default=None, metavar="DIR", type=PathArg(Expect.FOLDER),
                    help="allow POST /v1/adapters to hot-load adapters from inside DIR (off without it)")
     s.add_argument("--base-name", default="base", help="the model id requests use for the bare base model")
     s.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")

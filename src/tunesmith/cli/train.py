@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from tunesmith.cli.output import EPILOG
+from tunesmith.cli.paths import PathArg
+from tunesmith.paths import Expect, check_config_paths
 
 
 def register(sub) -> dict:
@@ -10,7 +12,7 @@ def register(sub) -> dict:
                        description="Train a method (LoRA, ...) with an objective (sft, text) on data described in a YAML config. "
                        "On several processes: torchrun --nproc_per_node N -m tunesmith train CONFIG, with a "
                        "distributed: {strategy: ddp | fsdp} section in CONFIG.")
-    t.add_argument("config", help="YAML config file")
+    t.add_argument("config", type=PathArg(Expect.FILE), help="YAML config file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     t.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")
@@ -25,6 +27,7 @@ def cmd_train(args) -> int:
     from tunesmith.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    check_config_paths(cfg)
     try:
         result = train(cfg, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     except RuntimeError as error:

@@ -3,9 +3,11 @@ and `classify:` config sections."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tunesmith.paths import Expect
 
 
 class Strict(BaseModel):
@@ -31,8 +33,8 @@ class DpoSettings(Strict):
 
 
 class PpoSettings(Strict):
-    reward_model: str | None = Field(None, description="folder saved by an `objective: reward` run "
-                                                       "(its adapter/ or model/)")
+    reward_model: Annotated[str | None, Expect.FOLDER] = Field(
+        None, description="folder saved by an `objective: reward` run (its adapter/ or model/)")
     reward_function: str | None = Field(None, description="'package.module:function' or 'path/to/file.py:function'; "
                                         "called as fn(prompts, completions, **info) -> list of floats")
     max_new_tokens: int = Field(32, gt=0, description="longest sampled completion")
@@ -119,8 +121,8 @@ class GrpoSettings(Strict):
         default_factory=list, description="built-ins 'exact_match' (the record's answer), 'format' (format_pattern "
         "matches the whole completion), 'length' (-tokens/max_new_tokens), or 'path/to/file.py:function' / "
         "'module:function' called as fn(prompts, completions, **info) -> floats")
-    reward_model: str | None = Field(None, description="folder saved by an `objective: reward` run, scored after the "
-                                                       "functions")
+    reward_model: Annotated[str | None, Expect.FOLDER] = Field(
+        None, description="folder saved by an `objective: reward` run, scored after the functions")
     reward_weights: list[float] | None = Field(None, description="one weight per reward (functions, then the model); "
                                                                  "default all 1")
     format_pattern: str = Field(r"\S.*", description="regular expression the 'format' reward matches against the "

@@ -14,6 +14,7 @@ from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings,
 from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, ClassifySettings, DpoSettings, GrpoSettings, KtoSettings,
                                          OrpoSettings, PpoSettings, RewardSettings, SimpoSettings)
 from tunesmith.errors import ConfigError
+from tunesmith.paths import Expect
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 BASE_TRAINING_METHODS = ("full", "freeze", "bitfit")  # methods whose trainable parameters are stored in model.dtype
@@ -24,7 +25,8 @@ class Strict(BaseModel):
 
 
 class ModelSettings(Strict):
-    path: str = Field(DEFAULT_MODEL, description="builtin:NAME, a local HF folder, or a hub id")
+    path: Annotated[str, Expect.MODEL] = Field(DEFAULT_MODEL,
+                                               description="builtin:NAME, a local HF folder, or a hub id")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="the dtype the weights are stored in; bfloat16 only for methods that train fp32 "
         "parameters beside the base (not full, freeze, bitfit: use train.bf16 for those)")
@@ -39,8 +41,8 @@ FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"
 
 class TaskSettings(Strict):
     name: str = Field(min_length=1)
-    train: str | list[str]
-    eval: str | list[str] | None = None
+    train: Annotated[str | list[str], Expect.DATA]
+    eval: Annotated[str | list[str] | None, Expect.DATA] = None
     format: FORMATS = "auto"
     system_prompt: str | None = None
     instruction_prefix: str | None = Field(None, description="put before each user turn (each document) of this task")
@@ -56,12 +58,12 @@ class MixtureSettings(Strict):
 
 
 class DataSettings(Strict):
-    train: str | list[str] | None = None
+    train: Annotated[str | list[str] | None, Expect.DATA] = None
     tasks: list[TaskSettings] | None = Field(
         None, description="multi-task fine-tuning: several named data sets mixed by data.mixture (instead of "
         "data.train)")
     mixture: MixtureSettings = Field(default_factory=MixtureSettings)
-    eval: str | list[str] | None = None
+    eval: Annotated[str | list[str] | None, Expect.DATA] = None
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     format: FORMATS = "auto"
     max_length: int = Field(1024, gt=8)
@@ -169,7 +171,7 @@ class TrainSettings(Strict):
 
 
 class ForgettingSettings(Strict):
-    corpus: str | None = Field(
+    corpus: Annotated[str | None, Expect.DATA] = Field(
         None, description="a JSONL/CSV/Parquet file of {text} records; default: the shipped slice of general English "
         "and code (src/tunesmith/eval/general_text.jsonl, data/general/README.md)")
     max_tokens: int = Field(512, gt=8, description="tokens read from the corpus, split evenly between its records")
@@ -243,7 +245,7 @@ class RunConfig(Strict):
     distributed: DistributedSettings | None = Field(
         None, description="for runs launched by torchrun: how the ranks share the work; without torchrun the run "
         "is one process")
-    output_dir: str = "runs/latest"
+    output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/latest"
 
     @model_validator(mode="before")
     @classmethod

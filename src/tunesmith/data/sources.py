@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import DataError
+from tunesmith.paths import DATASETS_MARKERS
 
 
 @dataclass
@@ -78,7 +79,7 @@ def read_records(path: str | Path) -> list[Record]:
     if not p.exists():
         raise DataError(f"{p}: data file not found")
     if p.is_dir():
-        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+        if any((p / marker).is_file() for marker in DATASETS_MARKERS):
             return _read_hf_disk(p)
         raise DataError(f"{p}: a folder, but not one written by `datasets.save_to_disk` (no dataset_info.json)")
     suffix = p.suffix.lower()

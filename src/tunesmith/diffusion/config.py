@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunesmith.config import load_yaml_model
+from tunesmith.paths import Expect
 
 DEMO_MODEL = "builtin:tiny-digits"
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -20,7 +21,8 @@ class Strict(BaseModel):
 
 
 class InstanceSettings(Strict):
-    images: str = Field(description="folder of 3-20 images of the subject (png, jpg, jpeg, bmp, webp)")
+    images: Annotated[str, Expect.FOLDER] = Field(
+        description="folder of 3-20 images of the subject (png, jpg, jpeg, bmp, webp)")
     prompt: str = Field(description="the prompt naming the subject by its identifier, e.g. 'a photo of sks dog'")
     identifier: str = Field("sks", min_length=1, description="the rare token bound to the subject")
 
@@ -69,9 +71,10 @@ class SampleSettings(Strict):
 
 
 class DreamBoothConfig(Strict):
-    model: str = Field(DEMO_MODEL, description="a diffusers Stable-Diffusion-style folder (unet/, text_encoder/, "
-                       "tokenizer/, scheduler/, optional vae/) or builtin:tiny-digits")
-    output_dir: str = "runs/dreambooth"
+    model: Annotated[str, Expect.MODEL] = Field(
+        DEMO_MODEL, description="a diffusers Stable-Diffusion-style folder (unet/, text_encoder/, tokenizer/, "
+        "scheduler/, optional vae/) or builtin:tiny-digits")
+    output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/dreambooth"
     seed: int = 0
     instance: InstanceSettings
     prior: PriorSettings = Field(default_factory=PriorSettings)
