@@ -134,6 +134,30 @@ def test_every_argument_that_names_a_path_declares_what_it_expects():
     assert missing == []
 
 
+# Fields whose description speaks of a file or folder without holding a path: function references, a count.
+NOT_PATHS = {"ppo.reward_function", "grpo.reward_functions", "prior.num_images"}
+
+
+def test_every_config_field_that_names_a_path_is_marked_with_what_it_expects():
+    """A new path field without `Annotated[..., Expect]` fails here, so the config sweep below covers it."""
+    from tunesmith.paths import models_in
+
+    words = re.compile(r"\b(file|folder|dir|path)\b", re.I)
+    unmarked = set()
+
+    def walk(model, prefix=()):
+        for name, info in model.model_fields.items():
+            if not any(isinstance(m, Expect) for m in info.metadata):
+                if words.search(f"{name} {info.description or ''}"):
+                    unmarked.add(".".join((*prefix, name)))
+                for inner, _ in models_in(info.annotation):
+                    walk(inner, (*prefix, name))
+
+    walk(RunConfig)
+    walk(DreamBoothConfig)
+    assert unmarked == NOT_PATHS
+
+
 def _run_tree(tmp: Path, good_data: str) -> dict:
     return {"model": {"path": "builtin:smollm2-135m-instruct"}, "data": {"train": good_data},
             "output_dir": str(tmp / "run")}

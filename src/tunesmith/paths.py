@@ -93,19 +93,20 @@ def path_fields(model, prefix: tuple = ()) -> list[tuple[tuple, Expect]]:
         if marks:
             out.append(((*prefix, name), marks[0]))
             continue
-        for inner, in_list in _models_in(info.annotation):
+        for inner, in_list in models_in(info.annotation):
             out += path_fields(inner, (*prefix, name, *(("*",) if in_list else ())))
     return out
 
 
-def _models_in(annotation, in_list: bool = False) -> list[tuple[type, bool]]:
+def models_in(annotation, in_list: bool = False) -> list[tuple[type, bool]]:
+    """The pydantic models inside a field's annotation (its sections), each with whether it sits in a list."""
     from pydantic import BaseModel
 
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [(annotation, in_list)]
     found = []
     for arg in typing.get_args(annotation):
-        found += _models_in(arg, in_list or typing.get_origin(annotation) is list)
+        found += models_in(arg, in_list or typing.get_origin(annotation) is list)
     return found
 
 
