@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -216,59 +218,71 @@ def wrapped(model: nn.Module, name: str, layer_cls: type[AdapterLayer], *args) -
     return layer
 
 
-def activate(model: nn.Module, layer_cls: type[AdapterLayer], adapter_name: str | None) -> None:
-    """Activate one adapter by name, or None to run the bare base model. Layers the adapter does not target run
-    their base alone (adapters loaded side by side may target different modules)."""
-    layers = adapter_layers(model, layer_cls).values()
-    if adapter_name is not None and not any(adapter_name in layer.names() for layer in layers):
-        loaded = loaded_names(model, layer_cls)
-        raise ModelError(f"no adapter named {adapter_name!r} to activate; loaded: {', '.join(loaded) or 'none'}")
-    for layer in layers:
-        layer.active = adapter_name if adapter_name in layer.names() else None
+class AdapterFunctions(NamedTuple):
+    set_active: Callable
+    disabled: Callable
+    merge: Callable
+    unmerge: Callable
+    unload: Callable
+    delete_adapter: Callable
 
 
-@contextmanager
-def switched_off(model: nn.Module, layer_cls: type[AdapterLayer], what: str):
-    """Inside the block every layer runs without its adapters (`active = None`); each layer's own active state comes
-    back afterwards. Adapters merged into the base weights cannot be switched off: an error naming `what` they are."""
-    layers = list(adapter_layers(model, layer_cls).values())
-    if any(layer.merged for layer in layers):
-        raise ModelError(f"{what} are merged into the base weights, so they cannot be switched off; unmerge first")
-    saved = [layer.active for layer in layers]
-    try:
+def adapter_functions(layer_cls: type[AdapterLayer], what: str) -> AdapterFunctions:
+    """The method-interface functions over a model's `layer_cls` layers, one set whatever the adapter kind, so a
+    method module exports them (`set_active, disabled, ... = adapter_functions(LoraLinear, "adapters")`); `what` is
+    what its adapters are called in messages."""
+
+    def set_active(model: nn.Module, adapter_name: str | None) -> None:
+        """Activate one adapter by name, or None to run the bare base model. Layers the adapter does not target run
+        their base alone (adapters loaded side by side may target different modules); an unknown name is refused
+        with the loaded ones."""
+        layers = adapter_layers(model, layer_cls).values()
+        if adapter_name is not None and not any(adapter_name in layer.names() for layer in layers):
+            loaded = loaded_names(model, layer_cls)
+            raise ModelError(f"no adapter named {adapter_name!r} to activate; loaded: {', '.join(loaded) or 'none'}")
         for layer in layers:
-            layer.active = None
-        yield model
-    finally:
-        for layer, active in zip(layers, saved):
-            layer.active = active
+            layer.active = adapter_name if adapter_name in layer.names() else None
 
+    @contextmanager
+    def disabled(model: nn.Module):
+        """Run the bare base model inside the block (every adapter off, none merged), then restore each layer's
+        active state. Adapters merged into the base weights cannot be switched off."""
+        layers = list(adapter_layers(model, layer_cls).values())
+        if any(layer.merged for layer in layers):
+            raise ModelError(f"{what} are merged into the base weights, so they cannot be switched off; unmerge first")
+        saved = [layer.active for layer in layers]
+        try:
+            for layer in layers:
+                layer.active = None
+            yield model
+        finally:
+            for layer, active in zip(layers, saved):
+                layer.active = active
 
-def delete_everywhere(model: nn.Module, layer_cls: type[AdapterLayer], adapter_name: str) -> None:
-    """Remove adapter `adapter_name` from every layer holding it (unmerged first)."""
-    layers = adapter_layers(model, layer_cls).values()
-    if not any(adapter_name in layer.names() for layer in layers):
-        raise ModelError(f"no adapter named {adapter_name!r} is loaded")
-    for layer in layers:
-        if adapter_name in layer.names():
-            layer.remove_adapter(adapter_name)
+    def merge(model: nn.Module) -> None:
+        for layer in adapter_layers(model, layer_cls).values():
+            layer.merge()
 
+    def unmerge(model: nn.Module) -> None:
+        for layer in adapter_layers(model, layer_cls).values():
+            layer.unmerge()
 
-def merge_all(model: nn.Module, layer_cls: type[AdapterLayer]) -> None:
-    for layer in adapter_layers(model, layer_cls).values():
-        layer.merge()
+    def unload(model: nn.Module) -> nn.Module:
+        """Put the plain base linears back (merge first to keep the adapters' effect)."""
+        for name, layer in list(adapter_layers(model, layer_cls).items()):
+            replace_module(model, name, layer.base_layer)
+        return model
 
+    def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` from every layer holding it (unmerged first)."""
+        layers = adapter_layers(model, layer_cls).values()
+        if not any(adapter_name in layer.names() for layer in layers):
+            raise ModelError(f"no adapter named {adapter_name!r} is loaded")
+        for layer in layers:
+            if adapter_name in layer.names():
+                layer.remove_adapter(adapter_name)
 
-def unmerge_all(model: nn.Module, layer_cls: type[AdapterLayer]) -> None:
-    for layer in adapter_layers(model, layer_cls).values():
-        layer.unmerge()
-
-
-def unload_all(model: nn.Module, layer_cls: type[AdapterLayer]) -> nn.Module:
-    """Put the plain base linears back (merge first to keep the adapters' effect)."""
-    for name, layer in list(adapter_layers(model, layer_cls).items()):
-        replace_module(model, name, layer.base_layer)
-    return model
+    return AdapterFunctions(set_active, disabled, merge, unmerge, unload, delete_adapter)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

@@ -14,9 +14,8 @@ from torch import nn
 
 from tunesmith.config.methods import IA3Settings
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.methods.base import (AdapterLayer, activate, adapter_layers, adapter_targets, check_and_copy,
-                                    delete_everywhere, merge_all, read_adapter, switched_off, unload_all, unmerge_all,
-                                    wrapped, write_adapter)
+from tunesmith.methods.base import (AdapterLayer, adapter_functions, adapter_layers, adapter_targets, check_and_copy,
+                                    read_adapter, wrapped, write_adapter)
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
@@ -74,6 +73,9 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     return adapter_layers(model, IA3Linear)
 
 
+set_active, disabled, merge, unmerge, unload, delete_adapter = adapter_functions(IA3Linear, "(IA)³ vectors")
+
+
 def _is_feedforward(name: str, patterns: list[str] | str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
@@ -92,34 +94,6 @@ def apply(model: nn.Module, settings: IA3Settings, adapter_name: str = DEFAULT) 
     for name in names:
         wrapped(model, name, IA3Linear, feedforward[name]).add_adapter(adapter_name)
     return ia3_layers(model)
-
-
-def set_active(model: nn.Module, adapter_name: str | None) -> None:
-    """Activate one adapter by name, or None to run the bare base model (layers it does not target run their base
-    alone); an unknown name is refused with the loaded ones."""
-    activate(model, IA3Linear, adapter_name)
-
-
-def disabled(model: nn.Module):
-    """Run the bare base model inside the block (every vector off, none merged), then restore each layer's state."""
-    return switched_off(model, IA3Linear, "(IA)³ vectors")
-
-
-def merge(model: nn.Module) -> None:
-    merge_all(model, IA3Linear)
-
-
-def unmerge(model: nn.Module) -> None:
-    unmerge_all(model, IA3Linear)
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Put the plain base linears back (merge first to keep the adapter's effect)."""
-    return unload_all(model, IA3Linear)
-
-
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    delete_everywhere(model, IA3Linear, adapter_name)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:

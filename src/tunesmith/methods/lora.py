@@ -16,9 +16,8 @@ from torch import nn
 from tunesmith.config.methods import DoraSettings, LoraSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods import lora_function
-from tunesmith.methods.base import (AdapterLayer, activate, adapter_layers, adapter_targets, check_and_copy,
-                                    delete_everywhere, merge_all, read_adapter, switched_off, unload_all, unmerge_all,
-                                    wrapped, write_adapter)
+from tunesmith.methods.base import (AdapterLayer, adapter_functions, adapter_layers, adapter_targets, check_and_copy,
+                                    read_adapter, wrapped, write_adapter)
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
@@ -135,6 +134,9 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return adapter_layers(model, LoraLinear)
 
 
+set_active, disabled, merge, unmerge, unload, delete_adapter = adapter_functions(LoraLinear, "adapters")
+
+
 def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
           layer_cls: type[LoraLinear] = LoraLinear) -> dict[str, LoraLinear]:
     """Freeze the model and add an adapter (LoRA, or the variant `layer_cls` is) to every targeted linear layer."""
@@ -142,12 +144,6 @@ def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
         layer = wrapped(model, name, layer_cls)
         layer.add_adapter(adapter_name, settings.r, settings.alpha, settings.dropout, settings.rslora)
     return lora_layers(model)
-
-
-def set_active(model: nn.Module, adapter_name: str | None) -> None:
-    """Activate one adapter by name, or None to run the bare base model (layers it does not target run their base
-    alone); an unknown name is refused with the loaded ones."""
-    activate(model, LoraLinear, adapter_name)
 
 
 @contextmanager
@@ -173,24 +169,6 @@ def per_row(model: nn.Module, adapter_names: list[str | None]):
     finally:
         for layer in layers:
             layer.rows = None
-
-
-def disabled(model: nn.Module):
-    """Run the bare base model inside the block (every adapter off, none merged), then restore each layer's state."""
-    return switched_off(model, LoraLinear, "adapters")
-
-
-def merge(model: nn.Module) -> None:
-    merge_all(model, LoraLinear)
-
-
-def unmerge(model: nn.Module) -> None:
-    unmerge_all(model, LoraLinear)
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Put the plain base linears back (merge first to keep the adapter's effect)."""
-    return unload_all(model, LoraLinear)
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, torch.Tensor]:
@@ -261,10 +239,6 @@ def copy_saved(model: nn.Module, folder, tensors: dict[str, torch.Tensor], adapt
     """Copy an adapter file's tensors into the (already applied) adapter, shapes checked."""
     theirs = {k.replace(f".{adapter_name}.", "."): v for k, v in tensors.items()}
     check_and_copy(folder, adapter_tensors(model, adapter_name), theirs)
-
-
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    delete_everywhere(model, LoraLinear, adapter_name)
 
 
 def combine(model: nn.Module, weights: dict[str, float], new_name: str, how: str = "cat") -> LoraSettings:
