@@ -13,7 +13,6 @@ from tunesmith.config.loading import load_yaml_model
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
 from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, ClassifySettings, DpoSettings, GrpoSettings, KtoSettings,
                                          OrpoSettings, PpoSettings, RewardSettings, SimpoSettings)
-from tunesmith.errors import ConfigError
 from tunesmith.paths import Expect
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -12,6 +13,7 @@ from tunesmith.data.chat import IGNORE, Chat, Tokenized, assistant_spans, ensure
 from tunesmith.data.packing import block_causal_mask, pack_rows, row_plan, shifted_targets
 from tunesmith.data.pipeline import Datasets, split_items
 from tunesmith.data.preference import DataWarning, PreferenceItem, require_answers
+from tunesmith.data.templates import LengthReport
 from tunesmith.errors import DataError
 
 
@@ -32,25 +34,15 @@ class TokenizedPair:
 
 
 @dataclass
-class PairReport:
-    policy: str
-    max_length: int
-    kept: int = 0
+class PairReport(LengthReport):
     identical: int = 0
-    dropped: int = 0
-    truncated: int = 0
-    longest: int = 0
     identical_where: list[str] = field(default_factory=list)
+    unit: ClassVar[str] = "pairs"
 
-    def summary(self) -> str:
-        parts = [f"{self.kept} pairs kept"]
-        if self.identical:
-            parts.append(f"{self.identical} dropped as chosen == rejected (first: {self.identical_where[0]})")
-        if self.dropped:
-            parts.append(f"{self.dropped} dropped as longer than max_length={self.max_length}")
-        if self.truncated:
-            parts.append(f"{self.truncated} truncated to max_length={self.max_length}")
-        return ", ".join(parts) + f" (policy: {self.policy}; longest {self.longest} tokens)"
+    def notes(self) -> list[str]:
+        if not self.identical:
+            return []
+        return [f"{self.identical} dropped as chosen == rejected (first: {self.identical_where[0]})"]
 
 
 def drop_identical(items: list[PreferenceItem], report: PairReport) -> list[PreferenceItem]:
@@ -98,7 +90,7 @@ def fit_length(seqs: tuple[Tokenized, ...], max_length: int, policy: str, report
                ) -> tuple[Tokenized, ...] | None:
     """The length policy on sequences kept or dropped together (a pair's two answers): kept as they are when the
     longest fits; else dropped (policy "drop") or each cut to max_length, dropped still when a cut one keeps fewer
-    than `min_labels` predicted tokens. Counts into `report` (a PairReport or a LengthReport); None when dropped."""
+    than `min_labels` predicted tokens. Counts into `report`; None when dropped."""
     longest = max(len(s) for s in seqs)
     report.longest = max(report.longest, longest)
     if longest <= max_length:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tunesmith.data.chat import IGNORE, Chat, Document, Tokenized, assistant_spans, ensure_chat_template
 from tunesmith.errors import DataError
@@ -18,9 +19,14 @@ class LengthReport:
     split_extra: int = 0
     longest: int = 0
     dropped_where: list[str] = field(default_factory=list)
+    unit: ClassVar[str] = "examples"
+
+    def notes(self) -> list[str]:
+        """What a kind of report counts besides, said right after the kept count."""
+        return []
 
     def summary(self) -> str:
-        parts = [f"{self.kept} examples kept"]
+        parts = [f"{self.kept} {self.unit} kept", *self.notes()]
         if self.dropped:
             parts.append(f"{self.dropped} dropped as longer than max_length={self.max_length}")
         if self.truncated:
