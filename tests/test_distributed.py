@@ -117,6 +117,10 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(launched, strategy,
     assert _losses(one)[-1] < _losses(one)[0] - 0.05  # it trained
     # the consolidated artifact (FSDP's gathered on rank 0) is what one process writes, in the same format
     assert _largest_difference(_artifact(two), _artifact(one)) <= WEIGHT_TOLERANCE
+    # the forgetting probe runs on the ranks too (FSDP: through the sharded model), with one process's values
+    forgetting = [json.loads((run / "summary.json").read_text())["forgetting"] for run in (two, one)]
+    assert forgetting[0]["perplexity_before"] == pytest.approx(forgetting[1]["perplexity_before"], rel=1e-6)
+    assert forgetting[0]["perplexity_after"] == pytest.approx(forgetting[1]["perplexity_after"], rel=1e-4)
     assert {p.name for p in (two / "adapter" if method == "lora" else two / "model").iterdir()} == \
         {p.name for p in (one / "adapter" if method == "lora" else one / "model").iterdir()}
 
@@ -187,8 +191,8 @@ def test_plain_train_with_a_distributed_section_is_one_process(tiny_config, caps
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"objective": "ppo", "ppo": {"reward_function": "m:f"}}, "PPO runs its own loop"),
-    ({"objective": "grpo", "grpo": {"reward_functions": ["exact_match"]}}, "GRPO runs its own loop"),
+    ({"objective": "ppo", "ppo": {"reward_function": "m:f"}}, "PPO's step"),
+    ({"objective": "grpo", "grpo": {"reward_functions": ["exact_match"]}}, "GRPO's step"),
     ({"method": {"name": "qlora"}, "distributed": {"strategy": "fsdp"}}, "cannot be gathered back or dequantised"),
 ])
 def test_refused_combinations_say_why(tiny_config, change, message):
@@ -209,6 +213,32 @@ def test_torchrun_without_a_distributed_section_is_refused(tiny_config, monkeypa
     cfg = load_config(None, [], base=tiny_config)
     with pytest.raises(ConfigError, match=r"rank 1 of 2 started by torchrun, but the config has no distributed: "):
         ranks_for(cfg, torch.device("cpu"), Console(quiet=True))
+
+
+POLICY_SETTINGS = {"ppo": {"reward_function": "m:f"}, "grpo": {"reward_functions": ["exact_match"]}}
+
+
+@pytest.mark.parametrize("objective", ["ppo", "grpo"])
+def test_under_torchrun_ppo_and_grpo_are_refused_before_anything_loads(tiny_config, monkeypatch, objective):
+    """Their steps sample on one process: under torchrun (no distributed: section needed to get here) train refuses
+    them, naming the field, before the run folder, the process group, the tokenizer or the model."""
+    from tunesmith import models
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.distributed import TORCHRUN_ENV
+
+    def nothing_loads(*args, **kwargs):
+        raise AssertionError("loaded before the refusal")
+
+    for name, value in zip(TORCHRUN_ENV, ("1", "2", "1", "127.0.0.1", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(models, "load_tokenizer", nothing_loads)
+    monkeypatch.setattr(models, "load_model", nothing_loads)
+    cfg = load_config(None, [], base={**tiny_config, "objective": objective, objective: POLICY_SETTINGS[objective]})
+    with pytest.raises(ConfigError, match=rf"^objective: {objective.upper()}'s step \(train/{objective}_step.py\) "
+                                          r"samples .* not sharded over ranks.*\(this process is rank 1 of 2 started "
+                                          r"by torchrun\)$"):
+        train(cfg, quiet=True)
+    assert not Path(cfg.output_dir).exists()
 
 
 def test_fsdp_refuses_an_int4_base_and_says_why():

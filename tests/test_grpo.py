@@ -213,9 +213,9 @@ def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path, crash_after
         [r["reward"] for r in _rows(resumed.run_dir) if "reward" in r]
 
 
-def test_policy_loop_reports_forgetting_before_and_after(tiny_model_dir, tmp_path):
-    """PPO and GRPO share train/policy_loop.py: both log the general-text perplexity at step 0 and the last step and
-    report it, like the supervised loop."""
+def test_policy_steps_report_forgetting_before_and_after(tiny_model_dir, tmp_path):
+    """PPO and GRPO train in the one loop: both log the general-text perplexity at step 0 and the last step and
+    report it, as every objective does."""
     base = _grpo_config(tiny_model_dir, tmp_path)
     base["report"] = {"compare": False, "forgetting": {"max_tokens": 64}}
     result = train(load_config(None, [], base=base), quiet=True)

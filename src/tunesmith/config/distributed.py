@@ -24,10 +24,10 @@ class DistributedSettings(BaseModel):
 
 # Objectives and methods a distributed run refuses, with why.
 REFUSED_OBJECTIVES = {
-    "ppo": "PPO runs its own loop of rollouts (train/ppo_loop.py) that samples and scores on one process; it is not "
-           "sharded over ranks. Train PPO without torchrun (remove the distributed: section)",
-    "grpo": "GRPO runs its own loop (train/grpo_loop.py) that samples each group's completions and scores them on one "
-            "process; it is not sharded over ranks. Train GRPO without torchrun (remove the distributed: section)",
+    "ppo": "PPO's step (train/ppo_step.py) samples its rollouts and scores them on one process; it is not sharded "
+           "over ranks. Train PPO without torchrun (remove the distributed: section)",
+    "grpo": "GRPO's step (train/grpo_step.py) samples each group's completions and scores them on one process; it is "
+            "not sharded over ranks. Train GRPO without torchrun (remove the distributed: section)",
 }
 REFUSED_UNDER_FSDP = {
     "qlora": "FSDP shards each parameter along its first dimension, but QLoRA's 4-bit base weights are packed bytes "

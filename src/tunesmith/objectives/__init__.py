@@ -10,7 +10,7 @@
     keep_in_run(run_dir)            (optional)      once the run folder is ready: write what prepare computed that a
                                                     resumed run reads back instead of recomputing (DPO's reference)
     save(model, method, cfg, folder)                the trained artifact (adapter or model, plus any head)
-    own_loop                                        None, or the name of an outer loop of its own (train/loop.py)
+    own_loop                                        None, or the name of a training step of its own (train/loop.py)
 """
 
 from tunesmith.errors import ConfigError

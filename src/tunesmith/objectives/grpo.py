@@ -10,7 +10,7 @@ reward model, each completion's advantage its reward against its own group's, no
     dr_grpo:  Σ ℓ / (completions × max_new_tokens)
 The std is Bessel-corrected, as TRL's. π_old is the policy that sampled the batch: with num_iterations 1 the ratio is
 1 and only its gradient acts. Log-probs are those of the sampling distribution, softmax(logits / temperature), as
-TRL's: the head has no bias, so the hidden states are divided by the temperature instead of the logits. The outer loop is train/grpo_loop.py; sampling (one prefill per prompt, its KV cache
+TRL's: the head has no bias, so the hidden states are divided by the temperature instead of the logits. Its training step is train/grpo_step.py; sampling (one prefill per prompt, its KV cache
 repeated G times) is objectives/group_sampling.py.
 """
 
@@ -79,7 +79,7 @@ def reduce_losses(losses: torch.Tensor, mask: torch.Tensor, loss_type: str, max_
 
 
 class GrpoObjective:
-    own_loop = "grpo"  # the loop named so in tunesmith.train.loop.OUTER_LOOPS
+    own_loop = "grpo"  # the training step named so in tunesmith.train.loop.ALGORITHMS
 
     def __init__(self, settings: GrpoSettings):
         self.settings = settings

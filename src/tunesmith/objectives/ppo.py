@@ -6,7 +6,7 @@ Per completion token t (the state is everything before it):
     GAE:  δ_t = r_t + γ V_{t+1} - V_t,   A_t = δ_t + γλ A_{t+1},   returns R_t = A_t + V_t
     policy loss = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)),   ρ_t = π(a_t) / π_old(a_t)
     value loss  = ½ mean_t max((V_t - R_t)², (clip(V_t, V_old ± ε_v) - R_t)²)
-The value head is a linear layer on the policy's own last hidden states. The outer loop is train/ppo_loop.py.
+The value head is a linear layer on the policy's own last hidden states. Its training step is train/ppo_step.py.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ class PpoObjective:
         self.reference = None
         self.rewards: RewardSource | None = None
 
-    own_loop = "ppo"  # rollouts, then minibatch epochs: the loop named so in tunesmith.train.loop.OUTER_LOOPS
+    own_loop = "ppo"  # rollouts, then minibatch epochs: the training step named so in tunesmith.train.loop.ALGORITHMS
 
     def build_datasets(self, cfg, tokenizer):
         from tunesmith.data.pipeline import Datasets, split_items

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunesmith.config.distributed import refusal
 from tunesmith.errors import ConfigError, TunesmithError
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -37,15 +38,15 @@ def launched_by_torchrun() -> bool:
 
 
 class LossModule(nn.Module):
-    """The module DDP and FSDP2 wrap: its forward is the objective's loss on the model (their hooks run on forward)."""
+    """The module DDP and FSDP2 wrap: its forward is an objective's loss on the model (their hooks run on forward);
+    the run's objective, or under FSDP the forgetting probe's LM loss on the same shards."""
 
-    def __init__(self, model: nn.Module, objective):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return self.objective.loss_sum(self.model, batch)
+    def forward(self, objective, batch: dict[str, torch.Tensor]):
+        return objective.loss_sum(self.model, batch)
 
 
 class OneProcess:
@@ -146,14 +147,14 @@ class DataParallel(OneProcess):
         no_buffer_sync = ({"forward_sync_buffers": False}
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
-        self.wrapped = DistributedDataParallel(LossModule(model, objective),
+        self.wrapped = DistributedDataParallel(LossModule(model),
                                                device_ids=[device.index] if device.type == "cuda" else None,
                                                **no_buffer_sync)
 
     def loss_sum(self, model, objective, batch):
         if model is not self.model or not torch.is_grad_enabled():
             return objective.loss_sum(model, batch)  # evaluation: every rank computes it alone, no collective
-        return self.wrapped(batch)
+        return self.wrapped(objective, batch)
 
     def gradient_sync(self, last: bool):
         return nullcontext() if last else self.wrapped.no_sync()
@@ -181,12 +182,12 @@ class FullySharded(DataParallel):
         for layer in layers:
             fully_shard(layer, reshard_after_forward=self.settings.reshard_after_forward)
         self.model = model
-        self.wrapped = fully_shard(LossModule(model, objective))
+        self.wrapped = fully_shard(LossModule(model))
 
     def loss_sum(self, model, objective, batch):
         if model is not self.model:
             return objective.loss_sum(model, batch)
-        return self.wrapped(batch)  # evaluation too: every rank takes part in the all-gathers
+        return self.wrapped(objective, batch)  # evaluation too: every rank takes part in the all-gathers
 
     def gradient_sync(self, last: bool):
         return _fsdp_sync(self.wrapped, last)
@@ -263,6 +264,18 @@ def _fsdp_sync(wrapped, last: bool):
         yield
     finally:
         wrapped.set_requires_gradient_sync(True)
+
+
+def refuse_under_torchrun(cfg) -> None:
+    """Under torchrun, refuse what does not spread over ranks before anything loads, rather than run it as one
+    process per rank."""
+    if not launched_by_torchrun():
+        return
+    strategy = cfg.distributed.strategy if cfg.distributed is not None else "ddp"
+    why = refusal(cfg.objective, cfg.method.name, strategy)
+    if why:
+        raise ConfigError(f"{why} (this process is rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} started "
+                          "by torchrun)")
 
 
 def ranks_for(cfg, device: torch.device, console) -> OneProcess:

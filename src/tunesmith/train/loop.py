@@ -1,4 +1,11 @@
-"""The one training loop: every method and objective goes through it; it never branches on their names."""
+"""The one training loop: every method and objective goes through it; it never branches on their names.
+
+An objective's algorithm (train/algorithm.py) supplies each step: the supervised step here (accumulate the
+micro-batches' gradients, clip, one optimizer step), PPO's rollout step (train/ppo_step.py), GRPO's generation step
+(train/grpo_step.py). Around it the loop does the same for all of them: the schedule, resume, step-0 and final
+evaluation, periodic evaluation and checkpoints, the forgetting probe, metrics.jsonl, the ranks of a torchrun job
+and the saved artifact with its report.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +18,18 @@ from tunesmith.config import RunConfig
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.faults import fault_after
 from tunesmith.objectives import get_objective
+from tunesmith.train.algorithm import Algorithm
 from tunesmith.train.checkpoint import save_checkpoint
-from tunesmith.train.distributed import OneProcess
+from tunesmith.train.distributed import OneProcess, refuse_under_torchrun
 from tunesmith.train.logging import metrics_logger
-from tunesmith.train.run import (RunResult, baseline_of, eval_row, evaluate_data, finish_run,
-                                 general_perplexity, make_optimizer, open_run, resume_position)
+from tunesmith.train.run import (Run, RunResult, baseline, eval_row, evaluate_data, finish_run, general_perplexity,
+                                 make_optimizer, open_run, resume_position)
 
 __all__ = ["RunResult", "accumulate_gradients", "train"]
 
-# Outer loops an objective may name as its `own_loop` (objectives never import the training loops).
-OUTER_LOOPS = {"ppo": "tunesmith.train.ppo_loop:train_ppo", "grpo": "tunesmith.train.grpo_loop:train_grpo"}
-
-
-def _outer_loop(name: str):
-    module, _, function = OUTER_LOOPS[name].partition(":")
-    return getattr(importlib.import_module(module), function)
+# The algorithms an objective may name as its `own_loop` (objectives never import the training loop); None: the
+# supervised step.
+ALGORITHMS = {"ppo": "tunesmith.train.ppo_step:algorithm", "grpo": "tunesmith.train.grpo_step:algorithm"}
 
 
 @dataclass
@@ -63,69 +67,81 @@ def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, de
     return StepTotals(summed[0], units, int(summed[1]), int(summed[2]), dict(zip(keys, summed[3:])))
 
 
+def supervised_step(run: Run, micro: list[list], params, optimizer, scheduler) -> tuple[dict, int]:
+    """One optimizer step over `micro`: the gradients accumulated, clipped, applied."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    totals = accumulate_gradients(run.model, run.objective, micro, cfg, run.device, run.pad_id, run.ranks)
+    grad_norm = run.ranks.clip(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
+    lr = scheduler.get_last_lr()[0]  # the rate this step applies; scheduler.step() moves to the next one
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    row = {"loss": totals.loss / totals.units, "lr": lr, "tokens": totals.tokens,
+           "label_tokens": totals.label_tokens, "tokens_per_s": totals.tokens / (time.perf_counter() - t0)}
+    row.update({key: value / totals.units for key, value in totals.metrics.items()})
+    if grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    return row, totals.tokens
+
+
+def held_out_loss(run: Run) -> dict | None:
+    return evaluate_data(run.model, run.objective, run.data, run.cfg, run.device, run.pad_id, run.ranks)
+
+
+SUPERVISED = Algorithm(supervised_step, held_out_loss)
+
+
+def algorithm_for(cfg: RunConfig, objective) -> Algorithm:
+    if objective.own_loop is None:
+        return SUPERVISED
+    module, _, function = ALGORITHMS[objective.own_loop].partition(":")
+    return getattr(importlib.import_module(module), function)(cfg, objective)
+
 
 def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
-    """Train `cfg`'s method with its objective; an objective with an outer loop of its own (PPO's rollouts) runs
-    that loop instead."""
+    """Train `cfg`'s method with its objective, each step the objective's algorithm's."""
+    refuse_under_torchrun(cfg)
     objective = get_objective(cfg.objective, getattr(cfg, cfg.objective, None))
-    if objective.own_loop is not None:
-        outer = _outer_loop(objective.own_loop)
-        return outer(cfg, objective, overwrite=overwrite, resume=resume, quiet=quiet)
+    algorithm = algorithm_for(cfg, objective)
     run = open_run(cfg, objective, overwrite, resume, quiet)
-    model, data, device, pad_id, console, ranks = run.model, run.data, run.device, run.pad_id, run.console, run.ranks
+    model, data, ranks = run.model, run.data, run.ranks
     ranks.wrap(model, objective)  # before the optimizer: FSDP replaces the parameters by their shards
     per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * len(data.train) / per_step))
-    params, optimizer, scheduler = make_optimizer(run, total_steps)
+    params, optimizer, scheduler = make_optimizer(run, total_steps * algorithm.updates_per_step)
     start_step, position = resume_position(run, resume, optimizer, scheduler)
-
-    baseline = baseline_of(run.run_dir, resume, cfg, model, objective, data, run.tokenizer, device, pad_id, ranks,
-                           lambda: general_perplexity(run))
-    if baseline["eval_loss"] is not None:
-        console.print(f"[bold]eval[/bold] held-out loss before training: {baseline['eval_loss']:.4f}")
+    model.train(algorithm.train_mode)
+    before = baseline(run, resume, algorithm.held_out)
+    if before["eval_metrics"]:
+        run.console.print(f"[bold]eval[/bold] {algorithm.headline_label} before training: "
+                          f"{before['eval_metrics'][algorithm.headline]:.4f}")
 
     stream = data.stream(cfg.train.seed, position)
-    model.train()
     started = time.perf_counter()
     tokens_seen = 0
-    after = None
-    with metrics_logger(ranks.main, run.run_dir, total_steps, start_step, console, quiet) as log:
-        if start_step == 0 and baseline["eval_loss"] is not None:
-            log.log({"step": 0, **eval_row(baseline["eval_metrics"])})
-        if start_step == 0 and baseline.get("forgetting_perplexity") is not None:
-            log.log({"step": 0, "forgetting/perplexity": baseline["forgetting_perplexity"]})
+    with metrics_logger(ranks.main, run.run_dir, total_steps, start_step, run.console, quiet) as log:
+        if start_step == 0 and before["eval_metrics"]:
+            log.log({"step": 0, **eval_row(before["eval_metrics"])})
+        if start_step == 0 and before["forgetting_perplexity"] is not None:
+            log.log({"step": 0, "forgetting/perplexity": before["forgetting_perplexity"]})
         for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
             micro = [[data.train[i] for i in ranks.shard(stream.take(cfg.train.batch_size * ranks.world))]
                      for _ in range(cfg.train.grad_accum)]
-            totals = accumulate_gradients(model, objective, micro, cfg, device, pad_id, ranks)
-            grad_norm = None
-            if cfg.train.max_grad_norm:
-                grad_norm = ranks.clip(params, cfg.train.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this step applies; scheduler.step() moves to the next one
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            tokens_seen += totals.tokens
-            row = {"step": step, "loss": totals.loss / totals.units, "lr": lr,
-                   "tokens": totals.tokens, "label_tokens": totals.label_tokens, "tokens_per_s": totals.tokens / dt,
-                   "elapsed_s": time.perf_counter() - started}
-            row.update({key: value / totals.units for key, value in totals.metrics.items()})
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
+            row, tokens = algorithm.step(run, micro, params, optimizer, scheduler)
+            tokens_seen += tokens
             if step % cfg.train.log_every == 0 or step == total_steps:
-                log.log(row)
+                log.log({"step": step, **row, "elapsed_s": time.perf_counter() - started})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != total_steps:
-                ev = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
+                ev = algorithm.held_out(run)
                 if ev is not None:
                     log.log({"step": step, **eval_row(ev)})
-                    log.note(f"step {step}: held-out loss {ev['loss']:.4f}")
+                    log.note(f"step {step}: {algorithm.headline_label} {ev[algorithm.headline]:.4f}")
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step != total_steps:
                 save_checkpoint(run.run_dir, step, model, optimizer, scheduler, stream.position,
                                 cfg.train.keep_checkpoints, ranks)
             fault_after(step)
-        after = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
+        after = algorithm.held_out(run)
         if after is not None:
             log.log({"step": total_steps, **eval_row(after)})
         forgot = general_perplexity(run)
@@ -135,5 +151,5 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
         if mixture:
             log.log({"step": total_steps, **{f"mixture/{name}": share for name, share in mixture.items()}})
     seconds = time.perf_counter() - started
-    return finish_run(run, total_steps, seconds, tokens_seen, baseline, after, forgetting_after=forgot,
+    return finish_run(run, total_steps, seconds, tokens_seen, before, after, forgetting_after=forgot,
                       mixture=mixture)

@@ -1,6 +1,6 @@
-"""What every outer loop (the supervised one in loop.py, PPO's and GRPO's in policy_loop.py) sets up and finishes the
-same way: the run folder, seeding, data, model, method and objective, optimizer and schedule, resume, held-out
-evaluation, the baseline before training, and the saved artifact with its report."""
+"""What the training loop (loop.py) sets up and finishes the same way for every objective: the run folder, seeding,
+data, model, method and objective, optimizer and schedule, resume, held-out evaluation, the baseline before
+training, and the saved artifact with its report."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: in
 
 @dataclass
 class Run:
-    """What every outer loop (this one, PPO's) sets up the same way."""
+    """What the loop sets up the same way for every objective."""
     cfg: RunConfig
     console: Console
     run_dir: Path
@@ -229,14 +229,14 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
 
 
 def general_perplexity(run: Run) -> float | None:
-    """Perplexity on the forgetting corpus (report.forgetting), or None when that is off. Not yet under torchrun:
-    distributed evaluation runs the run's own objective through the wrapped model, not the LM loss."""
-    if run.forgetting is None or run.ranks.world > 1:
+    """Perplexity on the forgetting corpus (report.forgetting), or None when that is off. Every rank computes it
+    (under FSDP through the sharded model, all ranks together)."""
+    if run.forgetting is None:
         return None
     from tunesmith.objectives import lm
 
     started = time.perf_counter()
-    loss = evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id)["loss"]
+    loss = evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id, run.ranks)["loss"]
     run.forgetting.seconds += time.perf_counter() - started
     return math.exp(loss)
 
@@ -305,31 +305,29 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     return result
 
 
-def baseline_of(run_dir: Path, resume: bool, cfg, model, objective, data, tokenizer, device, pad_id,
-                ranks=None, general_perplexity=None) -> dict:
-    """Held-out metrics and sample generations of the untouched model, kept in the run so a resumed run reports them."""
-    path = run_dir / "baseline.json"
+def baseline(run: Run, resume: bool, held_out) -> dict:
+    """The untrained model's held-out metrics (`held_out(run)`), general-text perplexity and sample generations, kept
+    in the run folder so that a resumed run reports them."""
+    path = run.run_dir / "baseline.json"
     if resume and path.is_file():
-        baseline = json.loads(path.read_text())
-    else:
-        baseline = {"eval_loss": None, "heldout_samples": [], "trained_samples": []}
-        if cfg.report.compare:
-            metrics = evaluate_data(model, objective, data, cfg, device, pad_id, ranks)
-            baseline["eval_loss"] = metrics["loss"] if metrics else None
-            if metrics and set(metrics) - {"loss"}:
-                baseline["eval_metrics"] = metrics
-            if ranks is None or ranks.main:  # the report is the main rank's
-                baseline["heldout_samples"] = sample_generations(model, tokenizer, data.eval_items,
-                                                                 cfg.report.heldout_samples, cfg.report.max_new_tokens)
-                baseline["trained_samples"] = sample_generations(model, tokenizer, data.train_items,
-                                                                 cfg.report.trained_samples, cfg.report.max_new_tokens)
-        if general_perplexity is not None:
-            baseline["forgetting_perplexity"] = general_perplexity()  # every rank takes part in the evaluation
-        if ranks is None or ranks.main:
-            atomic_write_text(path, json.dumps(baseline, indent=1))
-    if "eval_metrics" not in baseline:
-        baseline["eval_metrics"] = None if baseline["eval_loss"] is None else {"loss": baseline["eval_loss"]}
-    return baseline
+        kept = json.loads(path.read_text())
+        if "eval_metrics" not in kept:  # written before the held-out loss alone was kept as eval_metrics too
+            kept["eval_metrics"] = None if kept["eval_loss"] is None else {"loss": kept["eval_loss"]}
+        return kept
+    cfg = run.cfg
+    out = {"eval_loss": None, "eval_metrics": None, "heldout_samples": [], "trained_samples": []}
+    if cfg.report.compare:
+        out["eval_metrics"] = held_out(run)
+        out["eval_loss"] = (out["eval_metrics"] or {}).get("loss")
+        if run.ranks.main:  # the report is the main rank's
+            out["heldout_samples"] = sample_generations(run.model, run.tokenizer, run.data.eval_items,
+                                                        cfg.report.heldout_samples, cfg.report.max_new_tokens)
+            out["trained_samples"] = sample_generations(run.model, run.tokenizer, run.data.train_items,
+                                                        cfg.report.trained_samples, cfg.report.max_new_tokens)
+    out["forgetting_perplexity"] = general_perplexity(run)  # every rank takes part in the evaluation
+    if run.ranks.main:
+        atomic_write_text(path, json.dumps(out, indent=1))
+    return out
 
 
 def _task_results(data: Datasets, mixture: dict | None, before: dict | None, after: dict | None) -> dict | None:

@@ -2,8 +2,8 @@
 decode, scored, advantages within each group), then grpo.num_iterations optimizer steps over it, each accumulating
 the whole batch in grpo.minibatch_size pieces.
 
-The outer loop around a step (set-up, resume, evaluation, checkpoints, report) is train/policy_loop.py's, shared
-with PPO.
+The loop around a step (set-up, resume, evaluation, checkpoints, report) is the one every objective trains in,
+train/loop.py; the model stays in eval mode there, as under PPO.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from tunesmith.devices import autocast_for
 from tunesmith.objectives.group_sampling import sample_groups
 from tunesmith.objectives.grpo import completion_logps, group_advantages, reduce_losses, token_losses
 from tunesmith.objectives.ppo import sequences
-from tunesmith.train.policy_loop import PolicyAlgorithm, collated, train_policy
-from tunesmith.train.run import RunResult
+from tunesmith.train.algorithm import Algorithm
+from tunesmith.train.ppo_step import collated
 
 
 @dataclass
@@ -111,8 +111,9 @@ def optimize(run, gb: GenerationBatch, params, optimizer, scheduler) -> dict:
 
 
 @torch.no_grad()
-def mean_reward(run, prompts: list) -> dict | None:
+def mean_reward(run) -> dict | None:
     """Mean weighted reward (and each reward's mean) of greedy answers to the held-out prompts."""
+    prompts = run.data.eval
     if not prompts:
         return None
     s = run.objective.settings
@@ -130,9 +131,9 @@ def mean_reward(run, prompts: list) -> dict | None:
     return out
 
 
-def _step(run, prompts: list, params, optimizer, scheduler) -> tuple[dict, int]:
+def _step(run, micro: list[list], params, optimizer, scheduler) -> tuple[dict, int]:
     t0 = time.perf_counter()
-    gb = generate(run, prompts)
+    gb = generate(run, [prompt for mb in micro for prompt in mb])
     t1 = time.perf_counter()
     losses = optimize(run, gb, params, optimizer, scheduler)
     tokens = sum(len(x) for x in gb.seqs)
@@ -141,6 +142,6 @@ def _step(run, prompts: list, params, optimizer, scheduler) -> tuple[dict, int]:
     return row, tokens
 
 
-def train_grpo(cfg, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
-    algorithm = PolicyAlgorithm(objective.settings.num_iterations, _step, mean_reward)
-    return train_policy(cfg, objective, algorithm, overwrite, resume, quiet)
+def algorithm(cfg, objective) -> Algorithm:
+    return Algorithm(_step, mean_reward, "reward", "held-out mean reward",
+                     updates_per_step=objective.settings.num_iterations, train_mode=False)

@@ -1,5 +1,10 @@
-"""PPO's step: a rollout (sample, score, reference, values, advantages), then minibatch epochs; the outer loop around
-it (set-up, resume, evaluation, checkpoints, report) is train/policy_loop.py's, shared with GRPO."""
+"""PPO's step: a rollout (sample, score, reference, values, advantages), then minibatch epochs. The loop around it
+(set-up, resume, evaluation, checkpoints, report) is the one every objective trains in, train/loop.py.
+
+The model stays in eval mode throughout (no dropout), so a step's sampling log-probs and its first update's agree
+exactly; a checkpoint holds the weights, optimizer, schedule, RNG and prompt position, which is all a step depends
+on, so a resumed run ends with the weights of an uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,17 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.config import RunConfig
-from tunesmith.devices import autocast_for
+from tunesmith.data.pair_batches import collate_sequences
+from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.ppo import gae, masked_mean, policy_loss, sample, score_tokens, sequences, value_loss, whiten
-from tunesmith.train.policy_loop import PolicyAlgorithm, collated, train_policy
-from tunesmith.train.run import Run, RunResult
+from tunesmith.train.algorithm import Algorithm
+from tunesmith.train.run import Run
+
+
+def collated(run: Run, seqs: list) -> dict[str, torch.Tensor]:
+    """Prompt + completion sequences as one batch on the run's device, packed or padded as data.packing says."""
+    return to_device(collate_sequences(seqs, run.cfg.data.packing, run.cfg.data.max_length, run.pad_id,
+                                       run.cfg.data.share_prefixes), run.device)
 
 
 @dataclass
@@ -105,15 +117,15 @@ def mean_reward(run: Run, prompts: list) -> float | None:
     return total / len(prompts)
 
 
-def _held_out_reward(run: Run, prompts: list) -> dict | None:
-    reward = mean_reward(run, prompts)
+def _held_out_reward(run: Run) -> dict | None:
+    reward = mean_reward(run, run.data.eval)
     return None if reward is None else {"reward": reward}
 
 
-def _step(run: Run, prompts: list, params, optimizer, scheduler) -> tuple[dict, int]:
+def _step(run: Run, micro: list[list], params, optimizer, scheduler) -> tuple[dict, int]:
     s = run.objective.settings
     t0 = time.perf_counter()
-    ro = rollout(run, prompts)
+    ro = rollout(run, [prompt for mb in micro for prompt in mb])
     losses = optimize(run, ro, params, optimizer, scheduler)
     tokens = sum(len(x) for x in ro.seqs)
     row = {"loss": losses["policy_loss"] + s.value_coef * losses["value_loss"], **ro.stats, **losses,
@@ -121,8 +133,7 @@ def _step(run: Run, prompts: list, params, optimizer, scheduler) -> tuple[dict, 
     return row, tokens
 
 
-def train_ppo(cfg: RunConfig, objective, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
+def algorithm(cfg: RunConfig, objective) -> Algorithm:
     s = objective.settings
-    updates_per_step = s.epochs * math.ceil(cfg.train.batch_size / s.minibatch_size)
-    return train_policy(cfg, objective, PolicyAlgorithm(updates_per_step, _step, _held_out_reward), overwrite,
-                        resume, quiet)
+    return Algorithm(_step, _held_out_reward, "reward", "held-out mean reward",
+                     updates_per_step=s.epochs * math.ceil(cfg.train.batch_size / s.minibatch_size), train_mode=False)
