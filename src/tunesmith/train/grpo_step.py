@@ -18,7 +18,7 @@ from tunesmith.devices import autocast_for
 from tunesmith.objectives.group_sampling import sample_groups
 from tunesmith.objectives.grpo import completion_logps, group_advantages, reduce_losses, token_losses
 from tunesmith.objectives.ppo import sequences
-from tunesmith.train.algorithm import Algorithm
+from tunesmith.train.algorithm import Algorithm, apply_update
 from tunesmith.train.ppo_step import collated
 
 
@@ -95,12 +95,7 @@ def optimize(run, gb: GenerationBatch, params, optimizer, scheduler) -> dict:
             clipped += float((stats["clipped"] * mask).sum())
             if "kl" in stats:
                 kl += float((stats["kl"] * mask).sum())
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr, _ = apply_update(run, params, optimizer, scheduler)
         sums["loss"] += loss_total
         sums["clip_fraction"] += clipped / max(n_tokens, 1)
         sums["kl"] += kl / max(n_tokens, 1)

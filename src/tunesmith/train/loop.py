@@ -18,7 +18,7 @@ from tunesmith.config import RunConfig
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.faults import fault_after
 from tunesmith.objectives import get_objective
-from tunesmith.train.algorithm import Algorithm
+from tunesmith.train.algorithm import Algorithm, apply_update
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.distributed import OneProcess, refuse_under_torchrun
 from tunesmith.train.logging import metrics_logger
@@ -72,11 +72,7 @@ def supervised_step(run: Run, micro: list[list], params, optimizer, scheduler) -
     cfg = run.cfg
     t0 = time.perf_counter()
     totals = accumulate_gradients(run.model, run.objective, micro, cfg, run.device, run.pad_id, run.ranks)
-    grad_norm = run.ranks.clip(params, cfg.train.max_grad_norm) if cfg.train.max_grad_norm else None
-    lr = scheduler.get_last_lr()[0]  # the rate this step applies; scheduler.step() moves to the next one
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr, grad_norm = apply_update(run, params, optimizer, scheduler)
     row = {"loss": totals.loss / totals.units, "lr": lr, "tokens": totals.tokens,
            "label_tokens": totals.label_tokens, "tokens_per_s": totals.tokens / (time.perf_counter() - t0)}
     row.update({key: value / totals.units for key, value in totals.metrics.items()})

@@ -18,7 +18,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.pair_batches import collate_sequences
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.objectives.ppo import gae, masked_mean, policy_loss, sample, score_tokens, sequences, value_loss, whiten
-from tunesmith.train.algorithm import Algorithm
+from tunesmith.train.algorithm import Algorithm, apply_update
 from tunesmith.train.run import Run
 
 
@@ -88,12 +88,7 @@ def optimize(run: Run, ro: Rollout, params, optimizer, scheduler) -> dict:
             pg, clip_fraction = policy_loss(new["logps"], old_logps, ro.advantages[idx], mask, s.clip_range)
             vf = value_loss(new["values"], ro.values[idx], ro.returns[idx], mask, s.value_clip_range)
             (pg + s.value_coef * vf).backward()
-            if cfg.train.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this update applies
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr, _ = apply_update(run, params, optimizer, scheduler)
             updates += 1
             sums["policy_loss"] += float(pg.detach())
             sums["value_loss"] += float(vf.detach())
