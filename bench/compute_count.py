@@ -50,14 +50,14 @@ def count_tunesmith_decoder(counter: ComputeCounter):
     original_hidden, original_row = lm.hidden_states, segment_attention.run_decoder
     ran_row = []
 
-    def run_decoder(model, batch):
+    def run_decoder(model, batch, compiled=False):
         ran_row.append(True)
         counter.add_positions(batch["decoder_positions"])
-        return original_row(model, batch)
+        return original_row(model, batch, compiled)
 
-    def hidden_states(model, batch):
+    def hidden_states(model, batch, ctx):
         ran_row.clear()
-        out = original_hidden(model, batch)
+        out = original_hidden(model, batch, ctx)
         if not ran_row:
             counter.add_positions(batch["position_ids"])
         return out

@@ -112,6 +112,7 @@ def run_tunesmith_direct(spec: dict) -> dict:
 
     import torch
 
+    from tunesmith.context import RunContext
     from tunesmith.data.chat import Tokenized
     from tunesmith.kernels.apply import apply_speed_options
     from tunesmith.methods import get_method
@@ -129,7 +130,7 @@ def run_tunesmith_direct(spec: dict) -> dict:
     method = get_method(cfg.method.name)
     torch.manual_seed(0)  # the adapter's initialisation, as the loop's seed gives it
     method.apply(model, cfg.method)
-    apply_speed_options(model, cfg.train)
+    ctx = apply_speed_options(model, cfg.train, RunContext())
     device = torch.device("cpu")
     counter = ComputeCounter()
     count_tunesmith_decoder(counter)
@@ -140,7 +141,7 @@ def run_tunesmith_direct(spec: dict) -> dict:
     started = time.perf_counter()
     for step in range(steps):
         micro = [examples[step * batch : (step + 1) * batch]]
-        totals = accumulate_gradients(model, objective, micro, cfg, device, spec["pad_id"])
+        totals = accumulate_gradients(model, objective, micro, cfg, device, spec["pad_id"], ctx)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -161,14 +162,14 @@ class _FullLogitsLM:
         return getattr(lm, name)
 
     @staticmethod
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, ctx):
         import torch.nn.functional as F
 
         from tunesmith.data.chat import IGNORE
         from tunesmith.objectives import lm
 
         targets = batch["targets"]
-        logits = lm.logits_at(model, lm.hidden_states(model, batch)).float()
+        logits = lm.logits_at(model, lm.hidden_states(model, batch, ctx)).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
         return loss, int((targets != IGNORE).sum()), {}
 

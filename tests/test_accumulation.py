@@ -3,6 +3,7 @@
 import torch
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.config import LoraSettings, RunConfig
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.methods import lora
@@ -16,7 +17,7 @@ def _grads(micro, packing):
     for layer in lora.lora_layers(model).values():  # non-zero B so A gets gradients too
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02, generator=torch.Generator().manual_seed(1))
     cfg = RunConfig.model_validate({"data": {"train": "x", "max_length": 64, "packing": packing}})
-    accumulate_gradients(model, lm, micro, cfg, torch.device("cpu"), pad_id=2)
+    accumulate_gradients(model, lm, micro, cfg, torch.device("cpu"), 2, RunContext())
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

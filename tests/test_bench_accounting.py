@@ -93,6 +93,7 @@ def test_counter_counts_padding_and_causal_context():
 
 def test_counter_sees_a_shared_prefix_computed_once():
     """Three examples that share a 16-token prefix: the decoder runs 16 + 3 × 8 positions, not 3 × 24."""
+    from tunesmith.context import RunContext
     from tunesmith.data.chat import Tokenized
     from tunesmith.data.packing import collate
     from tunesmith.kernels import segment_attention
@@ -105,10 +106,10 @@ def test_counter_sees_a_shared_prefix_computed_once():
     counter = compute_count.ComputeCounter()
     restore = compute_count.count_tunesmith_decoder(counter)
     try:
-        lm.loss_sum(model, collate(examples, True, 256, 2, share_prefixes=True))
+        lm.loss_sum(model, collate(examples, True, 256, 2, share_prefixes=True), RunContext())
         shared = counter.as_dict()
         counter.tokens = counter.context = 0
-        lm.loss_sum(model, collate(examples, True, 256, 2, share_prefixes=False))
+        lm.loss_sum(model, collate(examples, True, 256, 2, share_prefixes=False), RunContext())
         unshared = counter.as_dict()
     finally:
         restore()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama, write_jsonl
 
+from tunesmith.context import RunContext
 from tunesmith.config import load_config
 from tunesmith.config.objectives import ClassifySettings
 from tunesmith.data.chat import IGNORE
@@ -38,7 +39,7 @@ def test_loss_is_cross_entropy_of_the_head_at_each_texts_last_token(packing):
     cfg = load_config(None, [], base={"data": {"train": "x.jsonl", "packing": packing, "max_length": 16},
                                       "objective": "classify"})
     with torch.no_grad():
-        loss, n, metrics = objective.loss_sum(model, objective.collate(texts, cfg, EOS))
+        loss, n, metrics = objective.loss_sum(model, objective.collate(texts, cfg, EOS), RunContext())
         by_hand = sum(F.cross_entropy(head(model.model(torch.tensor([t.input_ids])).last_hidden_state[0, -1]),
                                       torch.tensor(t.label)) for t in texts)
     assert n == 3
@@ -149,8 +150,8 @@ def test_defaults_truncate_overlong_texts_and_compute_no_lm_head():
 TEXTS = ["red thing number 3", "blue thing number 40 and then some more words", "green thing<|im_end|>", "a"]
 
 
-def _eval_loss(model, tokenizer, info, rows) -> float:
-    logits = text_logits(model, tokenizer, [r["text"] for r in rows], info)
+def _eval_loss(model, tokenizer, info, ctx, rows) -> float:
+    logits = text_logits(model, tokenizer, [r["text"] for r in rows], info, ctx)
     gold = torch.tensor([info["labels"].index(r["label"]) for r in rows])
     return F.cross_entropy(logits, gold).item()
 
@@ -175,10 +176,10 @@ def test_merged_classifier_loads_in_transformers_with_the_same_logits(method, fo
     assert after["accuracy"] == 1.0 and after["loss"] < 0.3, after
     assert result.summary["before_after"]["held-out macro-F1"][1] == 1.0
     run = Path(result.run_dir)
-    model, tokenizer, info = load_classifier(run / folder)
+    model, tokenizer, info, ctx = load_classifier(run / folder)
     assert info["labels"] == LABELS and info["pad_token_id"] == EOS
-    assert _eval_loss(model, tokenizer, info, _rows(4)) == pytest.approx(after["loss"], abs=1e-5)
-    ours = text_logits(model, tokenizer, TEXTS, info)
+    assert _eval_loss(model, tokenizer, info, ctx, _rows(4)) == pytest.approx(after["loss"], abs=1e-5)
+    ours = text_logits(model, tokenizer, TEXTS, info, ctx)
     theirs, piped = _hf_logits(run / "classifier")
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     probs = ours.softmax(-1)
@@ -207,10 +208,10 @@ def test_every_kind_of_method_trains_the_classifier_and_saves_it_whole(method, o
     else:
         assert after["loss"] < before["loss"] - gain, (before, after)
     run = Path(result.run_dir)
-    model, tokenizer, info = load_classifier(run / "adapter")
-    assert _eval_loss(model, tokenizer, info, _rows(4)) == pytest.approx(after["loss"], abs=1e-5)
+    model, tokenizer, info, ctx = load_classifier(run / "adapter")
+    assert _eval_loss(model, tokenizer, info, ctx, _rows(4)) == pytest.approx(after["loss"], abs=1e-5)
     if method["name"] in ("prompt", "prefix"):
         assert not (run / "classifier").exists()
         return
     theirs, _ = _hf_logits(run / "classifier")
-    torch.testing.assert_close(theirs, text_logits(model, tokenizer, TEXTS, info), atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, text_logits(model, tokenizer, TEXTS, info, ctx), atol=1e-5, rtol=0)

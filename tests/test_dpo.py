@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_llama, write_jsonl
 
+from tunesmith.context import RunContext
 from tunesmith.config import RunConfig, load_config
 from tunesmith.config.methods import settings_class
 from tunesmith.config.objectives import DpoSettings
@@ -67,12 +68,13 @@ def test_adapters_disabled_is_the_base_model(name):
              "position_ids": torch.arange(12).expand(2, 12)}
     from tunesmith.objectives.lm import hidden_states
 
+    ctx = RunContext(virtual_tokens=getattr(method, "virtual_tokens", None))  # as open_run makes it
     with torch.no_grad():
-        adapted = hidden_states(model, batch)
+        adapted = hidden_states(model, batch, ctx)
         with method.disabled(model):
-            off = hidden_states(model, batch)
-        again = hidden_states(model, batch)
-        reference = hidden_states(base, batch)
+            off = hidden_states(model, batch, ctx)
+        again = hidden_states(model, batch, ctx)
+        reference = hidden_states(base, batch, ctx)
     torch.testing.assert_close(off, reference, atol=1e-6, rtol=0)
     assert (adapted - reference).abs().max() > 1e-3  # the adapter really changes the model
     torch.testing.assert_close(again, adapted, atol=0, rtol=0)  # and is back after the block
@@ -133,7 +135,8 @@ def test_dpo_loss_equals_trl_dpotrainer(method, loss_type, packing, tokenizer, t
     trl_kwargs = {}
     if method == "full":
         get_method("full").apply(ours, cfg.method)
-        objective.prepare(ours, get_method("full"), cfg, type("D", (), {"train": pairs, "eval": []})(), "cpu", 2)
+        objective.prepare(ours, get_method("full"), cfg, type("D", (), {"train": pairs, "eval": []})(), "cpu", 2,
+                          RunContext())
         assert all(p.reference_logps is not None for p in pairs)  # cached: full has no adapters to switch off
         # TRL likewise precomputes them from the untrained model
         trl_kwargs = {"model": copy.deepcopy(base)}
@@ -142,7 +145,7 @@ def test_dpo_loss_equals_trl_dpotrainer(method, loss_type, packing, tokenizer, t
         lora.apply(ours, cfg.method.model_copy(update={"dropout": 0.0}))
         ours.double()
         _perturb([p for n, p in ours.named_parameters() if "lora_B" in n], seed=2, std=0.05)
-        objective.prepare(ours, lora, cfg, None, "cpu", 2)
+        objective.prepare(ours, lora, cfg, None, "cpu", 2, RunContext())
         # TRL with a new adapter: its reference is the base with the adapter disabled, as ours
         trl_kwargs = {"model": copy.deepcopy(base), "peft_config": LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ALL_LINEAR, task_type="CAUSAL_LM")}
@@ -165,7 +168,8 @@ def test_dpo_loss_equals_trl_dpotrainer(method, loss_type, packing, tokenizer, t
     trainer.model.eval()
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, trainer.data_collator(examples)).item()
-        loss, n, metrics = objective.loss_sum(ours, collate_pairs(pairs, packing, 256, tokenizer.pad_token_id))
+        loss, n, metrics = objective.loss_sum(ours, collate_pairs(pairs, packing, 256, tokenizer.pad_token_id),
+                                              RunContext())
     trl_metrics = trainer._metrics["eval"]
     assert n == 6
     assert loss.item() / n == pytest.approx(trl_loss, abs=1e-5)
@@ -245,7 +249,7 @@ def test_cached_reference_is_recomputed_when_data_or_weights_change(tokenizer, t
     def prepare(pairs, model=model) -> tuple[str, list]:  # as open_run does: prepare, then keep_in_run
         objective = DpoObjective(DpoSettings())
         note = objective.prepare(model, full, cfg, SimpleNamespace(train=pairs, eval=[]), "cpu",
-                                 tokenizer.pad_token_id)
+                                 tokenizer.pad_token_id, RunContext())
         objective.keep_in_run(tmp_path / "run")
         return note, [p.reference_logps for p in pairs]
 
@@ -270,16 +274,16 @@ def test_precompute_reference_matches_adapters_off(tokenizer):
     model = tiny_llama(len(tokenizer), seed=2)
     cfg = _cfg("lora", True)
     objective = DpoObjective(DpoSettings())
-    precompute_reference(model, objective, pairs, cfg, "cpu", tokenizer.pad_token_id)
+    precompute_reference(model, objective, pairs, cfg, "cpu", tokenizer.pad_token_id, RunContext())
     lora = get_method("lora")
     lora.apply(model, cfg.method)
     _perturb([p for n, p in model.named_parameters() if "lora_B" in n], seed=4)
-    objective.prepare(model, lora, cfg, None, "cpu", tokenizer.pad_token_id)
+    objective.prepare(model, lora, cfg, None, "cpu", tokenizer.pad_token_id, RunContext())
     batch = collate_pairs(pairs, True, 256, tokenizer.pad_token_id)
     with torch.no_grad():
-        cached, _, _ = objective.loss_sum(model.eval(), batch)
+        cached, _, _ = objective.loss_sum(model.eval(), batch, RunContext())
         del batch["reference_logps"]
-        switched, _, _ = objective.loss_sum(model, batch)
+        switched, _, _ = objective.loss_sum(model, batch, RunContext())
     assert cached.item() == pytest.approx(switched.item(), abs=1e-5)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.config import load_config
 from tunesmith.config.methods import DoraSettings, LoraSettings
 from tunesmith.kernels import frozen_bf16
@@ -69,12 +70,12 @@ def test_an_untied_bf16_head_still_goes_through_chunked_cross_entropy():
     losses, head_calls = {}, {}
     for chunk in (None, 5):
         model = _lora_model(untied=True)
-        apply_speed_options(model, TrainSettings(bf16=True, loss_chunk=chunk))
+        ctx = apply_speed_options(model, TrainSettings(bf16=True, loss_chunk=chunk), RunContext())
         assert type(model.lm_head) is frozen_bf16.FrozenBf16Linear
         calls = []
         model.lm_head.register_forward_hook(lambda *args: calls.append(1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, n, _ = lm.loss_sum(model, batch)
+            loss, n, _ = lm.loss_sum(model, batch, ctx)
         losses[chunk], head_calls[chunk] = loss.item() / n, len(calls)
     assert head_calls == {None: 1, 5: 0}
     assert abs(losses[5] - losses[None]) <= 1e-5

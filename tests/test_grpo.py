@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.config import load_config
 from tunesmith.config.objectives import GrpoSettings
 from tunesmith.data.chat import IGNORE, Tokenized
@@ -68,7 +69,7 @@ def test_grpo_loss_equals_trl(loss_type, trl_grpo):
     mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).double()
     seqs = [Tokenized(p.tolist() + c, [IGNORE] * 5 + c) for p, c in zip(prompts, completions)]
     with torch.no_grad():
-        logps = completion_logps(model, collate_sequences(seqs, True, 64, 2), width, temperature=0.7).double()
+        logps = completion_logps(model, collate_sequences(seqs, True, 64, 2), width, RunContext(), 0.7).double()
     old = (logps + 0.3 * torch.randn(logps.shape, generator=g, dtype=torch.float64)) * mask
     ref = (logps + 0.2 * torch.randn(logps.shape, generator=g, dtype=torch.float64)) * mask
     advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 1.0, 1.0, 0.0]), 4).double()
@@ -121,12 +122,12 @@ def test_cached_group_decode_samples_what_repeated_prompts_sample(tokenizer):
     repeated = [p for p in prompts for _ in range(3)]
     settings = SimpleNamespace(max_new_tokens=8, temperature=1.0, top_k=0)
     torch.manual_seed(0)
-    grouped = sample_groups(model, tokenizer, prompts, 3, 8)
+    grouped = sample_groups(model, tokenizer, prompts, 3, 8, RunContext())
     torch.manual_seed(0)
-    plain = sample(model, tokenizer, repeated, settings)
+    plain = sample(model, tokenizer, repeated, settings, RunContext())
     assert grouped == plain and len({tuple(c) for c in grouped}) == 6
-    assert sample_groups(model, tokenizer, prompts, 3, 8, greedy=True) == sample(model, tokenizer, repeated,
-                                                                                 settings, greedy=True)
+    assert sample_groups(model, tokenizer, prompts, 3, 8, RunContext(), greedy=True) == \
+        sample(model, tokenizer, repeated, settings, RunContext(), greedy=True)
 
 
 def test_builtin_rewards():

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
+from tunesmith.context import RunContext
 from tunesmith.config import LoraSettings, TrainSettings
 from tunesmith.data.chat import Tokenized
 from tunesmith.data.packing import collate
@@ -65,7 +66,7 @@ def test_enable_switches_every_linear_but_the_head():
     assert kinds["model.layers.0.mlp.down_proj"] is onednn_linear.OneDNNLinear  # a trained weight
     assert kinds["model.layers.0.self_attn.q_proj.base_layer"] is onednn_linear.OneDNNLinear
     assert kinds["model.layers.0.self_attn.q_proj.lora_A.default"] is onednn_linear.OneDNNLinear
-    assert changed == 2 * (7 + 2 * 2) and model.tunesmith_onednn
+    assert changed == 2 * (7 + 2 * 2)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(5, 64)
     assert lora_function.applies(x, layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
@@ -81,8 +82,8 @@ def test_full_fine_tuning_loss_and_gradients_equal_with_and_without_onednn():
     results = []
     for onednn in (False, True):
         copy_ = copy.deepcopy(model)
-        apply_speed_options(copy_, TrainSettings(loss_chunk=16, onednn_linear=onednn))
-        loss, n, _ = lm.loss_sum(copy_, batch)
+        ctx = apply_speed_options(copy_, TrainSettings(loss_chunk=16, onednn_linear=onednn), RunContext())
+        loss, n, _ = lm.loss_sum(copy_, batch, ctx)
         (loss / n).backward()
         results.append((float(loss.detach()) / n, {k: p.grad for k, p in copy_.named_parameters()}))
     assert abs(results[0][0] - results[1][0]) < 1e-6
@@ -102,11 +103,11 @@ def test_lora_loss_and_gradients_equal_with_and_without_onednn():
     results = []
     for onednn in (False, True):
         copy_ = copy.deepcopy(model).train()
-        apply_speed_options(copy_, TrainSettings(loss_chunk=16, onednn_linear=onednn))
-        loss, n, _ = lm.loss_sum(copy_, batch)
+        ctx = apply_speed_options(copy_, TrainSettings(loss_chunk=16, onednn_linear=onednn), RunContext())
+        loss, n, _ = lm.loss_sum(copy_, batch, ctx)
         (loss / n).backward()
         results.append((float(loss.detach()) / n, {k: p.grad for k, p in copy_.named_parameters() if p.requires_grad}))
-        assert getattr(copy_, "tunesmith_onednn", False) == onednn
+        assert ctx.onednn == onednn
     assert abs(results[0][0] - results[1][0]) < 1e-6
     for key, plain_grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][key], plain_grad, atol=1e-6, rtol=1e-5, msg=key)

@@ -3,6 +3,7 @@
 import torch
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate, pack_rows
 from tunesmith.objectives import lm
@@ -31,7 +32,7 @@ def test_packed_logits_equal_each_example_alone():
     batch = collate(exs, packing=True, capacity=40, pad_id=2)
     assert batch["input_ids"].shape[0] == 1  # all four share one row
     with torch.no_grad():
-        packed = lm.logits_at(model, lm.hidden_states(model, batch))[0]
+        packed = lm.logits_at(model, lm.hidden_states(model, batch, RunContext()))[0]
         at = 0
         for i in pack_rows(exs, 40)[0]:  # row order: longest first
             ex = exs[i]
@@ -55,8 +56,8 @@ def test_packed_loss_equals_padded_loss():
     model = tiny_llama(vocab_size=300)
     exs = _examples([7, 12, 5, 9, 16])
     with torch.no_grad():
-        packed, n1, _ = lm.loss_sum(model, collate(exs, True, 32, 2))
-        padded, n2, _ = lm.loss_sum(model, collate(exs, False, 32, 2))
+        packed, n1, _ = lm.loss_sum(model, collate(exs, True, 32, 2), RunContext())
+        padded, n2, _ = lm.loss_sum(model, collate(exs, False, 32, 2), RunContext())
     assert n1 == n2 == sum(len(e) - 1 for e in exs)
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-6)
 
@@ -67,7 +68,7 @@ def test_label_only_loss_equals_full_cross_entropy():
     exs[0].labels[:4] = [IGNORE] * 4
     batch = collate(exs, False, 32, 2)
     with torch.no_grad():
-        ours, n, _ = lm.loss_sum(model, batch)
+        ours, n, _ = lm.loss_sum(model, batch, RunContext())
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(),
                                                  ignore_index=IGNORE, reduction="sum")

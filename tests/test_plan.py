@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from tunesmith.context import RunContext
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.config.methods import settings_class
@@ -240,8 +241,10 @@ def _saved_bytes(case: dict, layers: int, tokens: int, bf16: bool = False) -> in
     model = LlamaForCausalLM(config)
     cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"},
                                     "train": {"bf16": bf16}})
-    get_method(case["name"]).apply(model, cfg.method)
-    apply_speed_options(model, cfg.train, base_is_trained=case["name"] in ("full", "freeze", "bitfit"))
+    method = get_method(case["name"])
+    method.apply(model, cfg.method)
+    ctx = apply_speed_options(model, cfg.train, RunContext(virtual_tokens=getattr(method, "virtual_tokens", None)),
+                              base_is_trained=case["name"] in ("full", "freeze", "bitfit"))
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(3, 256, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
@@ -255,7 +258,7 @@ def _saved_bytes(case: dict, layers: int, tokens: int, bf16: bool = False) -> in
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16,
                                                                                    enabled=bf16):
-        lm.loss_sum(model, batch)
+        lm.loss_sum(model, batch, ctx)
     return sum(storages.values())
 
 

@@ -210,8 +210,8 @@ def test_ppo_with_a_trained_reward_model(tiny_model_dir, tmp_path, tokenizer):
     prompt = PromptExample([{"role": "user", "content": "Item 3?"}], [1], "x")
     blue = tokenizer("Blue.", add_special_tokens=False)["input_ids"]
     got = source(tokenizer, [prompt, prompt], [blue + [tokenizer.eos_token_id], blue])
-    model, tok = load_reward_model(folder)
-    expected = score(model, tok, [prompt.messages] * 2, ["Blue.", "Blue."])
+    model, tok, ctx = load_reward_model(folder)
+    expected = score(model, tok, [prompt.messages] * 2, ["Blue.", "Blue."], ctx)
     assert got.tolist() == pytest.approx([expected[0], expected[1] - 1.0], abs=1e-5)  # the unfinished one pays
 
     cfg = _ppo_config(tiny_model_dir, tmp_path)

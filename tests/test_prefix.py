@@ -52,9 +52,9 @@ def test_only_the_prefix_trains(settings):
     model = tiny_llama(vocab_size=300)
     prefix.apply(model, settings)
     if settings is PTUNING:
-        only_virtual_trains(model, ["tunesmith_virtual.prefix"])
+        only_virtual_trains(model, ["virtual_tokens.prefix"])
     else:
-        only_virtual_trains(model, ["tunesmith_virtual.embedding"] + [f"tunesmith_virtual.mlp.{i}.{w}"
+        only_virtual_trains(model, ["virtual_tokens.embedding"] + [f"virtual_tokens.mlp.{i}.{w}"
                                                                      for i in (0, 2) for w in ("weight", "bias")])
 
 
@@ -127,11 +127,11 @@ def test_save_folds_the_projection_and_load_gives_equal_logits(tmp_path, setting
     prefix.save(ours, settings, tmp_path / "a", "tiny")
     again = lively(tiny_llama(vocab_size=300))
     assert prefix.load(again, tmp_path / "a") == PTUNING
-    assert isinstance(again.tunesmith_virtual, prefix.DirectPrefix)
+    assert isinstance(prefix.virtual_tokens(again), prefix.DirectPrefix)
     with torch.no_grad():
         torch.testing.assert_close(logits(again, unpacked(ids_batch())), logits(ours, unpacked(ids_batch())),
                                    atol=1e-6, rtol=0)
-    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["tunesmith_virtual.prefix"]
+    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["virtual_tokens.prefix"]
 
 
 @pytest.mark.parametrize("changes", [{}, {"num_key_value_heads": 1, "head_dim": 24}], ids=["gqa", "head_dim"])

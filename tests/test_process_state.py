@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, tiny_llama
 from packaging.requirements import Requirement
 
+from tunesmith.context import RunContext
 from tunesmith.config import TrainSettings
 from tunesmith.kernels import apply, onednn_linear
 
@@ -61,7 +62,7 @@ def test_loading_the_embedder_leaves_hf_hub_offline_as_it_was_and_reaches_for_no
 def test_the_allocator_setting_is_a_train_option(monkeypatch, keep):
     calls = []
     monkeypatch.setattr(apply, "keep_freed_memory", lambda: calls.append(1) or True)
-    apply.apply_speed_options(tiny_llama(vocab_size=300), TrainSettings(keep_freed_memory=keep))
+    apply.apply_speed_options(tiny_llama(vocab_size=300), TrainSettings(keep_freed_memory=keep), RunContext())
     assert calls == ([1] if keep else [])
 
 

@@ -5,11 +5,15 @@ import torch
 from conftest import REPO, tiny_llama
 
 from tunesmith.config.methods import PromptSettings
+from tunesmith.context import RunContext
 from tunesmith.data.chat import Tokenized
 from tunesmith.data.packing import collate, pack_rows
 from tunesmith.errors import ModelError
 from tunesmith.methods import prompt
 from tunesmith.objectives import lm
+
+
+CTX = RunContext(virtual_tokens=prompt.virtual_tokens)  # what a prompt- or prefix-tuning run's context holds
 
 
 def lively(model, seed=1):
@@ -36,7 +40,7 @@ def alone(ids: list[int]) -> dict:
 
 
 def logits(model, batch):
-    return lm.logits_at(model, lm.hidden_states(model, batch))
+    return lm.logits_at(model, lm.hidden_states(model, batch, CTX))
 
 
 def ids_batch():
@@ -50,7 +54,7 @@ def unpacked(ids: torch.Tensor) -> dict:
 
 def only_virtual_trains(model, names: list[str]):
     assert [n for n, p in model.named_parameters() if p.requires_grad] == names
-    loss, _, _ = lm.loss_sum(model, collate(examples([6, 9]), True, 32, 2))
+    loss, _, _ = lm.loss_sum(model, collate(examples([6, 9]), True, 32, 2), CTX)
     loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is not None] == names
 
@@ -61,17 +65,17 @@ def packed_equals_alone(model):
     with torch.no_grad():
         batch = collate(exs, packing=True, capacity=40, pad_id=2)
         assert batch["input_ids"].shape[0] == 1
-        packed = lm.hidden_states(model, batch)[0]
-        padded = lm.hidden_states(model, collate(exs, packing=False, capacity=40, pad_id=2))
+        packed = lm.hidden_states(model, batch, CTX)[0]
+        padded = lm.hidden_states(model, collate(exs, packing=False, capacity=40, pad_id=2), CTX)
         at = 0
         for i in pack_rows(exs, 40)[0]:
             n = len(exs[i])
-            single = lm.hidden_states(model, alone(exs[i].input_ids))[0]
+            single = lm.hidden_states(model, alone(exs[i].input_ids), CTX)[0]
             torch.testing.assert_close(packed[at : at + n], single, atol=1e-5, rtol=0)
             torch.testing.assert_close(padded[i, :n], single, atol=1e-5, rtol=0)
             at += n
-        packed_loss, n1, _ = lm.loss_sum(model, collate(exs, True, 40, 2))
-        padded_loss, n2, _ = lm.loss_sum(model, collate(exs, False, 40, 2))
+        packed_loss, n1, _ = lm.loss_sum(model, collate(exs, True, 40, 2), CTX)
+        padded_loss, n2, _ = lm.loss_sum(model, collate(exs, False, 40, 2), CTX)
     assert n1 == n2
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-4, rtol=1e-6)
 
@@ -90,7 +94,7 @@ def greedy_without_cache(model, ids: list[int], steps: int, eos: int = 2) -> lis
 def greedy_with_cache(model, ids: list[int], steps: int) -> list[int]:
     """What infer/generate.py does: placeholder ids for the virtual positions, the cache holding them."""
     with torch.no_grad():
-        n, cache = model.tunesmith_virtual.generation_cache(model, 1)
+        n, cache = prompt.virtual_tokens(model).generation_cache(model, 1)
         full = torch.tensor([[2] * n + list(ids)])
         out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache,
                              max_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=2,
@@ -114,7 +118,7 @@ def chat_generation_matches(model, tokenizer):
     ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     expected = greedy_without_cache(model, ids, 8, eos=tokenizer.eos_token_id)
     assert len(expected) >= 5
-    assert generate_chat(model, tokenizer, messages, max_new_tokens=8) == \
+    assert generate_chat(model, tokenizer, messages, max_new_tokens=8, virtual=prompt.virtual_tokens(model)) == \
         tokenizer.decode(expected, skip_special_tokens=True).strip()
 
 
@@ -124,8 +128,8 @@ SETTINGS = PromptSettings(num_virtual_tokens=5, init="vocab")
 def test_only_the_prompt_trains():
     model = tiny_llama(vocab_size=300)
     prompt.apply(model, SETTINGS)
-    assert model.tunesmith_virtual.embeddings.shape == (5, 64)
-    only_virtual_trains(model, ["tunesmith_virtual.embeddings"])
+    assert prompt.virtual_tokens(model).embeddings.shape == (5, 64)
+    only_virtual_trains(model, ["virtual_tokens.embeddings"])
 
 
 def test_packed_rows_and_padding_equal_each_example_alone():
@@ -138,7 +142,8 @@ def test_hidden_states_are_the_prompt_prepended():
     model = lively(tiny_llama(vocab_size=300))
     prompt.apply(model, SETTINGS)
     ids = ids_batch()
-    embeds = torch.cat([model.tunesmith_virtual.embeddings.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1)
+    virtual = prompt.virtual_tokens(model).embeddings
+    embeds = torch.cat([virtual.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1)
     with torch.no_grad():
         expected = model(inputs_embeds=embeds).logits[:, 5:]
         torch.testing.assert_close(logits(model, unpacked(ids)), expected, atol=1e-5, rtol=0)
@@ -162,7 +167,7 @@ def test_text_init_repeats_the_text_and_peft_reads_its_config(tmp_path, tokenize
     ids = tokenizer("Define the word", add_special_tokens=False)["input_ids"]
     assert len(ids) < 7
     expected = model.get_input_embeddings().weight[torch.tensor((ids * 7)[:7])]
-    torch.testing.assert_close(model.tunesmith_virtual.embeddings, expected, atol=0, rtol=0)
+    torch.testing.assert_close(prompt.virtual_tokens(model).embeddings, expected, atol=0, rtol=0)
     prompt.save(model, settings, tmp_path / "a", "tiny")
     theirs = PeftModel.from_pretrained(tiny_llama(vocab_size=len(tokenizer)), str(tmp_path / "a"))
     assert theirs.peft_config["default"].prompt_tuning_init == "TEXT"
@@ -175,7 +180,7 @@ def test_text_init_falls_back_to_the_models_tokenizer(tiny_model_dir, tokenizer)
     model = load_model(str(tiny_model_dir))
     prompt.apply(model, PromptSettings(num_virtual_tokens=3, init="text", init_text="Define the word"))
     ids = tokenizer("Define the word", add_special_tokens=False)["input_ids"][:3]
-    assert (model.tunesmith_virtual.embeddings == model.get_input_embeddings().weight[ids]).all()
+    assert (prompt.virtual_tokens(model).embeddings == model.get_input_embeddings().weight[ids]).all()
 
 
 def test_greedy_generation_with_the_cache_equals_the_training_forward():
@@ -204,7 +209,7 @@ def test_save_load_gives_equal_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(logits(again, unpacked(ids_batch())), logits(ours, unpacked(ids_batch())),
                                    atol=0, rtol=0)
-    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["tunesmith_virtual.embeddings"]
+    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["virtual_tokens.embeddings"]
 
 
 def test_peft_loads_our_adapter(tmp_path):

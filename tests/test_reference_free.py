@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_llama, write_jsonl
 
+from tunesmith.context import RunContext
 from tunesmith.config import RunConfig, load_config
 from tunesmith.config.objectives import KtoSettings, OrpoSettings, SimpoSettings
 from tunesmith.data.chat import IGNORE, render
@@ -87,7 +88,7 @@ def test_orpo_and_simpo_equal_trl(name, packing, tokenizer, tmp_path):
     with torch.no_grad():
         theirs, metrics = trainer.get_batch_loss_metrics(trainer.model, trainer.data_collator(examples))
         loss, n, ours_metrics = objective.loss_sum(ours.eval(), collate_pairs(pairs, packing, 256,
-                                                                              tokenizer.pad_token_id))
+                                                                              tokenizer.pad_token_id), RunContext())
     assert n == 6
     assert loss.item() / n == pytest.approx(theirs.item(), abs=1e-5)
     assert ours_metrics["nll"] / n == pytest.approx(metrics["nll_loss"], abs=1e-5)
@@ -112,7 +113,7 @@ def test_kto_loss_equals_trl(tokenizer, tmp_path):
                                     "objective": "kto", "train": {"batch_size": 6}})
     full.apply(ours, cfg.method)
     objective = KtoObjective(KtoSettings(beta=0.5, desirable_weight=1.3, undesirable_weight=0.8))
-    objective.prepare(ours, full, cfg, None, "cpu", 2)
+    objective.prepare(ours, full, cfg, None, "cpu", 2, RunContext())
     g = torch.Generator().manual_seed(10)  # a perturbation whose KL estimate is positive (seeds 3-8 clamp it to 0)
     with torch.no_grad():  # "train" the policy: both sides get the same weights
         for p in ours.parameters():
@@ -130,7 +131,7 @@ def test_kto_loss_equals_trl(tokenizer, tmp_path):
     batch = objective.collate(examples, cfg, tokenizer.pad_token_id)
     with torch.no_grad():
         theirs = trainer._compute_loss(trainer.model, trainer.data_collator(trl_examples), False).item()
-        loss, n, metrics = objective.loss_sum(ours.eval(), batch)
+        loss, n, metrics = objective.loss_sum(ours.eval(), batch, RunContext())
     assert loss.item() / n == pytest.approx(theirs, abs=1e-5)
     assert metrics["kl"] / n == pytest.approx(trainer._metrics["eval"]["kl"][-1], abs=1e-5)
     assert metrics["kl"] > 0  # the KL term is really active

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_llama, write_jsonl
 
+from tunesmith.context import RunContext
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.data.chat import IGNORE, Tokenized
@@ -39,8 +40,8 @@ def test_score_is_read_at_the_last_real_token_even_when_it_is_the_pad_token(pack
     flat = batch["input_ids"].flatten()
     assert flat[batch["last"]].tolist() == [eos, eos]
     with torch.no_grad():
-        together = sequence_scores(model, batch)
-        alone = [sequence_scores(model, collate_sequences([s], False, 16, pad)) for s in (short, long)]
+        together = sequence_scores(model, batch, RunContext())
+        alone = [sequence_scores(model, collate_sequences([s], False, 16, pad), RunContext()) for s in (short, long)]
         by_hand = getattr(model, HEAD_ATTR)(model.model(torch.tensor([short.input_ids])).last_hidden_state[0, -1])
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
     torch.testing.assert_close(together[0], by_hand[0], atol=1e-5, rtol=0)
@@ -68,9 +69,9 @@ def test_reward_model_trains_saves_and_loads_with_the_same_scores(method, folder
     assert after["accuracy"] == 1.0 and after["margin"] > 0.7 and after["loss"] < 0.4, after
     saved = Path(result.run_dir) / folder
     assert (saved / HEAD_FILE).is_file()
-    model, tokenizer = load_reward_model(saved)
+    model, tokenizer, ctx = load_reward_model(saved)
     prompts = [[{"role": "user", "content": "Pick a colour for item 3."}]] * 2
-    chosen, rejected = score(model, tokenizer, prompts, ["Blue, always blue.", "Red number 3 maybe."])
+    chosen, rejected = score(model, tokenizer, prompts, ["Blue, always blue.", "Red number 3 maybe."], ctx)
     assert chosen - rejected > 0.7
     if folder == "model":  # the head is not in the model's own weights: bare transformers loads it cleanly
         from safetensors import safe_open
@@ -150,7 +151,7 @@ def test_reward_head_is_written_inside_the_adapters_atomic_folder(tiny_model_dir
     model, method = load_model(str(tiny_model_dir)), get_method("lora")
     method.apply(model, cfg.method)
     objective = reward_module.RewardObjective(cfg.reward)
-    objective.prepare(model, method, cfg, None, "cpu", 0)
+    objective.prepare(model, method, cfg, None, "cpu", 0, RunContext())
     folder = tmp_path / "run" / "adapter"
 
     real_save_head = reward_module.save_head

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
 from tunesmith.errors import ModelError
@@ -37,9 +38,9 @@ def test_one_padding_free_row_equals_the_block_diagonal_mask_with_grouped_query_
     model = tiny_llama(vocab_size=300)  # 4 query heads over 2 key/value heads
     batch = collate(_examples([9, 30, 4, 17, 22, 1]), True, 32, 2)
     keep = batch["segments"] >= 0
-    masked = lm.hidden_states(model, batch)
+    masked = lm.hidden_states(model, batch, RunContext())
     assert segment_attention.enable(model) and segment_attention.active(model)
-    segmented = lm.hidden_states(model, batch)
+    segmented = lm.hidden_states(model, batch, RunContext())
     torch.testing.assert_close(segmented[keep], masked[keep], atol=1e-5, rtol=1e-5)
     assert segmented[~keep].abs().max() == 0
     assert batch["input_ids"].shape[0] > 1  # the batch really had several padded rows
@@ -50,9 +51,9 @@ def test_bf16_segment_attention_stays_within_bf16_rounding_of_fp32():
     segment_attention.enable(model)
     batch = collate(_examples([40, 64, 25]), True, 64, 2)
     keep = batch["segments"] >= 0
-    fp32 = lm.hidden_states(model, batch)[keep]
+    fp32 = lm.hidden_states(model, batch, RunContext())[keep]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = lm.hidden_states(model, batch)[keep].float()
+        bf16 = lm.hidden_states(model, batch, RunContext())[keep].float()
     assert (bf16 - fp32).abs().mean() <= 2e-2 * fp32.abs().mean()
 
 
@@ -62,11 +63,11 @@ def test_generation_and_padded_batches_are_unchanged_by_segment_attention():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     before = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2)
     padded = collate(_examples([6, 11]), False, 32, 2)
-    padded_before = lm.hidden_states(model, padded)
+    padded_before = lm.hidden_states(model, padded, RunContext())
     segment_attention.enable(model)
     after = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=2)
     assert torch.equal(before, after)
-    torch.testing.assert_close(lm.hidden_states(model, padded), padded_before, atol=0, rtol=0)
+    torch.testing.assert_close(lm.hidden_states(model, padded, RunContext()), padded_before, atol=0, rtol=0)
 
 
 def test_a_saved_model_does_not_carry_the_implementation(tmp_path):
@@ -88,7 +89,7 @@ def test_models_it_cannot_stand_in_for_keep_the_mask(change):
         model.config.layer_types = ["sliding_attention", "full_attention"]
     assert not segment_attention.enable(model)
     batch = collate(_examples([9, 12]), True, 32, 2)
-    assert lm.hidden_states(model, batch).shape[:2] == batch["input_ids"].shape
+    assert lm.hidden_states(model, batch, RunContext()).shape[:2] == batch["input_ids"].shape
 
 
 def _attention_forwards(model, monkeypatch, wrap):
@@ -109,7 +110,7 @@ def test_a_layout_that_does_not_reach_the_attention_function_is_an_error_not_cro
 
     _attention_forwards(model, monkeypatch, drop_layout)
     with pytest.raises(ModelError, match="did not reach the attention function") as e:
-        lm.hidden_states(model, batch)
+        lm.hidden_states(model, batch, RunContext())
     assert "train.segment_attention: false" in str(e.value) and "LlamaAttention" in str(e.value)
 
 
@@ -125,7 +126,7 @@ def test_attention_that_never_calls_the_registered_function_is_an_error(monkeypa
 
     _attention_forwards(model, monkeypatch, own_attention)
     with pytest.raises(ModelError, match="reached no attention layer"):
-        lm.hidden_states(model, batch)
+        lm.hidden_states(model, batch, RunContext())
 
 
 def test_the_row_placeholder_mask_without_a_layout_is_refused_outside_run_decoder_too():
@@ -154,7 +155,7 @@ def test_long_segments_keep_bf16_on_amx_and_short_ones_are_upcast_in_the_same_ro
     segment_attention.enable(model)
     batch = collate(_examples([60, 20, 50]), True, 64, 2)
     keep = batch["segments"] >= 0
-    fp32 = lm.hidden_states(model, batch)[keep]
+    fp32 = lm.hidden_states(model, batch, RunContext())[keep]
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -165,7 +166,7 @@ def test_long_segments_keep_bf16_on_amx_and_short_ones_are_upcast_in_the_same_ro
 
     monkeypatch.setattr(segment_attention.F, "scaled_dot_product_attention", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = lm.hidden_states(model, batch)[keep].float()
+        bf16 = lm.hidden_states(model, batch, RunContext())[keep].float()
     layers = model.config.num_hidden_layers
     assert sorted(set(seen)) == [(20, torch.float32), (50, torch.bfloat16), (60, torch.bfloat16)]
     assert len(seen) == 3 * layers
@@ -188,5 +189,5 @@ def test_without_amx_bf16_autocast_attends_every_segment_in_fp32(monkeypatch):
 
     monkeypatch.setattr(segment_attention.F, "scaled_dot_product_attention", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lm.hidden_states(model, batch)
+        lm.hidden_states(model, batch, RunContext())
     assert seen and set(seen) == {torch.float32}

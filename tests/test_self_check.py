@@ -5,6 +5,7 @@ import torch
 import yaml
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.kernels import fused_norm, segment_attention
@@ -31,7 +32,7 @@ def _break_the_norm(monkeypatch):
 
 def test_the_patched_tiny_model_passes_and_every_patch_was_checked():
     model = tiny_llama(vocab_size=300).train()
-    line = self_check.checked_speed_options(model, _cfg(), torch.device("cpu"), 2)
+    line = self_check.checked_speed_options(model, _cfg(), torch.device("cpu"), 2, RunContext())
     for setting in ("train.segment_attention", "train.fused_norm", "train.onednn_linear", "train.loss_chunk"):
         assert setting in line
     assert segment_attention.active(model) and model.training  # patched, and left in the mode it was in
@@ -40,10 +41,11 @@ def test_the_patched_tiny_model_passes_and_every_patch_was_checked():
 def test_a_patch_that_changes_the_logits_is_named_with_the_setting_that_turns_it_off(monkeypatch):
     _break_the_norm(monkeypatch)
     with pytest.raises(self_check.SpeedPatchError) as e:
-        self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(), torch.device("cpu"), 2)
+        self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(), torch.device("cpu"), 2, RunContext())
     message = str(e.value)
     assert message.startswith("train.fused_norm:") and "set train.fused_norm: false" in message
-    self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(fused_norm=False), torch.device("cpu"), 2)
+    self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(fused_norm=False), torch.device("cpu"), 2,
+                                     RunContext())
 
 
 def test_a_chunked_loss_that_differs_is_named_with_null(monkeypatch):
@@ -51,13 +53,13 @@ def test_a_chunked_loss_that_differs_is_named_with_null(monkeypatch):
 
     loss_sum = lm.loss_sum
 
-    def off_by_a_tenth(model, batch):
-        loss, n, metrics = loss_sum(model, batch)
-        return loss * (1.1 if getattr(model, "tunesmith_loss_chunk", None) else 1.0), n, metrics
+    def off_by_a_tenth(model, batch, ctx):
+        loss, n, metrics = loss_sum(model, batch, ctx)
+        return loss * (1.1 if ctx.loss_chunk else 1.0), n, metrics
 
     monkeypatch.setattr(lm, "loss_sum", off_by_a_tenth)
     with pytest.raises(self_check.SpeedPatchError, match="set train.loss_chunk: null"):
-        self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(), torch.device("cpu"), 2)
+        self_check.checked_speed_options(tiny_llama(vocab_size=300), _cfg(), torch.device("cpu"), 2, RunContext())
 
 
 def test_a_run_with_a_broken_patch_stops_before_training_with_the_message(tiny_config, tmp_path, capsys,
@@ -85,7 +87,8 @@ def test_prefix_tuning_on_smollm2_at_the_default_seed_passes():
     seed_everything(cfg.train.seed)
     model = load_model(cfg.model.path, "float32")
     get_method("prefix").apply(model, cfg.method)
-    line = self_check.checked_speed_options(model, cfg, torch.device("cpu"), load_tokenizer(cfg.model.path).pad_token_id)
+    pad_id = load_tokenizer(cfg.model.path).pad_token_id
+    line = self_check.checked_speed_options(model, cfg, torch.device("cpu"), pad_id, RunContext())
     assert "train.onednn_linear" in line and "checked" in line
     worst = float(line.rsplit("largest difference ", 1)[1].split()[0])
     assert worst < self_check.TOLERANCE[torch.float32]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.config.methods import LoraSettings
 from tunesmith.data import packing, shared_prefixes
 from tunesmith.data.chat import IGNORE, Tokenized
@@ -58,7 +59,7 @@ def test_plan_without_sharing_is_one_segment_per_sequence():
 
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss, n, _ = lm.loss_sum(model, batch)
+    loss, n, _ = lm.loss_sum(model, batch, RunContext())
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     return float(loss.detach()), n, grads

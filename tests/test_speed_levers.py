@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 
+from tunesmith.context import RunContext
 from tunesmith.config import LoraSettings, TrainSettings, load_config
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
@@ -39,9 +40,10 @@ def _lora_model(seed=0):
 
 
 def _loss_and_grads(model, batch, **levers):
-    apply_speed_options(model, TrainSettings(**{"loss_chunk": None, **levers}))  # plain: all logits at once
+    # loss_chunk None by default: all logits at once
+    ctx = apply_speed_options(model, TrainSettings(**{"loss_chunk": None, **levers}), RunContext())
     model.zero_grad(set_to_none=True)
-    loss, n, _ = lm.loss_sum(model, batch)
+    loss, n, _ = lm.loss_sum(model, batch, ctx)
     (loss / n).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     return float(loss.detach()) / n, grads
@@ -184,12 +186,12 @@ def test_chunked_loss_in_the_model_equals_the_label_only_loss(trainable_head):
 
 
 def _scores_and_grads(model, batch, score, **levers):
-    apply_speed_options(model, TrainSettings(**{"loss_chunk": None, **levers}))
+    ctx = apply_speed_options(model, TrainSettings(**{"loss_chunk": None, **levers}), RunContext())
     head_calls = []
     hook = model.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
     model.zero_grad(set_to_none=True)
     try:
-        logps = score(model, batch)
+        logps = score(model, batch, ctx)
     finally:
         hook.remove()
     (logps * torch.linspace(-1.0, 2.0, logps.numel()).reshape(logps.shape)).sum().backward()
@@ -197,16 +199,16 @@ def _scores_and_grads(model, batch, score, **levers):
     return logps.detach(), grads, len(head_calls)
 
 
-def _dpo_scores(model, batch):
+def _dpo_scores(model, batch, ctx):
     from tunesmith.objectives.dpo import sequence_logps
 
-    return sequence_logps(model, batch)[0]
+    return sequence_logps(model, batch, ctx)[0]
 
 
-def _ppo_scores(model, batch):
+def _ppo_scores(model, batch, ctx):
     from tunesmith.objectives.ppo import score_tokens
 
-    return score_tokens(model, batch, width=14, values=False)["logps"]
+    return score_tokens(model, batch, 14, ctx, values=False)["logps"]
 
 
 @pytest.mark.parametrize("score", [_dpo_scores, _ppo_scores], ids=["dpo", "ppo"])
@@ -234,9 +236,9 @@ def test_ppo_rollout_entropy_through_the_chunked_head_equals_the_plain_one():
     batch = collate_sequences(_examples([9, 14, 6, 11], prompt=3), True, 64, 2)
     out = {}
     for chunk in (None, 5):
-        apply_speed_options(model, TrainSettings(loss_chunk=chunk))
+        ctx = apply_speed_options(model, TrainSettings(loss_chunk=chunk), RunContext())
         with torch.no_grad():
-            out[chunk] = score_tokens(model, batch, width=14, values=False, entropy=True)
+            out[chunk] = score_tokens(model, batch, 14, ctx, values=False, entropy=True)
     torch.testing.assert_close(out[5]["logps"], out[None]["logps"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[5]["entropy"], out[None]["entropy"], atol=1e-5, rtol=0)
     assert float(out[5]["entropy"].max()) > 1.0  # a random model's next-token distribution is far from one-hot
@@ -247,7 +249,7 @@ def test_packed_loss_and_gradients_equal_unpacked_on_the_same_examples():
     exs = _examples([7, 12, 5, 9, 16], prompt=2)
     packed_loss, packed_grads = _loss_and_grads(model, collate(exs, True, 32, 2))
     padded_loss, padded_grads = _loss_and_grads(model, collate(exs, False, 32, 2))
-    alone = sum(float(lm.loss_sum(model, collate([e], False, 32, 2))[0]) for e in exs)
+    alone = sum(float(lm.loss_sum(model, collate([e], False, 32, 2), RunContext())[0]) for e in exs)
     units = sum(e.n_labels for e in exs)  # the prompt masks the first token, so every label is a target
     assert abs(packed_loss - padded_loss) <= 1e-5
     assert abs(packed_loss - alone / units) <= 1e-5

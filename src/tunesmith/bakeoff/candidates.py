@@ -89,12 +89,13 @@ def _base_loss(shared: Shared) -> float:
     from tunesmith.data.pipeline import build_datasets
     from tunesmith.devices import pick_device
     from tunesmith.objectives import lm
+    from tunesmith.context import RunContext
     from tunesmith.train.run import evaluate
 
     model, tokenizer = shared.model()
     data = build_datasets(shared.cfg, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return evaluate(model, lm, data.eval, shared.cfg, pick_device("cpu"), pad)["loss"]
+    return evaluate(model, lm, data.eval, shared.cfg, pick_device("cpu"), pad, RunContext())["loss"]
 
 
 def zero_shot(shared: Shared) -> Candidate:
@@ -175,7 +176,8 @@ def trained(shared: Shared, method: str, steps: int, memory_budget: int | None =
         return setup * 2 + result.seconds * (steps + 4) + per_answer * len(shared.questions)
 
     def run() -> dict:
-        from tunesmith.infer.adapters import load_with_adapter
+        from tunesmith.context import RunContext
+        from tunesmith.infer.adapters import adapter_context, load_with_adapter
         from tunesmith.infer.generate import generate_chat
         from tunesmith.models import load_model, load_tokenizer
         from tunesmith.train.loop import train
@@ -184,10 +186,13 @@ def trained(shared: Shared, method: str, steps: int, memory_budget: int | None =
         summary = json.loads((result.run_dir / "summary.json").read_text())
         if (result.run_dir / "model").is_dir():
             model, tokenizer = load_model(str(result.run_dir / "model")).eval(), load_tokenizer(str(result.run_dir / "model"))
+            ctx = RunContext()
         else:
             model, tokenizer = load_with_adapter(None, str(result.run_dir / "adapter"))
-        answers = _answer_all(shared, lambda q: generate_chat(model, tokenizer, q.messages, shared.max_new_tokens),
-                              shared.questions)
+            ctx = adapter_context(str(result.run_dir / "adapter"))
+        virtual = ctx.virtual(model)
+        answers = _answer_all(shared, lambda q: generate_chat(model, tokenizer, q.messages, shared.max_new_tokens,
+                                                              virtual=virtual), shared.questions)
         em, f1 = _scores(answers, shared.questions)
         forgetting = summary.get("forgetting") or {}
         before, after = forgetting.get("perplexity_before"), forgetting.get("perplexity_after")

@@ -70,9 +70,9 @@ def cmd_score(args) -> int:
     else:
         prompts, answers, pairs = _records(args.file)
     folder = args.adapter or args.model
-    model, tokenizer = load_reward_model(folder, args.model if args.adapter else None, args.dtype,
+    model, tokenizer, ctx = load_reward_model(folder, args.model if args.adapter else None, args.dtype,
                                          args.trust_remote_code)
-    scores = score(model, tokenizer, prompts, answers, args.batch_size)
+    scores = score(model, tokenizer, prompts, answers, ctx, args.batch_size)
     if not pairs:
         for s in scores:
             print(f"{s:.4f}")

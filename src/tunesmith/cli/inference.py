@@ -40,25 +40,27 @@ def register(sub) -> dict:
 
 
 def _load_for_inference(args):
-    from tunesmith.infer.adapters import load_with_adapter
+    """(model, tokenizer, the adapter's virtual tokens or None)."""
+    from tunesmith.infer.adapters import adapter_context, load_with_adapter
 
-    return load_with_adapter(args.model, args.adapter, args.dtype, args.trust_remote_code, args.use)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype, args.trust_remote_code, args.use)
+    return model, tokenizer, adapter_context(args.adapter).virtual(model)
 
 
 def cmd_generate(args) -> int:
     from tunesmith.infer.generate import generate_chat
 
-    model, tok = _load_for_inference(args)
+    model, tok, virtual = _load_for_inference(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
-    print(generate_chat(model, tok, messages, args.max_new_tokens, args.temperature))
+    print(generate_chat(model, tok, messages, args.max_new_tokens, args.temperature, virtual=virtual))
     return 0
 
 
 def cmd_chat(args) -> int:
     from tunesmith.infer.generate import generate_chat
 
-    model, tok = _load_for_inference(args)
+    model, tok, virtual = _load_for_inference(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; '/use NAME' switches adapter ('/use none': the base); an empty line or Ctrl-D "
           "quits.", file=sys.stderr)
@@ -82,7 +84,7 @@ def cmd_chat(args) -> int:
             print(f"(now using {name})", flush=True)
             continue
         history.append({"role": "user", "content": line})
-        answer = generate_chat(model, tok, history, args.max_new_tokens, args.temperature)
+        answer = generate_chat(model, tok, history, args.max_new_tokens, args.temperature, virtual=virtual)
         history.append({"role": "assistant", "content": answer})
         print(f"model> {answer}", flush=True)
     return 0

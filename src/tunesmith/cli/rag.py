@@ -120,7 +120,7 @@ def cmd_icl(args) -> int:
     from tunesmith.data.formats import normalize_all
     from tunesmith.data.sources import read_many, read_records
     from tunesmith.eval.fewshot import sweep
-    from tunesmith.infer.adapters import load_with_adapter
+    from tunesmith.infer.adapters import adapter_context, load_with_adapter
     from tunesmith.infer.icl import ExampleSelector, examples_from_chats, prompt_budget
 
     if args.limit is not None and args.limit < 1:
@@ -133,7 +133,7 @@ def cmd_icl(args) -> int:
     selector = ExampleSelector(pool, args.select, args.seed)
     with progress_bar(console) as progress:
         results = sweep(model, tokenizer, selector, questions, args.k, budget, args.template, args.overflow,
-                        args.max_new_tokens, progress=progress)
+                        args.max_new_tokens, progress=progress, virtual=adapter_context(args.adapter).virtual(model))
     table = Table(title=f"few-shot ({args.select} examples, {args.template} template) on {len(questions)} questions "
                   f"of {args.eval}")
     for col in ("k", "exact match", "token F1", "mean prompt tokens", "s / answer", "shortened", "dropped"):

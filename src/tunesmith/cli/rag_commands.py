@@ -94,11 +94,13 @@ def _print_sources(hits, answer=None) -> None:
 
 
 def _load_llm(args):
-    from tunesmith.infer.adapters import load_with_adapter
+    """(model, tokenizer, prompt budget, the adapter's virtual tokens or None)."""
+    from tunesmith.infer.adapters import adapter_context, load_with_adapter
     from tunesmith.infer.icl import prompt_budget
 
     model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype)
-    return model, tokenizer, prompt_budget(model, args.max_new_tokens, args.max_prompt_tokens)
+    return (model, tokenizer, prompt_budget(model, args.max_new_tokens, args.max_prompt_tokens),
+            adapter_context(args.adapter).virtual(model))
 
 
 def cmd_ask(args) -> int:
@@ -113,9 +115,9 @@ def cmd_ask(args) -> int:
             raise ConfigError(f"--expand {args.expand}: LLM rewriting needs the model; leave out --retrieve-only")
         _print_sources(retrieve(index, embedder, expand_query(args.question, args.expand), args.top_k))
         return 0
-    model, tokenizer, budget = _load_llm(args)
+    model, tokenizer, budget, virtual = _load_llm(args)
     answer = ask(model, tokenizer, index, embedder, args.question, args.top_k, args.expand, args.max_new_tokens,
-                 budget, where="QUESTION (the question argument)")
+                 budget, where="QUESTION (the question argument)", virtual=virtual)
     if len(answer.queries) > 1:
         out.print("queries: " + " | ".join(answer.queries), style="dim", soft_wrap=True, markup=False)
     out.print(answer.text, soft_wrap=True, markup=False, highlight=False)
@@ -156,16 +158,17 @@ def cmd_eval(args) -> int:
     questions = load_questions(args.questions)
     check_gold_sources(index, questions)
     needs_llm = not args.no_answers or args.expand in ("llm", "both")
-    model, tokenizer, budget = _load_llm(args) if needs_llm else (None, None, None)
+    model, tokenizer, budget, virtual = _load_llm(args) if needs_llm else (None, None, None, None)
     with progress_bar(err) as progress:
-        retrieval = score_retrieval(index, embedder, questions, args.ks, args.expand, model, tokenizer, progress)
+        retrieval = score_retrieval(index, embedder, questions, args.ks, args.expand, model, tokenizer, progress,
+                                    virtual)
     out.print(_retrieval_table(retrieval, questions, args))
     if args.no_answers:
         return 0
     subset = spread(questions, args.limit)
     with progress_bar(err) as progress:
         answers = score_answers(model, tokenizer, index, embedder, subset, args.top_k, budget, args.max_new_tokens,
-                                args.expand, progress)
+                                args.expand, progress, virtual)
     table = Table(title=f"answers on {len(subset)} questions (max {args.max_new_tokens} new tokens)")
     for col in ("condition", "exact match", "token F1", "cites a source", "mean prompt tokens", "s / answer"):
         table.add_column(col, justify="right")

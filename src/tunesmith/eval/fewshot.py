@@ -22,20 +22,20 @@ class FewShotResult:
 
 
 def answer_one(model, tokenizer, question: Example, shots: list[Example], budget: int, template: str,
-               overflow: str, max_new_tokens: int, system: str | None = None):
+               overflow: str, max_new_tokens: int, system: str | None = None, virtual=None):
     from tunesmith.infer.generate import generate_chat
 
     prompt = build_prompt(tokenizer, question, shots, budget, template, overflow, system)
     if template == "text":
         answer = generate_text(model, tokenizer, prompt.text, max_new_tokens)
     else:
-        answer = generate_chat(model, tokenizer, prompt.messages, max_new_tokens)
+        answer = generate_chat(model, tokenizer, prompt.messages, max_new_tokens, virtual=virtual)
     return prompt, answer
 
 
 def sweep(model, tokenizer, selector: ExampleSelector, questions: list[Example], ks: list[int], budget: int,
           template: str = "chat", overflow: str = "shorten", max_new_tokens: int = 48, system: str | None = None,
-          progress=None) -> list[FewShotResult]:
+          progress=None, virtual=None) -> list[FewShotResult]:
     """One row per k, every k on the same questions."""
     results = []
     for k in ks:
@@ -45,7 +45,7 @@ def sweep(model, tokenizer, selector: ExampleSelector, questions: list[Example],
         for number, question in enumerate(questions):
             shots = selector.select(question, k, number)
             prompt, answer = answer_one(model, tokenizer, question, shots, budget, template, overflow,
-                                        max_new_tokens, system)
+                                        max_new_tokens, system, virtual)
             scores.append(exact_match(answer, question.answer))
             f1s.append(token_f1(answer, question.answer))
             tokens.append(prompt.n_tokens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.atomic import atomic_folder
+from tunesmith.context import RunContext
 from tunesmith.errors import ConfigError, ModelError, OutputDirError
 from tunesmith.methods import method_for_adapter
 from tunesmith.methods.base import ADAPTER_CONFIG, adapter_base
@@ -28,6 +29,14 @@ def parse_adapter_args(values: list[str] | str | None) -> dict[str, str]:
             raise ConfigError(f"--adapter: the name {name!r} is used twice")
         out[name] = path
     return out
+
+
+def adapter_context(adapter) -> RunContext:
+    """The run context inference passes along with a model that `load_with_adapter(…, adapter)` loaded: the hook of
+    the adapter's method for its virtual tokens (prompt, prefix), if it has one (such adapters are loaded alone)."""
+    hooks = [getattr(method_for_adapter(path)[1], "virtual_tokens", None)
+             for path in parse_adapter_args(adapter).values()]
+    return RunContext(virtual_tokens=next((hook for hook in hooks if hook is not None), None))
 
 
 def load_adapters(model, adapters: dict[str, str]) -> dict[str, str]:

@@ -9,7 +9,9 @@ from tunesmith.data.chat import ensure_chat_template, render
 
 @torch.no_grad()
 def generate_chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
-                  top_p: float = 1.0) -> str:
+                  top_p: float = 1.0, virtual=None) -> str:
+    """The model's answer to the chat `messages`. `virtual`: the module that holds a virtual-token method's tokens
+    (a run context's `virtual(model)`; infer/adapters.py `adapter_context` for a loaded adapter), or None."""
     ensure_chat_template(tokenizer)
     text = render(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
@@ -23,7 +25,6 @@ def generate_chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    virtual = getattr(model, "tunesmith_virtual", None)
     if virtual is not None:  # generate continues from a cache holding the virtual positions; ids stand in for them
         n, kwargs["past_key_values"] = virtual.generation_cache(model, ids.shape[0])
         ids = torch.cat([ids.new_full((ids.shape[0], n), tokenizer.pad_token_id or 0), ids], dim=1)

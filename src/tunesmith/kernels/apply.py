@@ -4,52 +4,64 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tunesmith.context import RunContext
 from tunesmith.errors import ConfigError
 from tunesmith.kernels import frozen_bf16, fused_norm, onednn_linear, segment_attention
 from tunesmith.kernels.allocator import keep_freed_memory
 
 
 def _chunked_loss(chunk: int) -> Callable:
-    def patch(model) -> bool:
-        model.tunesmith_loss_chunk = chunk  # read by objectives/lm.py
+    def patch(model, ctx: RunContext) -> bool:
+        ctx.loss_chunk = chunk  # read by objectives/lm.py
         return True
 
     return patch
 
 
+def _model_only(enable: Callable) -> Callable:
+    return lambda model, ctx: enable(model)
+
+
+def _onednn(model, ctx: RunContext) -> int:
+    ctx.onednn = onednn_linear.available()  # the chunked cross-entropy's products take the same path
+    return onednn_linear.enable(model)
+
+
 def speed_patches(train_settings, base_is_trained: bool = False) -> list[tuple[str, Callable]]:
-    """(the train.* setting that turns it off, the function that patches a model and returns whether it changed
-    anything) for each patch of the model's computation that `train_settings` switches on, in the order they apply.
+    """(the train.* setting that turns it off, the function `patch(model, ctx)` that patches a model, records what
+    it switched on in the run context and returns whether it changed anything) for each patch of the model's
+    computation that `train_settings` switches on, in the order they apply.
     Each rests on transformers' or torch's internals; train/self_check.py compares the patched model's logits with
     the plain model's, patch by patch. `base_is_trained`: the method trains and saves base weights (full, freeze,
     bitfit), whose frozen layers then keep their dtype."""
     patches = []
     if train_settings.bf16 and train_settings.bf16_frozen_weights and not base_is_trained:
-        patches.append(("train.bf16_frozen_weights", frozen_bf16.enable))
+        patches.append(("train.bf16_frozen_weights", _model_only(frozen_bf16.enable)))
     if train_settings.segment_attention:
-        patches.append(("train.segment_attention", segment_attention.enable))
+        patches.append(("train.segment_attention", _model_only(segment_attention.enable)))
     if train_settings.fused_norm:
-        patches.append(("train.fused_norm", fused_norm.enable))
+        patches.append(("train.fused_norm", _model_only(fused_norm.enable)))
     if train_settings.onednn_linear:
-        patches.append(("train.onednn_linear", onednn_linear.enable))
+        patches.append(("train.onednn_linear", _onednn))
     if train_settings.loss_chunk:
         patches.append(("train.loss_chunk", _chunked_loss(train_settings.loss_chunk)))
     return patches
 
 
-def apply_speed_options(model, train_settings, after_each: Callable[[str], None] | None = None,
-                        base_is_trained: bool = False) -> None:
+def apply_speed_options(model, train_settings, ctx: RunContext, after_each: Callable[[str], None] | None = None,
+                        base_is_trained: bool = False) -> RunContext:
     """Freed memory kept for the next step (kernels/allocator.py), segment attention for packed batches (where the
     model allows it), fused RMSNorm, linear products through oneDNN on CPU, chunked cross-entropy (read by
-    objectives/lm.py), activation checkpointing, per-layer torch.compile; under bf16 autocast, frozen linear weights
-    stored in bf16. `after_each(setting)` is called after each of `speed_patches` that changed the model, with the
-    train.* setting that turns it off."""
+    objectives/lm.py through `ctx`), activation checkpointing, per-layer torch.compile; under bf16 autocast, frozen
+    linear weights stored in bf16. What the model itself cannot show (the loss chunk, oneDNN for the loss, compiled
+    layers) is recorded in `ctx`, which is returned. `after_each(setting)` is called after each of `speed_patches`
+    that changed the model, with the train.* setting that turns it off."""
     if train_settings.keep_freed_memory:
         keep_freed_memory()
     onednn_linear.bound_caches()
-    model.tunesmith_loss_chunk = None
+    ctx.loss_chunk = None
     for setting, patch in speed_patches(train_settings, base_is_trained):
-        if patch(model) and after_each is not None:
+        if patch(model, ctx) and after_each is not None:
             after_each(setting)
     if train_settings.activation_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -67,4 +79,5 @@ def apply_speed_options(model, train_settings, after_each: Callable[[str], None]
                               "set it to false")
         for layer in layers:
             layer.compile()
-        model.tunesmith_compiled = True  # kernels/segment_attention.py: compiled layers skip its call count
+        ctx.compiled = True  # kernels/segment_attention.py: compiled layers skip its call count
+    return ctx

@@ -12,8 +12,8 @@ own path. Generation takes the same path (one token's products measured as fast 
 policy computed before its first step (DPO's reference, objectives/dpo.py).
 
 `enable(model)` (train.onednn_linear) gives the fp32 nn.Linear layers of a model a forward that takes this path when
-it applies; the output embedding is left alone and flagged instead, since the chunked cross-entropy runs its
-products itself (objectives/chunked_ce.py).
+it applies; the output embedding is left alone, since the chunked cross-entropy runs its products itself
+(objectives/chunked_ce.py), told by the run context (context.py).
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def bound_caches() -> None:
     """Bound oneDNN's caches for the rest of the process, if oneDNN has not run in it yet (it reads its capacities
     once); os.environ is left as it was. Run at a run's start: bf16 products also go through oneDNN."""
     _op()
+
+
+def available() -> bool:
+    """Whether this process's torch has oneDNN's linear op and it computes a product correctly."""
+    return _op() is not None
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -120,11 +125,10 @@ class OneDNNLinear(nn.Linear):
 
 
 def enable(model: nn.Module) -> int:
-    """Give the fp32 CPU nn.Linear layers of `model` (and its chunked cross-entropy, through the `tunesmith_onednn`
-    flag) the oneDNN path; returns how many layers it changed."""
+    """Give the fp32 CPU nn.Linear layers of `model` the oneDNN path (its chunked cross-entropy takes it where the
+    run context says so: kernels/apply.py); returns how many layers it changed."""
     if _op() is None:
         return 0
-    model.tunesmith_onednn = True
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     changed = 0
     for module in model.modules():

@@ -166,11 +166,12 @@ def _chains(plan: list[list[int]]) -> list[list[int]]:
     return chains
 
 
-def run_decoder(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def run_decoder(model, batch: dict[str, torch.Tensor], compiled: bool = False) -> torch.Tensor:
     """The decoder's last hidden states (B, L, H) for a packed batch, computed on its one padding-free row
     (data/shared_prefixes.py) in which shared leading tokens appear once.
 
-    Pad positions get zeros; every consumer reads only the positions that hold tokens."""
+    Pad positions get zeros; every consumer reads only the positions that hold tokens. `compiled`: the decoder
+    layers are compiled (train.compile), whose attention calls cannot be counted."""
     keep = batch["segments"] >= 0
     plan = batch["segment_plan"].tolist()
     layout = ([length for _, length, _ in plan], _chains(plan))
@@ -187,7 +188,7 @@ def run_decoder(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         ).last_hidden_state[0]
     finally:
         _layout_calls.reset(token)
-    if not calls and not getattr(model, "tunesmith_compiled", False):  # compiled layers skip the count
+    if not calls and not compiled:
         raise _layout_lost(type(model).__name__, "reached no attention layer")
     out = hidden.new_zeros((*keep.shape, hidden.shape[-1]))
     out[keep] = hidden[batch["decoder_gather"]]

@@ -20,7 +20,8 @@ from tunesmith.config.methods import PrefixSettings, PtuningV2Settings
 from tunesmith.errors import ModelError
 from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
-from tunesmith.methods.prompt import compute_dtype, disabled, with_virtual_columns  # noqa: F401  (disabled)
+from tunesmith.methods.prompt import (SUBMODULE, compute_dtype, disabled, virtual_tokens,  # noqa: F401  (the interface)
+                                      with_virtual_columns)
 
 MERGEABLE = False
 NOT_MERGEABLE_REASON = ("prefixes are learned keys and values every attention layer attends to, not changes to any "
@@ -40,7 +41,8 @@ def kv_shape(model) -> tuple[int, int, int]:
 
 
 class KVPrefix(nn.Module):
-    """The `model.tunesmith_virtual` of both methods; subclasses say where the flat prefix comes from."""
+    """The virtual tokens of both methods (what `virtual_tokens(model)` returns); subclasses say where the flat prefix
+    comes from."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int):
         super().__init__()
@@ -126,11 +128,11 @@ def apply(model: nn.Module, settings: PrefixSettings | PtuningV2Settings) -> KVP
     n = settings.num_virtual_tokens
     if settings.name == "prefix" and settings.projection:
         weight = model.get_input_embeddings().weight
-        model.tunesmith_virtual = ProjectedPrefix(n, weight.shape[1], settings.projection_hidden, *shape,
-                                                  device=weight.device)
+        setattr(model, SUBMODULE, ProjectedPrefix(n, weight.shape[1], settings.projection_hidden, *shape,
+                                                  device=weight.device))
     else:
-        model.tunesmith_virtual = DirectPrefix(activation_prefix(model, n), *shape)
-    return model.tunesmith_virtual
+        setattr(model, SUBMODULE, DirectPrefix(activation_prefix(model, n), *shape))
+    return virtual_tokens(model)
 
 
 def peft_config(model, settings, base_model: str) -> dict:
@@ -155,7 +157,7 @@ def peft_config(model, settings, base_model: str) -> dict:
 
 def save(model: nn.Module, settings: PrefixSettings | PtuningV2Settings, folder, base_model: str) -> None:
     with torch.no_grad():
-        prefix = model.tunesmith_virtual.flat()
+        prefix = virtual_tokens(model).flat()
     write_adapter(folder, peft_config(model, settings, base_model), {"prompt_embeddings": prefix})
 
 
@@ -178,7 +180,7 @@ def load(model: nn.Module, folder) -> PtuningV2Settings:
     width = layers * 2 * kv_heads * head_dim
     freeze_all(model)
     device = model.get_input_embeddings().weight.device
-    model.tunesmith_virtual = DirectPrefix(torch.zeros(settings.num_virtual_tokens, width, device=device), layers,
-                                           kv_heads, head_dim)
-    check_and_copy(folder, {"prompt_embeddings": model.tunesmith_virtual.prefix}, tensors)
+    setattr(model, SUBMODULE, DirectPrefix(torch.zeros(settings.num_virtual_tokens, width, device=device), layers,
+                                           kv_heads, head_dim))
+    check_and_copy(folder, {"prompt_embeddings": virtual_tokens(model).prefix}, tensors)
     return settings

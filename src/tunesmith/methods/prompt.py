@@ -1,8 +1,9 @@
 """Prompt tuning (Lester et al., 2021): N trainable embeddings prepended to every input's token embeddings.
 
-The base stays frozen; `model.tunesmith_virtual` runs the decoder with the virtual tokens at positions 0..N-1 and
-the real tokens from N on (as PEFT does and as generation sees them). Packed rows behave as if every example had its
-own copy of the prompt. Saved in PEFT's format: peft_type PROMPT_TUNING, one tensor `prompt_embeddings` (N, hidden).
+The base stays frozen; the module `virtual_tokens(model)` returns runs the decoder with the virtual tokens at
+positions 0..N-1 and the real tokens from N on (as PEFT does and as generation sees them). Packed rows behave as if
+every example had its own copy of the prompt. Saved in PEFT's format: peft_type PROMPT_TUNING, one tensor
+`prompt_embeddings` (N, hidden).
 
 The helpers for masks, positions and dtypes are shared with prefix.py.
 """
@@ -23,6 +24,16 @@ MERGEABLE = False
 NOT_MERGEABLE_REASON = ("soft prompts are learned input embeddings placed before the text, not changes to any weight, "
                         "so there is nothing to fold into the base; use the adapter with --adapter instead")
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+# The virtual tokens' module is a submodule of the model under this name, so that the optimizer, checkpoints,
+# parameter counts, `.to(device)` and the DDP/FSDP wrapper see its parameters. Objectives and generation reach it
+# only through `virtual_tokens(model)`, the hook a run context carries (context.py).
+SUBMODULE = "virtual_tokens"
+
+
+def virtual_tokens(model: nn.Module) -> nn.Module | None:
+    """The module running `model`'s decoder with its virtual tokens (prompt tuning's, or prefix.py's), or None: none
+    attached, or switched off by `disabled`."""
+    return getattr(model, SUBMODULE, None)
 
 
 def claims(config: dict) -> bool:
@@ -58,7 +69,7 @@ def with_virtual_rows(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class PromptEmbeddings(nn.Module):
-    """The `model.tunesmith_virtual` of prompt tuning."""
+    """Prompt tuning's virtual tokens: what `virtual_tokens(model)` returns."""
 
     def __init__(self, init: torch.Tensor):
         super().__init__()
@@ -116,19 +127,19 @@ def initial_embeddings(model, settings: PromptSettings, tokenizer=None) -> torch
 def apply(model: nn.Module, settings: PromptSettings, tokenizer=None) -> PromptEmbeddings:
     """Freeze the model and attach the trainable prompt; `tokenizer` (for init: text) defaults to the model's."""
     freeze_all(model)
-    model.tunesmith_virtual = PromptEmbeddings(initial_embeddings(model, settings, tokenizer))
-    return model.tunesmith_virtual
+    setattr(model, SUBMODULE, PromptEmbeddings(initial_embeddings(model, settings, tokenizer)))
+    return virtual_tokens(model)
 
 
 @contextmanager
 def disabled(model: nn.Module):
     """Run the bare base model inside the block (no virtual tokens), then put them back in the same place."""
-    virtual = getattr(model, "tunesmith_virtual", None)
+    virtual = virtual_tokens(model)
     try:
-        model.tunesmith_virtual = None
+        setattr(model, SUBMODULE, None)
         yield model
     finally:
-        model.tunesmith_virtual = virtual
+        setattr(model, SUBMODULE, virtual)
 
 
 def peft_config(model, settings: PromptSettings, base_model: str) -> dict:
@@ -154,7 +165,7 @@ def peft_config(model, settings: PromptSettings, base_model: str) -> dict:
 
 def save(model: nn.Module, settings: PromptSettings, folder, base_model: str) -> None:
     write_adapter(folder, peft_config(model, settings, base_model),
-                  {"prompt_embeddings": model.tunesmith_virtual.embeddings})
+                  {"prompt_embeddings": virtual_tokens(model).embeddings})
 
 
 def load(model: nn.Module, folder) -> PromptSettings:
@@ -171,7 +182,7 @@ def load(model: nn.Module, folder) -> PromptSettings:
                               init="random" if init == "text" and not text else init, init_text=text)
     hidden = model.get_input_embeddings().weight.shape[1]
     freeze_all(model)
-    model.tunesmith_virtual = PromptEmbeddings(torch.zeros(settings.num_virtual_tokens, hidden,
-                                                           device=model.get_input_embeddings().weight.device))
-    check_and_copy(folder, {"prompt_embeddings": model.tunesmith_virtual.embeddings}, tensors)
+    setattr(model, SUBMODULE, PromptEmbeddings(torch.zeros(settings.num_virtual_tokens, hidden,
+                                                           device=model.get_input_embeddings().weight.device)))
+    check_and_copy(folder, {"prompt_embeddings": virtual_tokens(model).embeddings}, tensors)
     return settings

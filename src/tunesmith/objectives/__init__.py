@@ -3,9 +3,11 @@
     build_datasets(cfg, tokenizer) -> Datasets      read, validate and tokenize the train and eval sets
     collate(examples, cfg, pad_id) -> batch         the tensors of one micro-batch
     units(example) -> int                           what the loss is averaged over: label tokens (sft, text), pairs
-    prepare(model, method, cfg, data, device, pad_id) -> note | None
+    prepare(model, method, cfg, data, device, pad_id, ctx) -> note | None
                                                     after the method is applied: heads, the reference policy
-    loss_sum(model, batch) -> (loss sum, units, metric sums)    metric sums are over the same units as the loss
+    loss_sum(model, batch, ctx) -> (loss sum, units, metric sums)    metric sums are over the same units as the loss
+                                                    `ctx`: the run's context (context.py): the loss chunk, the
+                                                    method's virtual tokens; a bare RunContext() without a run
     compare(before, after) -> {name: (before, after)}           the held-out metrics the report shows
     keep_in_run(run_dir)            (optional)      once the run folder is ready: write what prepare computed that a
                                                     resumed run reads back instead of recomputing (DPO's reference)

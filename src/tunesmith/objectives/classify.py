@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.config.objectives import ClassifySettings
+from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.labelled import build_labelled_datasets, text_ids
 from tunesmith.data.pair_batches import collate_sequences
@@ -26,7 +27,7 @@ from tunesmith.errors import DataError
 from tunesmith.objectives import heads
 from tunesmith.objectives.classifier_folder import HEAD_FILE, merged_folder_note, read_info, save_classifier
 
-HEAD_ATTR = "classification_head"
+HEAD_ATTR = "classification_head"  # a submodule of the model (objectives/heads.py says why)
 COUNTS = ("tp", "fp", "fn")
 
 
@@ -34,9 +35,9 @@ def attach_head(model: nn.Module, labels: list[str]) -> nn.Linear:
     return heads.attach_head(model, HEAD_ATTR, len(labels))
 
 
-def class_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def class_logits(model: nn.Module, batch: dict[str, torch.Tensor], ctx: RunContext) -> torch.Tensor:
     """(texts, labels) fp32 logits: the head at each text's last token."""
-    return heads.last_token_outputs(model, getattr(model, HEAD_ATTR), batch)
+    return heads.last_token_outputs(model, getattr(model, HEAD_ATTR), batch, ctx)
 
 
 def confusion_sums(predicted: torch.Tensor, gold: torch.Tensor, labels: list[str]) -> dict[str, float]:
@@ -81,14 +82,14 @@ class ClassifyObjective:
     def units(self, text) -> int:
         return 1
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         self.pad_id = pad_id
         head = attach_head(model, self.labels)
         return (f"label head: {head.out_features} × {head.in_features} on the last token of each text; labels "
                 f"{', '.join(self.labels)}; {merged_folder_note(method, cfg.method.name)}")
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
-        logits = class_logits(model, batch)
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
+        logits = class_logits(model, batch, ctx)
         gold = batch["class_labels"].to(logits.device)
         loss = F.cross_entropy(logits, gold, reduction="sum")
         return loss, int(gold.shape[0]), confusion_sums(logits.detach().argmax(-1), gold, self.labels)
@@ -103,17 +104,20 @@ class ClassifyObjective:
 
 
 def load_classifier(folder, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model with its label head, tokenizer, classifier.json) of a run's adapter/ or model/ folder."""
+    """(model with its label head, tokenizer, classifier.json, context: the adapter's virtual tokens, if any) of a
+    run's adapter/ or model/ folder."""
     folder = Path(folder)
-    model, tokenizer = heads.load_trained(folder, base, dtype, trust_remote_code, "classifier")
+    model, tokenizer, ctx = heads.load_trained(folder, base, dtype, trust_remote_code, "classifier")
     info = read_info(folder)
     heads.read_head(folder / HEAD_FILE, model, HEAD_ATTR, len(info["labels"]), "a classifier")
-    return model.eval(), tokenizer, info
+    return model.eval(), tokenizer, info, ctx
 
 
 @torch.no_grad()
-def text_logits(model: nn.Module, tokenizer, texts: list[str], info: dict, batch_size: int = 8) -> torch.Tensor:
-    """(texts, labels) logits of a loaded classifier, each text tokenized as in training."""
+def text_logits(model: nn.Module, tokenizer, texts: list[str], info: dict, ctx: RunContext, batch_size: int = 8
+                ) -> torch.Tensor:
+    """(texts, labels) logits of a loaded classifier (`info`, `ctx` as load_classifier gives), each text tokenized
+    as in training."""
     device = next(model.parameters()).device
     seqs = []
     for i, text in enumerate(texts):
@@ -125,5 +129,5 @@ def text_logits(model: nn.Module, tokenizer, texts: list[str], info: dict, batch
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
         batch = collate_sequences(chunk, False, max(len(s) for s in chunk), info["pad_token_id"])
-        out.append(class_logits(model, {k: v.to(device) for k, v in batch.items()}))
+        out.append(class_logits(model, {k: v.to(device) for k, v in batch.items()}, ctx))
     return torch.cat(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tunesmith.context import RunContext
 from tunesmith.config.objectives import DpoSettings
 from tunesmith.data.chat import IGNORE
 from tunesmith.devices import autocast_for, to_device
@@ -42,11 +43,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probabilities of each sequence's labelled tokens, and how many there are: two (n_seq,) tensors."""
     targets = batch["targets"]
     where = targets != IGNORE
-    logps, _ = token_logps(model, hidden_states(model, batch)[where], targets[where])
+    logps, _ = token_logps(model, hidden_states(model, batch, ctx)[where], targets[where], ctx)
     seq = batch["sequence"][where]
     n_seq = batch["last"].shape[0]
     sums = logps.new_zeros(n_seq).index_add(0, seq, logps)
@@ -60,7 +61,7 @@ class DpoObjective(PairwiseObjective):
         self.reference = None  # a context manager factory: the method's adapters-off switch
         self.cached = None  # (key, pairs) where the reference log-probs are cached on the pairs
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         self.reference = adapters_off(method)
         if self.reference is not None:
             return "reference: the base model with the adapters switched off (no second copy)"
@@ -72,7 +73,7 @@ class DpoObjective(PairwiseObjective):
         if found == "reused":
             return (f"reference: {cfg.method.name} trains the base weights; the reference log-probs of all "
                     f"{len(pairs)} pairs were read from {path}")
-        n = precompute_reference(model, self, pairs, cfg, device, pad_id)
+        n = precompute_reference(model, self, pairs, cfg, device, pad_id, ctx)
         stale = (f" ({path.name} there was made for other data, settings or base weights, so they were "
                  "recomputed)") if found == "stale" else ""
         return (f"reference: {cfg.method.name} trains the base weights, so the reference log-probs of all {n} pairs "
@@ -83,15 +84,15 @@ class DpoObjective(PairwiseObjective):
         if self.cached is not None:
             save_reference(Path(run_dir) / REFERENCE_FILE, *self.cached)
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
-        logps, counts = sequence_logps(model, batch)
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
+        logps, counts = sequence_logps(model, batch, ctx)
         n = batch["margin"].shape[0]
         if "reference_logps" in batch:
             reference = batch["reference_logps"].to(logps.device)
             ref_chosen, ref_rejected = reference[:, 0], reference[:, 1]
         else:
             with torch.no_grad(), self.reference(model):
-                ref_logps, _ = sequence_logps(model, batch)
+                ref_logps, _ = sequence_logps(model, batch, ctx)
             ref_chosen, ref_rejected = ref_logps[:n], ref_logps[n:]
         s = self.settings
         losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -110,7 +111,8 @@ class DpoObjective(PairwiseObjective):
 
 
 @torch.no_grad()
-def precompute_reference(model, objective: DpoObjective, pairs: list, cfg, device, pad_id: int) -> int:
+def precompute_reference(model, objective: DpoObjective, pairs: list, cfg, device, pad_id: int,
+                         ctx: RunContext) -> int:
     """Store each pair's reference (chosen, rejected) log-probs on it; the model must still be untrained."""
     was_training = model.training
     model.eval()
@@ -119,7 +121,7 @@ def precompute_reference(model, objective: DpoObjective, pairs: list, cfg, devic
         chunk = pairs[i : i + bs]
         batch = to_device(objective.collate(chunk, cfg, pad_id), device)
         with autocast_for(cfg, device):
-            logps, _ = sequence_logps(model, batch)
+            logps, _ = sequence_logps(model, batch, ctx)
         n = len(chunk)
         for pair, c, r in zip(chunk, logps[:n].tolist(), logps[n:].tolist()):
             pair.reference_logps = (c, r)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.context import RunContext
 from tunesmith.objectives.ppo import PromptExample, sample
 
 
@@ -24,7 +25,7 @@ def _left_padded(prompts: list[PromptExample], pad: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def sample_groups(model, tokenizer, prompts: list[PromptExample], group: int, max_new_tokens: int,
+def sample_groups(model, tokenizer, prompts: list[PromptExample], group: int, max_new_tokens: int, ctx: RunContext,
                   temperature: float = 1.0, top_k: int = 0, greedy: bool = False) -> list[list[int]]:
     """`group` completions of each prompt, group-major (prompt 0's first), each through its first end-of-turn token
     (or max_new_tokens tokens)."""
@@ -32,10 +33,10 @@ def sample_groups(model, tokenizer, prompts: list[PromptExample], group: int, ma
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if getattr(model, "tunesmith_virtual", None) is not None or min(len(p) for p in prompts) < 2:
+    if ctx.virtual(model) is not None or min(len(p) for p in prompts) < 2:
         repeated = [p for p in prompts for _ in range(group)]
         return sample(model, tokenizer, repeated, SimpleNamespace(max_new_tokens=max_new_tokens,
-                                                                  temperature=temperature, top_k=top_k), greedy)
+                                                                  temperature=temperature, top_k=top_k), ctx, greedy)
     device = model.get_input_embeddings().weight.device
     ids, mask = (t.to(device) for t in _left_padded(prompts, pad))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.context import RunContext
 from tunesmith.config.objectives import GrpoSettings
 from tunesmith.data.chat import IGNORE
 from tunesmith.errors import ConfigError
@@ -27,14 +28,15 @@ from tunesmith.objectives.reference import InitialWeights, adapters_off
 from tunesmith.objectives.rewards import RewardSet
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor], width: int, temperature: float = 1.0) -> torch.Tensor:
+def completion_logps(model, batch: dict[str, torch.Tensor], width: int, ctx: RunContext, temperature: float = 1.0
+                     ) -> torch.Tensor:
     """(n_seq, width) log-probs of the completion tokens under softmax(logits / temperature)."""
     targets = batch["targets"]
     where = targets != IGNORE
-    hidden = hidden_states(model, batch)[where]
+    hidden = hidden_states(model, batch, ctx)[where]
     if temperature != 1.0:
         hidden = hidden / temperature
-    logps, _ = token_logps(model, hidden, targets[where])
+    logps, _ = token_logps(model, hidden, targets[where], ctx)
     return to_padded(logps, batch["sequence"][where], batch["last"].shape[0], width)
 
 
@@ -96,7 +98,7 @@ class GrpoObjective:
             else ([], None)
         return Datasets(train, evals, train_items, eval_items, fmt, train_report, eval_report)
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         head = model.get_output_embeddings()
         if self.settings.temperature != 1.0 and (getattr(model.config, "final_logit_softcapping", None)
                                                  or getattr(head, "bias", None) is not None):

@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from tunesmith.atomic import atomic_write_bytes
+from tunesmith.context import RunContext
 from tunesmith.errors import ModelError
 from tunesmith.objectives.lm import hidden_states
 
 
 def attach_head(model: nn.Module, attr: str, outputs: int) -> nn.Linear:
-    """A fresh head (fp32, no bias, N(0, 1/hidden)) registered on the model as `attr`, so the optimizer,
-    checkpoints and parameter counts see it."""
+    """A fresh head (fp32, no bias, N(0, 1/hidden)) registered on the model as the submodule `attr` (a plain name,
+    no prefix), so the optimizer, checkpoints, parameter counts, `.to(device)` and the DDP/FSDP wrapper (whose
+    gradient sync covers the wrapped model's parameters) see it."""
     weight = model.get_input_embeddings().weight
     hidden = weight.shape[1]
     head = nn.Linear(hidden, outputs, bias=False, device=weight.device, dtype=torch.float32)
@@ -26,9 +28,10 @@ def attach_head(model: nn.Module, attr: str, outputs: int) -> nn.Linear:
     return head
 
 
-def last_token_outputs(model: nn.Module, head: nn.Linear, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def last_token_outputs(model: nn.Module, head: nn.Linear, batch: dict[str, torch.Tensor], ctx: RunContext
+                       ) -> torch.Tensor:
     """The head on the hidden state of each sequence's last token (batch["last"], from the lengths), fp32 (S, outputs)."""
-    hidden = hidden_states(model, batch)
+    hidden = hidden_states(model, batch, ctx)
     last = hidden.reshape(-1, hidden.shape[-1])[batch["last"]]
     if not torch.is_autocast_enabled(last.device.type):
         last = last.to(head.weight.dtype)
@@ -74,14 +77,15 @@ def read_head(path: Path, model: nn.Module, attr: str, outputs: int, missing: st
 
 
 def load_trained(folder, base: str | None, dtype: str, trust_remote_code: bool, what: str):
-    """(model, tokenizer) of a run's saved artifact without its head: an adapter folder (on its base, or `base`) or
-    a model folder."""
-    from tunesmith.infer.adapters import is_adapter_folder, load_with_adapter
+    """(model, tokenizer, context) of a run's saved artifact without its head: an adapter folder (on its base, or
+    `base`) or a model folder; the context carries the adapter's virtual tokens, if its method has them."""
+    from tunesmith.infer.adapters import adapter_context, is_adapter_folder, load_with_adapter
     from tunesmith.models import load_model, load_tokenizer
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder}: {what} folder not found")
     if is_adapter_folder(folder):
-        return load_with_adapter(base, str(folder), dtype, trust_remote_code)
-    return load_model(str(folder), dtype, trust_remote_code), load_tokenizer(str(folder), trust_remote_code)
+        return (*load_with_adapter(base, str(folder), dtype, trust_remote_code), adapter_context(str(folder)))
+    return (load_model(str(folder), dtype, trust_remote_code), load_tokenizer(str(folder), trust_remote_code),
+            RunContext())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.context import RunContext
 from tunesmith.config.objectives import KtoSettings
 from tunesmith.data.pipeline import Datasets
 from tunesmith.data.unpaired import TokenizedUnpaired
@@ -47,7 +48,7 @@ class KtoObjective:
     def units(self, example) -> int:
         return 1
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         self.reference = adapters_off(method)
         if self.reference is not None:
             return "reference: the base model with the adapters switched off (no second copy)"
@@ -55,16 +56,16 @@ class KtoObjective:
         return (f"reference: {cfg.method.name} trains the base weights, so their initial values are kept "
                 f"({self.reference.nbytes / 2**20:,.0f} MiB) and swapped in for reference log-probs")
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
         kl_batch = {k.removeprefix(KL_PREFIX): v for k, v in batch.items() if k.startswith(KL_PREFIX)}
         main = {k: v for k, v in batch.items() if not k.startswith(KL_PREFIX) and k != "label"}
         label = batch["label"]
-        policy, _ = sequence_logps(model, main)
+        policy, _ = sequence_logps(model, main, ctx)
         with torch.no_grad():
-            policy_kl, _ = sequence_logps(model, kl_batch)
+            policy_kl, _ = sequence_logps(model, kl_batch, ctx)
             with self.reference(model):
-                reference, _ = sequence_logps(model, main)
-                reference_kl, _ = sequence_logps(model, kl_batch)
+                reference, _ = sequence_logps(model, main, ctx)
+                reference_kl, _ = sequence_logps(model, kl_batch, ctx)
         kl = (policy_kl - reference_kl).mean().clamp(min=0)
         s = self.settings
         losses, rewards = kto_loss(policy, reference, label, kl, s.beta, s.desirable_weight, s.undesirable_weight)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE
 from tunesmith.kernels import segment_attention
 from tunesmith.kernels.attention_mask import attention_mask_for
@@ -17,17 +18,17 @@ from tunesmith.kernels.frozen_bf16 import FrozenBf16Linear
 from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum, linear_token_logps
 
 
-def hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def hidden_states(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> torch.Tensor:
     """Final hidden states (B, L, H) aligned with batch["input_ids"].
 
-    Virtual-token methods (prompt, prefix, P-tuning v2) attach `model.tunesmith_virtual`, which runs the
-    decoder itself (adding its virtual tokens / key-value prefixes) and returns the same alignment.
+    Virtual-token methods (prompt, prefix, P-tuning v2) give the run context a hook (`ctx.virtual`) returning the
+    module that runs the decoder itself (adding its virtual tokens / key-value prefixes), with the same alignment.
     """
-    virtual = getattr(model, "tunesmith_virtual", None)
+    virtual = ctx.virtual(model)
     if virtual is not None:
         return virtual.hidden_states(model, batch)
     if "segment_plan" in batch and segment_attention.active(model):
-        return segment_attention.run_decoder(model, batch)
+        return segment_attention.run_decoder(model, batch, ctx.compiled)
     decoder = model.get_decoder()
     dtype = next(model.parameters()).dtype
     out = decoder(
@@ -47,28 +48,27 @@ def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunkable_head(model) -> torch.nn.Linear | None:
+def _chunkable_head(model, ctx: RunContext) -> torch.nn.Linear | None:
     """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map: an
     nn.Linear, or one whose frozen weight is stored in bf16 (kernels/frozen_bf16.py: same product under autocast)."""
-    if not getattr(model, "tunesmith_loss_chunk", None) or getattr(model.config, "final_logit_softcapping", None):
+    if not ctx.loss_chunk or getattr(model.config, "final_logit_softcapping", None):
         return None
     head = model.get_output_embeddings()
     plain = type(head) is torch.nn.Linear or type(head) is FrozenBf16Linear
     return head if plain and head.bias is None else None
 
 
-def _workspace(model) -> Workspace:
-    return model.__dict__.setdefault("tunesmith_ce_workspace",
-                                     Workspace(onednn=getattr(model, "tunesmith_onednn", False)))
+def _workspace(ctx: RunContext) -> Workspace:
+    return ctx.workspace("chunked_ce", lambda: Workspace(onednn=ctx.onednn))
 
 
-def token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, entropy: bool = False
+def token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, ctx: RunContext, entropy: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) of each row of `hidden` (label positions, (N, H)) as fp32 (N,), and with `entropy` the entropy
     of each row's next-token distribution (detached)."""
-    head = _chunkable_head(model)
+    head = _chunkable_head(model, ctx)
     if head is not None:
-        return linear_token_logps(hidden, head.weight, targets, model.tunesmith_loss_chunk, _workspace(model), entropy)
+        return linear_token_logps(hidden, head.weight, targets, ctx.loss_chunk, _workspace(ctx), entropy)
     logits = logits_at(model, hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logps = -F.cross_entropy(logits, targets, reduction="none")
@@ -79,14 +79,13 @@ def token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, entropy: boo
         return logps, -(logp.exp() * logp).sum(-1)
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+def loss_sum(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
     targets = batch["targets"]
     where = targets != IGNORE
-    hidden = hidden_states(model, batch)[where]
-    head = _chunkable_head(model)
+    hidden = hidden_states(model, batch, ctx)[where]
+    head = _chunkable_head(model, ctx)
     if head is not None:
-        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], model.tunesmith_loss_chunk,
-                                        _workspace(model))
+        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], ctx.loss_chunk, _workspace(ctx))
         return loss, int(where.sum()), {}
     logits = logits_at(model, hidden)
     loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")
@@ -114,7 +113,7 @@ def units(example) -> int:
     return example.n_labels
 
 
-def prepare(model, method, cfg, data, device, pad_id: int) -> None:
+def prepare(model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> None:
     return None
 
 

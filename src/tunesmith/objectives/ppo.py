@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunesmith.context import RunContext
 from tunesmith.config.objectives import PpoSettings
 from tunesmith.data.chat import IGNORE, Chat, Tokenized, ensure_chat_template, render
 from tunesmith.data.pipeline import prompt_and_answer
@@ -27,7 +28,9 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.objectives.lm import hidden_states, token_logps
 from tunesmith.objectives.reference import InitialWeights, adapters_off
 
-VALUE_ATTR = "tunesmith_value_head"
+# A submodule of the policy under this name, as the reward head (objectives/reward.py): the optimizer, checkpoints and
+# the DDP/FSDP wrapper see its parameters; it is taken out while the policy is saved.
+VALUE_ATTR = "value_head"
 
 
 # ----- the math (pure functions on padded (sequences, tokens) tensors with a 0/1 mask)
@@ -126,8 +129,8 @@ def attach_value_head(model: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[PromptExample], settings: PpoSettings, greedy: bool = False
-           ) -> list[list[int]]:
+def sample(model, tokenizer, prompts: list[PromptExample], settings: PpoSettings, ctx: RunContext,
+           greedy: bool = False) -> list[list[int]]:
     """One completion per prompt, through its first end-of-turn token (or max_new_tokens of them)."""
     device = model.get_input_embeddings().weight.device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -143,7 +146,7 @@ def sample(model, tokenizer, prompts: list[PromptExample], settings: PpoSettings
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=1.0, top_k=settings.top_k)
-    virtual = getattr(model, "tunesmith_virtual", None)
+    virtual = ctx.virtual(model)
     if virtual is not None:  # as infer/generate.py: continue from a cache holding the virtual positions
         n, kwargs["past_key_values"] = virtual.generation_cache(model, ids.shape[0])
         ids = torch.cat([ids.new_full((ids.shape[0], n), pad), ids], dim=1)
@@ -168,13 +171,13 @@ def to_padded(flat: torch.Tensor, seq: torch.Tensor, n_seq: int, width: int) -> 
     return out
 
 
-def score_tokens(model, batch: dict[str, torch.Tensor], width: int, values: bool = True, entropy: bool = False
-                 ) -> dict[str, torch.Tensor]:
+def score_tokens(model, batch: dict[str, torch.Tensor], width: int, ctx: RunContext, values: bool = True,
+                 entropy: bool = False) -> dict[str, torch.Tensor]:
     """Log-probs of the completion tokens (and the value estimates, the entropy) as (n_seq, width) tensors."""
     targets = batch["targets"]
     where = targets != IGNORE
-    hidden = hidden_states(model, batch)[where]
-    logps, entropies = token_logps(model, hidden, targets[where], entropy)
+    hidden = hidden_states(model, batch, ctx)[where]
+    logps, entropies = token_logps(model, hidden, targets[where], ctx, entropy)
     seq, n_seq = batch["sequence"][where], batch["last"].shape[0]
     out = {"logps": to_padded(logps, seq, n_seq, width)}
     if values:
@@ -219,8 +222,8 @@ class RewardSource:
         else:
             from tunesmith.objectives.reward import load_reward_model
 
-            self.model, self.tokenizer = load_reward_model(settings.reward_model, dtype=cfg.model.dtype,
-                                                           trust_remote_code=cfg.model.trust_remote_code)
+            self.model, self.tokenizer, self.model_context = load_reward_model(
+                settings.reward_model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
             self.model.to(device)
         self.missing_eos_penalty = settings.missing_eos_penalty
 
@@ -238,7 +241,7 @@ class RewardSource:
             from tunesmith.objectives.reward import score
 
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-            scores = score(self.model, self.tokenizer, [p.messages for p in prompts], texts)
+            scores = score(self.model, self.tokenizer, [p.messages for p in prompts], texts, self.model_context)
         out = torch.tensor(scores, dtype=torch.float32)
         if self.missing_eos_penalty is not None:
             out -= self.missing_eos_penalty * (~torch.tensor(ended)).float()
@@ -262,7 +265,7 @@ class PpoObjective:
         evals, eval_report = tokenize_prompts(tokenizer, eval_items, room, length) if eval_items else ([], None)
         return Datasets(train, evals, train_items, eval_items, fmt, train_report, eval_report)
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         self.reference = adapters_off(method)
         note = "reference: the base model with the adapters switched off (no second copy)"
         if self.reference is None:  # taken before the value head exists, so it holds the policy's weights only

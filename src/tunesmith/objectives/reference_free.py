@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.context import RunContext
 from tunesmith.config.objectives import OrpoSettings, SimpoSettings
 from tunesmith.data.chat import IGNORE
 from tunesmith.objectives.lm import hidden_states, token_logps
@@ -53,7 +54,7 @@ def prompt_targets(batch: dict[str, torch.Tensor], n_chosen: int) -> torch.Tenso
     return out.reshape(batch["input_ids"].shape)
 
 
-def answer_logps(model, batch: dict[str, torch.Tensor], with_prompt: bool
+def answer_logps(model, batch: dict[str, torch.Tensor], with_prompt: bool, ctx: RunContext
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Per sequence: sum and count of its answer tokens' log-probs; and the NLL sum and token count over the chosen
     sequences (their answers, and with `with_prompt` their prompts too). One forward, one LM-head pass."""
@@ -62,7 +63,8 @@ def answer_logps(model, batch: dict[str, torch.Tensor], with_prompt: bool
     answer = targets != IGNORE
     extra = prompt_targets(batch, n) if with_prompt else torch.full_like(targets, IGNORE)
     where = answer | (extra != IGNORE)
-    logps, _ = token_logps(model, hidden_states(model, batch)[where], torch.where(answer, targets, extra)[where])
+    logps, _ = token_logps(model, hidden_states(model, batch, ctx)[where], torch.where(answer, targets, extra)[where],
+                           ctx)
     is_answer = answer[where]
     seq = batch["sequence"][where]
     n_seq = batch["last"].shape[0]
@@ -81,16 +83,16 @@ class ReferenceFreeObjective(PairwiseObjective):
         self.nll_on_prompt = bool(cfg.data.train_on_prompt)
         return super().build_datasets(cfg, tokenizer)
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         self.nll_on_prompt = bool(cfg.data.train_on_prompt)
         return "no reference model: answers are compared by their average log-probability per token"
 
     def pair_terms(self, chosen_avg, rejected_avg) -> tuple[torch.Tensor, float, dict]:
         raise NotImplementedError
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
         n = batch["last"].shape[0] // 2
-        sums, counts, nll_sum, nll_tokens = answer_logps(model, batch, getattr(self, "nll_on_prompt", False))
+        sums, counts, nll_sum, nll_tokens = answer_logps(model, batch, getattr(self, "nll_on_prompt", False), ctx)
         average = sums / counts.clamp(min=1)
         terms, nll_weight, metrics = self.pair_terms(average[:n], average[n:])
         nll = nll_sum / max(nll_tokens, 1)

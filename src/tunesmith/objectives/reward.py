@@ -17,11 +17,12 @@ from torch import nn
 
 from tunesmith.atomic import atomic_folder
 from tunesmith.config.objectives import RewardSettings
+from tunesmith.context import RunContext
 from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
 from tunesmith.objectives import heads
 
 HEAD_FILE = "reward_head.safetensors"
-HEAD_ATTR = "tunesmith_reward_head"
+HEAD_ATTR = "reward_head"  # a submodule of the model (objectives/heads.py says why)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
@@ -35,9 +36,9 @@ def attach_head(model: nn.Module) -> nn.Linear:
     return heads.attach_head(model, HEAD_ATTR, 1)
 
 
-def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_scores(model: nn.Module, batch: dict[str, torch.Tensor], ctx: RunContext) -> torch.Tensor:
     """One score per sequence: the head on the hidden state of the sequence's last token (batch["last"])."""
-    return heads.last_token_outputs(model, getattr(model, HEAD_ATTR), batch).squeeze(-1)
+    return heads.last_token_outputs(model, getattr(model, HEAD_ATTR), batch, ctx).squeeze(-1)
 
 
 def save_head(model: nn.Module, folder: Path) -> Path:
@@ -50,15 +51,17 @@ def load_head(model: nn.Module, folder: Path) -> nn.Linear:
 
 
 def load_reward_model(folder, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) of a saved reward model: an adapter folder (on its base, or `base`) or a model folder."""
-    model, tokenizer = heads.load_trained(folder, base, dtype, trust_remote_code, "reward model")
+    """(model, tokenizer, context) of a saved reward model: an adapter folder (on its base, or `base`) or a model
+    folder; the context carries the adapter's virtual tokens, if its method has them."""
+    model, tokenizer, ctx = heads.load_trained(folder, base, dtype, trust_remote_code, "reward model")
     load_head(model, folder)
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, ctx
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8) -> list[float]:
-    """Reward-model scores of answers to prompts (each a list of chat messages)."""
+def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], ctx: RunContext, batch_size: int = 8
+          ) -> list[float]:
+    """Reward-model scores of answers to prompts (each a list of chat messages); `ctx` as load_reward_model gives."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[float] = []
@@ -66,7 +69,7 @@ def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch
         chunk = zip(prompts[i : i + batch_size], answers[i : i + batch_size])
         seqs = [tokenize_answer(tokenizer, p, a) for p, a in chunk]
         batch = collate_sequences(seqs, False, max(len(s) for s in seqs), pad_id)
-        out.extend(sequence_scores(model, {k: v.to(device) for k, v in batch.items()}).tolist())
+        out.extend(sequence_scores(model, {k: v.to(device) for k, v in batch.items()}, ctx).tolist())
     return out
 
 
@@ -86,12 +89,12 @@ class RewardObjective:
     def units(self, pair) -> int:
         return 1
 
-    def prepare(self, model, method, cfg, data, device, pad_id: int) -> str:
+    def prepare(self, model, method, cfg, data, device, pad_id: int, ctx: RunContext) -> str:
         attach_head(model)
         return f"reward head: 1 × {getattr(model, HEAD_ATTR).in_features} on the last token of each sequence"
 
-    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
-        scores = sequence_scores(model, batch)
+    def loss_sum(self, model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
+        scores = sequence_scores(model, batch, ctx)
         n = batch["margin"].shape[0]
         chosen, rejected = scores[:n], scores[n:]
         loss = bradley_terry_loss(chosen, rejected, batch["margin"].to(scores.device)).sum()

@@ -81,8 +81,8 @@ class RewardSet:
         if settings.reward_model:
             from tunesmith.objectives.reward import load_reward_model
 
-            self.model, self.tokenizer = load_reward_model(settings.reward_model, dtype=cfg.model.dtype,
-                                                           trust_remote_code=cfg.model.trust_remote_code)
+            self.model, self.tokenizer, self.model_context = load_reward_model(
+                settings.reward_model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
             self.model.to(device)
             self.names.append("reward_model")
         self.weights = torch.tensor(settings.weights, dtype=torch.float32)
@@ -109,7 +109,8 @@ class RewardSet:
             from tunesmith.objectives.reward import score
 
             columns.append(score(self.model, self.tokenizer, [p.messages for p in prompts],
-                                 [tokenizer.decode(c, skip_special_tokens=True) for c in completions]))
+                                 [tokenizer.decode(c, skip_special_tokens=True) for c in completions],
+                                 self.model_context))
         return torch.tensor(columns, dtype=torch.float32).T.reshape(len(completions), len(columns))
 
     def total(self, per_function: torch.Tensor) -> torch.Tensor:

@@ -83,20 +83,20 @@ def build_grounded_prompt(tokenizer, question: str, hits: list[Hit], budget: int
 
 
 def ask(model, tokenizer, index, embedder, question: str, top_k: int = 4, expansion: str = "none",
-        max_new_tokens: int = 128, budget: int = 2048, where: str = "the question") -> Answer:
+        max_new_tokens: int = 128, budget: int = 2048, where: str = "the question", virtual=None) -> Answer:
     from tunesmith.infer.generate import generate_chat
 
     if not question.strip():
         raise DataError(f"{where}: the question is empty")
-    queries = expand_query(question, expansion, model, tokenizer)
+    queries = expand_query(question, expansion, model, tokenizer, virtual)
     hits = retrieve(index, embedder, queries, top_k)
     prompt = build_grounded_prompt(tokenizer, question, hits, budget, where)
-    text = generate_chat(model, tokenizer, prompt.messages, max_new_tokens)
+    text = generate_chat(model, tokenizer, prompt.messages, max_new_tokens, virtual=virtual)
     return Answer(text, prompt, queries)
 
 
-def answer_without_retrieval(model, tokenizer, question: str, max_new_tokens: int = 128) -> str:
+def answer_without_retrieval(model, tokenizer, question: str, max_new_tokens: int = 128, virtual=None) -> str:
     """The baseline: the bare question as the user's turn."""
     from tunesmith.infer.generate import generate_chat
 
-    return generate_chat(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens)
+    return generate_chat(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens, virtual=virtual)

@@ -98,13 +98,13 @@ def check_gold_sources(index, questions: list[GoldQuestion]) -> None:
 
 
 def score_retrieval(index, embedder, questions: list[GoldQuestion], ks: list[int], expansion: str = "none",
-                    model=None, tokenizer=None, progress=None) -> RetrievalScores:
+                    model=None, tokenizer=None, progress=None, virtual=None) -> RetrievalScores:
     depth = max(ks)
     ranks = []
     task = progress.add_task("retrieval", total=len(questions)) if progress else None
     started = time.perf_counter()
     for q in questions:
-        hits = retrieve(index, embedder, expand_query(q.question, expansion, model, tokenizer), depth)
+        hits = retrieve(index, embedder, expand_query(q.question, expansion, model, tokenizer, virtual), depth)
         ranks.append(first_relevant_rank([h.chunk for h in hits], q.gold))
         if progress:
             progress.advance(task)
@@ -114,7 +114,8 @@ def score_retrieval(index, embedder, questions: list[GoldQuestion], ks: list[int
 
 
 def score_answers(model, tokenizer, index, embedder, questions: list[GoldQuestion], top_k: int, budget: int,
-                  max_new_tokens: int = 48, expansion: str = "none", progress=None) -> list[AnswerScores]:
+                  max_new_tokens: int = 48, expansion: str = "none", progress=None, virtual=None
+                  ) -> list[AnswerScores]:
     """Two rows: the bare question, then the question with the top-k retrieved sources."""
     from tunesmith.rag.ask import answer_without_retrieval, ask, prompt_length
 
@@ -124,11 +125,11 @@ def score_answers(model, tokenizer, index, embedder, questions: list[GoldQuestio
         rows, started = [], time.perf_counter()
         for q in questions:
             if condition.startswith("without"):
-                text = answer_without_retrieval(model, tokenizer, q.question, max_new_tokens)
+                text = answer_without_retrieval(model, tokenizer, q.question, max_new_tokens, virtual)
                 n_tokens, cited = prompt_length(tokenizer, [{"role": "user", "content": q.question}]), None
             else:
                 answer = ask(model, tokenizer, index, embedder, q.question, top_k, expansion, max_new_tokens,
-                             budget, q.where)
+                             budget, q.where, virtual)
                 text, n_tokens, cited = answer.text, answer.prompt.n_tokens, bool(answer.cited)
             rows.append({"where": q.where, "question": q.question, "reference": q.answer, "answer": text,
                          "condition": condition, "prompt_tokens": n_tokens, "cited": cited,

@@ -30,11 +30,11 @@ def keyword_query(question: str) -> str:
     return " ".join(w for w in words if w.lower() not in STOPWORDS)
 
 
-def llm_rewrites(question: str, model, tokenizer, n: int = 3, max_new_tokens: int = 64) -> list[str]:
+def llm_rewrites(question: str, model, tokenizer, n: int = 3, max_new_tokens: int = 64, virtual=None) -> list[str]:
     from tunesmith.infer.generate import generate_chat
 
     request = [{"role": "user", "content": REWRITE_PROMPT.format(n=n, question=question)}]
-    return parse_rewrites(generate_chat(model, tokenizer, request, max_new_tokens=max_new_tokens), n)
+    return parse_rewrites(generate_chat(model, tokenizer, request, max_new_tokens=max_new_tokens, virtual=virtual), n)
 
 
 def parse_rewrites(reply: str, n: int) -> list[str]:
@@ -43,8 +43,9 @@ def parse_rewrites(reply: str, n: int) -> list[str]:
     return [line for line in lines if len(line.split()) >= 2][:n]
 
 
-def expand_query(question: str, expansion: str = "none", model=None, tokenizer=None) -> list[str]:
-    """The question first, then the extra queries the expansion adds (duplicates removed)."""
+def expand_query(question: str, expansion: str = "none", model=None, tokenizer=None, virtual=None) -> list[str]:
+    """The question first, then the extra queries the expansion adds (duplicates removed). `virtual`: the loaded
+    adapter's virtual tokens, if any (infer/generate.py)."""
     if expansion not in EXPANSIONS:
         raise ConfigError(f"--expand {expansion}: expected one of {', '.join(EXPANSIONS)}")
     queries = [question]
@@ -53,7 +54,7 @@ def expand_query(question: str, expansion: str = "none", model=None, tokenizer=N
     if expansion in ("llm", "both"):
         if model is None:
             raise ConfigError(f"--expand {expansion}: rewriting queries needs a language model")
-        queries.extend(llm_rewrites(question, model, tokenizer))
+        queries.extend(llm_rewrites(question, model, tokenizer, virtual=virtual))
     seen, unique = set(), []
     for q in queries:
         if q.strip() and q.lower() not in seen:

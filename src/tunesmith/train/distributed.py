@@ -45,8 +45,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, objective, batch: dict[str, torch.Tensor]):
-        return objective.loss_sum(self.model, batch)
+    def forward(self, objective, batch: dict[str, torch.Tensor], ctx):
+        return objective.loss_sum(self.model, batch, ctx)
 
 
 class OneProcess:
@@ -69,8 +69,8 @@ class OneProcess:
     def wrap(self, model: nn.Module, objective) -> None:
         pass
 
-    def loss_sum(self, model, objective, batch):
-        return objective.loss_sum(model, batch)
+    def loss_sum(self, model, objective, batch, ctx):
+        return objective.loss_sum(model, batch, ctx)
 
     def gradient_sync(self, last: bool):
         return nullcontext()
@@ -151,10 +151,10 @@ class DataParallel(OneProcess):
                                                device_ids=[device.index] if device.type == "cuda" else None,
                                                **no_buffer_sync)
 
-    def loss_sum(self, model, objective, batch):
+    def loss_sum(self, model, objective, batch, ctx):
         if model is not self.model or not torch.is_grad_enabled():
-            return objective.loss_sum(model, batch)  # evaluation: every rank computes it alone, no collective
-        return self.wrapped(objective, batch)
+            return objective.loss_sum(model, batch, ctx)  # evaluation: every rank computes it alone, no collective
+        return self.wrapped(objective, batch, ctx)
 
     def gradient_sync(self, last: bool):
         return nullcontext() if last else self.wrapped.no_sync()
@@ -184,10 +184,10 @@ class FullySharded(DataParallel):
         self.model = model
         self.wrapped = fully_shard(LossModule(model))
 
-    def loss_sum(self, model, objective, batch):
+    def loss_sum(self, model, objective, batch, ctx):
         if model is not self.model:
-            return objective.loss_sum(model, batch)
-        return self.wrapped(objective, batch)  # evaluation too: every rank takes part in the all-gathers
+            return objective.loss_sum(model, batch, ctx)
+        return self.wrapped(objective, batch, ctx)  # evaluation too: every rank takes part in the all-gathers
 
     def gradient_sync(self, last: bool):
         return _fsdp_sync(self.wrapped, last)

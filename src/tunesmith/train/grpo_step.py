@@ -40,7 +40,7 @@ def _scored(run, seqs: list, width: int, reference: bool = False) -> torch.Tenso
     for i in range(0, len(seqs), s.minibatch_size):
         batch = collated(run, seqs[i : i + s.minibatch_size])
         with autocast_for(run.cfg, run.device), (run.objective.reference(run.model) if reference else nullcontext()):
-            rows.append(completion_logps(run.model, batch, width, s.temperature))
+            rows.append(completion_logps(run.model, batch, width, run.ctx, s.temperature))
     return torch.cat(rows)
 
 
@@ -48,7 +48,7 @@ def _scored(run, seqs: list, width: int, reference: bool = False) -> torch.Tenso
 def generate(run, prompts: list) -> GenerationBatch:
     s = run.objective.settings
     with autocast_for(run.cfg, run.device):
-        completions = sample_groups(run.model, run.tokenizer, prompts, s.num_generations, s.max_new_tokens,
+        completions = sample_groups(run.model, run.tokenizer, prompts, s.num_generations, s.max_new_tokens, run.ctx,
                                     s.temperature, s.top_k)
     each = [p for p in prompts for _ in range(s.num_generations)]
     per_function = run.objective.rewards.per_function(run.tokenizer, each, completions)
@@ -84,7 +84,7 @@ def optimize(run, gb: GenerationBatch, params, optimizer, scheduler) -> dict:
             idx = slice(start, start + s.minibatch_size)
             batch = collated(run, gb.seqs[idx])
             with autocast_for(cfg, run.device):
-                logps = completion_logps(run.model, batch, gb.width, s.temperature)
+                logps = completion_logps(run.model, batch, gb.width, run.ctx, s.temperature)
             mask = gb.mask[idx]
             old = gb.old_logps[idx] if gb.old_logps is not None else logps.detach()
             ref = gb.ref_logps[idx] if gb.ref_logps is not None else None
@@ -118,7 +118,7 @@ def mean_reward(run) -> dict | None:
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
         with autocast_for(run.cfg, run.device):
-            completions = sample_groups(run.model, run.tokenizer, chunk, 1, s.max_new_tokens, greedy=True)
+            completions = sample_groups(run.model, run.tokenizer, chunk, 1, s.max_new_tokens, run.ctx, greedy=True)
         scores.append(rewards.per_function(run.tokenizer, chunk, completions))
     per_function = torch.cat(scores)
     out = {"reward": float(rewards.total(per_function).mean())}

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from tunesmith.config import RunConfig
+from tunesmith.context import RunContext
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.faults import fault_after
 from tunesmith.objectives import get_objective
@@ -42,7 +43,7 @@ class StepTotals:
 
 
 def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, device, pad_id: int,
-                         ranks=None) -> StepTotals:
+                         ctx: RunContext, ranks=None) -> StepTotals:
     """Backward over the micro-batches of one optimizer step, normalised by all their units (label tokens, pairs)
     together, on all ranks together, so that accumulating k micro-batches on W ranks gives the gradient of the one
     big batch on one process. The totals returned are the sums over the ranks."""
@@ -57,7 +58,7 @@ def accumulate_gradients(model, objective, micro: list[list], cfg: RunConfig, de
         batch = to_device(objective.collate(mb, cfg, pad_id), device)
         with ranks.gradient_sync(last=k == len(micro) - 1):
             with autocast_for(cfg, device):
-                loss, _, metrics = ranks.loss_sum(model, objective, batch)
+                loss, _, metrics = ranks.loss_sum(model, objective, batch, ctx)
             (loss / per_unit).backward()
         local.loss += float(loss.detach())
         for key, value in metrics.items():
@@ -71,7 +72,7 @@ def supervised_step(run: Run, micro: list[list], params, optimizer, scheduler) -
     """One optimizer step over `micro`: the gradients accumulated, clipped, applied."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    totals = accumulate_gradients(run.model, run.objective, micro, cfg, run.device, run.pad_id, run.ranks)
+    totals = accumulate_gradients(run.model, run.objective, micro, cfg, run.device, run.pad_id, run.ctx, run.ranks)
     lr, grad_norm = apply_update(run, params, optimizer, scheduler)
     row = {"loss": totals.loss / totals.units, "lr": lr, "tokens": totals.tokens,
            "label_tokens": totals.label_tokens, "tokens_per_s": totals.tokens / (time.perf_counter() - t0)}
@@ -82,7 +83,7 @@ def supervised_step(run: Run, micro: list[list], params, optimizer, scheduler) -
 
 
 def held_out_loss(run: Run) -> dict | None:
-    return evaluate_data(run.model, run.objective, run.data, run.cfg, run.device, run.pad_id, run.ranks)
+    return evaluate_data(run.model, run.objective, run.data, run.cfg, run.device, run.pad_id, run.ctx, run.ranks)
 
 
 SUPERVISED = Algorithm(supervised_step, held_out_loss)

@@ -46,7 +46,7 @@ def rollout(run: Run, prompts: list) -> Rollout:
     cfg, model, objective = run.cfg, run.model, run.objective
     s = objective.settings
     with autocast_for(cfg, run.device):
-        completions = sample(model, run.tokenizer, prompts, s)
+        completions = sample(model, run.tokenizer, prompts, s, run.ctx)
     scores = objective.rewards(run.tokenizer, prompts, completions)
     seqs = sequences(prompts, completions)
     width = max(len(c) for c in completions)
@@ -54,9 +54,9 @@ def rollout(run: Run, prompts: list) -> Rollout:
     mask = (torch.arange(width)[None, :] < lengths[:, None]).float().to(run.device)
     batch = collated(run, seqs)
     with autocast_for(cfg, run.device):
-        policy = score_tokens(model, batch, width, values=True, entropy=True)
+        policy = score_tokens(model, batch, width, run.ctx, values=True, entropy=True)
         with objective.reference(model):
-            reference = score_tokens(model, batch, width, values=False)
+            reference = score_tokens(model, batch, width, run.ctx, values=False)
     kl = (policy["logps"] - reference["logps"]) * mask
     rewards = -s.kl_coef * kl
     last = (torch.arange(len(seqs)), lengths - 1)
@@ -84,7 +84,7 @@ def optimize(run: Run, ro: Rollout, params, optimizer, scheduler) -> dict:
             idx = chosen.to(run.device)
             mask, old_logps = ro.mask[idx], ro.logps[idx]
             with autocast_for(cfg, run.device):
-                new = score_tokens(run.model, batch, ro.width, values=True)
+                new = score_tokens(run.model, batch, ro.width, run.ctx, values=True)
             pg, clip_fraction = policy_loss(new["logps"], old_logps, ro.advantages[idx], mask, s.clip_range)
             vf = value_loss(new["values"], ro.values[idx], ro.returns[idx], mask, s.value_clip_range)
             (pg + s.value_coef * vf).backward()
@@ -107,7 +107,7 @@ def mean_reward(run: Run, prompts: list) -> float | None:
     for i in range(0, len(prompts), bs):
         chunk = prompts[i : i + bs]
         with autocast_for(run.cfg, run.device):
-            completions = sample(run.model, run.tokenizer, chunk, run.objective.settings, greedy=True)
+            completions = sample(run.model, run.tokenizer, chunk, run.objective.settings, run.ctx, greedy=True)
         total += float(run.objective.rewards(run.tokenizer, chunk, completions).sum())
     return total / len(prompts)
 

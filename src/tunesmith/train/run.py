@@ -18,6 +18,7 @@ from rich.console import Console
 
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig, dump_config
+from tunesmith.context import RunContext
 from tunesmith.data.pipeline import Datasets, prompt_and_answer
 from tunesmith.data.shared_prefixes import dropout_in
 from tunesmith.devices import autocast_for, pick_device, to_device
@@ -89,7 +90,8 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
 
 
 @torch.no_grad()
-def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int, ranks=None) -> dict | None:
+def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: int, ctx: RunContext, ranks=None
+             ) -> dict | None:
     """Held-out loss and the objective's metrics, each averaged over the objective's units (tokens, pairs); in a
     distributed run every rank computes them on the whole held-out set."""
     if not examples:
@@ -102,7 +104,7 @@ def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: i
     for i in range(0, len(examples), bs):
         batch = to_device(objective.collate(examples[i : i + bs], cfg, pad_id), device)
         with autocast_for(cfg, device):
-            loss, n, metrics = ranks.loss_sum(model, objective, batch)
+            loss, n, metrics = ranks.loss_sum(model, objective, batch, ctx)
         total += float(loss)
         count += n
         for key, value in metrics.items():
@@ -112,16 +114,17 @@ def evaluate(model, objective, examples: list, cfg: RunConfig, device, pad_id: i
     return {"loss": total / max(count, 1), **{k: v / max(count, 1) for k, v in sums.items()}}
 
 
-def evaluate_data(model, objective, data: Datasets, cfg: RunConfig, device, pad_id: int, ranks=None) -> dict | None:
+def evaluate_data(model, objective, data: Datasets, cfg: RunConfig, device, pad_id: int, ctx: RunContext,
+                  ranks=None) -> dict | None:
     """Held-out metrics over all the eval examples, and in a multi-task run each task's as `<task>/<metric>`."""
-    overall = evaluate(model, objective, data.eval, cfg, device, pad_id, ranks)
+    overall = evaluate(model, objective, data.eval, cfg, device, pad_id, ctx, ranks)
     for name, examples in data.task_evals.items():
-        for key, value in (evaluate(model, objective, examples, cfg, device, pad_id, ranks) or {}).items():
+        for key, value in (evaluate(model, objective, examples, cfg, device, pad_id, ctx, ranks) or {}).items():
             overall[f"{name}/{key}"] = value
     return overall
 
 
-def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: int) -> list[dict]:
+def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: int, ctx: RunContext) -> list[dict]:
     from tunesmith.infer.generate import generate_chat
 
     out = []
@@ -131,7 +134,7 @@ def sample_generations(model, tokenizer, items: list, n: int, max_new_tokens: in
             break
         prompt, reference = split
         out.append({"prompt": prompt[-1]["content"], "reference": reference,
-                    "output": generate_chat(model, tokenizer, prompt, max_new_tokens)})
+                    "output": generate_chat(model, tokenizer, prompt, max_new_tokens, virtual=ctx.virtual(model))})
     return out
 
 
@@ -153,6 +156,7 @@ class Run:
     config_yaml: str
     forgetting: ForgettingProbe | None = None
     ranks: OneProcess = field(default_factory=OneProcess)
+    ctx: RunContext = field(default_factory=RunContext)
 
 
 def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
@@ -202,13 +206,14 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         cfg.data.share_prefixes = False
         console.print(f"[bold]data[/bold] share_prefixes: off for this run, since dropout is on ({dropout}): a shared "
                       "prefix would give every example that shares it one dropout mask; without dropout it stays on")
+    ctx = RunContext(virtual_tokens=getattr(method, "virtual_tokens", None))
     # before prepare: a cached reference must be computed as the policy is
-    console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id)}")
-    note = objective.prepare(model, method, cfg, data, device, pad_id)
+    console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id, ctx)}")
+    note = objective.prepare(model, method, cfg, data, device, pad_id, ctx)
     trainable, total = count_parameters(model)
-    model.tunesmith_memory_plan = predicted_peak(cfg, device.type, objective, data.train, pad_id)
-    if model.tunesmith_memory_plan is not None:
-        console.print(f"[bold]plan[/bold] {plan_line(model.tunesmith_memory_plan)}")
+    ctx.memory_plan = predicted_peak(cfg, device.type, objective, data.train, pad_id)
+    if ctx.memory_plan is not None:
+        console.print(f"[bold]plan[/bold] {plan_line(ctx.memory_plan)}")
     console.print(f"[bold]method[/bold] {cfg.method.name}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.3f} %)")
     if note:
@@ -225,7 +230,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
             keep(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               config_yaml, ranks=ranks, forgetting=forgetting)
+               config_yaml, ranks=ranks, forgetting=forgetting, ctx=ctx)
 
 
 def general_perplexity(run: Run) -> float | None:
@@ -236,7 +241,8 @@ def general_perplexity(run: Run) -> float | None:
     from tunesmith.objectives import lm
 
     started = time.perf_counter()
-    loss = evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id, run.ranks)["loss"]
+    loss = evaluate(run.model, lm, run.forgetting.examples, run.cfg, run.device, run.pad_id, run.ctx,
+                    run.ranks)["loss"]
     run.forgetting.seconds += time.perf_counter() - started
     return math.exp(loss)
 
@@ -281,7 +287,8 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     after_loss = after.get("loss") if after else None
     result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
     result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
-    result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective)
+    result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective,
+                                run.ctx)
     result.summary["facts"].update(extra_facts or {})
     result.tasks = _task_results(run.data, mixture, baseline["eval_metrics"], after)
     if result.tasks:
@@ -321,9 +328,11 @@ def baseline(run: Run, resume: bool, held_out) -> dict:
         out["eval_loss"] = (out["eval_metrics"] or {}).get("loss")
         if run.ranks.main:  # the report is the main rank's
             out["heldout_samples"] = sample_generations(run.model, run.tokenizer, run.data.eval_items,
-                                                        cfg.report.heldout_samples, cfg.report.max_new_tokens)
+                                                        cfg.report.heldout_samples, cfg.report.max_new_tokens,
+                                                        run.ctx)
             out["trained_samples"] = sample_generations(run.model, run.tokenizer, run.data.train_items,
-                                                        cfg.report.trained_samples, cfg.report.max_new_tokens)
+                                                        cfg.report.trained_samples, cfg.report.max_new_tokens,
+                                                        run.ctx)
     out["forgetting_perplexity"] = general_perplexity(run)  # every rank takes part in the evaluation
     if run.ranks.main:
         atomic_write_text(path, json.dumps(out, indent=1))
@@ -350,7 +359,8 @@ def _memory_line(model, trainable: int) -> str:
             f"{grads_and_state / 2**20:,.0f} MiB")
 
 
-def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict, objective) -> dict:
+def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, baseline: dict, objective,
+               ctx: RunContext) -> dict:
     facts = {
         "model": cfg.model.path,
         "method": f"{cfg.method.name} ({result.trainable:,} trainable of {result.total:,} = "
@@ -359,7 +369,7 @@ def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, base
         "data": f"{data.format}; train {data.train_report.summary()}"
                 + (f"; eval {len(data.eval)} examples" if data.eval else ""),
         "memory": _memory_line(model, result.trainable),
-        "peak memory": predicted_vs_measured(getattr(model, "tunesmith_memory_plan", None), model.device),
+        "peak memory": predicted_vs_measured(ctx.memory_plan, model.device),
         "steps": f"{result.steps} × batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum}",
         "training time": f"{result.seconds:.1f} s ({tokens_seen / max(result.seconds, 1e-9):.0f} tokens/s)",
     }
@@ -373,7 +383,8 @@ def _summarize(cfg, data, result: RunResult, tokens_seen, model, tokenizer, base
                 facts[name] = f"{b:.4f} before, {a:.4f} after"
     for key, items in (("heldout_samples", data.eval_items), ("trained_samples", data.train_items)):
         before = baseline[key]
-        after = sample_generations(model, tokenizer, items, len(before), cfg.report.max_new_tokens) if before else []
+        after = sample_generations(model, tokenizer, items, len(before), cfg.report.max_new_tokens, ctx) \
+            if before else []
         summary[key] = [{"prompt": b["prompt"], "reference": b["reference"], "before": b["output"],
                          "after": a["output"]} for b, a in zip(before, after)]
     return summary

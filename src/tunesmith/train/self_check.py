@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.config.run import BASE_TRAINING_METHODS
+from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
 from tunesmith.data.shared_prefixes import MIN_SHARED
@@ -50,26 +51,26 @@ def _probe_batch(model, cfg, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _logits(model, batch, cfg, device) -> torch.Tensor:
+def _logits(model, batch, cfg, device, ctx: RunContext) -> torch.Tensor:
     with autocast_for(cfg, device):
         where = batch["targets"] != IGNORE
-        return lm.logits_at(model, lm.hidden_states(model, batch)[where]).float()
+        return lm.logits_at(model, lm.hidden_states(model, batch, ctx)[where]).float()
 
 
 @torch.no_grad()
-def _loss(model, batch, cfg, device) -> float:
+def _loss(model, batch, cfg, device, ctx: RunContext) -> float:
     with autocast_for(cfg, device):
-        loss, n, _ = lm.loss_sum(model, batch)
+        loss, n, _ = lm.loss_sum(model, batch, ctx)
     return float(loss) / n
 
 
-def checked_speed_options(model, cfg, device, pad_id: int) -> str:
-    """apply_speed_options(model, cfg.train), each patch checked against the plain model; returns a log line."""
+def checked_speed_options(model, cfg, device, pad_id: int, ctx: RunContext) -> str:
+    """apply_speed_options(model, cfg.train, ctx), each patch checked against the plain model; returns a log line."""
     batch = to_device(_probe_batch(model, cfg, pad_id), device)
     targets = batch["targets"][batch["targets"] != IGNORE]
     was_training = model.training
     model.eval()  # no dropout: the same weights give the same logits
-    plain_logits = _logits(model, batch, cfg, device)
+    plain_logits = _logits(model, batch, cfg, device, ctx)
     plain_loss = float(F.cross_entropy(plain_logits, targets))  # what lm.loss_sum computes without chunks
     scale = float(plain_logits.abs().max()) or 1.0
     compute_dtype = torch.bfloat16 if cfg.train.bf16 else model.get_input_embeddings().weight.dtype
@@ -79,9 +80,9 @@ def checked_speed_options(model, cfg, device, pad_id: int) -> str:
     def compare(setting: str) -> None:
         nonlocal worst
         if setting == LOSS_SETTING:
-            moved, what = abs(_loss(model, batch, cfg, device) - plain_loss) / max(plain_loss, 1e-6), "the loss"
+            moved, what = abs(_loss(model, batch, cfg, device, ctx) - plain_loss) / max(plain_loss, 1e-6), "the loss"
         else:
-            moved = float((_logits(model, batch, cfg, device) - plain_logits).abs().max()) / scale
+            moved = float((_logits(model, batch, cfg, device, ctx) - plain_logits).abs().max()) / scale
             what = "the logits"
         if not moved <= tolerance:
             off = "null" if setting == LOSS_SETTING else "false"
@@ -93,7 +94,7 @@ def checked_speed_options(model, cfg, device, pad_id: int) -> str:
         worst = max(worst, moved)
 
     try:
-        apply_speed_options(model, cfg.train, after_each=compare,
+        apply_speed_options(model, cfg.train, ctx, after_each=compare,
                             base_is_trained=cfg.method.name in BASE_TRAINING_METHODS)
     finally:
         model.train(was_training)
