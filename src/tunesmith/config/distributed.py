@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.config.declarations import ObjectiveDeclaration
+
 
 class DistributedSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -22,24 +24,10 @@ class DistributedSettings(BaseModel):
         "for its backward (less memory, one more all-gather of the layers per micro-batch)")
 
 
-# Objectives and methods a distributed run refuses, with why.
-REFUSED_OBJECTIVES = {
-    "ppo": "PPO's step (train/ppo_step.py) samples its rollouts and scores them on one process; it is not sharded "
-           "over ranks. Train PPO without torchrun (remove the distributed: section)",
-    "grpo": "GRPO's step (train/grpo_step.py) samples each group's completions and scores them on one process; it is "
-            "not sharded over ranks. Train GRPO without torchrun (remove the distributed: section)",
-}
-REFUSED_UNDER_FSDP = {
-    "qlora": "FSDP shards each parameter along its first dimension, but QLoRA's 4-bit base weights are packed bytes "
-             "whose per-block scales belong to the whole flattened tensor (bitsandbytes' Params4bit), so a shard "
-             "cannot be gathered back or dequantised on its own. Use distributed.strategy: ddp, or method lora",
-}
-
-
-def refusal(objective: str, method: str, strategy: str) -> str | None:
-    """Why this objective or method cannot run under `strategy`, or None."""
-    if objective in REFUSED_OBJECTIVES:
-        return f"objective: {REFUSED_OBJECTIVES[objective]}"
-    if strategy == "fsdp" and method in REFUSED_UNDER_FSDP:
-        return f"method.name: {method} with distributed.strategy fsdp: {REFUSED_UNDER_FSDP[method]}"
+def refusal(objective: ObjectiveDeclaration, method, strategy: str) -> str | None:
+    """Why this objective or method (its settings) cannot run under `strategy`, or None."""
+    if objective.not_distributed:
+        return f"objective: {objective.not_distributed}"
+    if strategy == "fsdp" and method.declaration.fsdp_refusal:
+        return f"method.name: {method.name} with distributed.strategy fsdp: {method.declaration.fsdp_refusal}"
     return None

@@ -1,10 +1,13 @@
-"""Each method's options (pydantic, no torch), selected in the config by `method.name`."""
+"""Each method's options (pydantic, no torch), selected in the config by `method.name`, and what it declares about
+itself (`declaration`, config/declarations.py) for config validation, the planner, export and inference."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tunesmith.config.declarations import MemoryTerms, MethodDeclaration, Saved
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -12,13 +15,33 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # What the planner (plan/memory.py) reads from a method's settings beside its declaration's memory terms.
+    def blocks_with_grad(self, num_layers: int) -> int:
+        """Decoder blocks that keep activations for backward."""
+        return num_layers
+
+    def head_trains(self) -> bool:
+        """Whether the LM head's weight trains."""
+        return False
+
+    def bottleneck_width(self, hidden_size: int) -> int:
+        """The width `w` of the method's own layers in its saved-activation terms (MemoryTerms.saved_*)."""
+        return 0
+
 
 class FullSettings(Strict):
     name: Literal["full"] = "full"
+    declaration: ClassVar = MethodDeclaration(
+        artifact="model", trains_base=True, memory=MemoryTerms(linear_weights_train=True),
+        not_mergeable="a full fine-tune is already a complete model folder; use it directly as --model")
+
+    def head_trains(self) -> bool:
+        return True
 
 
 class FreezeSettings(Strict):
     name: Literal["freeze"] = "freeze"
+    declaration: ClassVar = MethodDeclaration(trains_base=True, memory=MemoryTerms(linear_weights_train=True))
     last_layers: int | None = Field(None, gt=0, description="train the last N transformer blocks")
     patterns: list[str] = Field(default_factory=list, description="regexes; parameters whose name matches train")
 
@@ -28,14 +51,24 @@ class FreezeSettings(Strict):
             raise ValueError("freeze needs last_layers or patterns (otherwise nothing would train)")
         return self
 
+    def blocks_with_grad(self, num_layers: int) -> int:
+        """All, except below the lowest trained block."""
+        return self.last_layers if self.last_layers and not self.patterns else num_layers
+
+    def head_trains(self) -> bool:
+        return "lm_head" in " ".join(self.patterns)
+
 
 class BitFitSettings(Strict):
     name: Literal["bitfit"] = "bitfit"
+    declaration: ClassVar = MethodDeclaration(trains_base=True)
     target_modules: list[str] | str = Field(default_factory=lambda: list(ALL_LINEAR))
 
 
 class LoraSettings(Strict):
     name: Literal["lora"] = "lora"
+    declaration: ClassVar = MethodDeclaration(named_adapters=True, four_bit_variant="qlora",
+                                              memory=MemoryTerms(low_rank=True, fused_dropout=True))
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -46,20 +79,34 @@ class LoraSettings(Strict):
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
 
 
+DORA_SAVED = Saved("DoRA W0·x and B·A·x per target", (("q", 2), ("kv", 4), ("h", 4), ("i", 4)))
+
+
 class DoraSettings(LoraSettings):
     name: Literal["dora"] = "dora"
+    declaration: ClassVar = MethodDeclaration(named_adapters=True, four_bit_variant="qlora", memory=MemoryTerms(
+        low_rank=True, reads_base_weight=True, saved_fp32=(DORA_SAVED,), saved_bf16=(DORA_SAVED,), weight_norms=True))
 
 
 class QloraSettings(LoraSettings):
     name: Literal["qlora"] = "qlora"
+    declaration: ClassVar = MethodDeclaration(
+        memory=MemoryTerms(low_rank=True, quantized_base=True),
+        fsdp_refusal="FSDP shards each parameter along its first dimension, but QLoRA's 4-bit base weights are packed "
+        "bytes whose per-block scales belong to the whole flattened tensor (bitsandbytes' Params4bit), so a shard "
+        "cannot be gathered back or dequantised on its own. Use distributed.strategy: ddp, or method lora")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit code for the frozen base linear weights")
     double_quant: bool = Field(True, description="also quantise the per-block scales (8-bit), ~0.4 bit/weight less")
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype the 4-bit weights are "
                                                            "dequantised to for each matmul")
 
 
+IA3_SAVED = Saved("IA3 rescaled outputs/inputs", (("kv", 2), ("i", 1)))
+
+
 class IA3Settings(Strict):
     name: Literal["ia3"] = "ia3"
+    declaration: ClassVar = MethodDeclaration(memory=MemoryTerms(saved_fp32=(IA3_SAVED,), saved_bf16=(IA3_SAVED,)))
     target_modules: list[str] | str = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = Field(
         default_factory=lambda: ["down_proj"], description="targets whose input (not output) is rescaled")
@@ -67,14 +114,27 @@ class IA3Settings(Strict):
 
 class AdapterSettings(Strict):
     name: Literal["adapter"] = "adapter"
+    declaration: ClassVar = MethodDeclaration(
+        not_mergeable="bottleneck adapters add a nonlinear layer that the base architecture has no place for, "
+        "so they cannot be merged into its weights; use the adapter with --adapter instead",
+        memory=MemoryTerms(saved_fp32=(Saved("adapter inputs and bottleneck", (("h", 2), ("w", 4))),),
+                           saved_bf16=(Saved("adapter inputs (bf16 base outputs) and activations",
+                                             (("h", 2), ("w", 2))),)))
     reduction_factor: int = Field(16, gt=0, description="bottleneck width = hidden_size / reduction_factor")
     placement: Literal["attention", "mlp", "both"] = "both"
     activation: Literal["relu", "gelu", "silu"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
+    def bottleneck_width(self, hidden_size: int) -> int:
+        return max(1, hidden_size // self.reduction_factor)
+
 
 class PromptSettings(Strict):
     name: Literal["prompt"] = "prompt"
+    declaration: ClassVar = MethodDeclaration(
+        not_mergeable="soft prompts are learned input embeddings placed before the text, not changes to any weight, "
+        "so there is nothing to fold into the base; use the adapter with --adapter instead",
+        memory=MemoryTerms(virtual="embeddings"))
     num_virtual_tokens: int = Field(20, gt=0)
     init: Literal["random", "vocab", "text"] = "random"
     init_text: str | None = None
@@ -86,8 +146,15 @@ class PromptSettings(Strict):
         return self
 
 
+PREFIX = MethodDeclaration(
+    not_mergeable="prefixes are learned keys and values every attention layer attends to, not changes to any "
+    "weight, so there is nothing to fold into the base; use the adapter with --adapter instead",
+    memory=MemoryTerms(virtual="key_values"))
+
+
 class PrefixSettings(Strict):
     name: Literal["prefix"] = "prefix"
+    declaration: ClassVar = PREFIX
     num_virtual_tokens: int = Field(20, gt=0)
     projection: bool = Field(True, description="train through an MLP reparameterisation (folded away on save)")
     projection_hidden: int = Field(512, gt=0)
@@ -95,13 +162,14 @@ class PrefixSettings(Strict):
 
 class PtuningV2Settings(Strict):
     name: Literal["ptuning-v2"] = "ptuning-v2"
+    declaration: ClassVar = PREFIX
     num_virtual_tokens: int = Field(20, gt=0)
 
 
 MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings | DoraSettings | QloraSettings
                   | IA3Settings | AdapterSettings | PromptSettings | PrefixSettings | PtuningV2Settings)
 
-METHOD_NAMES = ["full", "freeze", "bitfit", "lora", "dora", "qlora", "ia3", "adapter", "prompt", "prefix", "ptuning-v2"]
+METHOD_NAMES = [c.model_fields["name"].default for c in MethodSettings.__args__]
 
 
 def settings_class(name: str):

@@ -1,5 +1,5 @@
-"""Each objective's options (pydantic, no torch): the `reward:`, `dpo:`, `orpo:`, `simpo:`, `kto:`, `ppo:`, `grpo:`
-and `classify:` config sections."""
+"""Each objective's declaration (config/declarations.py) and options (pydantic, no torch): the `reward:`, `dpo:`,
+`orpo:`, `simpo:`, `kto:`, `ppo:`, `grpo:` and `classify:` config sections."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.config.declarations import ObjectiveDeclaration
 from tunesmith.paths import Expect
 
 
@@ -56,6 +57,10 @@ class PpoSettings(Strict):
     def _one_reward_source(self) -> "PpoSettings":
         if self.reward_model and self.reward_function:
             raise ValueError("set ppo.reward_model or ppo.reward_function, not both")
+        if not (self.reward_model or self.reward_function):
+            raise ValueError("ppo.reward_model / ppo.reward_function: PPO needs a reward source; set "
+                             "ppo.reward_model to a folder saved by an `objective: reward` run, or "
+                             "ppo.reward_function to 'module:function'")
         return self
 
 
@@ -172,5 +177,71 @@ class GrpoSettings(Strict):
         return list(self.reward_weights) if self.reward_weights is not None else [1.0] * n
 
 
-OBJECTIVE_SECTIONS = {"reward": RewardSettings, "dpo": DpoSettings, "orpo": OrpoSettings, "simpo": SimpoSettings,
-                      "kto": KtoSettings, "ppo": PpoSettings, "grpo": GrpoSettings, "classify": ClassifySettings}
+def _cut_apart(name: str) -> str:
+    return f"would cut {name} examples apart; use 'drop' or 'truncate'"
+
+
+PAIRS = ("preference",)
+PAIRS_DESCRIBED = " (prompt, chosen, rejected)"
+PROMPTS = ("preference", "alpaca", "sharegpt", "messages", "unpaired")
+PROMPTS_DESCRIBED = " (prompts: 'prompt' records or conversations)"
+SAMPLED = "trains on the answers the policy samples; the prompt is given, not generated, so it is never trained"
+
+
+# One declaration per objective: the names config accepts for `objective:`, in this order.
+OBJECTIVES = (
+    ObjectiveDeclaration(
+        "sft", ("alpaca", "sharegpt", "messages"), " (conversations)", mixes_tasks=True,
+        task_formats=("text",),  # a raw-text task beside chat tasks: replay of general text, every token trained
+        split_refusal="cuts chat examples mid-turn; use 'drop' or 'truncate' for sft"),
+    ObjectiveDeclaration("text", ("text",), " (raw documents with a 'text' field)", mixes_tasks=True,
+                         default_overlong="split"),
+    ObjectiveDeclaration(
+        "reward", PAIRS, PAIRS_DESCRIBED, RewardSettings, pairs=True, lm_loss=False,
+        own_head="scores each sequence with a scalar head on its last hidden state", head=("reward head", 0), split_refusal=_cut_apart("reward"),
+        prompt_never_trained="scores each answer with a scalar head on its last hidden state; there is no per-token "
+        "loss that could include the prompt"),
+    ObjectiveDeclaration(
+        "dpo", PAIRS, PAIRS_DESCRIBED, DpoSettings, reference="cached", pairs=True, scores_logps=True,
+        split_refusal=_cut_apart("dpo"),
+        prompt_never_trained="compares the chosen and the rejected answer to the same prompt: the prompt's "
+        "log-probabilities would cancel in their difference, so DPO scores answer tokens only"),
+    # orpo takes data.train_on_prompt: true to put the prompt's tokens in its NLL term, as TRL's ORPOTrainer does;
+    # the odds ratio is always over the answers' tokens only
+    ObjectiveDeclaration("orpo", PAIRS, PAIRS_DESCRIBED, OrpoSettings, pairs=True, scores_logps=True,
+                         split_refusal=_cut_apart("orpo")),
+    ObjectiveDeclaration(
+        "simpo", PAIRS, PAIRS_DESCRIBED, SimpoSettings, pairs=True, scores_logps=True,
+        split_refusal=_cut_apart("simpo"),
+        prompt_never_trained="compares the length-normalised log-probabilities of the two answers to the same "
+        "prompt; the prompt is never scored"),
+    ObjectiveDeclaration(
+        "kto", ("unpaired", "preference"), " (prompt, completion, label; or prompt, chosen, rejected: each pair "
+        "becomes two examples)", KtoSettings, reference="forward", pairs=True, scores_logps=True,
+        split_refusal=_cut_apart("kto"),
+        prompt_never_trained="scores each completion's log-ratio to the reference; the prompt is never scored"),
+    ObjectiveDeclaration(
+        "ppo", PROMPTS, PROMPTS_DESCRIBED, PpoSettings, reference="forward", samples=True, scores_logps=True,
+        head=("value head", 1), rollout_buffers=6, split_refusal=_cut_apart("ppo"), prompt_never_trained=SAMPLED,
+        accumulates_itself="PPO splits each rollout into ppo.minibatch_size pieces itself; leave grad_accum at 1",
+        not_distributed="PPO's step (train/ppo_step.py) samples its rollouts and scores them on one process; it is not "
+        "sharded over ranks. Train PPO without torchrun (remove the distributed: section)"),
+    ObjectiveDeclaration(
+        "grpo", PROMPTS, PROMPTS_DESCRIBED, GrpoSettings, reference="forward", reference_weight="beta",
+        samples=True, scores_logps=True, split_refusal=_cut_apart("grpo"), prompt_never_trained=SAMPLED,
+        accumulates_itself="GRPO accumulates each pass over its generation batch in grpo.minibatch_size pieces "
+        "itself; leave grad_accum at 1",
+        not_distributed="GRPO's step (train/grpo_step.py) samples each group's completions and scores them on one "
+        "process; it is not sharded over ranks. Train GRPO without torchrun (remove the distributed: section)"),
+    ObjectiveDeclaration(
+        "classify", (), "", ClassifySettings, lm_loss=False, fixed_format='{"text", "label"}',
+        own_head="reads a label head on each text's last hidden state", default_overlong="truncate",
+        split_refusal=_cut_apart("classify"),
+        prompt_never_trained="reads a label head at each text's last token; a text has no prompt"),
+)
+OBJECTIVE_NAMES = tuple(d.name for d in OBJECTIVES)
+OBJECTIVE_SECTIONS = {d.name: d.section for d in OBJECTIVES if d.section is not None}
+
+
+def objective_declaration(name: str) -> ObjectiveDeclaration:
+    return next(d for d in OBJECTIVES if d.name == name)

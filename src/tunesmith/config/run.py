@@ -8,15 +8,16 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.config.declarations import ObjectiveDeclaration
 from tunesmith.config.distributed import DistributedSettings, refusal
 from tunesmith.config.loading import load_yaml_model
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
-from tunesmith.config.objectives import (OBJECTIVE_SECTIONS, ClassifySettings, DpoSettings, GrpoSettings, KtoSettings,
-                                         OrpoSettings, PpoSettings, RewardSettings, SimpoSettings)
+from tunesmith.config.objectives import (OBJECTIVE_NAMES, OBJECTIVE_SECTIONS, OBJECTIVES, ClassifySettings,
+                                         DpoSettings, GrpoSettings, KtoSettings, OrpoSettings, PpoSettings,
+                                         RewardSettings, SimpoSettings, objective_declaration)
 from tunesmith.paths import Expect
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-BASE_TRAINING_METHODS = ("full", "freeze", "bitfit")  # methods whose trainable parameters are stored in model.dtype
 
 
 class Strict(BaseModel):
@@ -193,27 +194,6 @@ class ReportSettings(Strict):
         return {} if value is True else value
 
 
-# Why `data.train_on_prompt: true` cannot apply to these objectives.
-PROMPT_NEVER_TRAINED = {
-    "reward": "scores each answer with a scalar head on its last hidden state; there is no per-token loss that "
-              "could include the prompt",
-    "dpo": "compares the chosen and the rejected answer to the same prompt: the prompt's log-probabilities would "
-           "cancel in their difference, so DPO scores answer tokens only",
-    "ppo": "trains on the answers the policy samples; the prompt is given, not generated, so it is never trained",
-    "grpo": "trains on the answers the policy samples; the prompt is given, not generated, so it is never trained",
-    "simpo": "compares the length-normalised log-probabilities of the two answers to the same prompt; the prompt is "
-             "never scored",
-    "kto": "scores each completion's log-ratio to the reference; the prompt is never scored",
-    "classify": "reads a label head at each text's last token; a text has no prompt",
-}
-# objective `orpo` takes data.train_on_prompt: true to put the prompt's tokens in its NLL term, as TRL's ORPOTrainer
-# does; the odds ratio is always over the answers' tokens only.
-SAMPLING_OBJECTIVES = ("ppo", "grpo")  # their prompts are kept whole: the completions are sampled after them
-# Objectives that read a head of their own instead of the LM head, and what it is.
-HEAD_OBJECTIVES = {"reward": "scores each sequence with a scalar head on its last hidden state",
-                   "classify": "reads a label head on each text's last hidden state"}
-
-
 def _quantize_base_means_qlora(data):
     """`method: {name: lora, quantize_base: nf4}` is spelled-out QLoRA: the same settings as `name: qlora`."""
     method = data.get("method") if isinstance(data, dict) else None
@@ -229,7 +209,7 @@ def _quantize_base_means_qlora(data):
 class RunConfig(Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name")
-    objective: Literal["sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "classify"] = "sft"
+    objective: Literal[OBJECTIVE_NAMES] = "sft"
     reward: RewardSettings | None = None
     dpo: DpoSettings | None = None
     orpo: OrpoSettings | None = None
@@ -266,7 +246,7 @@ class RunConfig(Strict):
     def _trained_weights_are_fp32(self) -> "RunConfig":
         """Master weights in fp32 for bf16 storage would cost more memory than fp32 weights under bf16 autocast
         (6 bytes a weight against 4), so bf16 storage of the trained weights is refused, not patched."""
-        if self.model.dtype == "bfloat16" and self.method.name in BASE_TRAINING_METHODS:
+        if self.model.dtype == "bfloat16" and self.method.declaration.trains_base:
             raise ValueError(
                 f"model.dtype: bfloat16 with method {self.method.name} trains the model's own bf16 weights with "
                 "no fp32 master copy, so AdamW updates smaller than bf16's resolution (about 1/256 of a weight) "
@@ -277,52 +257,43 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _objective_fits_data(self) -> "RunConfig":
-        if self.objective == "sft" and self.data.overlong == "split":
-            raise ValueError("data.overlong: 'split' cuts chat examples mid-turn; use 'drop' or 'truncate' for sft")
-        if self.objective not in ("sft", "text") and self.data.overlong == "split":
-            raise ValueError(f"data.overlong: 'split' would cut {self.objective} examples apart; use 'drop' or "
-                             "'truncate'")
+        declared = self.objective_declaration
+        if declared.split_refusal and self.data.overlong == "split":
+            raise ValueError(f"data.overlong: 'split' {declared.split_refusal}")
         self._refuse_settings_the_objective_cannot_use()
         if self.distributed is not None:
-            why = refusal(self.objective, self.method.name, self.distributed.strategy)
+            why = refusal(declared, self.method, self.distributed.strategy)
             if why:
                 raise ValueError(f"distributed: {why}")
         for name in OBJECTIVE_SECTIONS:
             if name != self.objective and getattr(self, name) is not None:
                 raise ValueError(f"{name}: these are settings of objective '{name}', but objective is "
                                  f"'{self.objective}'; remove the section or set objective: {name}")
-        if self.objective == "ppo":
-            if not (self.ppo.reward_model or self.ppo.reward_function):
-                raise ValueError("ppo.reward_model / ppo.reward_function: PPO needs a reward source; set "
-                                 "ppo.reward_model to a folder saved by an `objective: reward` run, or "
-                                 "ppo.reward_function to 'module:function'")
-            if self.train.grad_accum != 1:
-                raise ValueError("train.grad_accum: PPO splits each rollout into ppo.minibatch_size pieces itself; "
-                                 "leave grad_accum at 1")
-        if self.objective == "grpo" and self.train.grad_accum != 1:
-            raise ValueError("train.grad_accum: GRPO accumulates each pass over its generation batch in "
-                             "grpo.minibatch_size pieces itself; leave grad_accum at 1")
+        if declared.accumulates_itself and self.train.grad_accum != 1:
+            raise ValueError(f"train.grad_accum: {declared.accumulates_itself}")
         return self
 
     def _refuse_settings_the_objective_cannot_use(self) -> None:
         """Settings a user gave that this objective would have nothing to apply to (their defaults pass)."""
-        if self.data.tasks is not None and self.objective not in ("sft", "text"):
-            raise ValueError(f"data.tasks: multi-task mixtures are for objectives sft and text (token-level losses "
+        declared = self.objective_declaration
+        if self.data.tasks is not None and not declared.mixes_tasks:
+            mixing = " and ".join(d.name for d in OBJECTIVES if d.mixes_tasks)
+            raise ValueError(f"data.tasks: multi-task mixtures are for objectives {mixing} (token-level losses "
                              f"that mix), not {self.objective!r}; use data.train")
-        if self.objective in HEAD_OBJECTIVES:
+        if declared.own_head:
             if "loss_chunk" not in self.train.model_fields_set:
                 self.train.loss_chunk = None  # so config.yaml records what the run computes
             elif self.train.loss_chunk is not None:
-                raise ValueError(f"train.loss_chunk: objective '{self.objective}' {HEAD_OBJECTIVES[self.objective]} "
-                                 "and never computes the LM head's logits, so there is nothing to chunk; remove it or "
-                                 "set it to null")
-        if self.objective == "classify" and self.data.format != "auto":
-            raise ValueError(f"data.format: objective 'classify' reads {{\"text\", \"label\"}} records, not "
+                raise ValueError(f"train.loss_chunk: objective '{self.objective}' {declared.own_head} and never "
+                                 "computes the LM head's logits, so there is nothing to chunk; remove it or set it to "
+                                 "null")
+        if declared.fixed_format and self.data.format != "auto":
+            raise ValueError(f"data.format: objective '{self.objective}' reads {declared.fixed_format} records, not "
                              f"'{self.data.format}'; leave data.format at auto")
-        if self.data.train_on_prompt and self.objective in PROMPT_NEVER_TRAINED:
+        if self.data.train_on_prompt and declared.prompt_never_trained:
             raise ValueError(f"data.train_on_prompt: objective '{self.objective}' "
-                             f"{PROMPT_NEVER_TRAINED[self.objective]}; remove it or set it to false")
-        if self.objective in SAMPLING_OBJECTIVES and self.data.overlong == "truncate":
+                             f"{declared.prompt_never_trained}; remove it or set it to false")
+        if declared.samples and self.data.overlong == "truncate":
             name = self.objective
             raise ValueError(f"data.overlong: 'truncate' has no meaning for objective '{name}': a prompt cut short "
                              "would lose its chat template's start or its generation prompt, so it keeps each prompt "
@@ -330,8 +301,17 @@ class RunConfig(Strict):
                              "data.max_length; use 'drop' (the default) or raise data.max_length")
 
     @property
+    def objective_declaration(self) -> ObjectiveDeclaration:
+        return objective_declaration(self.objective)
+
+    @property
+    def objective_settings(self):
+        """The objective's config section (`cfg.dpo`, ...), or None where it has none."""
+        return getattr(self, self.objective) if self.objective_declaration.section else None
+
+    @property
     def overlong(self) -> str:
-        return self.data.overlong or {"text": "split", "classify": "truncate"}.get(self.objective, "drop")
+        return self.data.overlong or self.objective_declaration.default_overlong
 
 
 def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:

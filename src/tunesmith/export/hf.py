@@ -9,7 +9,7 @@ from pathlib import Path
 from tunesmith.atomic import atomic_folder
 from tunesmith.errors import ModelError, OutputDirError
 from tunesmith.infer.adapters import is_adapter_folder, merge_to_folder
-from tunesmith.methods import method_for_adapter
+from tunesmith.methods import declaration, method_for_adapter
 from tunesmith.methods.base import adapter_base
 
 SEPARATE_ADAPTER = "adapter"
@@ -25,9 +25,10 @@ def check_mergeable(source: str) -> None:
     """A ModelError offering --separate-adapter when `source` is an adapter of a method that cannot be merged."""
     if not is_adapter_folder(source):
         return
-    method_name, module = method_for_adapter(source)
-    if not module.MERGEABLE:
-        raise ModelError(unmergeable_message(source, method_name, module.NOT_MERGEABLE_REASON))
+    method_name, _ = method_for_adapter(source)
+    why_not = declaration(method_name).not_mergeable
+    if why_not:
+        raise ModelError(unmergeable_message(source, method_name, why_not))
 
 
 def export_hf(source: str, out: str, model_path: str | None = None, overwrite: bool = False,
@@ -38,11 +39,12 @@ def export_hf(source: str, out: str, model_path: str | None = None, overwrite: b
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
     if not is_adapter_folder(source):
         return _save_plain(source, dest)
-    method_name, module = method_for_adapter(source)
-    if module.MERGEABLE:
+    method_name, _ = method_for_adapter(source)
+    why_not = declaration(method_name).not_mergeable
+    if not why_not:
         return merge_to_folder(source, out, model_path, overwrite=True)
     if not separate_adapter:
-        raise ModelError(unmergeable_message(source, method_name, module.NOT_MERGEABLE_REASON))
+        raise ModelError(unmergeable_message(source, method_name, why_not))
     return _save_plain(adapter_base({"default": source}, model_path), dest, adapter=source)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from tunesmith.atomic import atomic_folder
 from tunesmith.context import RunContext
 from tunesmith.errors import ConfigError, ModelError, OutputDirError
-from tunesmith.methods import method_for_adapter
+from tunesmith.methods import declaration, method_for_adapter
 from tunesmith.methods.base import ADAPTER_CONFIG, adapter_base
 
 
@@ -41,21 +41,20 @@ def adapter_context(adapter) -> RunContext:
 
 def load_adapters(model, adapters: dict[str, str]) -> dict[str, str]:
     """Load each named adapter; returns {name: method}. Several adapters can share one model when all are LoRA
-    or all are DoRA."""
-    from tunesmith.methods import dora, lora
-
+    or all are DoRA (methods that declare named adapters)."""
     methods = {}
     for name, path in adapters.items():
         method_name, module = method_for_adapter(path)
         methods[name] = method_name
-        if len(adapters) > 1 and module not in (lora, dora):
+        named = declaration(method_name).named_adapters
+        if len(adapters) > 1 and not named:
             raise ConfigError(f"--adapter {name}={path}: a {method_name} adapter cannot share the model with "
                               "others; several adapters at once work for LoRA (or DoRA) adapters")
         if len(set(methods.values())) > 1:
             raise ConfigError(f"--adapter {name}={path}: a {method_name} adapter cannot share the model with "
                               f"{', '.join(sorted(set(methods.values()) - {method_name}))} adapters; load "
                               "adapters of one method together")
-        if module in (lora, dora):
+        if named:
             module.load(model, path, name)
         else:
             module.load(model, path)
@@ -84,8 +83,9 @@ def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", t
 def refuse_unmergeable(adapter: str) -> tuple[str, object]:
     """(method name, module) of a mergeable adapter; a ModelError naming the reason otherwise."""
     method_name, module = method_for_adapter(adapter)
-    if not module.MERGEABLE:
-        raise ModelError(f"{adapter}: method {method_name!r} cannot be merged: {module.NOT_MERGEABLE_REASON}")
+    why_not = declaration(method_name).not_mergeable
+    if why_not:
+        raise ModelError(f"{adapter}: method {method_name!r} cannot be merged: {why_not}")
     return method_name, module
 
 

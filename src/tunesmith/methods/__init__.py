@@ -1,42 +1,53 @@
-"""Methods decide what trains. Each module has the same small interface:
-
-    MERGEABLE: bool
-    apply(model, settings) -> None                 freeze the base, add the method's trainable parameters
-    save(model, settings, folder, base_model)      adapter_config.json + adapter_model.safetensors (PEFT's format
-                                                   where PEFT has the method)
-    load(model, folder) -> settings                the inverse, shapes checked against the base
-    claims(adapter_config: dict) -> bool           whether a saved adapter folder is this method's
-    merge(model), unload(model) -> model           only where MERGEABLE
-    disabled(model)                                a context manager running the bare base model inside it (adapters
-                                                   off, no copy); only where the base weights stay untouched, so
-                                                   not for full, freeze and bitfit
-"""
+"""Methods decide what trains. The registry below is the one table of method names: each is a module satisfying
+methods/protocol.py's `Method`, whose declaration (artifact, merging, memory terms) sits on its settings class in
+config/methods.py. A new method is its module, its settings class, one line here, its test and its docs."""
 
 from __future__ import annotations
 
 import importlib
 
-from tunesmith.config.methods import METHOD_NAMES
+from tunesmith.config.methods import METHOD_NAMES, settings_class
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.methods.protocol import Method, MethodDeclaration
 
-MODULES = {"full": "full", "freeze": "freeze", "bitfit": "bitfit", "lora": "lora", "dora": "dora", "qlora": "qlora",
-           "ia3": "ia3", "adapter": "adapter", "prompt": "prompt", "prefix": "prefix", "ptuning-v2": "prefix"}
+# method name -> its module in tunesmith.methods
+METHODS = {
+    "full": "full",
+    "freeze": "freeze",
+    "bitfit": "bitfit",
+    "lora": "lora",
+    "dora": "dora",
+    "qlora": "qlora",
+    "ia3": "ia3",
+    "adapter": "adapter",
+    "prompt": "prompt",
+    "prefix": "prefix",
+    "ptuning-v2": "prefix",
+}
 
 
-def get_method(name: str):
-    if name not in MODULES:
+def get_method(name: str) -> Method:
+    if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r}; expected one of: {', '.join(METHOD_NAMES)}")
-    return importlib.import_module(f"tunesmith.methods.{MODULES[name]}")
+    return importlib.import_module(f"tunesmith.methods.{METHODS[name]}")
 
 
-def method_for_adapter(folder) -> tuple[str, object]:
-    """Which method saved this adapter folder (by its adapter_config.json)."""
+def declaration(name: str) -> MethodDeclaration:
+    """What method `name` declares about itself (on its settings class, config/methods.py)."""
+    return settings_class(name).declaration
+
+
+def method_for_adapter(folder) -> tuple[str, Method]:
+    """Which method saved this adapter folder (by its adapter_config.json): its name and module."""
     from tunesmith.methods.base import read_adapter_config
 
     config = read_adapter_config(folder)
-    for name in dict.fromkeys(MODULES.values()):
+    first_name: dict[str, str] = {}  # ptuning-v2's module is prefix's: an adapter of either is "prefix"
+    for name, module_name in METHODS.items():
+        first_name.setdefault(module_name, name)
+    for module_name, name in first_name.items():
         try:
-            module = importlib.import_module(f"tunesmith.methods.{name}")
+            module = importlib.import_module(f"tunesmith.methods.{module_name}")
         except ModuleNotFoundError:
             continue
         if module.claims(config):

@@ -16,9 +16,7 @@ from tunesmith.errors import ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, read_adapter, replace_module,
                                     write_adapter)
 
-MERGEABLE = False
-NOT_MERGEABLE_REASON = ("bottleneck adapters add a nonlinear layer that the base architecture has no place for, "
-                        "so they cannot be merged into its weights; use the adapter with --adapter instead")
+merge = unload = None  # AdapterSettings.declaration says why not
 PEFT_TYPE = "TUNESMITH_BOTTLENECK"
 PLACEMENTS = {"attention": ["o_proj"], "mlp": ["down_proj"], "both": ["o_proj", "down_proj"]}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}

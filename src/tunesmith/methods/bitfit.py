@@ -13,7 +13,7 @@ from tunesmith.config.methods import BitFitSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, write_adapter
 
-MERGEABLE = True
+disabled = None  # the base itself trains: no switch to the model before training
 PEFT_TYPE = "TUNESMITH_BITFIT"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

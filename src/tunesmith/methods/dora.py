@@ -19,7 +19,6 @@ from tunesmith.methods.base import read_adapter
 from tunesmith.methods.lora import (DEFAULT, disabled, merge, save, set_active, unload,  # noqa: F401  (the interface)
                                     unmerge)
 
-MERGEABLE = True
 
 
 def claims(config: dict) -> bool:

@@ -11,7 +11,7 @@ from tunesmith.errors import ConfigError, ModelError
 from tunesmith.methods.base import (check_and_copy, freeze_all, quantized_layers, read_adapter,
                                     refuse_training_quantized, write_adapter)
 
-MERGEABLE = True
+disabled = None  # the base itself trains: no switch to the model before training
 PEFT_TYPE = "TUNESMITH_FREEZE"
 
 

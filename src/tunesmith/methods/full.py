@@ -9,9 +9,8 @@ from tunesmith.config.methods import FullSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods.base import quantized_layers, refuse_training_quantized
 
-MERGEABLE = False
-NOT_MERGEABLE_REASON = "a full fine-tune is already a complete model folder; use it directly as --model"
-OUTPUT_NAME = "model"
+merge = unload = None  # the artifact is already a whole model (FullSettings.declaration)
+disabled = None  # the base itself trains: no switch to the model before training
 
 
 def claims(config: dict) -> bool:

@@ -21,7 +21,6 @@ from tunesmith.methods.base import (AdapterLayer, adapter_functions, adapter_lay
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
-MERGEABLE = True
 
 
 def claims(config: dict) -> bool:

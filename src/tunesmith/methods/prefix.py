@@ -23,9 +23,7 @@ from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, wri
 from tunesmith.methods.prompt import (SUBMODULE, compute_dtype, disabled, virtual_tokens,  # noqa: F401  (the interface)
                                       with_virtual_columns)
 
-MERGEABLE = False
-NOT_MERGEABLE_REASON = ("prefixes are learned keys and values every attention layer attends to, not changes to any "
-                        "weight, so there is nothing to fold into the base; use the adapter with --adapter instead")
+merge = unload = None  # PrefixSettings.declaration says why not
 
 
 def claims(config: dict) -> bool:

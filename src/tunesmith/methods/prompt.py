@@ -20,9 +20,7 @@ from tunesmith.errors import ModelError
 from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.methods.base import check_and_copy, freeze_all, read_adapter, write_adapter
 
-MERGEABLE = False
-NOT_MERGEABLE_REASON = ("soft prompts are learned input embeddings placed before the text, not changes to any weight, "
-                        "so there is nothing to fold into the base; use the adapter with --adapter instead")
+merge = unload = None  # PromptSettings.declaration says why not
 PEFT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 # The virtual tokens' module is a submodule of the model under this name, so that the optimizer, checkpoints,
 # parameter counts, `.to(device)` and the DDP/FSDP wrapper see its parameters. Objectives and generation reach it

@@ -21,7 +21,6 @@ from tunesmith.methods.base import read_adapter, replace_module
 from tunesmith.methods.lora import DEFAULT, disabled, save, set_active, unload, unmerge  # noqa: F401  (the interface)
 from tunesmith.quant import nf4
 
-MERGEABLE = True
 NF4_MERGE_REFUSAL = (
     "merging into 4-bit weights is lossy: W + ΔW is re-quantised to 4 bits, and ΔW is mostly smaller than the "
     "4-bit step, so much of what the adapter learned is rounded away (peft #2321, unsloth #1519). A QLoRA adapter "

@@ -1,68 +1,58 @@
-"""Objectives decide the loss. The loop asks an objective (a module or an object) only these:
+"""Objectives decide the loss. The registry below is the one table of objective names: each is a module, or a class
+built from its config section's settings, satisfying objectives/protocol.py's `Objective` (or `PolicyObjective`),
+whose declaration (data formats, reference, prompt rule, ...) is in config/objectives.py. A new objective is its
+module, its declaration (and settings class, if it has options), one line here, its test and its docs."""
 
-    build_datasets(cfg, tokenizer) -> Datasets      read, validate and tokenize the train and eval sets
-    collate(examples, cfg, pad_id) -> batch         the tensors of one micro-batch
-    units(example) -> int                           what the loss is averaged over: label tokens (sft, text), pairs
-    prepare(model, method, cfg, data, device, pad_id, ctx) -> note | None
-                                                    after the method is applied: heads, the reference policy
-    loss_sum(model, batch, ctx) -> (loss sum, units, metric sums)    metric sums are over the same units as the loss
-                                                    `ctx`: the run's context (context.py): the loss chunk, the
-                                                    method's virtual tokens; a bare RunContext() without a run
-    compare(before, after) -> {name: (before, after)}           the held-out metrics the report shows
-    keep_in_run(run_dir)            (optional)      once the run folder is ready: write what prepare computed that a
-                                                    resumed run reads back instead of recomputing (DPO's reference)
-    save(model, method, cfg, folder)                the trained artifact (adapter or model, plus any head)
-    own_loop                                        None, or the name of a training step of its own (train/loop.py)
-"""
+from __future__ import annotations
 
+import importlib
+
+from pydantic import ValidationError
+
+from tunesmith.config.objectives import OBJECTIVE_NAMES, objective_declaration
 from tunesmith.errors import ConfigError
+from tunesmith.objectives.protocol import Objective, PolicyObjective
 
-NAMES = ("sft", "text", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo", "classify")
+# objective name -> "module" (the module is the objective) or "module:Class" (built from the settings of its
+# config section, cfg.<name>), in tunesmith.objectives
+OBJECTIVES = {
+    "sft": "lm",
+    "text": "lm",
+    "reward": "reward:RewardObjective",
+    "dpo": "dpo:DpoObjective",
+    "orpo": "reference_free:OrpoObjective",
+    "simpo": "reference_free:SimpoObjective",
+    "kto": "kto:KtoObjective",
+    "ppo": "ppo:PpoObjective",
+    "grpo": "grpo:GrpoObjective",
+    "classify": "classify:ClassifyObjective",
+}
 
 
-def get_objective(name: str, settings=None):
-    """The objective called `name`, configured by its config section (`cfg.dpo`, ...) where it has one."""
-    from tunesmith.objectives import lm
+def implementation(name: str):
+    """What the registry names for objective `name`: its module, or the class its settings build."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective: unknown objective {name!r}; expected one of {sorted(OBJECTIVE_NAMES)}")
+    module, _, attribute = OBJECTIVES[name].partition(":")
+    found = importlib.import_module(f"tunesmith.objectives.{module}")
+    return getattr(found, attribute) if attribute else found
 
-    if name in ("sft", "text"):
-        return lm
-    if name == "reward":
-        from tunesmith.config.objectives import RewardSettings
-        from tunesmith.objectives.reward import RewardObjective
 
-        return RewardObjective(settings or RewardSettings())
-    if name == "dpo":
-        from tunesmith.config.objectives import DpoSettings
-        from tunesmith.objectives.dpo import DpoObjective
+def get_objective(name: str, settings=None) -> Objective | PolicyObjective:
+    """The objective called `name`, configured by its config section (`cfg.dpo`, ...) where it has one; without
+    `settings`, the section's defaults."""
+    found = implementation(name)
+    section = objective_declaration(name).section
+    if section is None:
+        return found
+    if settings is None:
+        try:
+            settings = section()
+        except ValidationError:
+            raise ConfigError(f"{name}: objective {name} needs its settings (the `{name}:` config section)") from None
+    return found(settings)
 
-        return DpoObjective(settings or DpoSettings())
-    if name in ("orpo", "simpo"):
-        from tunesmith.config.objectives import OrpoSettings, SimpoSettings
-        from tunesmith.objectives.reference_free import OrpoObjective, SimpoObjective
 
-        if name == "orpo":
-            return OrpoObjective(settings or OrpoSettings())
-        return SimpoObjective(settings or SimpoSettings())
-    if name == "kto":
-        from tunesmith.config.objectives import KtoSettings
-        from tunesmith.objectives.kto import KtoObjective
-
-        return KtoObjective(settings or KtoSettings())
-    if name == "grpo":
-        from tunesmith.objectives.grpo import GrpoObjective
-
-        if settings is None:
-            raise ConfigError("grpo: objective grpo needs its settings (grpo.reward_functions or grpo.reward_model)")
-        return GrpoObjective(settings)
-    if name == "ppo":
-        from tunesmith.objectives.ppo import PpoObjective
-
-        if settings is None:
-            raise ConfigError("ppo: objective ppo needs its settings (ppo.reward_model or ppo.reward_function)")
-        return PpoObjective(settings)
-    if name == "classify":
-        from tunesmith.config.objectives import ClassifySettings
-        from tunesmith.objectives.classify import ClassifyObjective
-
-        return ClassifyObjective(settings or ClassifySettings())
-    raise ConfigError(f"objective: unknown objective {name!r}; expected one of {sorted(NAMES)}")
+def objective_of(cfg) -> Objective | PolicyObjective:
+    """The run's objective, with its config section's settings."""
+    return get_objective(cfg.objective, cfg.objective_settings)

@@ -30,16 +30,18 @@ INFO_FILE = "classifier.json"
 MERGED = "classifier"
 
 
-def merges(method) -> bool:
+def merges(method_settings) -> bool:
     """Whether the method's result can become one plain model (merged adapters; a full fine-tune already is one)."""
-    return bool(method.MERGEABLE) or getattr(method, "OUTPUT_NAME", "adapter") == "model"
+    declared = method_settings.declaration
+    return not declared.not_mergeable or declared.artifact == "model"
 
 
-def merged_folder_note(method, name: str) -> str:
-    if merges(method):
+def merged_folder_note(method_settings) -> str:
+    if merges(method_settings):
         return f"saved as {MERGED}/ too: a transformers sequence classifier with the method merged in"
-    return (f"no merged {MERGED}/ folder: method {name} cannot be merged ({method.NOT_MERGEABLE_REASON}); the adapter "
-            "and the head are saved, load them with tunesmith")
+    return (f"no merged {MERGED}/ folder: method {method_settings.name} cannot be merged "
+            f"({method_settings.declaration.not_mergeable}); the adapter and the head are saved, load them with "
+            "tunesmith")
 
 
 def save_classifier(model: nn.Module, head_attr: str, method, cfg, folder, labels: list[str], pad_id: int | None
@@ -53,7 +55,7 @@ def save_classifier(model: nn.Module, head_attr: str, method, cfg, folder, label
             method.save(model, cfg.method, tmp, cfg.model.path)
         heads.write_head(tmp / HEAD_FILE, head, {"labels": json.dumps(labels)})
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    if merges(method):
+    if merges(cfg.method):
         write_merged(folder, folder.parent / MERGED, cfg.model.path, cfg.model.trust_remote_code)
 
 

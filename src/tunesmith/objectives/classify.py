@@ -26,6 +26,7 @@ from tunesmith.data.pair_batches import collate_sequences
 from tunesmith.errors import DataError
 from tunesmith.objectives import heads
 from tunesmith.objectives.classifier_folder import HEAD_FILE, merged_folder_note, read_info, save_classifier
+from tunesmith.objectives.protocol import nothing_to_keep
 
 HEAD_ATTR = "classification_head"  # a submodule of the model (objectives/heads.py says why)
 COUNTS = ("tp", "fp", "fn")
@@ -64,6 +65,7 @@ def macro_f1(metrics: dict[str, float]) -> float:
 
 class ClassifyObjective:
     own_loop = None
+    keep_in_run = staticmethod(nothing_to_keep)
 
     def __init__(self, settings: ClassifySettings):
         self.settings = settings
@@ -86,7 +88,7 @@ class ClassifyObjective:
         self.pad_id = pad_id
         head = attach_head(model, self.labels)
         return (f"label head: {head.out_features} × {head.in_features} on the last token of each text; labels "
-                f"{', '.join(self.labels)}; {merged_folder_note(method, cfg.method.name)}")
+                f"{', '.join(self.labels)}; {merged_folder_note(cfg.method)}")
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[torch.Tensor, int, dict]:
         logits = class_logits(model, batch, ctx)

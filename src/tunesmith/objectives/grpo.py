@@ -24,6 +24,7 @@ from tunesmith.data.chat import IGNORE
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.lm import hidden_states, token_logps
 from tunesmith.objectives.ppo import to_padded, tokenize_prompts
+from tunesmith.objectives.protocol import nothing_to_keep
 from tunesmith.objectives.reference import InitialWeights, adapters_off
 from tunesmith.objectives.rewards import RewardSet
 
@@ -82,6 +83,7 @@ def reduce_losses(losses: torch.Tensor, mask: torch.Tensor, loss_type: str, max_
 
 class GrpoObjective:
     own_loop = "grpo"  # the training step named so in tunesmith.train.loop.ALGORITHMS
+    keep_in_run = staticmethod(nothing_to_keep)
 
     def __init__(self, settings: GrpoSettings):
         self.settings = settings

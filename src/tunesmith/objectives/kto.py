@@ -20,6 +20,7 @@ from tunesmith.data.pipeline import Datasets
 from tunesmith.data.unpaired import TokenizedUnpaired
 from tunesmith.data.unpaired_batches import KL_PREFIX, build_unpaired_datasets, collate_unpaired
 from tunesmith.objectives.dpo import sequence_logps
+from tunesmith.objectives.protocol import nothing_to_keep
 from tunesmith.objectives.reference import InitialWeights, adapters_off
 
 
@@ -34,6 +35,7 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, label: torch.Tensor,
 
 class KtoObjective:
     own_loop = None
+    keep_in_run = staticmethod(nothing_to_keep)
 
     def __init__(self, settings: KtoSettings):
         self.settings = settings

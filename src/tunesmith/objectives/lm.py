@@ -16,6 +16,7 @@ from tunesmith.kernels import segment_attention
 from tunesmith.kernels.attention_mask import attention_mask_for
 from tunesmith.kernels.frozen_bf16 import FrozenBf16Linear
 from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum, linear_token_logps
+from tunesmith.objectives.protocol import nothing_to_keep
 
 
 def hidden_states(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> torch.Tensor:
@@ -92,9 +93,10 @@ def loss_sum(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[to
     return loss, int(where.sum()), {}
 
 
-# The objective interface (see objectives/__init__.py): language modelling on labelled tokens.
+# The objective interface (objectives/protocol.py): language modelling on labelled tokens.
 
 own_loop = None
+keep_in_run = nothing_to_keep
 
 
 def build_datasets(cfg, tokenizer):

@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs
+from tunesmith.objectives.protocol import nothing_to_keep
 
 
 class PairwiseObjective:
     own_loop = None
+    keep_in_run = staticmethod(nothing_to_keep)
 
     def build_datasets(self, cfg, tokenizer):
         return build_pair_datasets(cfg, tokenizer)

@@ -26,6 +26,7 @@ from tunesmith.data.pipeline import prompt_and_answer
 from tunesmith.data.templates import LengthReport
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.objectives.lm import hidden_states, token_logps
+from tunesmith.objectives.protocol import nothing_to_keep
 from tunesmith.objectives.reference import InitialWeights, adapters_off
 
 # A submodule of the policy under this name, as the reward head (objectives/reward.py): the optimizer, checkpoints and
@@ -255,6 +256,7 @@ class PpoObjective:
         self.rewards: RewardSource | None = None
 
     own_loop = "ppo"  # rollouts, then minibatch epochs: the training step named so in tunesmith.train.loop.ALGORITHMS
+    keep_in_run = staticmethod(nothing_to_keep)
 
     def build_datasets(self, cfg, tokenizer):
         from tunesmith.data.pipeline import Datasets, split_items

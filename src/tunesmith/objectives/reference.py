@@ -18,7 +18,7 @@ import torch
 
 def adapters_off(method):
     """The method's `disabled(model)` context manager, or None where the base itself trains."""
-    return getattr(method, "disabled", None)
+    return method.disabled
 
 
 class InitialWeights:

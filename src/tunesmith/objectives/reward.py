@@ -20,6 +20,7 @@ from tunesmith.config.objectives import RewardSettings
 from tunesmith.context import RunContext
 from tunesmith.data.pair_batches import build_pair_datasets, collate_pairs, collate_sequences, tokenize_answer
 from tunesmith.objectives import heads
+from tunesmith.objectives.protocol import nothing_to_keep
 
 HEAD_FILE = "reward_head.safetensors"
 HEAD_ATTR = "reward_head"  # a submodule of the model (objectives/heads.py says why)
@@ -75,6 +76,7 @@ def score(model, tokenizer, prompts: list[list[dict]], answers: list[str], ctx: 
 
 class RewardObjective:
     own_loop = None
+    keep_in_run = staticmethod(nothing_to_keep)
 
     def __init__(self, settings: RewardSettings):
         self.settings = settings

@@ -272,7 +272,7 @@ def refuse_under_torchrun(cfg) -> None:
     if not launched_by_torchrun():
         return
     strategy = cfg.distributed.strategy if cfg.distributed is not None else "ddp"
-    why = refusal(cfg.objective, cfg.method.name, strategy)
+    why = refusal(cfg.objective_declaration, cfg.method, strategy)
     if why:
         raise ConfigError(f"{why} (this process is rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} started "
                           "by torchrun)")

@@ -18,7 +18,7 @@ from tunesmith.config import RunConfig
 from tunesmith.context import RunContext
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.faults import fault_after
-from tunesmith.objectives import get_objective
+from tunesmith.objectives import objective_of
 from tunesmith.train.algorithm import Algorithm, apply_update
 from tunesmith.train.checkpoint import save_checkpoint
 from tunesmith.train.distributed import OneProcess, refuse_under_torchrun
@@ -99,7 +99,7 @@ def algorithm_for(cfg: RunConfig, objective) -> Algorithm:
 def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> RunResult:
     """Train `cfg`'s method with its objective, each step the objective's algorithm's."""
     refuse_under_torchrun(cfg)
-    objective = get_objective(cfg.objective, getattr(cfg, cfg.objective, None))
+    objective = objective_of(cfg)
     algorithm = algorithm_for(cfg, objective)
     run = open_run(cfg, objective, overwrite, resume, quiet)
     model, data, ranks = run.model, run.data, run.ranks

@@ -225,9 +225,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         if overwrite and run_dir.exists() and not resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        keep = getattr(objective, "keep_in_run", None)
-        if keep is not None:
-            keep(run_dir)
+        objective.keep_in_run(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
                config_yaml, ranks=ranks, forgetting=forgetting, ctx=ctx)
@@ -283,7 +281,7 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
         return RunResult(run.run_dir, total_steps, baseline["eval_loss"], after.get("loss") if after else None,
                          run.trainable, run.total, seconds, eval_metrics_before=baseline["eval_metrics"],
                          eval_metrics_after=after)
-    run.objective.save(model, method, cfg, run.run_dir / getattr(method, "OUTPUT_NAME", "adapter"))
+    run.objective.save(model, method, cfg, run.run_dir / cfg.method.declaration.artifact)
     after_loss = after.get("loss") if after else None
     result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
     result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunesmith.config.run import BASE_TRAINING_METHODS
 from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE, Tokenized
 from tunesmith.data.packing import collate
@@ -95,7 +94,7 @@ def checked_speed_options(model, cfg, device, pad_id: int, ctx: RunContext) -> s
 
     try:
         apply_speed_options(model, cfg.train, ctx, after_each=compare,
-                            base_is_trained=cfg.method.name in BASE_TRAINING_METHODS)
+                            base_is_trained=cfg.method.declaration.trains_base)
     finally:
         model.train(was_training)
     if not checked:
