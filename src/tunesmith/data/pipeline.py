@@ -13,18 +13,6 @@ from tunesmith.data.sources import read_many
 from tunesmith.data.templates import LengthReport, apply_length_policy, tokenize_all
 from tunesmith.errors import DataError
 
-PROMPTS = ("preference", "alpaca", "sharegpt", "messages", "unpaired")
-OBJECTIVE_FORMATS = {"sft": ("alpaca", "sharegpt", "messages"), "text": ("text",), "reward": ("preference",),
-                     "dpo": ("preference",), "orpo": ("preference",), "simpo": ("preference",),
-                     "kto": ("unpaired", "preference"), "ppo": PROMPTS, "grpo": PROMPTS}
-DESCRIBED = {"text": " (raw documents with a 'text' field)", "sft": " (conversations)",
-             "reward": " (prompt, chosen, rejected)", "dpo": " (prompt, chosen, rejected)",
-             "orpo": " (prompt, chosen, rejected)", "simpo": " (prompt, chosen, rejected)",
-             "kto": " (prompt, completion, label; or prompt, chosen, rejected: each pair becomes two examples)",
-             "ppo": " (prompts: 'prompt' records or conversations)",
-             "grpo": " (prompts: 'prompt' records or conversations)"}
-
-
 @dataclass
 class Datasets:
     train: list[Tokenized]
@@ -52,13 +40,12 @@ def load_items(paths, cfg: RunConfig, field: str, fmt: str | None = None, system
                ) -> tuple[str, list]:
     fmt, items = normalize_all(read_many(paths), fmt or cfg.data.format,
                                system_prompt if fmt is not None else cfg.data.system_prompt)
-    allowed = OBJECTIVE_FORMATS[cfg.objective]
-    if cfg.data.tasks and cfg.objective == "sft":
-        allowed += ("text",)  # a raw-text task beside chat tasks: replay of general text, every token trained
+    declared = cfg.objective_declaration
+    allowed = declared.formats + (declared.task_formats if cfg.data.tasks else ())
     if fmt not in allowed:
         raise DataError(
             f"{field}: the data is in '{fmt}' format but objective '{cfg.objective}' expects {' or '.join(allowed)}"
-            + DESCRIBED[cfg.objective]
+            + declared.described
         )
     return fmt, items
 

@@ -15,8 +15,6 @@ from pathlib import Path
 from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 
-VIRTUAL = ("prompt", "prefix", "ptuning-v2")
-
 
 @dataclass(frozen=True)
 class BatchTokens:
@@ -28,7 +26,7 @@ class BatchTokens:
 
 
 def bound(cfg: RunConfig, why: str = "") -> BatchTokens:
-    per_example = 2 if cfg.objective in ("dpo", "orpo", "simpo", "reward", "kto") else 1
+    per_example = 2 if cfg.objective_declaration.pairs else 1
     sequences = cfg.train.batch_size * per_example
     tokens = sequences * cfg.data.max_length
     return BatchTokens(sequences, tokens, tokens, tokens,
@@ -45,13 +43,13 @@ def _readable(cfg: RunConfig) -> bool:
 
 def largest_batch(cfg: RunConfig) -> BatchTokens:
     """The data's micro-batch with the most tokens (its `batch_size` longest examples), as the run collates it."""
-    if cfg.objective in ("ppo", "grpo") or not _readable(cfg):
-        return bound(cfg, "data not read" if cfg.objective not in ("ppo", "grpo") else
-                     f"{cfg.objective.upper()} samples its own answers")
+    samples = cfg.objective_declaration.samples
+    if samples or not _readable(cfg):
+        return bound(cfg, f"{cfg.objective.upper()} samples its own answers" if samples else "data not read")
     from tunesmith.models import load_tokenizer
-    from tunesmith.objectives import get_objective
+    from tunesmith.objectives import objective_of
 
-    objective = get_objective(cfg.objective, getattr(cfg, cfg.objective, None))
+    objective = objective_of(cfg)
     try:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         with warnings.catch_warnings():  # the run itself warns about the data; the planner stays quiet
@@ -70,10 +68,10 @@ def batch_of(cfg: RunConfig, objective, examples: list, pad_id: int) -> BatchTok
     longest = sorted(examples, key=len, reverse=True)[: cfg.train.batch_size]
     batch = objective.collate(longest, cfg, pad_id)
     positions = batch["input_ids"].numel()
-    shared = "decoder_ids" in batch and cfg.method.name not in VIRTUAL  # virtual tokens run the padded rows
+    shared = "decoder_ids" in batch and not cfg.method.declaration.memory.virtual  # those run the padded rows
     decoder = batch["decoder_ids"].numel() if shared else positions
     labels = int((batch["targets"] != -100).sum())
-    sequences = len(longest) * (2 if cfg.objective in ("dpo", "orpo", "simpo", "reward", "kto") else 1)
+    sequences = len(longest) * (2 if cfg.objective_declaration.pairs else 1)
     return BatchTokens(sequences, decoder, positions, labels,
                        f"data: the {len(longest)} longest of {len(examples):,} training examples, collated as the run "
                        f"does ({decoder:,} tokens computed, {labels:,} labelled)")

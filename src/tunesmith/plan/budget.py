@@ -65,10 +65,10 @@ def _candidates(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
         out.append(("train.activation_checkpointing=true", _with(cfg, "train", activation_checkpointing=True)))
     if not cfg.train.bf16:
         out.append(("train.bf16=true", _with(cfg, "train", bf16=True)))
-    if cfg.method.name in ("lora", "dora"):
-        settings = cfg.method.model_dump()
-        settings["name"] = "qlora"
-        out.append(("method.name=qlora (the base's linears in NF4)", _with(cfg, "method", **settings)))
+    four_bit = cfg.method.declaration.four_bit_variant
+    if four_bit:
+        settings = {**cfg.method.model_dump(), "name": four_bit}
+        out.append((f"method.name={four_bit} (the base's linears in NF4)", _with(cfg, "method", **settings)))
     return out
 
 
@@ -93,8 +93,9 @@ def advise(cfg: RunConfig, memory: MemoryPlan, budget: int, device: str = "cpu")
         advice.options.append(Option(change, peak, fits))
     if not any(o.fits for o in advice.options):
         everything = _with(cfg, "train", batch_size=1, activation_checkpointing=True, bf16=True)
-        if cfg.method.name in ("lora", "dora"):
-            everything = _with(everything, "method", **{**cfg.method.model_dump(), "name": "qlora"})
+        four_bit = cfg.method.declaration.four_bit_variant
+        if four_bit:
+            everything = _with(everything, "method", **{**cfg.method.model_dump(), "name": four_bit})
         peak = predict(everything, arch=arch, **arch_runtime).peak
         advice.options.append(Option("all of the above at batch 1", peak, peak <= budget))
     return advice

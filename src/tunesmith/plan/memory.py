@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunesmith.config import RunConfig
+from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
 from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, numel
@@ -98,7 +99,7 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
     method = cfg.method
     quantized = _block_linear_weights(arch)
     added = plan.total - sum_base(arch)
-    if method.name == "qlora" or int4_group:
+    if method.declaration.memory.quantized_base or int4_group:
         rest = sum_base(arch) - quantized
         if int4_group:  # quant/linear.py: uint8 codes (two per byte), fp16 scale and uint8 zero per group
             groups = quantized / int4_group
@@ -137,11 +138,11 @@ def _frozen_bf16_linears(arch: Architecture, cfg: RunConfig) -> int:
     autocast (a tied head is the embedding; DoRA's targets read their fp32 base), for methods that leave the base
     untouched. They replace the fp32 weights, also on CPU, where the conversion then unmaps the checkpoint file
     (its pages count only while loading: `_loading_parts`)."""
-    train = cfg.train
+    train, declared = cfg.train, cfg.method.declaration
     if not (train.bf16 and train.bf16_frozen_weights and cfg.model.dtype == "float32"
-            and cfg.method.name not in ("full", "freeze", "bitfit", "qlora")):
+            and not declared.trains_base and not declared.memory.quantized_base):
         return 0
-    kept = set(cfg.method.target_modules) if cfg.method.name == "dora" and isinstance(
+    kept = set(cfg.method.target_modules) if declared.memory.reads_base_weight and isinstance(
         cfg.method.target_modules, list) else set()
     return sum(lin.in_features * lin.out_features for lin in linears(arch)
                if lin.suffix not in kept and not (lin.name == "lm_head" and arch.tied_embeddings))
@@ -155,15 +156,12 @@ def sum_base(arch: Architecture) -> int:
 
 def _trainable_bytes(cfg: RunConfig) -> int:
     """Trained base parameters (full, freeze, bitfit) have the model's dtype; added ones are fp32."""
-    return 2 if cfg.model.dtype == "bfloat16" and cfg.method.name in ("full", "freeze", "bitfit") else 4
+    return 2 if cfg.model.dtype == "bfloat16" and cfg.method.declaration.trains_base else 4
 
 
 def _layers_with_grad(arch: Architecture, cfg: RunConfig) -> int:
     """Blocks that keep activations for backward: all, except below the lowest trained block of `freeze`."""
-    method = cfg.method
-    if method.name == "freeze" and method.last_layers and not method.patterns:
-        return method.last_layers
-    return arch.num_layers
+    return cfg.method.blocks_with_grad(arch.num_layers)
 
 
 def _saved_per_token_layer(arch: Architecture, cfg: RunConfig, attention_bf16: bool = False) -> tuple[int, str]:
@@ -180,9 +178,8 @@ def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
     low = 4
     method = cfg.method
-    name = method.name
-    weights_train = name in ("full", "freeze")
-    low_rank = name in ("lora", "dora", "qlora")
+    terms_of = method.declaration.memory
+    weights_train, low_rank = terms_of.linear_weights_train, terms_of.low_rank
     dropout = low_rank and method.dropout > 0
     # tensors every block keeps when gradient flows through it (whatever trains): the two RMSNorm inputs (the fp32
     # residual stream), q/k/v after rotary (segment attention upcasts them to fp32 on CPU) and SDPA's output and
@@ -190,7 +187,7 @@ def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
     terms = {"norm inputs 2h": 2 * h * 4, "q, k, v": (q + 2 * kv) * 4, "attention out": q * 4 + arch.num_heads *
              SDPA_LSE_BYTES, "gate, silu, up 3i": 3 * i * low}
     # methods/lora_function.py drops inside its node: x kept once for all its readers, the mask as booleans
-    fused_dropout = dropout and name == "lora" and cfg.model.dtype == "float32"
+    fused_dropout = dropout and terms_of.fused_dropout and cfg.model.dtype == "float32"
     needs_input = weights_train or (low_rank and not dropout) or fused_dropout
     if needs_input:  # a trained or adapted linear keeps its input
         terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
@@ -203,16 +200,17 @@ def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
         terms["dropped inputs + noise"] = d_sum * 2 * low
     if low_rank:
         terms["low-rank A·x, 7 targets"] = 7 * method.r * low
-    if name == "dora":
-        terms["DoRA W0·x and B·A·x per target"] = 2 * (q + 2 * kv + h + 2 * i + h) * low
-    if name in ("prompt", "prefix", "ptuning-v2"):  # transformers' SDPA path (not segment attention) under a mask
+    if terms_of.virtual:  # transformers' SDPA path (not segment attention) under a mask
         terms["k, v repeated to every query head"] = 2 * (q - kv) * 4
-    if name == "ia3":
-        terms["IA3 rescaled outputs/inputs"] = (2 * kv + i) * low
-    if name == "adapter":
-        width = max(1, h // method.reduction_factor)
-        terms["adapter inputs and bottleneck"] = 2 * (h + 2 * width) * low
+    terms.update(_method_saved(terms_of.saved_fp32, arch, method, low))
     return terms
+
+
+def _method_saved(saved: tuple[Saved, ...], arch: Architecture, method, nbytes: int) -> dict[str, int]:
+    """The method's own saved-activation terms (its declaration's MemoryTerms.saved_*), per token and block."""
+    width = {"h": arch.hidden_size, "q": arch.q_dim, "kv": arch.kv_dim, "i": arch.intermediate_size,
+             "w": method.bottleneck_width(arch.hidden_size)}
+    return {term.what: sum(n * width[dim] for dim, n in term.coefficients) * nbytes for term in saved}
 
 
 def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf16: bool) -> dict[str, int]:
@@ -224,13 +222,12 @@ def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf1
     input's dtype and CPU dropout keeps its scaled noise in that dtype."""
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
     method = cfg.method
-    name = method.name
-    weights_train = name in ("full", "freeze")
-    low_rank = name in ("lora", "dora", "qlora")
+    terms_of = method.declaration.memory
+    weights_train, low_rank = terms_of.linear_weights_train, terms_of.low_rank
     dropout = low_rank and method.dropout > 0
     lse = arch.num_heads * SDPA_LSE_BYTES
     terms = {"norm inputs 2h (fp32)": 2 * h * 4, "gate, silu, up 3i (bf16)": 3 * i * 2}
-    if name in ("prompt", "prefix", "ptuning-v2"):  # transformers' SDPA: k, v repeated to every head, cast to bf16
+    if terms_of.virtual:  # transformers' SDPA: k, v repeated to every head, cast to bf16
         terms["q, k and v repeated to every query head, attention out (bf16)"] = 4 * q * 2 + lse
     elif attention_bf16:
         terms["q, k, v, attention out (bf16 attention)"] = (2 * q + 2 * kv) * 2 + lse
@@ -246,25 +243,19 @@ def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf1
         terms["normalised norm inputs 2h (fp32)"] = 2 * h * 4
     if low_rank:
         terms["low-rank A·x, 7 targets"] = 7 * method.r * 2
-    if name == "dora":
-        terms["DoRA W0·x and B·A·x per target"] = 2 * (q + 2 * kv + h + 2 * i + h) * 2
-    if name == "ia3":
-        terms["IA3 rescaled outputs/inputs"] = (2 * kv + i) * 2
-    if name == "adapter":
-        width = max(1, h // method.reduction_factor)
-        terms["adapter inputs (bf16 base outputs) and activations"] = 2 * (h + width) * 2
+    terms.update(_method_saved(terms_of.saved_bf16, arch, method, 2))
     return terms
 
 
 def _block_gradient_parameters(plan: ParameterPlan, cfg: RunConfig) -> int:
     """Trained base parameters inside the decoder blocks (full, freeze): their gradients appear during backward."""
-    if cfg.method.name not in ("full", "freeze"):
+    if not cfg.method.declaration.memory.linear_weights_train:
         return 0
     return sum(numel(shape) for name, (shape, _) in plan.saved.items() if name.startswith(BLOCKS + "."))
 
 
 def _virtual_tokens(cfg: RunConfig) -> int:
-    return getattr(cfg.method, "num_virtual_tokens", 0) if cfg.method.name == "prompt" else 0
+    return cfg.method.num_virtual_tokens if cfg.method.declaration.memory.virtual == "embeddings" else 0
 
 
 def _segments_attended_in_bf16(batch: BatchTokens) -> bool:
@@ -296,12 +287,15 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
                           "formed in the memory their activations free (up to all of the activations)"))
     parts.append(Part("AdamW moments", ADAMW_MOMENTS * t * nbytes,
                       f"2 × {t:,} × {nbytes} B (fused AdamW: exp_avg, exp_avg_sq in the parameter's dtype)"))
-    if cfg.train.bf16 and cfg.model.dtype == "float32" and cfg.method.name in ("full", "freeze"):
+    declared = cfg.method.declaration
+    # a method that trains the base but not its linear weights (bitfit) keeps them fp32 (it saves the base), so
+    # autocast casts its frozen weights at every forward
+    base_casts = declared.trains_base and not declared.memory.linear_weights_train
+    if cfg.train.bf16 and cfg.model.dtype == "float32" and declared.memory.linear_weights_train:
         cached = sum(lin.in_features * lin.out_features for lin in linears(arch))
         parts.append(Part("autocast weight cache", cached * 2, "bf16 copies of trained linear weights, per step"))
-    elif cfg.train.bf16 and (cfg.method.name == "bitfit" or not cfg.train.bf16_frozen_weights):
-        # bitfit's base stays fp32 (it saves the base), so autocast casts its frozen weights at every forward
-        copies = (_block_linear_weights(arch) if cfg.method.name == "bitfit" else _frozen_bf16_linears(
+    elif cfg.train.bf16 and (base_casts or not cfg.train.bf16_frozen_weights):
+        copies = (_block_linear_weights(arch) if base_casts else _frozen_bf16_linears(
             arch, cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16_frozen_weights": True})})))
         if copies:
             parts.append(Part("autocast copies of frozen weights", copies * 2,
@@ -323,11 +317,11 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
 def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: str) -> list[Part]:
     vocab, h = arch.vocab_size, arch.hidden_size
     tokens = batch.labels
-    head_trains = cfg.method.name == "full" or (cfg.method.name == "freeze" and "lm_head" in " ".join(
-        cfg.method.patterns))
-    if cfg.objective in ("dpo", "orpo", "simpo", "kto", "reward", "ppo", "grpo"):
-        if cfg.objective == "reward":
-            return [Part("reward head", tokens * h * 4, "hidden states at each sequence's last token")]
+    head_trains = cfg.method.head_trains()
+    objective = cfg.objective_declaration
+    if objective.own_head:  # the reward model's scalar head, classify's label head: no LM head logits
+        return [Part(f"{objective.name} head", tokens * h * 4, "hidden states at each sequence's last token")]
+    if objective.scores_logps:
         if cfg.train.loss_chunk is None:
             # sequence_logps: fp32 logits at the label positions, the log-softmax cross_entropy keeps, and the
             # reference's (no grad) or the backward's pair of the same size alive at once
@@ -354,31 +348,34 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
 
 
 def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows: int) -> list[Part]:
-    name = cfg.method.name
+    terms_of, objective = cfg.method.declaration.memory, cfg.objective_declaration
     out = []
-    if name in ("prefix", "ptuning-v2"):
+    if terms_of.virtual == "key_values":
         n = cfg.method.num_virtual_tokens
         width = arch.num_layers * 2 * arch.kv_dim
         out.append(Part("prefix keys/values", 2 * rows * n * width * 4,
                         f"{rows} rows × {n} × {width:,} × 4 B, expanded per row (and its gradient)"))
         out.append(Part("padded batch attention", rows * arch.num_layers * cfg.data.max_length * (n + cfg.data.max_length)
                         // 8, "bool masks per row"))
-    if name == "dora" and cfg.train.bf16:
+    if terms_of.weight_norms and cfg.train.bf16:
         # measured under bf16 autocast (saved_tensors_hooks, SmolLM2, 1,024 and 4,096 tokens: 4.1 B a weight a layer);
         # the fp32 rows of bench/plan.py are within range without it (their per-token count carries more slack)
         targets = cfg.method.target_modules
         targeted = _block_linear_weights(arch, targets if isinstance(targets, list) else None)
         out.append(Part("DoRA weight norms' inputs", targeted * 4,
                         f"W0 + s·B·A of every target in fp32, kept for the norm's backward: {targeted:,} × 4 B"))
-    elif name == "dora":
+    elif terms_of.weight_norms:
         biggest = max(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
         out.append(Part("DoRA weight norm", biggest * 4, "||W0 + s·B·A|| forms one full weight in fp32 at a time"))
-    if cfg.objective == "ppo":
-        ppo = cfg.ppo
-        out.append(Part("PPO rollouts", ppo.minibatch_size * (cfg.data.max_length + ppo.max_new_tokens) * 4 * 6,
+    section = getattr(cfg, cfg.objective) if objective.section else None
+    if objective.rollout_buffers:
+        values = objective.rollout_buffers
+        out.append(Part(f"{cfg.objective.upper()} rollouts", section.minibatch_size * (
+            cfg.data.max_length + section.max_new_tokens) * 4 * values,
                         "tokens, log-probs, reference log-probs, values, advantages, returns per rollout token"))
-    snapshot = cfg.objective in ("ppo", "kto") or (cfg.objective == "grpo" and cfg.grpo.beta > 0)
-    if snapshot and name in ("full", "freeze", "bitfit"):
+    snapshot = objective.reference == "forward" and (
+        not objective.reference_weight or getattr(section, objective.reference_weight) > 0)
+    if snapshot and cfg.method.declaration.trains_base:
         out.append(Part("reference snapshot", plan.trainable * _trainable_bytes(cfg), f"{cfg.objective.upper()} "
                         "keeps the initial trained parameters for its reference forwards"))
     return out

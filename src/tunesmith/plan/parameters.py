@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from tunesmith.config.methods import MethodSettings
+from tunesmith.config.objectives import objective_declaration
 from tunesmith.errors import ConfigError
 from tunesmith.plan.architectures import Architecture
 
@@ -227,9 +228,6 @@ def _virtual(arch, s) -> tuple[list, dict]:
     return [("key/value prefix", direct, n * width)], saved
 
 
-OBJECTIVE_HEADS = {"reward": ("reward head", "h", 0), "ppo": ("value head", "h + 1", 1)}
-
-
 def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32"
           ) -> ParameterPlan:
     """What `settings` trains on `arch` with `objective`, and what the model then holds."""
@@ -255,13 +253,14 @@ def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", 
         rows, saved = _bottleneck(arch, settings)
     else:
         rows, saved = _virtual(arch, settings)
-    if objective in OBJECTIVE_HEADS:
-        what, formula, extra = OBJECTIVE_HEADS[objective]
-        rows.append((what, f"{formula} = {arch.hidden_size + extra}", arch.hidden_size + extra))
+    head = objective_declaration(objective).head  # a scalar head: h weights (and a bias)
+    if head is not None:
+        what, bias = head
+        rows.append((what, f"{'h + 1' if bias else 'h'} = {arch.hidden_size + bias}", arch.hidden_size + bias))
     parts = _grouped(rows)
     trainable = sum(p.total for p in parts)
-    if name not in ("full", "freeze", "bitfit"):
+    if not settings.declaration.trains_base:
         added = trainable
-    elif objective in OBJECTIVE_HEADS:
-        added += arch.hidden_size + OBJECTIVE_HEADS[objective][2]
+    elif head is not None:
+        added += arch.hidden_size + head[1]
     return ParameterPlan(name, trainable, base_total + added, parts, saved, note)

@@ -49,7 +49,7 @@ def print_plan(cfg: RunConfig, memory: MemoryPlan, budget: int | None = None, ad
         params.add_row(part.what, part.formula, f"{part.each:,}", str(part.count), f"{part.total:,}")
     params.add_row("[bold]trainable[/bold]", f"{100 * p.fraction:.3f} % of {p.total:,}", "", "", f"{p.trainable:,}")
     console.print(params)
-    name = "adapter_model.safetensors" if cfg.method.name != "full" else "model weights"
+    name = "adapter_model.safetensors" if cfg.method.declaration.artifact == "adapter" else "model weights"
     console.print(f"{name}: {p.saved_bytes:,} bytes ({mib(p.saved_bytes)})" + (f"; {p.note}" if p.note else ""))
     what = "peak RSS" if memory.device == "cpu" else "peak allocated"
     table = Table(title=f"{what} on {memory.device}: {gib(memory.peak)} (at {memory.peak_phase})")
@@ -84,7 +84,8 @@ def predicted_peak(cfg: RunConfig, device: str, objective=None, examples: list |
     from tunesmith.plan.memory import predict
 
     try:
-        batch = batch_of(cfg, objective, examples, pad_id) if examples is not None and cfg.objective not in ("ppo", "grpo") else None
+        readable = examples is not None and not cfg.objective_declaration.samples
+        batch = batch_of(cfg, objective, examples, pad_id) if readable else None
         return predict(cfg, device="cuda" if device == "cuda" else "cpu", batch=batch)
     except TunesmithError:
         return None

@@ -11,9 +11,6 @@ from tunesmith.data.formats import normalize_all
 from tunesmith.data.sources import read_many
 from tunesmith.errors import DataError
 
-# Objectives that train the LM head's next-token distribution (a reward model's LM head is never trained or used).
-SCORED_OBJECTIVES = ("sft", "text", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
-
 
 def default_corpus() -> str:
     return str(resources.files("tunesmith.eval") / "general_text.jsonl")
@@ -34,7 +31,7 @@ def probe_for(cfg, tokenizer) -> ForgettingProbe | None:
     """The corpus's first `max_tokens` tokens, split evenly between its records and cut into windows of at most
     data.max_length tokens; None when `report.forgetting` is off or the objective has no LM loss to score."""
     settings = cfg.report.forgetting
-    if settings is None or cfg.objective not in SCORED_OBJECTIVES:
+    if settings is None or not cfg.objective_declaration.lm_loss:
         return None
     corpus = settings.corpus or default_corpus()
     fmt, docs = normalize_all(read_many(corpus), "auto")
