@@ -18,6 +18,7 @@ from tunesmith.methods import METHODS, declaration, get_method
 from tunesmith.methods.protocol import Method
 from tunesmith.objectives import OBJECTIVES, implementation
 from tunesmith.objectives.protocol import Objective, PolicyObjective
+from tunesmith.plan.parameters import LAYOUTS
 
 
 def protocol_gaps(entry, protocol) -> list[str]:
@@ -68,6 +69,8 @@ def test_method_conforms(name):
     assert (module.disabled is None) == declared.trains_base, \
         f"{name}: only a method whose base trains has no disabled() (the reference is then a snapshot)"
     assert declared.artifact in ("adapter", "model")
+    assert declared.parameters in LAYOUTS, f"{name}: plan/parameters.py counts no layout {declared.parameters!r}"
+    assert declared.four_bit_variant in (None, *METHODS), f"{name}: four_bit_variant names no registered method"
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

@@ -37,6 +37,9 @@ class MemoryTerms:
 
 @dataclass(frozen=True)
 class MethodDeclaration:
+    # what it trains, as plan/parameters.py counts it: the whole model, base parameters chosen by name, the linears'
+    # biases, low-rank pairs on the targets, scaling vectors, bottleneck layers, or virtual tokens
+    parameters: Literal["whole", "chosen", "biases", "low_rank", "scales", "bottleneck", "virtual"]
     artifact: str = "adapter"            # the run folder's subfolder the trained artifact is saved in
     not_mergeable: str | None = None     # why it cannot be merged into the base; None: it can
     trains_base: bool = False            # its trainable parameters are the base's own (stored in model.dtype)

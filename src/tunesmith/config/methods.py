@@ -32,7 +32,7 @@ class Strict(BaseModel):
 class FullSettings(Strict):
     name: Literal["full"] = "full"
     declaration: ClassVar = MethodDeclaration(
-        artifact="model", trains_base=True, memory=MemoryTerms(linear_weights_train=True),
+        "whole", artifact="model", trains_base=True, memory=MemoryTerms(linear_weights_train=True),
         not_mergeable="a full fine-tune is already a complete model folder; use it directly as --model")
 
     def head_trains(self) -> bool:
@@ -41,7 +41,8 @@ class FullSettings(Strict):
 
 class FreezeSettings(Strict):
     name: Literal["freeze"] = "freeze"
-    declaration: ClassVar = MethodDeclaration(trains_base=True, memory=MemoryTerms(linear_weights_train=True))
+    declaration: ClassVar = MethodDeclaration("chosen", trains_base=True,
+                                              memory=MemoryTerms(linear_weights_train=True))
     last_layers: int | None = Field(None, gt=0, description="train the last N transformer blocks")
     patterns: list[str] = Field(default_factory=list, description="regexes; parameters whose name matches train")
 
@@ -61,13 +62,13 @@ class FreezeSettings(Strict):
 
 class BitFitSettings(Strict):
     name: Literal["bitfit"] = "bitfit"
-    declaration: ClassVar = MethodDeclaration(trains_base=True)
+    declaration: ClassVar = MethodDeclaration("biases", trains_base=True)
     target_modules: list[str] | str = Field(default_factory=lambda: list(ALL_LINEAR))
 
 
 class LoraSettings(Strict):
     name: Literal["lora"] = "lora"
-    declaration: ClassVar = MethodDeclaration(named_adapters=True, four_bit_variant="qlora",
+    declaration: ClassVar = MethodDeclaration("low_rank", named_adapters=True, four_bit_variant="qlora",
                                               memory=MemoryTerms(low_rank=True, fused_dropout=True))
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
@@ -84,14 +85,15 @@ DORA_SAVED = Saved("DoRA W0·x and B·A·x per target", (("q", 2), ("kv", 4), ("
 
 class DoraSettings(LoraSettings):
     name: Literal["dora"] = "dora"
-    declaration: ClassVar = MethodDeclaration(named_adapters=True, four_bit_variant="qlora", memory=MemoryTerms(
+    declaration: ClassVar = MethodDeclaration(
+        "low_rank", named_adapters=True, four_bit_variant="qlora", memory=MemoryTerms(
         low_rank=True, reads_base_weight=True, saved_fp32=(DORA_SAVED,), saved_bf16=(DORA_SAVED,), weight_norms=True))
 
 
 class QloraSettings(LoraSettings):
     name: Literal["qlora"] = "qlora"
     declaration: ClassVar = MethodDeclaration(
-        memory=MemoryTerms(low_rank=True, quantized_base=True),
+        "low_rank", memory=MemoryTerms(low_rank=True, quantized_base=True),
         fsdp_refusal="FSDP shards each parameter along its first dimension, but QLoRA's 4-bit base weights are packed "
         "bytes whose per-block scales belong to the whole flattened tensor (bitsandbytes' Params4bit), so a shard "
         "cannot be gathered back or dequantised on its own. Use distributed.strategy: ddp, or method lora")
@@ -106,7 +108,8 @@ IA3_SAVED = Saved("IA3 rescaled outputs/inputs", (("kv", 2), ("i", 1)))
 
 class IA3Settings(Strict):
     name: Literal["ia3"] = "ia3"
-    declaration: ClassVar = MethodDeclaration(memory=MemoryTerms(saved_fp32=(IA3_SAVED,), saved_bf16=(IA3_SAVED,)))
+    declaration: ClassVar = MethodDeclaration("scales",
+                                              memory=MemoryTerms(saved_fp32=(IA3_SAVED,), saved_bf16=(IA3_SAVED,)))
     target_modules: list[str] | str = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = Field(
         default_factory=lambda: ["down_proj"], description="targets whose input (not output) is rescaled")
@@ -115,6 +118,7 @@ class IA3Settings(Strict):
 class AdapterSettings(Strict):
     name: Literal["adapter"] = "adapter"
     declaration: ClassVar = MethodDeclaration(
+        "bottleneck",
         not_mergeable="bottleneck adapters add a nonlinear layer that the base architecture has no place for, "
         "so they cannot be merged into its weights; use the adapter with --adapter instead",
         memory=MemoryTerms(saved_fp32=(Saved("adapter inputs and bottleneck", (("h", 2), ("w", 4))),),
@@ -132,6 +136,7 @@ class AdapterSettings(Strict):
 class PromptSettings(Strict):
     name: Literal["prompt"] = "prompt"
     declaration: ClassVar = MethodDeclaration(
+        "virtual",
         not_mergeable="soft prompts are learned input embeddings placed before the text, not changes to any weight, "
         "so there is nothing to fold into the base; use the adapter with --adapter instead",
         memory=MemoryTerms(virtual="embeddings"))
@@ -147,6 +152,7 @@ class PromptSettings(Strict):
 
 
 PREFIX = MethodDeclaration(
+    "virtual",
     not_mergeable="prefixes are learned keys and values every attention layer attends to, not changes to any "
     "weight, so there is nothing to fold into the base; use the adapter with --adapter instead",
     memory=MemoryTerms(virtual="key_values"))
@@ -163,6 +169,7 @@ class PrefixSettings(Strict):
 class PtuningV2Settings(Strict):
     name: Literal["ptuning-v2"] = "ptuning-v2"
     declaration: ClassVar = PREFIX
+    projection: ClassVar[bool] = False  # prefix tuning without the MLP reparameterisation
     num_virtual_tokens: int = Field(20, gt=0)
 
 

@@ -198,7 +198,8 @@ OBJECTIVES = (
                          default_overlong="split"),
     ObjectiveDeclaration(
         "reward", PAIRS, PAIRS_DESCRIBED, RewardSettings, pairs=True, lm_loss=False,
-        own_head="scores each sequence with a scalar head on its last hidden state", head=("reward head", 0), split_refusal=_cut_apart("reward"),
+        own_head="scores each sequence with a scalar head on its last hidden state", head=("reward head", 0),
+        split_refusal=_cut_apart("reward"),
         prompt_never_trained="scores each answer with a scalar head on its last hidden state; there is no per-token "
         "loss that could include the prompt"),
     ObjectiveDeclaration(

@@ -367,7 +367,7 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
     elif terms_of.weight_norms:
         biggest = max(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
         out.append(Part("DoRA weight norm", biggest * 4, "||W0 + s·B·A|| forms one full weight in fp32 at a time"))
-    section = getattr(cfg, cfg.objective) if objective.section else None
+    section = cfg.objective_settings
     if objective.rollout_buffers:
         values = objective.rollout_buffers
         out.append(Part(f"{cfg.objective.upper()} rollouts", section.minibatch_size * (

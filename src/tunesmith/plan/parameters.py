@@ -157,7 +157,13 @@ def _grouped(rows: list[tuple[str, str, int]]) -> list[Part]:
     return list(parts.values())
 
 
-def _lora(arch, s, dora: bool) -> tuple[list, dict]:
+def _whole(arch, s, params, dtype) -> tuple[list, dict, int]:
+    return ([("every parameter", "the whole model", sum(numel(shape) for shape in params.values()))],
+            {n: (shape, dtype) for n, shape in params.items()}, 0)
+
+
+def _lora(arch, s, params, dtype) -> tuple[list, dict, int]:
+    dora = s.declaration.memory.weight_norms  # DoRA's magnitude vector beside each target's pair
     rows, saved = [], {}
     for lin in matched_linears(arch, s.target_modules):
         d, k = lin.in_features, lin.out_features
@@ -167,10 +173,10 @@ def _lora(arch, s, dora: bool) -> tuple[list, dict]:
         if dora:
             rows.append((f"{lin.suffix} magnitude", f"k = {k}", k))
             saved[f"{PEFT_PREFIX}{lin.name}.lora_magnitude_vector"] = ((k,), "F32")
-    return rows, saved
+    return rows, saved, 0
 
 
-def _bitfit(arch, s, dtype) -> tuple[list, dict, int]:
+def _bitfit(arch, s, params, dtype) -> tuple[list, dict, int]:
     rows, saved, added = [], {}, 0
     for lin in matched_linears(arch, s.target_modules):
         rows.append((f"{lin.suffix} bias", f"k = {lin.out_features}", lin.out_features))
@@ -179,15 +185,15 @@ def _bitfit(arch, s, dtype) -> tuple[list, dict, int]:
     return rows, saved, added
 
 
-def _freeze(arch, s, params, dtype) -> tuple[list, dict]:
+def _freeze(arch, s, params, dtype) -> tuple[list, dict, int]:
     from tunesmith.methods.freeze import select_names
 
     chosen = select_names(list(params), BLOCKS, arch.num_layers, s)
     rows = [(re.sub(r"\.\d+\.", ".N.", n), "×".join(map(str, params[n])), numel(params[n])) for n in chosen]
-    return rows, {n: (params[n], dtype) for n in chosen}
+    return rows, {n: (params[n], dtype) for n in chosen}, 0
 
 
-def _ia3(arch, s) -> tuple[list, dict]:
+def _ia3(arch, s, params, dtype) -> tuple[list, dict, int]:
     rows, saved = [], {}
     for lin in matched_linears(arch, s.target_modules):
         if matches(lin.name, s.feedforward_modules):
@@ -197,10 +203,10 @@ def _ia3(arch, s) -> tuple[list, dict]:
             rows.append((lin.suffix, f"k = {lin.out_features}", lin.out_features))
             shape = (lin.out_features, 1)
         saved[f"{PEFT_PREFIX}{lin.name}.ia3_l"] = (shape, "F32")
-    return rows, saved
+    return rows, saved, 0
 
 
-def _bottleneck(arch, s) -> tuple[list, dict]:
+def _bottleneck(arch, s, params, dtype) -> tuple[list, dict, int]:
     width = max(1, arch.hidden_size // s.reduction_factor)
     rows, saved = [], {}
     for lin in matched_linears(arch, ADAPTER_PLACEMENTS[s.placement], "method.placement"):
@@ -210,22 +216,27 @@ def _bottleneck(arch, s) -> tuple[list, dict]:
                       f"{lin.name}.adapter_down.bias": ((width,), "F32"),
                       f"{lin.name}.adapter_up.weight": ((k, width), "F32"),
                       f"{lin.name}.adapter_up.bias": ((k,), "F32")})
-    return rows, saved
+    return rows, saved, 0
 
 
-def _virtual(arch, s) -> tuple[list, dict]:
+def _virtual(arch, s, params, dtype) -> tuple[list, dict, int]:
     n, h = s.num_virtual_tokens, arch.hidden_size
     width = arch.num_layers * 2 * arch.kv_dim
-    if s.name == "prompt":
-        return [("prompt embeddings", f"N·h = {n}·{h}", n * h)], {"prompt_embeddings": ((n, h), "F32")}
+    if s.declaration.memory.virtual == "embeddings":
+        return [("prompt embeddings", f"N·h = {n}·{h}", n * h)], {"prompt_embeddings": ((n, h), "F32")}, 0
     saved = {"prompt_embeddings": ((n, width), "F32")}
     direct = f"N·layers·2·kv_dim = {n}·{arch.num_layers}·2·{arch.kv_dim}"
-    if s.name == "prefix" and s.projection:
+    if s.projection:
         p = s.projection_hidden
         return [("prefix embedding", f"N·h = {n}·{h}", n * h),
                 ("projection MLP", f"h·p + p + p·W + W, W = layers·2·kv_dim = {width}", h * p + p + p * width + width)
-                ], saved
-    return [("key/value prefix", direct, n * width)], saved
+                ], saved, 0
+    return [("key/value prefix", direct, n * width)], saved, 0
+
+
+# plan/parameters' count of each layout a method declares (MethodDeclaration.parameters)
+LAYOUTS = {"whole": _whole, "chosen": _freeze, "biases": _bitfit, "low_rank": _lora, "scales": _ia3,
+           "bottleneck": _bottleneck, "virtual": _virtual}
 
 
 def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32"
@@ -234,33 +245,18 @@ def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", 
     params = base_parameters(arch)
     base_total = sum(numel(s) for s in params.values())
     st_dtype = SAFETENSORS_DTYPE[dtype]
-    name, added, note = settings.name, 0, ""
-    if name == "full":
-        rows = [("every parameter", "the whole model", base_total)]
-        saved = {n: (s, st_dtype) for n, s in params.items()}
-    elif name == "freeze":
-        rows, saved = _freeze(arch, settings, params, st_dtype)
-    elif name == "bitfit":
-        rows, saved, added = _bitfit(arch, settings, st_dtype)
-    elif name in ("lora", "dora", "qlora"):
-        rows, saved = _lora(arch, settings, dora=name == "dora")
-        if name == "qlora":
-            note = ("trainable as LoRA's; training's printed total counts each 4-bit weight as half a parameter "
-                    "(two codes per stored byte)")
-    elif name == "ia3":
-        rows, saved = _ia3(arch, settings)
-    elif name == "adapter":
-        rows, saved = _bottleneck(arch, settings)
-    else:
-        rows, saved = _virtual(arch, settings)
+    declared = settings.declaration
+    rows, saved, added = LAYOUTS[declared.parameters](arch, settings, params, st_dtype)
+    note = ("trainable as LoRA's; training's printed total counts each 4-bit weight as half a parameter (two codes "
+            "per stored byte)") if declared.memory.quantized_base else ""
     head = objective_declaration(objective).head  # a scalar head: h weights (and a bias)
     if head is not None:
         what, bias = head
         rows.append((what, f"{'h + 1' if bias else 'h'} = {arch.hidden_size + bias}", arch.hidden_size + bias))
     parts = _grouped(rows)
     trainable = sum(p.total for p in parts)
-    if not settings.declaration.trains_base:
+    if not declared.trains_base:
         added = trainable
     elif head is not None:
         added += arch.hidden_size + head[1]
-    return ParameterPlan(name, trainable, base_total + added, parts, saved, note)
+    return ParameterPlan(settings.name, trainable, base_total + added, parts, saved, note)
