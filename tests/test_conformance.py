@@ -68,6 +68,8 @@ def test_method_conforms(name):
         f"{name}: merge/unload are None exactly where the declaration says why it cannot merge"
     assert (module.disabled is None) == declared.trains_base, \
         f"{name}: only a method whose base trains has no disabled() (the reference is then a snapshot)"
+    assert (module.virtual_tokens is None) == (not declared.memory.virtual), \
+        f"{name}: virtual_tokens exactly where the declaration's memory terms have virtual tokens"
     assert declared.artifact in ("adapter", "model")
     assert declared.parameters in LAYOUTS, f"{name}: plan/parameters.py counts no layout {declared.parameters!r}"
     assert declared.four_bit_variant in (None, *METHODS), f"{name}: four_bit_variant names no registered method"

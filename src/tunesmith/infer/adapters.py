@@ -34,8 +34,7 @@ def parse_adapter_args(values: list[str] | str | None) -> dict[str, str]:
 def adapter_context(adapter) -> RunContext:
     """The run context inference passes along with a model that `load_with_adapter(…, adapter)` loaded: the hook of
     the adapter's method for its virtual tokens (prompt, prefix), if it has one (such adapters are loaded alone)."""
-    hooks = [getattr(method_for_adapter(path)[1], "virtual_tokens", None)
-             for path in parse_adapter_args(adapter).values()]
+    hooks = [method_for_adapter(path)[1].virtual_tokens for path in parse_adapter_args(adapter).values()]
     return RunContext(virtual_tokens=next((hook for hook in hooks if hook is not None), None))
 
 

@@ -17,6 +17,7 @@ from tunesmith.methods.base import (check_and_copy, freeze_all, match_modules, r
                                     write_adapter)
 
 merge = unload = None  # AdapterSettings.declaration says why not
+virtual_tokens = None  # no virtual tokens
 PEFT_TYPE = "TUNESMITH_BOTTLENECK"
 PLACEMENTS = {"attention": ["o_proj"], "mlp": ["down_proj"], "both": ["o_proj", "down_proj"]}
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}

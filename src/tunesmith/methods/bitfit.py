@@ -14,6 +14,7 @@ from tunesmith.errors import ModelError
 from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, write_adapter
 
 disabled = None  # the base itself trains: no switch to the model before training
+virtual_tokens = None  # no virtual tokens
 PEFT_TYPE = "TUNESMITH_BITFIT"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -17,7 +17,7 @@ from tunesmith.config.methods import DoraSettings
 from tunesmith.methods import lora
 from tunesmith.methods.base import read_adapter
 from tunesmith.methods.lora import (DEFAULT, disabled, merge, save, set_active, unload,  # noqa: F401  (the interface)
-                                    unmerge)
+                                    unmerge, virtual_tokens)
 
 
 

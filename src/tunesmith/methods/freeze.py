@@ -12,6 +12,7 @@ from tunesmith.methods.base import (check_and_copy, freeze_all, quantized_layers
                                     refuse_training_quantized, write_adapter)
 
 disabled = None  # the base itself trains: no switch to the model before training
+virtual_tokens = None  # no virtual tokens
 PEFT_TYPE = "TUNESMITH_FREEZE"
 
 

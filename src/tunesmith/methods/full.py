@@ -11,6 +11,7 @@ from tunesmith.methods.base import quantized_layers, refuse_training_quantized
 
 merge = unload = None  # the artifact is already a whole model (FullSettings.declaration)
 disabled = None  # the base itself trains: no switch to the model before training
+virtual_tokens = None  # no virtual tokens
 
 
 def claims(config: dict) -> bool:

@@ -73,6 +73,7 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
 
 
 set_active, disabled, merge, unmerge, unload, delete_adapter = adapter_functions(IA3Linear, "(IA)³ vectors")
+virtual_tokens = None  # no virtual tokens
 
 
 def _is_feedforward(name: str, patterns: list[str] | str) -> bool:

@@ -134,6 +134,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 set_active, disabled, merge, unmerge, unload, delete_adapter = adapter_functions(LoraLinear, "adapters")
+virtual_tokens = None  # no virtual tokens
 
 
 def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,

@@ -36,3 +36,6 @@ class Method(Protocol):
     # A context manager running the bare base model inside it (adapters off, no copy); None where the base weights
     # themselves train (full, freeze, bitfit), which have no such switch.
     disabled: Callable[..., ContextManager] | None
+    # The module that runs the decoder with the method's virtual tokens (prompt, prefix), which a run context carries
+    # (context.py); None for methods without virtual tokens.
+    virtual_tokens: Callable[..., object] | None

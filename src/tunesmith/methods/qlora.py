@@ -18,7 +18,8 @@ from tunesmith.config.methods import QloraSettings
 from tunesmith.errors import ConfigError, OutputDirError
 from tunesmith.methods import lora
 from tunesmith.methods.base import read_adapter, replace_module
-from tunesmith.methods.lora import DEFAULT, disabled, save, set_active, unload, unmerge  # noqa: F401  (the interface)
+from tunesmith.methods.lora import (DEFAULT, disabled, save, set_active, unload, unmerge,  # noqa: F401  (the interface)
+                                    virtual_tokens)
 from tunesmith.quant import nf4
 
 NF4_MERGE_REFUSAL = (

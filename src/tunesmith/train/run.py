@@ -206,7 +206,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         cfg.data.share_prefixes = False
         console.print(f"[bold]data[/bold] share_prefixes: off for this run, since dropout is on ({dropout}): a shared "
                       "prefix would give every example that shares it one dropout mask; without dropout it stays on")
-    ctx = RunContext(virtual_tokens=getattr(method, "virtual_tokens", None))
+    ctx = RunContext(virtual_tokens=method.virtual_tokens)
     # before prepare: a cached reference must be computed as the policy is
     console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id, ctx)}")
     note = objective.prepare(model, method, cfg, data, device, pad_id, ctx)
