@@ -10,8 +10,10 @@ its last token is then the last non-pad one, the token the saved classifier read
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from tunesmith.data.chat import IGNORE, Tokenized
+from tunesmith.data.pair_batches import fit_length, require_kept, tokenize_splits
 from tunesmith.data.pipeline import Datasets, split_items
 from tunesmith.data.sources import read_many
 from tunesmith.data.templates import LengthReport
@@ -38,6 +40,7 @@ class LabelledText(Tokenized):
 
 @dataclass
 class LabelReport(LengthReport):
+    unit: ClassVar[str] = "texts"
     labels: list[str] = field(default_factory=list)
     labels_from: str = ""
     counts: dict[str, int] = field(default_factory=dict)
@@ -91,41 +94,38 @@ def label_set(configured: list[str] | None, train: list[LabelledRecord], held_ou
     return labels, source
 
 
-def text_ids(tokenizer, text: str, max_length: int, pad_id: int | None) -> tuple[list[int], int]:
-    """The text's ids as the tokenizer gives them, at most max_length, without trailing pad tokens; and how many
-    ids the whole text has."""
-    ids = list(tokenizer(text)["input_ids"])
-    whole = len(ids)
-    ids = ids[:max_length]
-    while ids and ids[-1] == pad_id:
-        ids.pop()
-    return ids, whole
+def without_trailing_pad(ids: list[int], pad_id: int | None) -> list[int]:
+    end = len(ids)
+    while end and ids[end - 1] == pad_id:
+        end -= 1
+    return ids[:end]
+
+
+def text_ids(tokenizer, text: str, max_length: int, pad_id: int | None) -> list[int]:
+    """The text's ids as the tokenizer gives them, at most max_length, without trailing pad tokens."""
+    return without_trailing_pad(list(tokenizer(text)["input_ids"])[:max_length], pad_id)
 
 
 def tokenize_labelled(tokenizer, records: list[LabelledRecord], labels: list[str], max_length: int, policy: str,
                       labels_from: str) -> tuple[list[LabelledText], LabelReport]:
+    """The texts under the length policy (cut first, then their trailing pad tokens dropped), counted per label."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # the run's
     index = {name: i for i, name in enumerate(labels)}
     report = LabelReport(policy, max_length, labels=labels, labels_from=labels_from)
     out = []
     for record in records:
-        ids, whole = text_ids(tokenizer, record.text, max_length, pad_id)
-        report.longest = max(report.longest, whole)
-        if whole > max_length:
-            if policy == "drop":
-                report.dropped += 1
-                report.dropped_where.append(record.where)
-                continue
-            report.truncated += 1
+        whole = list(tokenizer(record.text)["input_ids"])
+        fitted = fit_length((Tokenized(whole, [IGNORE] * len(whole), record.where),), max_length, policy, report,
+                            min_labels=0)
+        if fitted is None:
+            continue
+        ids = without_trailing_pad(fitted[0].input_ids, pad_id)
         if not ids:
             raise DataError(f"{record.where}: the text is nothing but the pad token ({pad_id}) once tokenized; "
                             f"{EXPECTED}")
         out.append(LabelledText(ids, [IGNORE] * len(ids), record.where, index[record.label]))
         report.counts[record.label] = report.counts.get(record.label, 0) + 1
-    report.kept = len(out)
-    if records and not out:
-        raise DataError(f"every one of the {len(records)} texts is longer than data.max_length={max_length} tokens "
-                        f"(longest {report.longest}); raise data.max_length or set data.overlong: truncate")
+    require_kept(records, out, report, "texts")
     return out, report
 
 
@@ -134,9 +134,10 @@ def build_labelled_datasets(cfg, tokenizer, configured: list[str] | None) -> tup
     labels, in the order of the head's outputs."""
     fmt, train_records, eval_records = split_items(cfg, load=read_labelled)
     labels, labels_from = label_set(configured, train_records, eval_records)
-    policy, max_length = cfg.overlong, cfg.data.max_length
-    train, train_report = tokenize_labelled(tokenizer, train_records, labels, max_length, policy, labels_from)
-    evals, eval_report = (tokenize_labelled(tokenizer, eval_records, labels, max_length, policy, labels_from)
-                          if eval_records else ([], None))
+
+    def tokenize(tokenizer, records, max_length, policy):
+        return tokenize_labelled(tokenizer, records, labels, max_length, policy, labels_from)
+
+    train, evals, train_report, eval_report = tokenize_splits(tokenize, tokenizer, cfg, train_records, eval_records)
     return Datasets(train, evals, [], [], fmt, train_report, eval_report), labels
 

@@ -98,6 +98,7 @@ def fit_length(seqs: tuple[Tokenized, ...], max_length: int, policy: str, report
     cut = tuple(Tokenized(s.input_ids[:max_length], s.labels[:max_length], s.where) for s in seqs)
     if policy == "drop" or min(s.n_labels for s in cut) < min_labels:
         report.dropped += 1
+        report.dropped_where.append(seqs[0].where)
         return None
     report.truncated += 1
     return cut

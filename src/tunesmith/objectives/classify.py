@@ -123,7 +123,7 @@ def text_logits(model: nn.Module, tokenizer, texts: list[str], info: dict, ctx: 
     device = next(model.parameters()).device
     seqs = []
     for i, text in enumerate(texts):
-        ids, _ = text_ids(tokenizer, text, info["max_length"], info["pad_token_id"])
+        ids = text_ids(tokenizer, text, info["max_length"], info["pad_token_id"])
         if not ids:
             raise DataError(f"text {i + 1}: nothing but the pad token once tokenized")
         seqs.append(Tokenized(ids, [IGNORE] * len(ids)))
