@@ -115,6 +115,7 @@ def run_tunesmith_direct(spec: dict) -> dict:
     from tunesmith.context import RunContext
     from tunesmith.data.chat import Tokenized
     from tunesmith.kernels.apply import apply_speed_options
+    from tunesmith.kernels.process import init_process
     from tunesmith.methods import get_method
     from tunesmith.models import load_model
     from tunesmith.objectives import lm
@@ -130,6 +131,7 @@ def run_tunesmith_direct(spec: dict) -> dict:
     method = get_method(cfg.method.name)
     torch.manual_seed(0)  # the adapter's initialisation, as the loop's seed gives it
     method.apply(model, cfg.method)
+    init_process(cfg.train.threads, cfg.train.keep_freed_memory)  # as open_run does
     ctx = apply_speed_options(model, cfg.train, RunContext())
     device = torch.device("cpu")
     counter = ComputeCounter()

@@ -40,7 +40,7 @@ def _loss_and_grads(model, ids):
 def test_lora_loss_and_gradients_bit_identical_to_autocast_over_fp32_weights():
     plain = _lora_model(untied=True)
     stored = copy.deepcopy(plain)
-    changed = frozen_bf16.enable(stored)
+    changed = frozen_bf16.enable(stored).changed
     # 2 layers × (q, k, v, o, gate, up, down) base linears + the untied head; LoRA's A and B (trained) stay fp32
     assert changed == 2 * 7 + 1
     assert stored.lm_head.weight.dtype == torch.bfloat16
@@ -100,7 +100,7 @@ def test_outside_autocast_the_layer_computes_in_bf16_and_returns_the_inputs_dtyp
     x = torch.randn(3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = layer(x)
-    assert frozen_bf16.enable(holder) == 1
+    assert frozen_bf16.enable(holder).changed == 1
     out = layer(x)
     assert out.dtype == torch.float32
     assert torch.equal(out, under_autocast.float())
@@ -175,7 +175,7 @@ def test_conversion_unmaps_the_checkpoint_so_its_fp32_pages_leave_memory(tiny_mo
     model = load_model(str(folder)).requires_grad_(False)
     assert weights in maps.read_text()  # loaded as views of the file
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert frozen_bf16.enable(model) == 2 * 7
+    assert frozen_bf16.enable(model).changed == 2 * 7
     gc.collect()
     assert weights not in maps.read_text()
     after = dict(model.named_parameters())
@@ -190,11 +190,13 @@ def test_onednn_caches_are_bounded_before_the_self_check_runs_its_first_product(
     """oneDNN reads its cache capacities once, at its first product; the speed options' self-check computes bf16
     products before the options apply, so the run bounds the caches before it (unbounded, a 60-step demo's peak RSS
     grew to 3.69 GiB against 2.86 GiB bounded)."""
-    from tunesmith.kernels import onednn_linear
+    from tunesmith.kernels import onednn_linear, process
     from tunesmith.train import self_check
     from tunesmith.train.loop import train
 
     order = []
+    monkeypatch.setattr(process, "_done", process.ProcessSettings())  # as in a fresh process
+    monkeypatch.setattr(process.allocator, "keep_freed_memory", lambda: True)
     bound, logits = onednn_linear.bound_caches, self_check._logits
     monkeypatch.setattr(onednn_linear, "bound_caches", lambda: (order.append("bound"), bound())[1])
     monkeypatch.setattr(self_check, "_logits", lambda *a: (order.append("product"), logits(*a))[1])

@@ -30,7 +30,7 @@ def test_fused_forward_and_backward_equal_each_listed_norm(name):
     x, upstream = torch.randn(3, 7, 64, generator=g) * 3, torch.randn(3, 7, 64, generator=g)
     reference = _values_and_grad(norm, x, upstream)
     holder = torch.nn.Sequential(norm)
-    assert fused_norm.enable(holder) == 1 and type(norm).__name__ == f"Fused{name}"
+    assert fused_norm.enable(holder).changed == 1 and type(norm).__name__ == f"Fused{name}"
     fused = _values_and_grad(norm, x, upstream)
     torch.testing.assert_close(fused[0], reference[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(fused[1], reference[1], atol=1e-6, rtol=1e-6)
@@ -40,8 +40,8 @@ def test_model_logits_unchanged_copies_keep_it_and_bf16_falls_back():
     model = tiny_llama(vocab_size=300)
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     before = model(input_ids=ids).logits
-    assert fused_norm.enable(model) == 2 * model.config.num_hidden_layers + 1
-    assert fused_norm.enable(model) == 0  # already fused
+    assert fused_norm.enable(model).changed == 2 * model.config.num_hidden_layers + 1
+    assert fused_norm.enable(model).changed == 0  # already fused
     torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)
     twin = copy.deepcopy(model)
     torch.testing.assert_close(twin(input_ids=ids).logits, before, atol=1e-6, rtol=1e-6)

@@ -8,12 +8,10 @@ import tomllib
 from importlib.metadata import version
 
 import pytest
-from conftest import REPO, tiny_llama
+from conftest import REPO
 from packaging.requirements import Requirement
 
-from tunesmith.context import RunContext
-from tunesmith.config import TrainSettings
-from tunesmith.kernels import apply, onednn_linear
+from tunesmith.kernels import onednn_linear, process
 
 
 def test_importing_tunesmith_leaves_the_environment_unchanged():
@@ -59,11 +57,34 @@ def test_loading_the_embedder_leaves_hf_hub_offline_as_it_was_and_reaches_for_no
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_the_allocator_setting_is_a_train_option(monkeypatch, keep):
+def test_the_allocator_setting_is_applied_once_and_only_when_asked(monkeypatch, keep):
+    """init_process (kernels/process.py) switches malloc where a run asks (train.keep_freed_memory), once."""
     calls = []
-    monkeypatch.setattr(apply, "keep_freed_memory", lambda: calls.append(1) or True)
-    apply.apply_speed_options(tiny_llama(vocab_size=300), TrainSettings(keep_freed_memory=keep), RunContext())
+    monkeypatch.setattr(process.allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(process, "_done", process.ProcessSettings())
+    first = process.init_process(keep_freed_memory=keep)
+    again = process.init_process(keep_freed_memory=keep)
     assert calls == ([1] if keep else [])
+    assert first == again == process.ProcessSettings(True, keep, None)
+
+
+def test_the_cli_sets_the_process_up_before_the_command_and_a_run_adds_its_own_settings(monkeypatch, tiny_config):
+    from tunesmith import cli
+    from tunesmith.config import load_config
+    from tunesmith.train import run as run_module
+    from tunesmith.train.loop import train
+
+    order = []
+    monkeypatch.setattr(process, "init_process", lambda *args: order.append(("init_process", args)))
+    monkeypatch.setattr(cli.importlib.import_module("tunesmith.cli.plan"), "cmd_plan",
+                        lambda args: order.append(("command", ())) or 0)
+    assert cli.main(["plan"]) == 0
+    assert order == [("init_process", ()), ("command", ())]
+
+    monkeypatch.setattr(run_module, "init_process", lambda *args: order.append(("open_run", args)))
+    tiny_config["train"].update(max_steps=1, threads=2, keep_freed_memory=False)
+    train(load_config(None, [], base=tiny_config), quiet=True)
+    assert order[2:] == [("open_run", (2, False))]
 
 
 def test_installed_versions_satisfy_the_bounds_and_internals_heavy_dependencies_have_upper_bounds():

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_path_arguments(parser, args)
+        from tunesmith.kernels.process import init_process
+
+        init_process()  # process-wide settings, once, before any command computes (kernels/process.py)
         return commands[args.command](args)
     except TunesmithError as e:
         if args.debug:

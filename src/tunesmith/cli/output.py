@@ -1,10 +1,19 @@
-"""What the command handlers share: the help epilog, a progress bar, and JSONL output files written atomically."""
+"""What the command handlers share: the help epilog, notes, a progress bar, and JSONL output files written
+atomically."""
 
 from __future__ import annotations
 
 from tunesmith.errors import DataError
 
 EPILOG = "Config reference: README.md (section 'Config'). Example configs: examples/."
+
+
+def print_notes(notes: list[str]) -> None:
+    """What a library call left for the user to read (config/run.py load_config's notes), on stderr."""
+    import sys
+
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def progress_bar(console):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.cli.output import EPILOG
+from tunesmith.cli.output import EPILOG, print_notes
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect
 
@@ -38,7 +38,10 @@ def plan_config(args):
         overrides.insert(0, f"model.path={args.model}")
     if args.method:
         overrides.insert(0, f"method.name={args.method}")
-    return load_config(args.config, overrides, base=base)
+    notes: list[str] = []
+    cfg = load_config(args.config, overrides, base=base, notes=notes)
+    print_notes(notes)
+    return cfg
 
 
 def cmd_plan(args) -> int:

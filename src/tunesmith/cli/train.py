@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.cli.output import EPILOG
+from tunesmith.cli.output import EPILOG, print_notes
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect, check_config_paths
 
@@ -26,7 +26,9 @@ def cmd_train(args) -> int:
     from tunesmith.train.distributed import leave, lost_rank
     from tunesmith.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    notes: list[str] = []
+    cfg = load_config(args.config, args.overrides, notes=notes)
+    print_notes(notes)
     check_config_paths(cfg)
     try:
         result = train(cfg, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)

@@ -314,8 +314,9 @@ class RunConfig(Strict):
         return self.data.overlong or self.objective_declaration.default_overlong
 
 
-def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:
-    """`--set method.name=X` over a file written for another method: drop the file's options X does not have."""
+def _switch_method(tree: dict, pairs: list[tuple[str, str]], notes: list[str]) -> None:
+    """`--set method.name=X` over a file written for another method: drop the file's options X does not have (and
+    say so in `notes`)."""
     new_name = next((yaml.safe_load(v) for k, v in pairs if k == "method.name"), None)
     section = tree.get("method")
     if new_name is None or not isinstance(section, dict) or section.get("name", "lora") == new_name:
@@ -328,16 +329,17 @@ def _switch_method(tree: dict, pairs: list[tuple[str, str]]) -> None:
     dropped = [k for k in section if k not in known.model_fields and k not in explicit]
     tree["method"] = {k: v for k, v in section.items() if k not in dropped}
     if dropped:
-        import sys
-
-        print(f"note: method switched to {new_name!r}; ignoring the config's method options it does not have: "
-              + ", ".join(dropped), file=sys.stderr)
+        notes.append(f"method switched to {new_name!r}; ignoring the config's method options it does not have: "
+                     + ", ".join(dropped))
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
-    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None,
+                notes: list[str] | None = None) -> RunConfig:
+    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate. What the caller may want to
+    tell the user (options dropped by a method switch) is appended to `notes`; nothing is printed."""
+    notes = [] if notes is None else notes
     return load_yaml_model(RunConfig, path, overrides, base, sections="model, method, data, ...",
-                           adjust=_switch_method, unions={"method": METHOD_NAMES})
+                           adjust=lambda tree, pairs: _switch_method(tree, pairs, notes), unions={"method": METHOD_NAMES})
 
 
 def dump_config(cfg: RunConfig) -> str:

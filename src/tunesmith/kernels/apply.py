@@ -7,13 +7,13 @@ from collections.abc import Callable
 from tunesmith.context import RunContext
 from tunesmith.errors import ConfigError
 from tunesmith.kernels import frozen_bf16, fused_norm, onednn_linear, segment_attention
-from tunesmith.kernels.allocator import keep_freed_memory
+from tunesmith.kernels.patches import Patch
 
 
 def _chunked_loss(chunk: int) -> Callable:
-    def patch(model, ctx: RunContext) -> bool:
+    def patch(model, ctx: RunContext) -> Patch:
         ctx.loss_chunk = chunk  # read by objectives/lm.py
-        return True
+        return Patch(1, lambda: setattr(ctx, "loss_chunk", None))
 
     return patch
 
@@ -22,14 +22,45 @@ def _model_only(enable: Callable) -> Callable:
     return lambda model, ctx: enable(model)
 
 
-def _onednn(model, ctx: RunContext) -> int:
+def _onednn(model, ctx: RunContext) -> Patch:
     ctx.onednn = onednn_linear.available()  # the chunked cross-entropy's products take the same path
-    return onednn_linear.enable(model)
+    patch = onednn_linear.enable(model)
+    return Patch(patch.changed, lambda: (patch.unpatch(), setattr(ctx, "onednn", False)))
+
+
+def _activation_checkpointing(model) -> Patch:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support activation "
+                          "checkpointing; set it to false")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers ≥ 5.x's name; the older one warns there
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return Patch(1, model.activation_checkpointing_disable)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Patch(1, model.gradient_checkpointing_disable)
+
+
+def _compiled_layers(model, ctx: RunContext) -> Patch:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"train.compile: {type(model).__name__} has no list of decoder layers to compile; "
+                          "set it to false")
+    for layer in layers:
+        layer.compile()
+    ctx.compiled = True  # kernels/segment_attention.py: compiled layers skip its call count
+
+    def undo() -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; torch has no public inverse
+        ctx.compiled = False
+
+    return Patch(len(layers), undo)
 
 
 def speed_patches(train_settings, base_is_trained: bool = False) -> list[tuple[str, Callable]]:
     """(the train.* setting that turns it off, the function `patch(model, ctx)` that patches a model, records what
-    it switched on in the run context and returns whether it changed anything) for each patch of the model's
+    it switched on in the run context and returns a `Patch` (kernels/patches.py): what it changed, and how to undo
+    it) for each patch of the model's
     computation that `train_settings` switches on, in the order they apply.
     Each rests on transformers' or torch's internals; train/self_check.py compares the patched model's logits with
     the plain model's, patch by patch. `base_is_trained`: the method trains and saves base weights (full, freeze,
@@ -50,34 +81,30 @@ def speed_patches(train_settings, base_is_trained: bool = False) -> list[tuple[s
 
 def apply_speed_options(model, train_settings, ctx: RunContext, after_each: Callable[[str], None] | None = None,
                         base_is_trained: bool = False) -> RunContext:
-    """Freed memory kept for the next step (kernels/allocator.py), segment attention for packed batches (where the
-    model allows it), fused RMSNorm, linear products through oneDNN on CPU, chunked cross-entropy (read by
-    objectives/lm.py through `ctx`), activation checkpointing, per-layer torch.compile; under bf16 autocast, frozen
-    linear weights stored in bf16. What the model itself cannot show (the loss chunk, oneDNN for the loss, compiled
-    layers) is recorded in `ctx`, which is returned. `after_each(setting)` is called after each of `speed_patches`
-    that changed the model, with the train.* setting that turns it off."""
-    if train_settings.keep_freed_memory:
-        keep_freed_memory()
-    onednn_linear.bound_caches()
+    """Segment attention for packed batches (where the model allows it), fused RMSNorm, linear products through
+    oneDNN on CPU, chunked cross-entropy (read by objectives/lm.py through `ctx`), activation checkpointing,
+    per-layer torch.compile; under bf16 autocast, frozen linear weights stored in bf16. What the model itself cannot
+    show (the loss chunk, oneDNN for the loss, compiled layers) is recorded in `ctx`, which is returned, with each
+    applied patch (`ctx.patches`: (setting, Patch), undone by `unpatch(ctx)`). `after_each(setting)` is called after
+    each of `speed_patches` that changed the model, with the train.* setting that turns it off."""
     ctx.loss_chunk = None
     for setting, patch in speed_patches(train_settings, base_is_trained):
-        if patch(model, ctx) and after_each is not None:
+        applied = patch(model, ctx)
+        ctx.patches.append((setting, applied))  # changing no module, it may still have set `ctx`
+        if applied and after_each is not None:
             after_each(setting)
     if train_settings.activation_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support activation "
-                              "checkpointing; set it to false")
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:  # transformers ≥ 5.x's name; the older one warns there
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ctx.patches.append(("train.activation_checkpointing", _activation_checkpointing(model)))
     if train_settings.compile:
-        layers = getattr(model.get_decoder(), "layers", None)
-        if layers is None:
-            raise ConfigError(f"train.compile: {type(model).__name__} has no list of decoder layers to compile; "
-                              "set it to false")
-        for layer in layers:
-            layer.compile()
-        ctx.compiled = True  # kernels/segment_attention.py: compiled layers skip its call count
+        ctx.patches.append(("train.compile", _compiled_layers(model, ctx)))
     return ctx
+
+
+def unpatch(ctx: RunContext) -> list[str]:
+    """Undo every patch recorded in `ctx`, the last applied first; returns their settings in that order."""
+    undone = []
+    while ctx.patches:
+        setting, patch = ctx.patches.pop()
+        patch.unpatch()
+        undone.append(setting)
+    return undone

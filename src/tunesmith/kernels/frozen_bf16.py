@@ -8,8 +8,8 @@ computes exactly the same outputs and gradients with a third of that memory and 
 
 Only what training never updates and never saves is converted: weights (and biases) that do not require grad, not
 shared with another module (a tied LM head is the input embedding, which looks up fp32 rows), and not read directly by
-the layer around them (a module that sets `tunesmith_reads_base_weight`, DoRA, computes its weight norm from the fp32
-base). Methods whose artifact is the base itself (full, freeze, bitfit) are never converted (kernels/apply.py).
+the layer around them (a wrapper class declaring `reads_base_weight`, DoRA, computes its weight norm from the fp32
+base: kernels/patches.py). Methods whose artifact is the base itself (full, freeze, bitfit) are never converted (kernels/apply.py).
 Outside autocast (a caller that forgot it) the layer computes in bf16 and returns the input's dtype, so nothing fails;
 the loop's forwards, evaluation and sample generation run under the run's autocast.
 
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.kernels.file_mapping import copy_out_of_file
+from tunesmith.kernels.patches import Patch, PlainLinear, base_weight_readers, is_plain_linear
 
 
-class FrozenBf16Linear(nn.Linear):
+class FrozenBf16Linear(PlainLinear):
     """An nn.Linear whose frozen weight is stored in bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,27 +38,33 @@ class FrozenBf16Linear(nn.Linear):
 
 
 def _convertible(module: nn.Module, shared: set[int], reads_weight: set[int]) -> bool:
-    if type(module) is not nn.Linear or module.weight.dtype != torch.float32 or id(module) in reads_weight:
+    if not is_plain_linear(module) or module.weight.dtype != torch.float32 or id(module) in reads_weight:
         return False
     params = [p for p in (module.weight, module.bias) if p is not None]
     return not any(p.requires_grad for p in params) and id(module.weight) not in shared
 
 
-def enable(model: nn.Module) -> int:
-    """Store the frozen fp32 nn.Linear weights of `model` in bf16; returns how many layers changed."""
+def enable(model: nn.Module) -> Patch:
+    """Store the frozen fp32 linear weights of `model` in bf16. Unpatching gives the layers their class back and
+    their weights back in fp32, with the bf16 rounding they took."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     shared = {pid for pid, n in owners.items() if n > 1}
-    reads_weight = {id(m.base_layer) for m in model.modules()
-                    if getattr(m, "tunesmith_reads_base_weight", False) and hasattr(m, "base_layer")}
-    changed = 0
+    reads_weight = base_weight_readers(model)
+    converted = []
     for module in model.modules():
         if _convertible(module, shared, reads_weight):
+            converted.append((module, type(module)))
             module.weight.data = module.weight.data.to(torch.bfloat16)
             module.__class__ = FrozenBf16Linear
-            changed += 1
-    if changed:  # the converted weights are new tensors already
+    if converted:  # the converted weights are new tensors already
         copy_out_of_file(p for p in model.parameters() if p.dtype != torch.bfloat16)
-    return changed
+
+    def undo() -> None:
+        for module, old_class in converted:
+            module.weight.data = module.weight.data.to(torch.float32)
+            module.__class__ = old_class
+
+    return Patch(len(converted), undo)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunesmith.kernels.patches import Patch, swap_classes
+
 # classes whose forward is LlamaRMSNorm's (tests/test_fused_norm.py checks each against F.rms_norm)
 LLAMA_STYLE = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm",
                          "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"})
@@ -24,16 +26,12 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
 
 
-def enable(model: torch.nn.Module) -> int:
-    """Give every Llama-style RMSNorm of `model` the fused forward; returns how many it changed."""
+def enable(model: torch.nn.Module) -> Patch:
+    """Give every Llama-style RMSNorm of `model` the fused forward; the patch says how many it changed."""
     if not hasattr(F, "rms_norm"):  # torch < 2.4
-        return 0
-    changed = 0
-    for module in model.modules():
-        if type(module).__name__ in LLAMA_STYLE and hasattr(module, "variance_epsilon"):
-            module.__class__ = _fused_class(type(module))
-            changed += 1
-    return changed
+        return Patch(0)
+    return swap_classes((module, _fused_class(type(module))) for module in model.modules()
+                        if type(module).__name__ in LLAMA_STYLE and hasattr(module, "variance_epsilon"))
 
 
 _FUSED: dict[type, type] = {}

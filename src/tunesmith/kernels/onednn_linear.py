@@ -25,6 +25,8 @@ import os
 import torch
 from torch import nn
 
+from tunesmith.kernels.patches import Patch, PlainLinear, is_plain_linear, swap_classes
+
 # oneDNN keeps every primitive it builds, one per product shape, in two caches of 1,024 entries each by default; a
 # packed batch has a new token count at almost every step, so a long run grew by ~8 MiB per new count (measured:
 # 3.4 GiB after 400). 64 entries hold a step's dozen shapes several times over. oneDNN reads these variables once,
@@ -113,7 +115,7 @@ class _LinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-class OneDNNLinear(nn.Linear):
+class OneDNNLinear(PlainLinear):
     """An nn.Linear whose products run through oneDNN where `applies` holds."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,16 +126,12 @@ class OneDNNLinear(nn.Linear):
         return _LinearFunction.apply(x, self.weight, self.bias)
 
 
-def enable(model: nn.Module) -> int:
-    """Give the fp32 CPU nn.Linear layers of `model` the oneDNN path (its chunked cross-entropy takes it where the
-    run context says so: kernels/apply.py); returns how many layers it changed."""
+def enable(model: nn.Module) -> Patch:
+    """Give the fp32 CPU linear layers of `model` the oneDNN path (its chunked cross-entropy takes it where the run
+    context says so: kernels/apply.py); the patch says how many layers it changed."""
     if _op() is None:
-        return 0
+        return Patch(0)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    changed = 0
-    for module in model.modules():
-        if (type(module) is nn.Linear and module is not head and module.weight.dtype == torch.float32
-                and module.weight.device.type == "cpu"):
-            module.__class__ = OneDNNLinear
-            changed += 1
-    return changed
+    return swap_classes((module, OneDNNLinear) for module in model.modules()
+                        if is_plain_linear(module) and not isinstance(module, OneDNNLinear) and module is not head
+                        and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")

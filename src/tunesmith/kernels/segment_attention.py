@@ -25,6 +25,7 @@ from torch.torch_version import TorchVersion
 
 from tunesmith.errors import ModelError
 from tunesmith.kernels.attention_precision import bf16_on_cpu
+from tunesmith.kernels.patches import Patch
 
 NAME = "tunesmith_segments"
 LAYOUT_KWARG = "tunesmith_segment_layout"
@@ -144,14 +145,15 @@ def supported(model) -> bool:
     return not getattr(config, "is_encoder_decoder", False)
 
 
-def enable(model) -> bool:
-    """Switch `model` to segment attention where supported; returns whether it did."""
+def enable(model) -> Patch:
+    """Switch `model` to segment attention where supported (a changed count of 0 where not); unpatching puts SDPA,
+    the one implementation it stands in for, back."""
     if not supported(model):
-        return False
+        return Patch(0)
     if model.config._attn_implementation != NAME:
         _register()
         model.set_attn_implementation(NAME)
-    return True
+    return Patch(1, lambda: model.set_attn_implementation("sdpa"))
 
 
 def active(model) -> bool:

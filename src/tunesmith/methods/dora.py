@@ -26,7 +26,7 @@ def claims(config: dict) -> bool:
 
 
 class DoraLinear(lora.LoraLinear):
-    tunesmith_reads_base_weight = True  # its weight norm needs the fp32 base (kernels/frozen_bf16.py)
+    reads_base_weight = True  # its weight norm needs the fp32 base (kernels/patches.py, kernels/frozen_bf16.py)
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__(base_layer)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.kernels import onednn_linear
+from tunesmith.kernels.patches import is_plain_linear
 
 
 def draw_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -86,7 +87,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
 
 def applies(x: torch.Tensor, base_layer, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the fused node computes this call: a plain frozen nn.Linear, one dtype throughout, no autocast."""
-    if type(base_layer) not in (torch.nn.Linear, onednn_linear.OneDNNLinear) or base_layer.weight.requires_grad:
+    if not is_plain_linear(base_layer) or base_layer.weight.requires_grad:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
@@ -99,5 +100,5 @@ def frozen_linear_with_lora(x: torch.Tensor, base_layer: torch.nn.Linear, a: tor
     """`dropout`: the probability the adapter drops an input feature with (0: none, or not training)."""
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout probability {dropout} is not in [0, 1)")
-    onednn = type(base_layer) is onednn_linear.OneDNNLinear and onednn_linear.applies(x, base_layer.weight)
+    onednn = isinstance(base_layer, onednn_linear.OneDNNLinear) and onednn_linear.applies(x, base_layer.weight)
     return _FrozenLinearWithLora.apply(x, base_layer.weight, base_layer.bias, a, b, scaling, float(dropout), onednn)

@@ -14,7 +14,7 @@ from tunesmith.context import RunContext
 from tunesmith.data.chat import IGNORE
 from tunesmith.kernels import segment_attention
 from tunesmith.kernels.attention_mask import attention_mask_for
-from tunesmith.kernels.frozen_bf16 import FrozenBf16Linear
+from tunesmith.kernels.patches import is_plain_linear
 from tunesmith.objectives.chunked_ce import Workspace, linear_cross_entropy_sum, linear_token_logps
 from tunesmith.objectives.protocol import nothing_to_keep
 
@@ -50,13 +50,13 @@ def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _chunkable_head(model, ctx: RunContext) -> torch.nn.Linear | None:
-    """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map: an
-    nn.Linear, or one whose frozen weight is stored in bf16 (kernels/frozen_bf16.py: same product under autocast)."""
+    """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map
+    without bias (kernels/patches.py: nn.Linear or a stand-in computing the same product, e.g. one whose frozen
+    weight is stored in bf16)."""
     if not ctx.loss_chunk or getattr(model.config, "final_logit_softcapping", None):
         return None
     head = model.get_output_embeddings()
-    plain = type(head) is torch.nn.Linear or type(head) is FrozenBf16Linear
-    return head if plain and head.bias is None else None
+    return head if is_plain_linear(head) and head.bias is None else None
 
 
 def _workspace(ctx: RunContext) -> Workspace:

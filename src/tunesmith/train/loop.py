@@ -102,6 +102,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
     objective = objective_of(cfg)
     algorithm = algorithm_for(cfg, objective)
     run = open_run(cfg, objective, overwrite, resume, quiet)
+    cfg = run.cfg  # the effective settings (config/effective.py); the given cfg stays as it was
     model, data, ranks = run.model, run.data, run.ranks
     ranks.wrap(model, objective)  # before the optimizer: FSDP replaces the parameters by their shards
     per_step = cfg.train.batch_size * cfg.train.grad_accum * ranks.world

@@ -18,12 +18,13 @@ from rich.console import Console
 
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig, dump_config
+from tunesmith.config.effective import EFFECTIVE_FILE, Change, effective_yaml, with_change
 from tunesmith.context import RunContext
 from tunesmith.data.pipeline import Datasets, prompt_and_answer
 from tunesmith.data.shared_prefixes import dropout_in
 from tunesmith.devices import autocast_for, pick_device, to_device
 from tunesmith.errors import OutputDirError
-from tunesmith.kernels import onednn_linear
+from tunesmith.kernels.process import init_process
 from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
@@ -157,21 +158,21 @@ class Run:
     forgetting: ForgettingProbe | None = None
     ranks: OneProcess = field(default_factory=OneProcess)
     ctx: RunContext = field(default_factory=RunContext)
+    changes: list[Change] = field(default_factory=list)  # cfg is the effective config: `given` with these changes
 
 
 def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
     """Refuse a clash in output_dir, seed, load data and model, apply the method, prepare the objective, write
-    config.yaml."""
+    config.yaml (`cfg` as given, never changed) and effective.yaml (what the run changes, and why: the returned
+    run's `cfg` is that effective config)."""
     from tunesmith.models import load_model, load_tokenizer
 
+    given, changes = cfg, []
     console = Console(stderr=True, quiet=quiet)
     run_dir = Path(cfg.output_dir)
     prepare_run_dir(run_dir, overwrite, resume)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    # before anything computes: oneDNN reads its cache capacities at its first product, and the speed options'
-    # self-check runs bf16 products before they apply (unbounded, the demo's peak RSS grew 2.40 -> 3.69 GiB in 60 steps)
-    onednn_linear.bound_caches()
+    # before anything computes (kernels/process.py); what the CLI's entry did already is not done twice
+    init_process(cfg.train.threads, cfg.train.keep_freed_memory)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     ranks = ranks_for(cfg, device, console)
@@ -183,9 +184,12 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         console.print(f"[bold]distributed[/bold] {ranks.strategy} on {ranks.world} ranks: global batch "
                       f"{cfg.train.batch_size} per rank × {ranks.world} ranks × accumulation {cfg.train.grad_accum}")
     if ranks.strategy == "fsdp" and (cfg.report.heldout_samples or cfg.report.trained_samples):
-        console.print("[bold]report[/bold] no sample generations under fsdp (generation would need every rank's "
-                      "shards in one process); the held-out metrics are reported")
-        cfg.report.heldout_samples = cfg.report.trained_samples = 0
+        reason = ("no sample generations under fsdp (generation would need every rank's shards in one process); the "
+                  "held-out metrics are reported")
+        console.print(f"[bold]report[/bold] {reason}")
+        for field_name in ("heldout_samples", "trained_samples"):
+            if getattr(cfg.report, field_name):
+                cfg = with_change(cfg, f"report.{field_name}", 0, reason, changes)
 
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
     data: Datasets = objective.build_datasets(cfg, tokenizer)
@@ -203,9 +207,10 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dropout = dropout_in(model) if cfg.data.share_prefixes and cfg.data.packing else None
     if dropout:
-        cfg.data.share_prefixes = False
-        console.print(f"[bold]data[/bold] share_prefixes: off for this run, since dropout is on ({dropout}): a shared "
-                      "prefix would give every example that shares it one dropout mask; without dropout it stays on")
+        reason = (f"dropout is on ({dropout}): a shared prefix would give every example that shares it one dropout "
+                  "mask; without dropout it stays on")
+        cfg = with_change(cfg, "data.share_prefixes", False, reason, changes)
+        console.print(f"[bold]data[/bold] share_prefixes: off for this run, since {reason}")
     ctx = RunContext(virtual_tokens=method.virtual_tokens)
     # before prepare: a cached reference must be computed as the policy is
     console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id, ctx)}")
@@ -219,7 +224,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if note:
         console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
-    config_yaml = dump_config(cfg)
+    config_yaml = dump_config(given)
     ranks.barrier()  # every rank has read what it needs from output_dir (a cached DPO reference) before it changes
     if ranks.main:
         if overwrite and run_dir.exists() and not resume:
@@ -227,8 +232,10 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         objective.keep_in_run(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
+        atomic_write_text(run_dir / EFFECTIVE_FILE, effective_yaml(changes))
+    report_yaml = config_yaml + (f"\n# {EFFECTIVE_FILE}\n{effective_yaml(changes)}" if changes else "")
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               config_yaml, ranks=ranks, forgetting=forgetting, ctx=ctx)
+               report_yaml, ranks=ranks, forgetting=forgetting, ctx=ctx, changes=changes)
 
 
 def general_perplexity(run: Run) -> float | None:
