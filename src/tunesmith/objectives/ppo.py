@@ -25,6 +25,7 @@ from tunesmith.data.chat import IGNORE, Chat, Tokenized, ensure_chat_template, r
 from tunesmith.data.pipeline import prompt_and_answer
 from tunesmith.data.templates import LengthReport
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.objectives.heads import set_aside
 from tunesmith.objectives.lm import hidden_states, token_logps
 from tunesmith.objectives.protocol import nothing_to_keep
 from tunesmith.objectives.reference import InitialWeights, adapters_off
@@ -283,9 +284,5 @@ class PpoObjective:
         return {"held-out mean reward (greedy answers)": (before["reward"], after["reward"])}
 
     def save(self, model, method, cfg, folder) -> None:
-        head = getattr(model, VALUE_ATTR)
-        setattr(model, VALUE_ATTR, None)  # the value head only serves training; the policy is what is saved
-        try:
+        with set_aside(model, VALUE_ATTR):  # the value head only serves training; the policy is what is saved
             method.save(model, cfg.method, folder, cfg.model.path)
-        finally:
-            setattr(model, VALUE_ATTR, head)
