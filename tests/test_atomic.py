@@ -112,3 +112,18 @@ def test_a_file_written_through_atomic_file_is_fsynced_first_and_a_failed_one_le
             tmp.write_bytes(b"half")
             raise RuntimeError("the writer fails half-way")
     assert dest.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+@pytest.mark.parametrize("umask,file_mode,folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_get_the_modes_the_umask_gives_a_plain_write(tmp_path, umask, file_mode, folder_mode):
+    from tunesmith.atomic import atomic_folder, atomic_write_text
+
+    before = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_folder(tmp_path / "out") as folder:
+            (folder / "f").write_text("y")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "out").stat().st_mode & 0o777 == folder_mode

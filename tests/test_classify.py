@@ -191,20 +191,12 @@ def test_merged_classifier_loads_in_transformers_with_the_same_logits(method, fo
 
 
 def test_the_head_is_checkpointed_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_model_dir, tmp_path,
-                                                                                        crash_after):
+                                                                                        head_run_resumed):
     from safetensors import safe_open
-
-    from tunesmith.train.checkpoint import list_checkpoints
 
     base = _config(tiny_model_dir, tmp_path)
     base["train"].update(max_steps=4, save_every=2)
-    straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
-    cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with crash_after(3):
-        train(cfg, quiet=True)
-    with safe_open(str(list_checkpoints(Path(cfg.output_dir))[-1] / "state.safetensors"), "pt") as fh:
-        assert f"model.{HEAD_ATTR}.weight" in fh.keys()
-    resumed = train(cfg, quiet=True, resume=True)
+    straight, resumed = head_run_resumed(base, tmp_path, HEAD_ATTR)
     for key in ("loss", "accuracy"):
         assert resumed.eval_metrics_after[key] == pytest.approx(straight.eval_metrics_after[key], abs=1e-6)
     with safe_open(str(tmp_path / "a" / "adapter" / "classify_head.safetensors"), "pt") as a, \

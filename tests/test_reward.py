@@ -95,19 +95,9 @@ def test_packed_segment_attention_training_equals_padded_training(tiny_model_dir
             assert runs[name][key] == pytest.approx(runs["segments"][key], abs=1e-3), (name, key, runs)
 
 
-def test_reward_head_is_checkpointed_and_resumed(tiny_model_dir, tmp_path, crash_after):
-    from safetensors import safe_open
-
-    from tunesmith.train.checkpoint import list_checkpoints
-
+def test_reward_head_is_checkpointed_and_resumed(tiny_model_dir, tmp_path, head_run_resumed):
     base = _reward_config(tiny_model_dir, tmp_path, max_steps=4, save_every=2)
-    straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
-    cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with crash_after(3):
-        train(cfg, quiet=True)
-    with safe_open(str(list_checkpoints(Path(cfg.output_dir))[-1] / "state.safetensors"), "pt") as fh:
-        assert f"model.{HEAD_ATTR}.weight" in fh.keys()
-    resumed = train(cfg, quiet=True, resume=True)
+    straight, resumed = head_run_resumed(base, tmp_path, HEAD_ATTR)
     assert resumed.eval_metrics_after["margin"] == pytest.approx(straight.eval_metrics_after["margin"], abs=1e-5)
 
 

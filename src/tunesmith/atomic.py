@@ -22,6 +22,14 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+def umasked(mode: int) -> int:
+    """`mode` as a plain open() or mkdir() would create it under the process's umask (mkstemp and mkdtemp make
+    0600 and 0700, which an output must not keep)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
         if f.is_file():
@@ -105,7 +113,7 @@ def atomic_folder(dest: str | Path):
     try:
         yield tmp
         fsync_tree(tmp)
-        tmp.chmod(0o755)
+        tmp.chmod(umasked(0o777))
         if dest.exists():
             _replace_folder(tmp, dest)
         else:
@@ -124,6 +132,7 @@ def atomic_file(dest: str | Path):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
+    os.fchmod(fd, umasked(0o666))
     os.close(fd)
     try:
         yield Path(tmp)
