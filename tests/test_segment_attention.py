@@ -80,16 +80,32 @@ def test_a_saved_model_does_not_carry_the_implementation(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("change", ["eager", "sliding_window"])
-def test_models_it_cannot_stand_in_for_keep_the_mask(change):
+@pytest.mark.parametrize("change, reason", [("chunked", "layers of type chunked_attention"),
+                                            ("flash", "implementation is 'flash_attention_2'")])
+def test_models_it_cannot_stand_in_for_keep_the_mask_and_say_why(change, reason):
     model = tiny_llama(vocab_size=300)
-    if change == "eager":
-        model.set_attn_implementation("eager")
+    if change == "chunked":
+        model.config.layer_types = ["chunked_attention", "full_attention"]
     else:
-        model.config.layer_types = ["sliding_attention", "full_attention"]
-    assert not segment_attention.enable(model)
-    batch = collate(_examples([9, 12]), True, 32, 2)
-    assert lm.hidden_states(model, batch, RunContext()).shape[:2] == batch["input_ids"].shape
+        model.config._attn_implementation = "flash_attention_2"  # only the config is read
+    patch = segment_attention.enable(model)
+    assert not patch and reason in patch.reason and not segment_attention.active(model)
+    if change == "chunked":
+        batch = collate(_examples([9, 12]), True, 32, 2)
+        assert lm.hidden_states(model, batch, RunContext()).shape[:2] == batch["input_ids"].shape
+
+
+def test_eager_attention_is_stood_in_for_and_given_back():
+    model = tiny_llama(vocab_size=300)
+    model.set_attn_implementation("eager")
+    batch = collate(_examples([9, 30, 4, 17]), True, 32, 2)
+    keep = batch["segments"] >= 0
+    masked = lm.hidden_states(model, batch, RunContext())
+    patch = segment_attention.enable(model)
+    assert patch and model.config._attn_implementation == segment_attention.NAME_EAGER
+    torch.testing.assert_close(lm.hidden_states(model, batch, RunContext())[keep], masked[keep], atol=1e-5, rtol=1e-5)
+    patch.unpatch()
+    assert model.config._attn_implementation == "eager"
 
 
 def _attention_forwards(model, monkeypatch, wrap):

@@ -12,6 +12,9 @@ from tunesmith.kernels.patches import Patch
 
 def _chunked_loss(chunk: int) -> Callable:
     def patch(model, ctx: RunContext) -> Patch:
+        if getattr(model.config, "final_logit_softcapping", None):
+            return Patch(0, reason="the model soft-caps its final logits (final_logit_softcapping), which the "
+                                   "chunked cross-entropy does not compute")
         ctx.loss_chunk = chunk  # read by objectives/lm.py
         return Patch(1, lambda: setattr(ctx, "loss_chunk", None))
 
@@ -25,7 +28,7 @@ def _model_only(enable: Callable) -> Callable:
 def _onednn(model, ctx: RunContext) -> Patch:
     ctx.onednn = onednn_linear.available()  # the chunked cross-entropy's products take the same path
     patch = onednn_linear.enable(model)
-    return Patch(patch.changed, lambda: (patch.unpatch(), setattr(ctx, "onednn", False)))
+    return Patch(patch.changed, lambda: (patch.unpatch(), setattr(ctx, "onednn", False)), reason=patch.reason)
 
 
 def _activation_checkpointing(model) -> Patch:
@@ -85,8 +88,9 @@ def apply_speed_options(model, train_settings, ctx: RunContext, after_each: Call
     oneDNN on CPU, chunked cross-entropy (read by objectives/lm.py through `ctx`), activation checkpointing,
     per-layer torch.compile; under bf16 autocast, frozen linear weights stored in bf16. What the model itself cannot
     show (the loss chunk, oneDNN for the loss, compiled layers) is recorded in `ctx`, which is returned, with each
-    applied patch (`ctx.patches`: (setting, Patch), undone by `unpatch(ctx)`). `after_each(setting)` is called after
-    each of `speed_patches` that changed the model, with the train.* setting that turns it off."""
+    applied patch (`ctx.patches`: (setting, Patch), undone by `unpatch(ctx)`; one the model cannot take changed
+    nothing and says why: `switched_off`). `after_each(setting)` is called after each of `speed_patches` that changed
+    the model, with the train.* setting that turns it off."""
     ctx.loss_chunk = None
     for setting, patch in speed_patches(train_settings, base_is_trained):
         applied = patch(model, ctx)
@@ -98,6 +102,12 @@ def apply_speed_options(model, train_settings, ctx: RunContext, after_each: Call
     if train_settings.compile:
         ctx.patches.append(("train.compile", _compiled_layers(model, ctx)))
     return ctx
+
+
+def switched_off(ctx: RunContext) -> list[tuple[str, str]]:
+    """(setting, why) for each speed patch the run asked for that the model cannot take, decided from its config
+    and modules (kernels/segment_attention.py `unsupported`, fused_norm.py, onednn_linear.py, frozen_bf16.py)."""
+    return [(setting, patch.reason) for setting, patch in ctx.patches if not patch and patch.reason]
 
 
 def unpatch(ctx: RunContext) -> list[str]:

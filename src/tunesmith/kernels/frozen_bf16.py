@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.kernels.file_mapping import copy_out_of_file
+from tunesmith.kernels.onednn_linear import matrix_layers
 from tunesmith.kernels.patches import Patch, PlainLinear, base_weight_readers, is_plain_linear
 
 
@@ -67,4 +68,5 @@ def enable(model: nn.Module) -> Patch:
             module.weight.data = module.weight.data.to(torch.float32)
             module.__class__ = old_class
 
-    return Patch(len(converted), undo)
+    reason = "" if converted else f"no frozen fp32 nn.Linear to store in bf16 (its layers: {matrix_layers(model)})"
+    return Patch(len(converted), undo, reason=reason)

@@ -1,21 +1,57 @@
-"""RMSNorm in one fused kernel (`F.rms_norm`) for the Llama-style norms of transformers' models.
+"""RMSNorm in one fused kernel (`F.rms_norm`) for the RMSNorm classes of transformers' models.
 
-Their forward upcasts to fp32, multiplies by rsqrt(mean(x²) + eps), casts back and scales by the weight: four to six
-elementwise passes forward and as many backward. For fp32 activations and weights, `F.rms_norm` computes the same
-values (bitwise, measured, forward and backward) in one pass each way. Anything else (bf16, autocast, another
-norm family) keeps the model's own forward.
+Their forward upcasts to fp32, multiplies by rsqrt(mean(x²) + eps), casts back and scales by the weight (Llama,
+Mistral, Qwen, Phi-3, SmolLM) or by 1 + the weight (Gemma's convention): four to six elementwise passes forward and
+as many backward. For fp32 activations and weights, `F.rms_norm` computes the same values in one pass each way.
+
+Which classes those are is not a list of names: a module with a 1-D weight, an epsilon (`variance_epsilon` or
+`eps`), no bias and no submodules is run once per class on a random input with a random weight, and is fused only
+where its output equals `F.rms_norm`'s with that weight or with 1 + it. A norm whose forward differs (LayerNorm's
+mean subtraction and bias, a scale folded elsewhere) keeps its own forward. Anything else at run time (bf16,
+autocast) keeps the model's own forward too.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 
 from tunesmith.kernels.patches import Patch, swap_classes
 
-# classes whose forward is LlamaRMSNorm's (tests/test_fused_norm.py checks each against F.rms_norm)
-LLAMA_STYLE = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm",
-                         "Qwen3RMSNorm", "Phi3RMSNorm", "SmolLM3RMSNorm", "GraniteRMSNorm"})
+_EPSILONS = ("variance_epsilon", "eps")
+PLAIN, OFFSET = "weight", "1 + weight"  # what scales the normalised input
+
+
+def _epsilon_name(module: torch.nn.Module) -> str | None:
+    return next((name for name in _EPSILONS if isinstance(getattr(module, name, None), float)), None)
+
+
+def _candidate(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.nn.Parameter) and weight.ndim == 1 and getattr(module, "bias", None) is None
+            and _epsilon_name(module) is not None and next(module.children(), None) is None
+            and not hasattr(type(module), "unfused_forward"))  # not fused already
+
+
+@torch.no_grad()
+def _scaling(module: torch.nn.Module) -> str | None:
+    """PLAIN or OFFSET where the module's forward is F.rms_norm with its weight or 1 + it, else None."""
+    g = torch.Generator().manual_seed(0)
+    n = module.weight.shape[0]
+    probe = copy.deepcopy(module).float().cpu()
+    probe.weight.data = torch.rand(n, generator=g) + 0.5
+    x = torch.randn(3, n, generator=g) * 3
+    try:
+        out = probe(x)
+    except Exception:  # a forward that needs more than one tensor is no RMSNorm
+        return None
+    eps = getattr(probe, _epsilon_name(probe))
+    for scaling, weight in ((PLAIN, probe.weight), (OFFSET, 1.0 + probe.weight)):
+        if out.shape == x.shape and torch.allclose(out, F.rms_norm(x, (n,), weight, eps), rtol=1e-6, atol=1e-6):
+            return scaling
+    return None
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -23,23 +59,39 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if (hidden_states.dtype != torch.float32 or weight.dtype != torch.float32
             or torch.is_autocast_enabled(hidden_states.device.type)):
         return self.unfused_forward(hidden_states)
-    return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
+    if self.fused_scaling == OFFSET:
+        weight = 1.0 + weight
+    return F.rms_norm(hidden_states, weight.shape, weight, getattr(self, self.fused_epsilon))
 
 
 def enable(model: torch.nn.Module) -> Patch:
-    """Give every Llama-style RMSNorm of `model` the fused forward; the patch says how many it changed."""
+    """Give every RMSNorm of `model` the fused forward; the patch says how many it changed (none: why)."""
     if not hasattr(F, "rms_norm"):  # torch < 2.4
-        return Patch(0)
-    return swap_classes((module, _fused_class(type(module))) for module in model.modules()
-                        if type(module).__name__ in LLAMA_STYLE and hasattr(module, "variance_epsilon"))
+        return Patch(0, reason="this torch has no F.rms_norm")
+    classes: dict[type, str | None] = {}
+    pairs = []
+    for module in model.modules():
+        if not _candidate(module):
+            continue
+        cls = type(module)
+        if cls not in classes:
+            classes[cls] = _scaling(module)
+        if classes[cls] is not None:
+            pairs.append((module, _fused_class(cls, classes[cls], _epsilon_name(module))))
+    if pairs:
+        return swap_classes(pairs)
+    norms = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
+    return Patch(0, reason=f"no RMSNorm computes what F.rms_norm does (norms: {', '.join(norms) or 'none'})")
 
 
-_FUSED: dict[type, type] = {}
+_FUSED: dict[tuple, type] = {}
 
 
-def _fused_class(cls: type) -> type:
+def _fused_class(cls: type, scaling: str, epsilon: str) -> type:
     """A subclass of `cls` with the fused forward (a class, not a bound method, so a deepcopy of the model keeps it)."""
-    if cls not in _FUSED:
-        _FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": _fused_forward, "unfused_forward": cls.forward,
-                                                           "__module__": __name__})
-    return _FUSED[cls]
+    key = (cls, scaling, epsilon)
+    if key not in _FUSED:
+        _FUSED[key] = type(f"Fused{cls.__name__}", (cls,), {
+            "forward": _fused_forward, "unfused_forward": cls.forward, "fused_scaling": scaling,
+            "fused_epsilon": epsilon, "__module__": __name__})
+    return _FUSED[key]

@@ -130,8 +130,18 @@ def enable(model: nn.Module) -> Patch:
     """Give the fp32 CPU linear layers of `model` the oneDNN path (its chunked cross-entropy takes it where the run
     context says so: kernels/apply.py); the patch says how many layers it changed."""
     if _op() is None:
-        return Patch(0)
+        return Patch(0, reason="this torch has no working oneDNN linear op")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return swap_classes((module, OneDNNLinear) for module in model.modules()
-                        if is_plain_linear(module) and not isinstance(module, OneDNNLinear) and module is not head
-                        and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
+    patch = swap_classes((module, OneDNNLinear) for module in model.modules()
+                         if is_plain_linear(module) and not isinstance(module, OneDNNLinear) and module is not head
+                         and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
+    if not patch:
+        patch.reason = f"no fp32 CPU nn.Linear besides the output layer (its layers: {matrix_layers(model, head)})"
+    return patch
+
+
+def matrix_layers(model: nn.Module, head: nn.Module | None = None) -> str:
+    """The class names of the layers of `model` that hold a weight matrix, the embeddings and `head` aside."""
+    names = {type(m).__name__ for m in model.modules() if m is not head and not isinstance(m, nn.Embedding)
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2}
+    return ", ".join(sorted(names)) or "none"

@@ -35,11 +35,13 @@ def base_weight_readers(model: nn.Module) -> set[int]:
 
 
 class Patch:
-    """A change to a model: `changed` modules; `unpatch()` undoes it (once; later calls do nothing)."""
+    """A change to a model: `changed` modules; `unpatch()` undoes it (once; later calls do nothing). A patch that
+    changed nothing says why in `reason` (the model has nothing it applies to), for the run's log."""
 
-    def __init__(self, changed: int, undo: Callable[[], None] | None = None):
+    def __init__(self, changed: int, undo: Callable[[], None] | None = None, reason: str = ""):
         self.changed = changed
         self._undo = undo
+        self.reason = reason
 
     def __bool__(self) -> bool:
         return self.changed > 0

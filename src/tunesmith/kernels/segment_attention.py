@@ -1,22 +1,28 @@
 """Attention over one padding-free row of several examples, each attending causally to itself only.
 
 A packed batch (data/packing.py) is rows of whole examples with a block-diagonal mask, and the row ends are padding.
-When the model's attention goes through transformers' attention interface (SDPA, no sliding window, no logit
-soft-capping), `hidden_states` instead drops every pad token, runs the decoder on one row laid out by
-data/shared_prefixes.py, and this attention function runs SDPA on each segment of that row: a segment with no
-ancestor uses the causal kernel on its own slice; a segment that continues a shared prefix attends to its ancestors'
-keys and values and then causally to itself. No padding is computed, and no attention score is formed between
-different examples. The outputs are those of the block-diagonal mask; only the floating-point order differs.
+When the model's attention goes through transformers' attention interface as SDPA or eager attention, `hidden_states`
+instead drops every pad token, runs the decoder on one row laid out by data/shared_prefixes.py, and this attention
+function attends each segment of that row on its own: a segment with no ancestor attends causally to its own slice;
+a segment that continues a shared prefix attends to its ancestors' keys and values and then causally to itself. A
+layer with a sliding window (kernels/attention_mask.py: the layer types and window transformers builds its masks
+from) sees only that many latest keys of its example. SDPA runs its kernel on each segment; eager attention (Gemma-2,
+whose logit soft-capping SDPA cannot compute) runs the model's own `eager_attention_forward` on each segment with that
+segment's mask. No padding is computed, and no attention score is formed between different examples. The outputs are
+those of the block-diagonal mask; only the floating-point order differs.
 
-`enable(model)` switches a loaded model to the registered implementation. Without a segment layout in the call, it
-is plain SDPA with the usual masks, so generation, padded batches and virtual-token methods run as before. The
-layout travels as a keyword argument through the model's forward, which another model class or transformers version
-may drop or never hand to this function; the row's placeholder mask would then let every token attend to every
-other, so `run_decoder` raises `SegmentAttentionError` instead (train.segment_attention: false avoids it).
+`enable(model)` switches a loaded model to the registered implementation standing in for the one it had. Without a
+segment layout in the call, it is that implementation with the usual masks, so generation, padded batches and
+virtual-token methods run as before. The layout travels as a keyword argument through the model's forward, which
+another model class or transformers version may drop or never hand to this function; the row's placeholder mask
+would then let every token attend to every other, so `run_decoder` raises `SegmentAttentionError` instead
+(train.segment_attention: false avoids it). `unsupported(model)` says why a model cannot take it (another attention
+implementation, a layer type whose mask is unknown, an encoder-decoder); `enable` then changes nothing.
 """
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 
 import torch
@@ -24,10 +30,12 @@ import torch.nn.functional as F
 from torch.torch_version import TorchVersion
 
 from tunesmith.errors import ModelError
+from tunesmith.kernels.attention_mask import layer_types, unknown_layer_types, window_of
 from tunesmith.kernels.attention_precision import bf16_on_cpu
 from tunesmith.kernels.patches import Patch
 
 NAME = "tunesmith_segments"
+NAME_EAGER = "tunesmith_segments_eager"
 LAYOUT_KWARG = "tunesmith_segment_layout"
 _registered = False
 _SDPA_HAS_GQA = TorchVersion(torch.__version__) >= "2.5"
@@ -48,9 +56,19 @@ def _layout_lost(model_class: str, where: str) -> SegmentAttentionError:
         "train.segment_attention: false (packed batches then use the block-diagonal mask), or data.packing: false")
 
 
-def _prefix_causal_mask(n: int, before: int, device) -> torch.Tensor:
-    """(1, 1, n, before + n): every query sees the `before` keys of its ancestors, then its own causally."""
-    return torch.ones((n, before + n), dtype=torch.bool, device=device).tril(diagonal=before)[None, None]
+def _segment_mask(n: int, before: int, window: int | None, device) -> torch.Tensor | None:
+    """(1, 1, n, before + n): every query sees the `before` keys of its ancestors, then its own causally, and with a
+    sliding `window` only the latest `window` of those (itself included); None where that is plain causal."""
+    if before == 0 and (window is None or window >= n):
+        return None
+    mask = torch.ones((n, before + n), dtype=torch.bool, device=device).tril(diagonal=before)
+    if window is not None and window < before + n:
+        mask &= torch.ones_like(mask).triu(diagonal=before - window + 1)
+    return mask[None, None]
+
+
+def _causal(n: int, device) -> torch.Tensor:
+    return torch.ones((n, n), dtype=torch.bool, device=device).tril()[None, None]
 
 
 def _attend(module, query, key, value, mask, dropout: float, scaling) -> torch.Tensor:
@@ -62,6 +80,29 @@ def _attend(module, query, key, value, mask, dropout: float, scaling) -> torch.T
     extra = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                           is_causal=mask is None, **extra)
+
+
+def _eager_function(module):
+    """The `eager_attention_forward` of the module's own modeling file (None where it has none)."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _attend_eager(module, query, key, value, mask, dropout: float, scaling, kwargs) -> torch.Tensor:
+    """The model's own eager attention on one segment (soft-capping and all), (1, n, heads, head_dim) out."""
+    if mask is None:
+        mask = _causal(query.shape[2], query.device)
+    additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
+    return _eager_function(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
+                                   **kwargs)[0]
+
+
+def _window(module) -> int | None:
+    """The sliding window of `module`'s layer, as the model's own masks have it."""
+    config = module.config
+    types = layer_types(config)
+    layer_type = types[0] if len(set(types)) == 1 else types[module.layer_idx]
+    return window_of(config, layer_type)
 
 
 def _computed_dtype(query: torch.Tensor) -> torch.dtype:
@@ -87,6 +128,15 @@ def _is_placeholder(mask, query) -> bool:
 
 
 def _segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    return _segments(module, query, key, value, attention_mask, dropout, scaling, kwargs, eager=False)
+
+
+def _segment_attention_eager(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                             **kwargs):
+    return _segments(module, query, key, value, attention_mask, dropout, scaling, kwargs, eager=True)
+
+
+def _segments(module, query, key, value, attention_mask, dropout: float, scaling, kwargs: dict, eager: bool):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layout = kwargs.pop(LAYOUT_KWARG, None)
@@ -94,8 +144,8 @@ def _segment_attention(module, query, key, value, attention_mask, dropout: float
     if layout is None and (calls is not None or _is_placeholder(attention_mask, query)):
         raise _layout_lost(type(module).__name__, "did not reach the attention function")
     if layout is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        inner = _eager_function(module) if eager else sdpa_attention_forward
+        return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if calls is not None:
         calls.append(1)
     lengths, chains = layout
@@ -103,21 +153,23 @@ def _segment_attention(module, query, key, value, attention_mask, dropout: float
         raise ValueError(f"segment attention: {len(lengths)} segments of {sum(lengths)} tokens do not tile "
                          f"a single row of {query.shape[2]}")
     low = _computed_dtype(query)
+    window = _window(module)
     # split, not slicing: the backward of a split is one concatenation, of a slice a zero-filled full-size gradient
     qs, ks, vs = query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)
     outputs = []
     for s, chain in enumerate(chains):
-        q, k, v, mask = qs[s], ks[s], vs[s], None
+        q, k, v = qs[s], ks[s], vs[s]
         if chain:
             k = torch.cat([ks[a] for a in chain] + [k], dim=2)
             v = torch.cat([vs[a] for a in chain] + [v], dim=2)
-            mask = _prefix_causal_mask(lengths[s], k.shape[2] - lengths[s], query.device)
-        if _upcast(q, k.shape[2]):
+        mask = _segment_mask(lengths[s], k.shape[2] - lengths[s], window, query.device)
+        if eager:
+            outputs.append(_attend_eager(module, q, k, v, mask, dropout, scaling, kwargs).transpose(1, 2))
+        elif _upcast(q, k.shape[2]):
             with torch.autocast("cpu", enabled=False):
-                out = _attend(module, q.float(), k.float(), v.float(), mask, dropout, scaling).to(low)
+                outputs.append(_attend(module, q.float(), k.float(), v.float(), mask, dropout, scaling).to(low))
         else:
-            out = _attend(module, q, k, v, mask, dropout, scaling)
-        outputs.append(out)
+            outputs.append(_attend(module, q, k, v, mask, dropout, scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2), None
 
 
@@ -126,38 +178,52 @@ def _register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register(NAME, _segment_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionInterface.register(NAME_EAGER, _segment_attention_eager)
+    AttentionMaskInterface.register(NAME_EAGER, eager_mask)
     _registered = True
 
 
-def supported(model) -> bool:
-    """Whether every attention layer of `model` is plain causal SDPA that segment attention can stand in for."""
+_STANDS_IN_FOR = {"sdpa": NAME, "eager": NAME_EAGER}
+
+
+def unsupported(model) -> str | None:
+    """Why segment attention cannot stand in for `model`'s attention, or None where it can."""
     config = model.config
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
-        return False
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
-        return False
-    if getattr(config, "use_sliding_window", False) or getattr(config, "attn_logit_softcapping", None):
-        return False
-    return not getattr(config, "is_encoder_decoder", False)
+    implementation = getattr(config, "_attn_implementation", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    if implementation not in (*_STANDS_IN_FOR, NAME, NAME_EAGER):
+        return f"its attention implementation is {implementation!r}, not sdpa or eager"
+    unknown = unknown_layer_types(config)
+    if unknown:
+        return f"layers of type {', '.join(sorted(unknown))}, whose masks it does not build"
+    if implementation in ("eager", NAME_EAGER):
+        if _eager_function(model.get_decoder()) is None:
+            return "its eager attention is not transformers' eager_attention_forward"
+    return None
 
 
 def enable(model) -> Patch:
-    """Switch `model` to segment attention where supported (a changed count of 0 where not); unpatching puts SDPA,
-    the one implementation it stands in for, back."""
-    if not supported(model):
-        return Patch(0)
-    if model.config._attn_implementation != NAME:
+    """Switch `model` to segment attention where it can stand in for the model's attention (else a changed count
+    of 0 and the reason); unpatching puts the implementation it stood in for back."""
+    reason = unsupported(model)
+    if reason is not None:
+        return Patch(0, reason=reason)
+    original = model.config._attn_implementation
+    if original in _STANDS_IN_FOR:
         _register()
-        model.set_attn_implementation(NAME)
-    return Patch(1, lambda: model.set_attn_implementation("sdpa"))
+        model.set_attn_implementation(_STANDS_IN_FOR[original])
+    else:  # already enabled
+        original = next(k for k, v in _STANDS_IN_FOR.items() if v == original)
+    return Patch(1, lambda: model.set_attn_implementation(original))
 
 
 def active(model) -> bool:
-    return getattr(model.config, "_attn_implementation", None) == NAME
+    return getattr(model.config, "_attn_implementation", None) in (NAME, NAME_EAGER)
 
 
 def _chains(plan: list[list[int]]) -> list[list[int]]:

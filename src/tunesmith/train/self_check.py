@@ -19,7 +19,7 @@ from tunesmith.data.packing import collate
 from tunesmith.data.shared_prefixes import MIN_SHARED
 from tunesmith.devices import autocast_for, to_device
 from tunesmith.errors import ModelError
-from tunesmith.kernels.apply import apply_speed_options
+from tunesmith.kernels.apply import apply_speed_options, switched_off
 from tunesmith.objectives import lm
 
 # Largest |patched − plain| of a logit, relative to the largest |logit| (and the same for the loss). Measured on
@@ -97,6 +97,8 @@ def checked_speed_options(model, cfg, device, pad_id: int, ctx: RunContext) -> s
                             base_is_trained=cfg.method.declaration.trains_base)
     finally:
         model.train(was_training)
+    off = "".join(f"; {setting} off for {type(model).__name__}: {why}" for setting, why in switched_off(ctx))
     if not checked:
-        return "no speed patch applies to this model"
-    return f"{', '.join(checked)} checked: the plain model's logits (largest difference {worst:.1e} of their scale)"
+        return "no speed patch applies to this model" + off
+    return (f"{', '.join(checked)} checked: the plain model's logits (largest difference {worst:.1e} of their scale)"
+            + off)
