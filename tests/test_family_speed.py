@@ -18,11 +18,9 @@ from tunesmith.train.self_check import checked_speed_options
 
 CAPACITY = 32
 # what each family cannot take, and the words of the reason the `speed` line gives (a rule of its config and
-# modules, kernels/*: GPT-2's Conv1D layers are no nn.Linear, its LayerNorm no RMSNorm; Gemma-2 soft-caps its
-# final logits)
+# modules, kernels/*: GPT-2's Conv1D layers are no nn.Linear, its LayerNorm no RMSNorm)
 SWITCHED_OFF = {"gpt2": {"train.fused_norm": "no RMSNorm", "train.onednn_linear": "Conv1D",
-                         "train.bf16_frozen_weights": "Conv1D"},
-                "gemma2": {"train.loss_chunk": "final_logit_softcapping"}}
+                         "train.bf16_frozen_weights": "Conv1D"}}
 
 
 def _examples(vocab: int) -> list[Tokenized]:

@@ -55,25 +55,32 @@ def _assert_grads_close(a, b, atol):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
 
 
-def test_chunked_cross_entropy_equals_full_cross_entropy_and_its_gradients():
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """What lm.logits_at does with a final soft-cap (Gemma-2)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_cross_entropy_equals_full_cross_entropy_and_its_gradients(softcap):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (37,), generator=g)
-    full = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    full = F.cross_entropy(_capped(hidden @ weight.T, softcap), targets, reduction="sum")
     full_grads = torch.autograd.grad(full * 0.5, (hidden, weight))
     for chunk in (1, 8, 37, 1000):
-        chunked = linear_cross_entropy_sum(hidden, weight, targets, chunk)
+        chunked = linear_cross_entropy_sum(hidden, weight, targets, chunk, softcap=softcap)
         assert abs(float(chunked.detach()) - float(full.detach())) <= 1e-5 * abs(float(full))
         grads = torch.autograd.grad(chunked * 0.5, (hidden, weight))
         for a, b in zip(grads, full_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        no_grad_loss = float(linear_cross_entropy_sum(hidden, weight, targets, 5))
+        no_grad_loss = float(linear_cross_entropy_sum(hidden, weight, targets, 5, softcap=softcap))
         assert abs(no_grad_loss - float(full.detach())) <= 1e-5 * float(full.detach())
 
 
-def test_chunked_token_logps_equal_log_softmax_and_its_gradients():
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_token_logps_equal_log_softmax_and_its_gradients(softcap):
     """Per-token log-probs (DPO's, PPO's) chunk by chunk: the values, the entropy and the gradients under any per-row
     upstream gradient equal the whole log-softmax's within 1e-5."""
     g = torch.Generator().manual_seed(2)
@@ -81,12 +88,12 @@ def test_chunked_token_logps_equal_log_softmax_and_its_gradients():
     weight = torch.randn(50, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 50, (37,), generator=g)
     upstream = torch.randn(37, generator=g)
-    log_softmax = F.log_softmax(hidden @ weight.T, dim=-1)
+    log_softmax = F.log_softmax(_capped(hidden @ weight.T, softcap), dim=-1)
     full = log_softmax.gather(1, targets[:, None]).squeeze(1)
     full_entropy = -(log_softmax.exp() * log_softmax).sum(-1).detach()
     full_grads = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
     for chunk in (1, 8, 37, 1000):
-        chunked, entropy = linear_token_logps(hidden, weight, targets, chunk, entropy=True)
+        chunked, entropy = linear_token_logps(hidden, weight, targets, chunk, entropy=True, softcap=softcap)
         torch.testing.assert_close(chunked.detach(), full.detach(), atol=1e-5, rtol=0)
         torch.testing.assert_close(entropy, full_entropy, atol=1e-5, rtol=0)
         assert not entropy.requires_grad
@@ -94,7 +101,7 @@ def test_chunked_token_logps_equal_log_softmax_and_its_gradients():
         for a, b in zip(grads, full_grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
-        no_grad, no_entropy = linear_token_logps(hidden, weight, targets, 5)
+        no_grad, no_entropy = linear_token_logps(hidden, weight, targets, 5, softcap=softcap)
     torch.testing.assert_close(no_grad, full.detach(), atol=1e-5, rtol=0)
     assert no_entropy is None
 

@@ -12,9 +12,6 @@ from tunesmith.kernels.patches import Patch
 
 def _chunked_loss(chunk: int) -> Callable:
     def patch(model, ctx: RunContext) -> Patch:
-        if getattr(model.config, "final_logit_softcapping", None):
-            return Patch(0, reason="the model soft-caps its final logits (final_logit_softcapping), which the "
-                                   "chunked cross-entropy does not compute")
         ctx.loss_chunk = chunk  # read by objectives/lm.py
         return Patch(1, lambda: setattr(ctx, "loss_chunk", None))
 

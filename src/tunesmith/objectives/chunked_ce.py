@@ -4,7 +4,8 @@ The plain path keeps the (label positions × vocabulary) logits, and autograd ke
 pass. Here each chunk's logits live only while that chunk is processed: the forward pass also forms the gradient
 with respect to the hidden states (and the head's weight, when it trains) chunk by chunk, and the backward pass only
 scales those by the incoming gradient. The loss is the same sum of per-token cross-entropies; only the order of the
-floating-point summation differs.
+floating-point summation differs. A model that soft-caps its final logits (Gemma-2: cap · tanh(logits / cap)) has
+them capped chunk by chunk too, and each chunk's logit gradient scaled by the cap's slope, 1 − tanh².
 
 DPO and PPO need each labelled token's log-probability rather than their sum (`linear_token_logps`): there the
 gradient of a row depends on that row's incoming gradient, so the backward pass recomputes each chunk's logits from
@@ -71,6 +72,17 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, space: Workspace) -> torch.T
     return logits.copy_(low)
 
 
+def _softcapped_(logits: torch.Tensor, cap: float | None, space: Workspace) -> torch.Tensor | None:
+    """cap · tanh(logits / cap) written over `logits`; returns the slope 1 − tanh² (in the workspace), for the
+    gradient (None without a cap: nothing changes)."""
+    if not cap:
+        return None
+    tanh = logits.div_(cap).tanh_()
+    slope = torch.mul(tanh, tanh, out=space.buffer(*logits.shape, torch.float32, logits.device, slot="softcap"))
+    tanh.mul_(cap)
+    return slope.neg_().add_(1.0)
+
+
 def _loss_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of cross-entropies, and the softmax written over `logits` in place (no second vocabulary-wide tensor)."""
     target_logits = logits.gather(1, targets[:, None]).squeeze(1)
@@ -130,7 +142,7 @@ class _HeadWeightGradient:
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace):
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace, cap: float | None):
         w = space.weight_in(weight, dtype)
         grad_hidden = torch.empty_like(hidden)
         head = _HeadWeightGradient(weight, hidden, chunk, dtype, space) if ctx.needs_input_grad[1] else None
@@ -138,10 +150,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
             t = targets[start : start + chunk]
-            loss, grad_logits = _loss_and_softmax_(_chunk_logits(h, w, space), t)
+            logits = _chunk_logits(h, w, space)
+            slope = _softcapped_(logits, cap, space)
+            loss, grad_logits = _loss_and_softmax_(logits, t)
             total += loss
             # d(sum of cross-entropies)/d(logits) = softmax − one-hot(target)
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            if slope is not None:
+                grad_logits.mul_(slope)
             grad_logits = _in_compute_dtype(grad_logits, start, head, dtype, space)
             if space.onednn and onednn_linear.applies(grad_logits, w):
                 grad_hidden[start : start + chunk] = onednn_linear.input_grad(grad_logits, w)
@@ -159,7 +175,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_h = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _in_compute_dtype(grad_logits: torch.Tensor, start: int, head: _HeadWeightGradient | None,
@@ -185,8 +201,9 @@ def balanced_chunk(rows: int, chunk: int) -> int:
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                             workspace: Workspace | None = None) -> torch.Tensor:
-    """sum over rows of cross_entropy(hidden @ weight.T, targets); hidden (N, H), weight (V, H), targets (N,)."""
+                             workspace: Workspace | None = None, softcap: float | None = None) -> torch.Tensor:
+    """sum over rows of cross_entropy(hidden @ weight.T, targets); hidden (N, H), weight (V, H), targets (N,);
+    with `softcap`, of cross_entropy(softcap · tanh(hidden @ weight.T / softcap), targets)."""
     dtype = _compute_dtype(weight)
     space = workspace if workspace is not None else Workspace()
     chunk = balanced_chunk(hidden.shape[0], chunk)
@@ -195,9 +212,10 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             logits = _chunk_logits(hidden[start : start + chunk].to(dtype), w, space)
+            _softcapped_(logits, softcap, space)
             total += _loss_and_softmax_(logits, targets[start : start + chunk])[0]
         return total
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk, dtype, space)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk, dtype, space, softcap)
 
 
 def _logps_and_softmax_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
@@ -216,16 +234,18 @@ class _LinearTokenLogps(torch.autograd.Function):
     the backward pass recomputes each chunk's logits (from the saved log-sum-exp) instead of keeping them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace):
+    def forward(ctx, hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace, cap: float | None):
         w = space.weight_in(weight, dtype)
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
-            logp, chunk_lse, _ = _logps_and_softmax_(_chunk_logits(h, w, space), targets[start : start + chunk])
+            logits = _chunk_logits(h, w, space)
+            _softcapped_(logits, cap, space)
+            logp, chunk_lse, _ = _logps_and_softmax_(logits, targets[start : start + chunk])
             logps[start : start + chunk], lse[start : start + chunk] = logp, chunk_lse
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.dtype, ctx.space = chunk, dtype, space
+        ctx.chunk, ctx.dtype, ctx.space, ctx.cap = chunk, dtype, space, cap
         return logps
 
     @staticmethod
@@ -239,10 +259,14 @@ class _LinearTokenLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
             t, g = targets[start : start + chunk], grad_logps[start : start + chunk]
-            probs = _chunk_logits(h, w, space).sub_(lse[start : start + chunk, None]).exp_()
+            logits = _chunk_logits(h, w, space)
+            slope = _softcapped_(logits, ctx.cap, space)
+            probs = logits.sub_(lse[start : start + chunk, None]).exp_()
             # d log p(target) / d logits = one-hot(target) − softmax
             grad_logits = probs.mul_(-g[:, None])
             grad_logits[torch.arange(t.shape[0], device=t.device), t] += g
+            if slope is not None:
+                grad_logits.mul_(slope)
             grad_logits = _in_compute_dtype(grad_logits, start, head, dtype, space)
             if grad_hidden is not None:
                 if space.onednn and onednn_linear.applies(grad_logits, w):
@@ -252,18 +276,19 @@ class _LinearTokenLogps(torch.autograd.Function):
             if head is not None:
                 head.add(start, grad_logits, h)
         grad_w = head.grad.to(weight.dtype) if head is not None else None
-        return grad_hidden, grad_w, None, None, None, None
+        return grad_hidden, grad_w, None, None, None, None, None
 
 
 @torch.no_grad()
-def _token_logps_no_grad(hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace, entropy: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _token_logps_no_grad(hidden, weight, targets, chunk: int, dtype: torch.dtype, space: Workspace, entropy: bool,
+                         cap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = space.weight_in(weight, dtype)
     logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     entropies = torch.empty_like(logps) if entropy else None
     for start in range(0, hidden.shape[0], chunk):
-        h = hidden[start : start + chunk].to(dtype)
-        logp, _, probs = _logps_and_softmax_(_chunk_logits(h, w, space), targets[start : start + chunk])
+        logits = _chunk_logits(hidden[start : start + chunk].to(dtype), w, space)
+        _softcapped_(logits, cap, space)
+        logp, _, probs = _logps_and_softmax_(logits, targets[start : start + chunk])
         logps[start : start + chunk] = logp
         if entropies is not None:
             entropies[start : start + chunk] = -torch.xlogy(probs, probs).sum(-1)
@@ -271,16 +296,18 @@ def _token_logps_no_grad(hidden, weight, targets, chunk: int, dtype: torch.dtype
 
 
 def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                       workspace: Workspace | None = None, entropy: bool = False
+                       workspace: Workspace | None = None, entropy: bool = False, softcap: float | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row: log softmax(hidden @ weight.T)[target], fp32 (N,), differentiable; and, with `entropy`, each row's
-    entropy of that softmax (detached: it is a metric). hidden (N, H), weight (V, H), targets (N,)."""
+    entropy of that softmax (detached: it is a metric). hidden (N, H), weight (V, H), targets (N,); `softcap` as in
+    linear_cross_entropy_sum."""
     dtype = _compute_dtype(weight)
     space = workspace if workspace is not None else Workspace()
     chunk = balanced_chunk(hidden.shape[0], chunk)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if not needs_grad:
-        return _token_logps_no_grad(hidden, weight, targets, chunk, dtype, space, entropy)
-    logps = _LinearTokenLogps.apply(hidden, weight, targets, chunk, dtype, space)
-    entropies = _token_logps_no_grad(hidden, weight, targets, chunk, dtype, space, True)[1] if entropy else None
+        return _token_logps_no_grad(hidden, weight, targets, chunk, dtype, space, entropy, softcap)
+    logps = _LinearTokenLogps.apply(hidden, weight, targets, chunk, dtype, space, softcap)
+    entropies = (_token_logps_no_grad(hidden, weight, targets, chunk, dtype, space, True, softcap)[1] if entropy
+                 else None)
     return logps, entropies

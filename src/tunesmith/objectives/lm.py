@@ -43,7 +43,7 @@ def hidden_states(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tor
 
 def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = _softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -52,11 +52,15 @@ def logits_at(model, hidden: torch.Tensor) -> torch.Tensor:
 def _chunkable_head(model, ctx: RunContext) -> torch.nn.Linear | None:
     """The LM head when `train.loss_chunk` asks for chunked cross-entropy and the head is a plain linear map
     without bias (kernels/patches.py: nn.Linear or a stand-in computing the same product, e.g. one whose frozen
-    weight is stored in bf16)."""
-    if not ctx.loss_chunk or getattr(model.config, "final_logit_softcapping", None):
+    weight is stored in bf16). A final logit soft-cap is applied chunk by chunk (`_softcap`)."""
+    if not ctx.loss_chunk:
         return None
     head = model.get_output_embeddings()
     return head if is_plain_linear(head) and head.bias is None else None
+
+
+def _softcap(model) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None)
 
 
 def _workspace(ctx: RunContext) -> Workspace:
@@ -69,7 +73,8 @@ def token_logps(model, hidden: torch.Tensor, targets: torch.Tensor, ctx: RunCont
     of each row's next-token distribution (detached)."""
     head = _chunkable_head(model, ctx)
     if head is not None:
-        return linear_token_logps(hidden, head.weight, targets, ctx.loss_chunk, _workspace(ctx), entropy)
+        return linear_token_logps(hidden, head.weight, targets, ctx.loss_chunk, _workspace(ctx), entropy,
+                                  _softcap(model))
     logits = logits_at(model, hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logps = -F.cross_entropy(logits, targets, reduction="none")
@@ -86,7 +91,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], ctx: RunContext) -> tuple[to
     hidden = hidden_states(model, batch, ctx)[where]
     head = _chunkable_head(model, ctx)
     if head is not None:
-        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], ctx.loss_chunk, _workspace(ctx))
+        loss = linear_cross_entropy_sum(hidden, head.weight, targets[where], ctx.loss_chunk, _workspace(ctx),
+                                        _softcap(model))
         return loss, int(where.sum()), {}
     logits = logits_at(model, hidden)
     loss = F.cross_entropy(logits.float(), targets[where], reduction="sum")
