@@ -40,7 +40,7 @@ def test_counts_equal_the_trained_model(case, tmp_path):
 
     settings = settings_class(case["name"])(**case)
     model = tiny_llama(vocab_size=256)
-    planned = count(from_config(model.config.to_dict(), "tiny"), settings)
+    planned = count(from_config(model.config.to_dict(), "tiny"), settings, base_model="base")
     method = get_method(case["name"])
     method.apply(model, settings)
     assert (planned.trainable, planned.total) == count_parameters(model)
@@ -55,7 +55,7 @@ def test_qlora_trains_what_lora_trains():
 
     settings = settings_class("qlora")(r=4)
     model = tiny_llama(vocab_size=256)
-    planned = count(from_config(model.config.to_dict(), "tiny"), settings)
+    planned = count(from_config(model.config.to_dict(), "tiny"), settings, base_model="base")
     get_method("qlora").apply(model, settings)
     assert planned.trainable == count_parameters(model)[0] == 8192
 

@@ -33,6 +33,9 @@ def test_demo_config_lowers_heldout_loss(tmp_path):
     """The demo's config (LoRA r=16, bf16 autocast, cosine schedule) cut to 30 of its 100 steps, without its
     mid-run evaluation and checkpoint, scored on 40 of its 100 held-out examples, one sample generation each side.
     `make demo` itself (100 steps) measured 4.2732 → 3.4935 (−18.2 %); these 30 steps: see DEMO_DROP."""
+    from tunesmith.methods.base import adapter_base
+    from tunesmith.models import resolve_model_path
+
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
         f"output_dir={tmp_path / 'demo'}", "train.max_steps=30", "train.eval_every=null", "train.save_every=null",
         "data.max_eval_examples=40", "report.heldout_samples=1", "report.trained_samples=0",
@@ -43,4 +46,5 @@ def test_demo_config_lowers_heldout_loss(tmp_path):
     assert drop >= DEMO_DROP, f"held-out loss {result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
     assert len(result.summary["heldout_samples"]) == 1
     config = json.loads((Path(result.run_dir) / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == BUILTIN
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == resolve_model_path(BUILTIN)
+    assert adapter_base({"default": str(Path(result.run_dir) / "adapter")}, None) == BUILTIN

@@ -9,7 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunesmith.config.declarations import MemoryTerms, MethodDeclaration, Saved
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT's name for every linear layer (nn.Linear, transformers' Conv1D) but the output head, whatever the family
+# calls its projections (q_proj…, Phi-3's fused qkv_proj/gate_up_proj, GPT-2's c_attn/c_fc/c_proj).
+ALL_LINEAR = "all-linear"
+# adapter_model.safetensors' metadata key holding the base as the run's model.path named it (methods/base.py)
+BASE_MODEL_KEY = "tunesmith_base_model"
+TARGETS_HELP = ("'all-linear' (every linear layer but the output head), module name suffixes, or a regex string "
+                "matched against full module names")
 
 
 class Strict(BaseModel):
@@ -63,7 +69,7 @@ class FreezeSettings(Strict):
 class BitFitSettings(Strict):
     name: Literal["bitfit"] = "bitfit"
     declaration: ClassVar = MethodDeclaration("biases", trains_base=True)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(ALL_LINEAR))
+    target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
 
 
 class LoraSettings(Strict):
@@ -73,10 +79,7 @@ class LoraSettings(Strict):
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: list(ALL_LINEAR),
-        description="module name suffixes, or a regex string matched against full module names",
-    )
+    target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
 
 

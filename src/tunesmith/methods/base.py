@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from tunesmith.atomic import atomic_folder
-from tunesmith.config import DEFAULT_MODEL
+from tunesmith.config import ALL_LINEAR, DEFAULT_MODEL
+from tunesmith.config.methods import BASE_MODEL_KEY
 from tunesmith.errors import ConfigError, ModelError
 from tunesmith.surgery import replace_module
 
@@ -22,33 +23,118 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+# BASE_MODEL_KEY: the base as the run's model.path named it, kept in adapter_model.safetensors' metadata
+# (adapter_config.json's base_model_name_or_path holds what other tools resolve, and PEFT warns about keys it does
+# not know there).
+
+
+def saved_base(folder: str | Path) -> str | None:
+    """The base model as tunesmith named it when it wrote the adapter in `folder`; None for other adapters."""
+    from safetensors import safe_open
+
+    weights = Path(folder) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), "pt") as fh:
+        return (fh.metadata() or {}).get(BASE_MODEL_KEY)
+
+
 def adapter_base(adapters: dict[str, str], model: str | None) -> str:
-    """The base model to load: `model` if given, else the first adapter's base_model_name_or_path, else the
-    embedded default."""
+    """The base model to load: `model` if given, else the first adapter's base as tunesmith named it (`saved_base`),
+    else its base_model_name_or_path (adapters from PEFT and elsewhere), else the embedded default."""
     if model:
         return model
     for path in adapters.values():
-        return read_adapter_config(path).get("base_model_name_or_path") or DEFAULT_MODEL
+        return saved_base(path) or read_adapter_config(path).get("base_model_name_or_path") or DEFAULT_MODEL
     return DEFAULT_MODEL
 
 
-def match_modules(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear,)) -> list[str]:
-    """PEFT's rule: a list matches names equal to or ending in '.<entry>'; a string is a full-name regex."""
-    names = []
+def portable_base(name: str) -> str:
+    """What other tools (PEFT's AutoPeftModel, transformers) resolve for the base `name`: the local folder of a
+    builtin model or of a path, the hub id itself otherwise."""
+    from tunesmith.models import builtin_folder
+
+    if name.startswith("builtin:"):
+        return str(builtin_folder(name.removeprefix("builtin:")))
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def conv1d_class() -> type[nn.Module]:
+    """transformers' Conv1D (GPT-2's linear layer: y = x·W + b with W stored [in, out])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    return isinstance(layer, conv1d_class())
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or a Conv1D."""
+    if is_conv1d(layer):
+        return tuple(layer.weight.shape)
+    return layer.in_features, layer.out_features
+
+
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as [out, in] (nn.Linear's layout; a transposed view of a Conv1D's)."""
+    return layer.weight.t() if is_conv1d(layer) else layer.weight
+
+
+def set_weight_out_in(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store an [out, in] weight in the layer's own layout and dtype."""
+    w = layer.weight
+    w.data = (weight.t().contiguous() if is_conv1d(layer) else weight).to(w.dtype)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def all_linear_names(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    """PEFT's `all-linear`: every linear layer (nn.Linear, Conv1D, or a wrapper already holding adapters) except the
+    output head, and nothing inside a wrapper."""
+    linear = (nn.Linear, conv1d_class(), *kinds)
+    head = _output_head(model)
+    names, inside = [], []
     for name, module in model.named_modules():
-        if isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in targets)
-        if hit:
-            if not isinstance(module, kinds):
-                raise ConfigError(
-                    f"method.target_modules: '{name}' is a {type(module).__name__}; only "
-                    f"{'/'.join(k.__name__ for k in kinds)} layers can be targeted"
-                )
-            names.append(name)
+        if any(name.startswith(w + ".") for w in inside) or module is head or not isinstance(module, linear):
+            continue
+        names.append(name)
+        if isinstance(module, AdapterLayer):
+            inside.append(name)
+    return names
+
+
+def _takes(module: nn.Module, kinds: tuple[type, ...], name: str, method: str) -> None:
+    if isinstance(module, kinds):
+        return
+    if is_conv1d(module):
+        raise ConfigError(f"method.name: {method} cannot take '{name}', a Conv1D (GPT-2's linear layer, its weight "
+                          "stored transposed as [in, out]); use lora, dora or full on this model")
+    raise ConfigError(f"method.target_modules: '{name}' is a {type(module).__name__}; only "
+                      f"{'/'.join(k.__name__ for k in kinds)} layers can be targeted")
+
+
+def match_modules(model: nn.Module, targets: list[str] | str, kinds=(nn.Linear,), method: str = "this method"
+                  ) -> list[str]:
+    """PEFT's rule: a list matches names equal to or ending in '.<entry>'; a string is a full-name regex, except
+    `all-linear` (ALL_LINEAR): every linear layer but the output head. Matched layers that are not `kinds` are
+    refused (a Conv1D with the method's name)."""
+    if targets == ALL_LINEAR:
+        names = all_linear_names(model, kinds)
+    else:
+        names = [name for name, _ in model.named_modules()
+                 if (re.fullmatch(targets, name) is not None if isinstance(targets, str)
+                     else any(name == t or name.endswith("." + t) for t in targets))]
+    for name in names:
+        _takes(model.get_submodule(name), kinds, name, method)
     if not names:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
+        linear = (nn.Linear, conv1d_class())
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear)})
         raise ConfigError(
             f"method.target_modules: {targets!r} matches no layer of this model; its linear layers are named: "
             + ", ".join(suffixes)
@@ -76,13 +162,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write adapter_config.json + adapter_model.safetensors atomically (temp folder, fsync, rename)."""
+    """Write adapter_config.json + adapter_model.safetensors atomically (temp folder, fsync, rename). The config's
+    base_model_name_or_path becomes what other tools resolve (`portable_base`); tunesmith's name goes in the weights'
+    metadata (BASE_MODEL_KEY)."""
     from safetensors.torch import save_file
+
+    metadata = {"format": "pt"}
+    base = config.get("base_model_name_or_path")
+    if base:
+        metadata[BASE_MODEL_KEY] = base
+        config = {**config, "base_model_name_or_path": portable_base(base)}
 
     with atomic_folder(folder) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
+                  metadata=metadata)
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -133,6 +227,7 @@ class AdapterLayer(nn.Module):
     (`fold`); `METHOD` is the module whose functions manage it, for messages."""
 
     METHOD = ""
+    TAKES_CONV1D = False  # whether it can wrap a Conv1D (weight_out_in gives its weight as [out, in])
 
     def __init__(self, base_layer: nn.Linear):
         super().__init__()
@@ -202,7 +297,8 @@ def adapter_targets(model: nn.Module, target_modules: list[str] | str, adapter_n
     if adapter_name in present:
         raise ModelError(name_taken(adapter_name, present, layer_cls.METHOD))
     freeze_all(model)
-    return match_modules(model, target_modules, kinds=(nn.Linear, layer_cls))
+    kinds = (nn.Linear, conv1d_class(), layer_cls) if layer_cls.TAKES_CONV1D else (nn.Linear, layer_cls)
+    return match_modules(model, target_modules, kinds, layer_cls.METHOD)
 
 
 def wrapped(model: nn.Module, name: str, layer_cls: type[AdapterLayer], *args) -> AdapterLayer:

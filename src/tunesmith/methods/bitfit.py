@@ -11,7 +11,8 @@ from torch import nn
 
 from tunesmith.config.methods import BitFitSettings
 from tunesmith.errors import ModelError
-from tunesmith.methods.base import check_and_copy, freeze_all, match_modules, read_adapter, write_adapter
+from tunesmith.methods.base import (check_and_copy, conv1d_class, freeze_all, match_modules, read_adapter,
+                                    write_adapter)
 
 disabled = None  # the base itself trains: no switch to the model before training
 virtual_tokens = None  # no virtual tokens
@@ -31,7 +32,7 @@ def _add_bias(layer: nn.Linear) -> None:
 
 def apply(model: nn.Module, settings: BitFitSettings) -> None:
     freeze_all(model)
-    for name in match_modules(model, settings.target_modules):
+    for name in match_modules(model, settings.target_modules, (nn.Linear, conv1d_class()), "bitfit"):
         layer = model.get_submodule(name)
         if layer.bias is None:
             _add_bias(layer)

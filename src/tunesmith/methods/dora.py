@@ -15,7 +15,7 @@ from torch import nn
 
 from tunesmith.config.methods import DoraSettings
 from tunesmith.methods import lora
-from tunesmith.methods.base import read_adapter
+from tunesmith.methods.base import read_adapter, weight_out_in
 from tunesmith.methods.lora import (DEFAULT, disabled, merge, save, set_active, unload,  # noqa: F401  (the interface)
                                     unmerge, virtual_tokens)
 
@@ -44,7 +44,7 @@ class DoraLinear(lora.LoraLinear):
     @torch.no_grad()
     def weight_norm(self, name: str) -> torch.Tensor:
         """||W0 + s·B·A|| per output feature, in float32 even under autocast (faster there too)."""
-        w = self.base_layer.weight
+        w = weight_out_in(self.base_layer)
         with torch.autocast(w.device.type, enabled=False):
             return torch.linalg.norm(w.float() + self.delta_weight(name), dim=1)
 
@@ -55,11 +55,11 @@ class DoraLinear(lora.LoraLinear):
         # Unmerging cannot recompute the norm from the merged weight, so it is kept.
         self.merged_norm[name] = norm = self.weight_norm(name)
         factor = (self.lora_magnitude_vector[name] / norm).unsqueeze(1)
-        return factor * (self.base_layer.weight.float() + self.delta_weight(name))
+        return factor * (weight_out_in(self.base_layer).float() + self.delta_weight(name))
 
     def unmerged_weight(self, name: str) -> torch.Tensor:
         factor = (self.lora_magnitude_vector[name] / self.merged_norm.pop(name)).unsqueeze(1)
-        return self.base_layer.weight.float() / factor - self.delta_weight(name)
+        return weight_out_in(self.base_layer).float() / factor - self.delta_weight(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
@@ -75,7 +75,7 @@ class DoraLinear(lora.LoraLinear):
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.weight.dtype)
         # as PEFT: the base output keeps the undropped input, the DoRA correction uses the dropped one
         h = dropout(h)
-        plain = F.linear(h, self.base_layer.weight.to(h.dtype))
+        plain = F.linear(h, weight_out_in(self.base_layer).to(h.dtype))
         scale = self.lora_magnitude_vector[name] / self.weight_norm(name)
         return out + ((scale - 1) * plain + scale * b(a(h)) * self.scaling[name]).to(out.dtype)
 

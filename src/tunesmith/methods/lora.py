@@ -17,7 +17,8 @@ from tunesmith.config.methods import DoraSettings, LoraSettings
 from tunesmith.errors import ModelError
 from tunesmith.methods import lora_function
 from tunesmith.methods.base import (AdapterLayer, adapter_functions, adapter_layers, adapter_targets, check_and_copy,
-                                    read_adapter, wrapped, write_adapter)
+                                    is_conv1d, linear_features, read_adapter, set_weight_out_in, weight_out_in,
+                                    wrapped, write_adapter)
 
 PEFT_PREFIX = "base_model.model."
 DEFAULT = "default"
@@ -33,6 +34,7 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
 
 class LoraLinear(AdapterLayer):
     METHOD = "lora"
+    TAKES_CONV1D = True
     rows: dict[str, torch.Tensor] | None = None  # set by per_row: the batch rows of each adapter; None: `active` rules
 
     def __init__(self, base_layer: nn.Linear):
@@ -48,8 +50,9 @@ class LoraLinear(AdapterLayer):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         self.check_new_name(name, self.lora_A)
         w = self.base_layer.weight
-        a = nn.Linear(self.base_layer.in_features, r, bias=False, device=w.device, dtype=torch.float32)
-        b = nn.Linear(r, self.base_layer.out_features, bias=False, device=w.device, dtype=torch.float32)
+        fan_in, fan_out = linear_features(self.base_layer)
+        a = nn.Linear(fan_in, r, bias=False, device=w.device, dtype=torch.float32)
+        b = nn.Linear(r, fan_out, bias=False, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b
@@ -73,16 +76,16 @@ class LoraLinear(AdapterLayer):
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
 
     def merged_weight(self, name: str) -> torch.Tensor:
-        w = self.base_layer.weight
+        """W0 + ΔW as [out, in] (whatever the base layer's own layout)."""
+        w = weight_out_in(self.base_layer)
         return w + self.delta_weight(name).to(w.dtype)
 
     def unmerged_weight(self, name: str) -> torch.Tensor:
-        w = self.base_layer.weight
+        w = weight_out_in(self.base_layer)
         return w - self.delta_weight(name).to(w.dtype)
 
     def fold(self, name: str, inverse: bool) -> None:
-        w = self.base_layer.weight
-        w.data = (self.unmerged_weight(name) if inverse else self.merged_weight(name)).to(w.dtype)
+        set_weight_out_in(self.base_layer, self.unmerged_weight(name) if inverse else self.merged_weight(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
@@ -177,7 +180,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str = DEFAULT) -> dict[str, 
             for suffix, tensor in layer.adapter_tensors(adapter_name).items()}
 
 
-def peft_config(settings: LoraSettings, base_model: str, targets: list[str]) -> dict:
+def peft_config(settings: LoraSettings, base_model: str, targets: list[str], fan_in_fan_out: bool = False) -> dict:
+    """PEFT's LoraConfig as a dict; `fan_in_fan_out`: the targets store their weights [in, out] (Conv1D)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -189,7 +193,7 @@ def peft_config(settings: LoraSettings, base_model: str, targets: list[str]) -> 
         "use_rslora": settings.rslora,
         "use_dora": settings.name == "dora",
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -200,8 +204,11 @@ def peft_config(settings: LoraSettings, base_model: str, targets: list[str]) -> 
 
 
 def save(model: nn.Module, settings: LoraSettings, folder, base_model: str, adapter_name: str = DEFAULT) -> None:
-    targets = sorted({n.rsplit(".", 1)[-1] for n in lora_layers(model)})
-    write_adapter(folder, peft_config(settings, base_model, targets), adapter_tensors(model, adapter_name))
+    layers = lora_layers(model)
+    targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer in layers.values())
+    write_adapter(folder, peft_config(settings, base_model, targets, fan_in_fan_out),
+                  adapter_tensors(model, adapter_name))
 
 
 def settings_from_peft(config: dict, folder, use_dora: bool = False) -> LoraSettings:
@@ -215,7 +222,6 @@ def settings_from_peft(config: dict, folder, use_dora: bool = False) -> LoraSett
         "alpha_pattern": bool(config.get("alpha_pattern")),
         "modules_to_save": bool(config.get("modules_to_save")),
         "layers_to_transform": config.get("layers_to_transform") is not None,
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
         "bias": config.get("bias", "none") != "none",
     }
     bad = [k for k, v in unsupported.items() if v]

@@ -17,7 +17,7 @@ from torch import nn
 from tunesmith.config.methods import QloraSettings
 from tunesmith.errors import ConfigError, OutputDirError
 from tunesmith.methods import lora
-from tunesmith.methods.base import read_adapter, replace_module
+from tunesmith.methods.base import is_conv1d, read_adapter, replace_module
 from tunesmith.methods.lora import (DEFAULT, disabled, save, set_active, unload, unmerge,  # noqa: F401  (the interface)
                                     virtual_tokens)
 from tunesmith.quant import nf4
@@ -43,6 +43,11 @@ def apply(model: nn.Module, settings: QloraSettings, adapter_name: str = DEFAULT
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         raise ConfigError("method.name: qlora stores the base in 4 bits itself, but this model is already an int4 "
                           "folder from `tunesmith quantize`; use method lora on it")
+    conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
+    if conv1d:
+        raise ConfigError(f"method.name: qlora cannot take '{conv1d[0]}' (and {len(conv1d) - 1} more), a Conv1D "
+                          "(GPT-2's linear layer, its weight stored transposed as [in, out]), which 4-bit storage "
+                          "cannot take; use lora or dora on this model")
     if not any(nf4.is_4bit(m) for m in model.modules()):
         nf4.quantize_model(model, settings.quant_type, settings.double_quant, settings.compute_dtype)
     return lora.apply(model, settings, adapter_name)

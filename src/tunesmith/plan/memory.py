@@ -28,7 +28,7 @@ from tunesmith.config import RunConfig
 from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
-from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, numel
+from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, matches, numel
 
 NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
 NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
@@ -142,8 +142,8 @@ def _frozen_bf16_linears(arch: Architecture, cfg: RunConfig) -> int:
     if not (train.bf16 and train.bf16_frozen_weights and cfg.model.dtype == "float32"
             and not declared.trains_base and not declared.memory.quantized_base):
         return 0
-    kept = set(cfg.method.target_modules) if declared.memory.reads_base_weight and isinstance(
-        cfg.method.target_modules, list) else set()
+    kept = ({lin.suffix for lin in linears(arch) if matches(lin.name, cfg.method.target_modules)}
+            if declared.memory.reads_base_weight else set())
     return sum(lin.in_features * lin.out_features for lin in linears(arch)
                if lin.suffix not in kept and not (lin.name == "lm_head" and arch.tied_embeddings))
 
@@ -406,7 +406,7 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     from tunesmith.plan.runtime import runtime_overhead
 
     arch = arch or resolve(cfg.model.path)
-    plan = count(arch, cfg.method, cfg.objective, cfg.model.dtype)
+    plan = count(arch, cfg.method, cfg.objective, cfg.model.dtype, cfg.model.path)
     int4_group = _int4_group(cfg.model.path)
     if runtime_bytes is None:
         runtime_bytes = runtime_overhead() if device == "cpu" else 0

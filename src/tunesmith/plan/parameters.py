@@ -3,9 +3,9 @@ model's total as training reports it (added parameters included, tied embeddings
 or trained tensor with its formula, and the tensors the adapter file holds (for its size).
 
 Module and parameter names follow transformers' Llama layout, and targets are matched by the rule
-methods/base.py's match_modules applies (a list: names equal to or ending in '.<entry>'; a string: a full-name
-regex), so a count here equals the one `tunesmith train` prints (tests/test_plan.py applies each method to a tiny
-model and compares).
+methods/base.py's match_modules applies (a list: names equal to or ending in '.<entry>'; 'all-linear': every linear
+but the LM head; another string: a full-name regex), so a count here equals the one `tunesmith train` prints
+(tests/test_plan.py applies each method to a tiny model and compares).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from tunesmith.config.methods import MethodSettings
+from tunesmith.config.methods import ALL_LINEAR, BASE_MODEL_KEY, MethodSettings
 from tunesmith.config.objectives import objective_declaration
 from tunesmith.errors import ConfigError
 from tunesmith.plan.architectures import Architecture
@@ -82,6 +82,8 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
+    if targets == ALL_LINEAR:
+        return name != "lm_head"
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -117,6 +119,7 @@ class ParameterPlan:
     parts: list[Part]
     saved: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # adapter file: name → (shape, dtype)
     note: str = ""
+    base_model: str = ""  # model.path, which the adapter file's metadata names
 
     @property
     def fraction(self) -> float:
@@ -125,16 +128,20 @@ class ParameterPlan:
     @property
     def saved_bytes(self) -> int:
         """The size of adapter_model.safetensors (or, for full, of the model's weights)."""
-        return safetensors_size(self.saved)
+        if self.method == "full":
+            return safetensors_size(self.saved)
+        return safetensors_size(self.saved, {"format": "pt", BASE_MODEL_KEY: self.base_model} if self.base_model
+                                else None)
 
 
-def safetensors_size(tensors: dict[str, tuple[tuple[int, ...], str]]) -> int:
-    """Bytes of the safetensors file holding these tensors with metadata {"format": "pt"}: 8 bytes of header length,
-    the JSON header padded with spaces to a multiple of 8, then the data (laid out by descending alignment, then
-    name, as the safetensors writer does)."""
+def safetensors_size(tensors: dict[str, tuple[tuple[int, ...], str]], metadata: dict[str, str] | None = None
+                     ) -> int:
+    """Bytes of the safetensors file holding these tensors with `metadata` ({"format": "pt"} if not given): 8 bytes of
+    header length, the JSON header padded with spaces to a multiple of 8, then the data (laid out by descending
+    alignment, then name, as the safetensors writer does)."""
     itemsize = {"F32": 4, "BF16": 2}
     order = sorted(tensors, key=lambda k: (-itemsize[tensors[k][1]], k))
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name in order:
         shape, dtype = tensors[name]
@@ -239,8 +246,8 @@ LAYOUTS = {"whole": _whole, "chosen": _freeze, "biases": _bitfit, "low_rank": _l
            "bottleneck": _bottleneck, "virtual": _virtual}
 
 
-def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32"
-          ) -> ParameterPlan:
+def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32",
+          base_model: str = "") -> ParameterPlan:
     """What `settings` trains on `arch` with `objective`, and what the model then holds."""
     params = base_parameters(arch)
     base_total = sum(numel(s) for s in params.values())
@@ -259,4 +266,4 @@ def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", 
         added = trainable
     elif head is not None:
         added += arch.hidden_size + head[1]
-    return ParameterPlan(settings.name, trainable, base_total + added, parts, saved, note)
+    return ParameterPlan(settings.name, trainable, base_total + added, parts, saved, note, base_model)
