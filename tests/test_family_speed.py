@@ -18,9 +18,8 @@ from tunesmith.train.self_check import checked_speed_options
 
 CAPACITY = 32
 # what each family cannot take, and the words of the reason the `speed` line gives (a rule of its config and
-# modules, kernels/*: GPT-2's Conv1D layers are no nn.Linear, its LayerNorm no RMSNorm)
-SWITCHED_OFF = {"gpt2": {"train.fused_norm": "no RMSNorm", "train.onednn_linear": "Conv1D",
-                         "train.bf16_frozen_weights": "Conv1D"}}
+# modules, kernels/*: GPT-2's LayerNorm is no RMSNorm)
+SWITCHED_OFF = {"gpt2": {"train.fused_norm": "no RMSNorm"}}
 
 
 def _examples(vocab: int) -> list[Tokenized]:

@@ -94,16 +94,21 @@ def test_tied_head_trained_layers_and_doras_base_keep_fp32():
     assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
 
 
-def test_outside_autocast_the_layer_computes_in_bf16_and_returns_the_inputs_dtype():
-    layer = torch.nn.Linear(16, 8).requires_grad_(False)
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_outside_autocast_the_layer_computes_in_bf16_and_returns_the_inputs_dtype(kind):
+    from transformers.pytorch_utils import Conv1D
+
+    layer = (torch.nn.Linear(16, 8) if kind == "linear" else Conv1D(8, 16)).requires_grad_(False)
     holder = torch.nn.Sequential(layer)
     x = torch.randn(3, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = layer(x)
-    assert frozen_bf16.enable(holder).changed == 1
+    assert frozen_bf16.enable(holder).changed == 1 and layer.weight.dtype == torch.bfloat16
     out = layer(x)
     assert out.dtype == torch.float32
     assert torch.equal(out, under_autocast.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), under_autocast)  # the same product autocast computed from the fp32 weight
 
 
 def test_switched_on_only_with_bf16_and_never_for_methods_that_save_the_base(tmp_path):

@@ -19,13 +19,7 @@ from tunesmith.objectives import lm
 pytestmark = pytest.mark.skipif(onednn_linear._op() is None, reason="this torch build has no oneDNN linear")
 
 
-@pytest.mark.parametrize("weight_trains", [False, True])
-def test_onednn_linear_equals_nn_linear_values_and_gradients(weight_trains):
-    torch.manual_seed(0)
-    plain = nn.Linear(48, 40)
-    plain.weight.requires_grad_(weight_trains)  # frozen: the bias still trains (as BitFit has it)
-    fast = copy.deepcopy(plain)
-    fast.__class__ = onednn_linear.OneDNNLinear
+def _assert_same_values_and_gradients(plain, fast, weight_trains: bool) -> None:
     x, grad = torch.randn(3, 11, 48), torch.randn(3, 11, 40)
     outputs, grads = [], []
     for layer in (plain, fast):
@@ -41,6 +35,28 @@ def test_onednn_linear_equals_nn_linear_values_and_gradients(weight_trains):
             torch.testing.assert_close(fast_grad, plain_grad, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_onednn_linear_equals_nn_linear_values_and_gradients(weight_trains):
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 40)
+    plain.weight.requires_grad_(weight_trains)  # frozen: the bias still trains (as BitFit has it)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = onednn_linear.OneDNNLinear
+    _assert_same_values_and_gradients(plain, fast, weight_trains)
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_gpt2s_conv1d_through_onednn_equals_its_own_values_and_gradients(weight_trains):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    plain = Conv1D(40, 48)  # 48 in, 40 out, the weight stored (in, out)
+    plain.weight.requires_grad_(weight_trains)
+    fast = copy.deepcopy(plain)
+    assert onednn_linear.enable(nn.Sequential(fast)).changed == 1 and isinstance(fast, Conv1D)
+    _assert_same_values_and_gradients(plain, fast, weight_trains)
 
 
 def test_a_trained_weight_updated_in_place_is_read_afresh():

@@ -35,7 +35,7 @@ def unknown_layer_types(config) -> set[str]:
 
 
 def windowed(mask: torch.Tensor, window: int | None) -> torch.Tensor:
-    """A square boolean (..., L, L) mask that also lets each query see only the `window` latest keys, itself included."""
+    """A square boolean (..., L, L) mask that lets each query see only the `window` latest keys, itself included."""
     if window is None or window >= mask.shape[-1]:
         return mask
     n = mask.shape[-1]

@@ -4,7 +4,8 @@ Under bf16 autocast a frozen fp32 nn.Linear weight is cast to bf16 at every forw
 weights that train — and the cast copy is kept for the backward, so each step reads 4 bytes a weight, writes 2 and
 holds 6. The product autocast computes takes the bf16 copy either way, so storing the frozen weight in bf16 once
 computes exactly the same outputs and gradients with a third of that memory and no cast. Biases stay as they are
-(autocast casts them as before).
+(autocast casts them as before). transformers' Conv1D layers (GPT-2: the same product with the weight stored
+transposed) are stored the same way.
 
 Only what training never updates and never saves is converted: weights (and biases) that do not require grad, not
 shared with another module (a tied LM head is the input embedding, which looks up fp32 rows), and not read directly by
@@ -19,13 +20,15 @@ On CPU an fp32 model's weights are views of the safetensors file; the parameters
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tunesmith.kernels.file_mapping import copy_out_of_file
 from tunesmith.kernels.onednn_linear import matrix_layers
-from tunesmith.kernels.patches import Patch, PlainLinear, base_weight_readers, is_plain_linear
+from tunesmith.kernels.patches import Patch, PlainLinear, base_weight_readers, conv1d_class, is_conv1d, is_plain_linear
 
 
 class FrozenBf16Linear(PlainLinear):
@@ -38,8 +41,24 @@ class FrozenBf16Linear(PlainLinear):
         return F.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
 
 
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type) or x.dtype == self.weight.dtype:
+        return self.plain_forward(x)
+    with torch.autocast(x.device.type, dtype=self.weight.dtype):  # what the run's autocast would compute
+        return self.plain_forward(x).to(x.dtype)
+
+
+@functools.cache
+def _frozen_bf16_conv1d() -> type:
+    """A subclass of transformers' Conv1D whose frozen weight is stored in bf16."""
+    conv1d = conv1d_class()
+    return type("FrozenBf16Conv1D", (conv1d,), {"forward": _conv1d_forward, "plain_forward": conv1d.forward,
+                                                "__module__": __name__})
+
+
 def _convertible(module: nn.Module, shared: set[int], reads_weight: set[int]) -> bool:
-    if not is_plain_linear(module) or module.weight.dtype != torch.float32 or id(module) in reads_weight:
+    if (not (is_plain_linear(module) or is_conv1d(module)) or module.weight.dtype != torch.float32
+            or id(module) in reads_weight):
         return False
     params = [p for p in (module.weight, module.bias) if p is not None]
     return not any(p.requires_grad for p in params) and id(module.weight) not in shared
@@ -59,7 +78,7 @@ def enable(model: nn.Module) -> Patch:
         if _convertible(module, shared, reads_weight):
             converted.append((module, type(module)))
             module.weight.data = module.weight.data.to(torch.bfloat16)
-            module.__class__ = FrozenBf16Linear
+            module.__class__ = _frozen_bf16_conv1d() if is_conv1d(module) else FrozenBf16Linear
     if converted:  # the converted weights are new tensors already
         copy_out_of_file(p for p in model.parameters() if p.dtype != torch.bfloat16)
 
@@ -68,5 +87,6 @@ def enable(model: nn.Module) -> Patch:
             module.weight.data = module.weight.data.to(torch.float32)
             module.__class__ = old_class
 
-    reason = "" if converted else f"no frozen fp32 nn.Linear to store in bf16 (its layers: {matrix_layers(model)})"
+    reason = "" if converted else ("no frozen fp32 nn.Linear or Conv1D to store in bf16 (its layers: "
+                                   f"{matrix_layers(model)})")
     return Patch(len(converted), undo, reason=reason)

@@ -11,8 +11,9 @@ own path. Generation takes the same path (one token's products measured as fast 
 576 → 1536), and so does a reference model with its adapters switched off, which therefore computes exactly what the
 policy computed before its first step (DPO's reference, objectives/dpo.py).
 
-`enable(model)` (train.onednn_linear) gives the fp32 nn.Linear layers of a model a forward that takes this path when
-it applies; the output embedding is left alone, since the chunked cross-entropy runs its products itself
+`enable(model)` (train.onednn_linear) gives the fp32 nn.Linear layers of a model, and transformers' Conv1D layers
+(GPT-2: the same product with the weight stored transposed, handed over as a view), a forward that takes this path
+when it applies; the output embedding is left alone, since the chunked cross-entropy runs its products itself
 (objectives/chunked_ce.py), told by the run context (context.py).
 """
 
@@ -25,7 +26,7 @@ import os
 import torch
 from torch import nn
 
-from tunesmith.kernels.patches import Patch, PlainLinear, is_plain_linear, swap_classes
+from tunesmith.kernels.patches import Patch, PlainLinear, conv1d_class, is_conv1d, is_plain_linear, swap_classes
 
 # oneDNN keeps every primitive it builds, one per product shape, in two caches of 1,024 entries each by default; a
 # packed batch has a new token count at almost every step, so a long run grew by ~8 MiB per new count (measured:
@@ -115,15 +116,35 @@ class _LinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + b through oneDNN, differentiable where grad is on; call only where `applies` holds."""
+    if not torch.is_grad_enabled():
+        return product(x, weight, bias)
+    return _LinearFunction.apply(x, weight, bias)
+
+
 class OneDNNLinear(PlainLinear):
     """An nn.Linear whose products run through oneDNN where `applies` holds."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not applies(x, self.weight):
             return super().forward(x)
-        if not torch.is_grad_enabled():
-            return product(x, self.weight, self.bias)
-        return _LinearFunction.apply(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
+
+
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    weight = self.weight.t()  # Conv1D keeps W as (in, out); its gradient flows back through the view
+    if not applies(x, weight):
+        return self.plain_forward(x)
+    return _linear(x, weight, self.bias)
+
+
+@functools.cache
+def _onednn_conv1d() -> type:
+    """A subclass of transformers' Conv1D whose products run through oneDNN where `applies` holds."""
+    conv1d = conv1d_class()
+    return type("OneDNNConv1D", (conv1d,), {"forward": _conv1d_forward, "plain_forward": conv1d.forward,
+                                            "__module__": __name__})
 
 
 def enable(model: nn.Module) -> Patch:
@@ -132,11 +153,14 @@ def enable(model: nn.Module) -> Patch:
     if _op() is None:
         return Patch(0, reason="this torch has no working oneDNN linear op")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    patch = swap_classes((module, OneDNNLinear) for module in model.modules()
-                         if is_plain_linear(module) and not isinstance(module, OneDNNLinear) and module is not head
-                         and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
+    fp32_cpu = [m for m in model.modules() if m is not head and isinstance(getattr(m, "weight", None), torch.Tensor)
+                and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    patch = swap_classes([(m, OneDNNLinear) for m in fp32_cpu
+                          if is_plain_linear(m) and not isinstance(m, OneDNNLinear)]
+                         + [(m, _onednn_conv1d()) for m in fp32_cpu if is_conv1d(m)])
     if not patch:
-        patch.reason = f"no fp32 CPU nn.Linear besides the output layer (its layers: {matrix_layers(model, head)})"
+        patch.reason = (f"no fp32 CPU nn.Linear or Conv1D besides the output layer (its layers: "
+                        f"{matrix_layers(model, head)})")
     return patch
 
 

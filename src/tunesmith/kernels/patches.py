@@ -15,6 +15,7 @@ it changed (classes, attention implementation, compiled layers). The run context
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -26,6 +27,21 @@ class PlainLinear(nn.Linear):
 
 def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, PlainLinear)
+
+
+@functools.cache
+def conv1d_class() -> type | None:
+    """transformers' Conv1D (GPT-2's linear layers: x·W + b with W stored (in, out)), or None without it."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Exactly transformers' Conv1D (a stand-in for it is a subclass)."""
+    return conv1d_class() is not None and type(module) is conv1d_class()
 
 
 def base_weight_readers(model: nn.Module) -> set[int]:
