@@ -161,14 +161,15 @@ def test_adapter_made_for_another_base_names_shapes(tmp_path):
         method.load(other, tmp_path / "ad")
 
 
-def test_switching_method_from_the_command_line_drops_the_files_other_options(capsys):
+def test_switching_method_from_the_command_line_drops_the_files_other_options():
     from conftest import REPO
 
     from tunesmith.config import load_config
 
-    cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=adapter"])
+    notes = []  # the CLI prints them (cli/output.py print_notes)
+    cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=adapter"], notes=notes)
     assert cfg.method.name == "adapter"
-    assert "ignoring the config's method options it does not have: r, alpha\n" in capsys.readouterr().err
+    assert notes == ["method switched to 'adapter'; ignoring the config's method options it does not have: r, alpha"]
     kept = load_config(REPO / "examples" / "demo_lora_sft.yaml", ["method.name=dora"])
     assert kept.method.r == 16 and kept.method.alpha == 32
     with pytest.raises(ConfigError, match="method.r: unknown key"):  # an explicit option is never dropped
