@@ -95,6 +95,13 @@ def test_models_it_cannot_stand_in_for_keep_the_mask_and_say_why(change, reason)
         assert lm.hidden_states(model, batch, RunContext()).shape[:2] == batch["input_ids"].shape
 
 
+def test_a_model_that_declines_a_new_implementation_is_switched_off(monkeypatch):
+    model = tiny_llama(vocab_size=300)
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)  # as Falcon's does (it logs why)
+    patch = segment_attention.enable(model)
+    assert not patch and "cannot be set after loading" in patch.reason and not segment_attention.active(model)
+
+
 def test_eager_attention_is_stood_in_for_and_given_back():
     model = tiny_llama(vocab_size=300)
     model.set_attn_implementation("eager")

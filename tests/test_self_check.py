@@ -48,6 +48,23 @@ def test_a_patch_that_changes_the_logits_is_named_with_the_setting_that_turns_it
                                      RunContext())
 
 
+def test_attention_that_drops_the_segment_layout_is_switched_off_not_an_error(monkeypatch):
+    """As StableLM's attention does in transformers 5.23: its forward does not pass extra keywords on."""
+    model = tiny_llama(vocab_size=300)
+    for layer in model.model.layers:
+        forward = layer.self_attn.forward
+
+        def without_layout(*args, _forward=forward, **kwargs):
+            kwargs.pop(segment_attention.LAYOUT_KWARG, None)
+            return _forward(*args, **kwargs)
+
+        monkeypatch.setattr(layer.self_attn, "forward", without_layout)
+    line = self_check.checked_speed_options(model, _cfg(), torch.device("cpu"), 2, RunContext())
+    assert ("; train.segment_attention off for LlamaForCausalLM: its attention layers do not pass the packed row's "
+            "segment layout on") in line and "train.fused_norm" in line.split(" checked")[0]
+    assert not segment_attention.active(model) and model.config._attn_implementation == "sdpa"
+
+
 def test_a_chunked_loss_that_differs_is_named_with_null(monkeypatch):
     from tunesmith.objectives import lm
 

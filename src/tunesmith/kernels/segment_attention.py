@@ -217,6 +217,9 @@ def enable(model) -> Patch:
     if original in _STANDS_IN_FOR:
         _register()
         model.set_attn_implementation(_STANDS_IN_FOR[original])
+        if not active(model):  # transformers declined (it logs why)
+            return Patch(0, reason="its attention implementation cannot be set after loading (it does not go "
+                                   "through transformers' attention interface)")
     else:  # already enabled
         original = next(k for k, v in _STANDS_IN_FOR.items() if v == original)
     return Patch(1, lambda: model.set_attn_implementation(original))
