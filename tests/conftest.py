@@ -93,24 +93,40 @@ def crash_after(monkeypatch):
 
 
 @pytest.fixture
-def head_run_resumed(crash_after):
+def run_resumed(crash_after):
+    """`run_resumed(base, tmp_path, crash_step, check=None)`: the run of config `base` straight through (in
+    tmp_path/a) and stopped after step `crash_step` then resumed (tmp_path/b), `check(output_dir)` called between the
+    crash and the resume; returns both results (straight, resumed)."""
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import train
+
+    def run(base: dict, tmp_path: Path, crash_step: int, check=None):
+        straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
+        cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
+        with crash_after(crash_step):
+            train(cfg, quiet=True)
+        if check is not None:
+            check(Path(cfg.output_dir))
+        return straight, train(cfg, quiet=True, resume=True)
+
+    return run
+
+
+@pytest.fixture
+def head_run_resumed(run_resumed):
     """`head_run_resumed(base, tmp_path, head_attr)`: the run of config `base` straight through (in tmp_path/a) and
     stopped after step 3 then resumed (tmp_path/b), once its last checkpoint is shown to hold the head
     `model.<head_attr>`; returns both results (straight, resumed)."""
     from safetensors import safe_open
 
-    from tunesmith.config import load_config
     from tunesmith.train.checkpoint import list_checkpoints
-    from tunesmith.train.loop import train
 
     def run(base: dict, tmp_path: Path, head_attr: str):
-        straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
-        cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-        with crash_after(3):
-            train(cfg, quiet=True)
-        with safe_open(str(list_checkpoints(Path(cfg.output_dir))[-1] / "state.safetensors"), "pt") as fh:
-            assert f"model.{head_attr}.weight" in fh.keys()
-        return straight, train(cfg, quiet=True, resume=True)
+        def holds_head(output_dir: Path) -> None:
+            with safe_open(str(list_checkpoints(output_dir)[-1] / "state.safetensors"), "pt") as fh:
+                assert f"model.{head_attr}.weight" in fh.keys()
+
+        return run_resumed(base, tmp_path, 3, holds_head)
 
     return run
 

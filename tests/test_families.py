@@ -124,16 +124,12 @@ def test_family_trains_merges_and_opens_in_peft(family, family_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family", RESUMED)
-def test_family_resume_is_bit_identical(family, family_dir, tmp_path, crash_after):
+def test_family_resume_is_bit_identical(family, family_dir, tmp_path, run_resumed):
     from safetensors.torch import load_file
 
     base = _config(family_dir(family), tmp_path, "lora")
     base["train"].update(max_steps=4, save_every=2)
-    straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
-    cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with crash_after(3):
-        train(cfg, quiet=True)
-    resumed = train(cfg, quiet=True, resume=True)
+    straight, resumed = run_resumed(base, tmp_path, 3)
     a = load_file(str(straight.run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(resumed.run_dir / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

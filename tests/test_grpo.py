@@ -195,16 +195,12 @@ def test_first_pass_is_on_policy_and_kl_starts_at_zero(tiny_model_dir, tmp_path)
     assert (Path(result.run_dir) / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path, crash_after):
+def test_grpo_resume_matches_uninterrupted(tiny_model_dir, tmp_path, run_resumed):
     from safetensors.torch import load_file
 
     base = _grpo_config(tiny_model_dir, tmp_path, num_iterations=2, beta=0.05)  # old and reference log-probs too
     base["train"].update(max_steps=2, save_every=1)
-    straight = train(load_config(None, [f"output_dir={tmp_path / 'a'}"], base=base), quiet=True)
-    cfg = load_config(None, [f"output_dir={tmp_path / 'b'}"], base=base)
-    with crash_after(1):
-        train(cfg, quiet=True)
-    resumed = train(cfg, quiet=True, resume=True)
+    straight, resumed = run_resumed(base, tmp_path, 1)
     a = load_file(str(Path(straight.run_dir) / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(Path(resumed.run_dir) / "adapter" / "adapter_model.safetensors"))
     assert any(t.abs().max() > 0 for k, t in a.items() if "lora_B" in k)
