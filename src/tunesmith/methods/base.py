@@ -95,9 +95,9 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def all_linear_names(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
-    """PEFT's `all-linear`: every linear layer (nn.Linear, Conv1D, or a wrapper already holding adapters) except the
-    output head, and nothing inside a wrapper."""
-    linear = (nn.Linear, conv1d_class(), *kinds)
+    """PEFT's `all-linear`: every linear layer (nn.Linear, Conv1D, or a wrapper already holding adapters, which
+    match_modules then takes or refuses as `kinds` say) except the output head, and nothing inside a wrapper."""
+    linear = (nn.Linear, conv1d_class(), AdapterLayer, *kinds)
     head = _output_head(model)
     names, inside = [], []
     for name, module in model.named_modules():
