@@ -88,6 +88,20 @@ def test_methods_that_cannot_take_conv1d_refuse_naming_method_and_layer():
         qlora.apply(tiny_family_model("gpt2"), QloraSettings())
 
 
+@pytest.mark.parametrize("name", ["builtin:smollm2-135m-instruct", "some-org/some-model", "relative"])
+def test_adapter_names_what_other_tools_resolve_and_keeps_tunesmiths_name(name, tmp_path, monkeypatch):
+    from tunesmith.methods.base import adapter_base, write_adapter
+    from tunesmith.models import builtin_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "relative").mkdir()
+    expected = {"builtin:smollm2-135m-instruct": str(builtin_folder("smollm2-135m-instruct")),
+                "some-org/some-model": "some-org/some-model", "relative": str(tmp_path / "relative")}[name]
+    write_adapter(tmp_path / "ad", {"peft_type": "LORA", "base_model_name_or_path": name}, {"w": torch.zeros(1)})
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == expected
+    assert adapter_base({"default": str(tmp_path / "ad")}, None) == name
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_trains_merges_and_opens_in_peft(family, family_dir, tmp_path):
     from peft import AutoPeftModelForCausalLM
