@@ -203,10 +203,13 @@ def peft_config(settings: LoraSettings, base_model: str, targets: list[str], fan
     }
 
 
-def save(model: nn.Module, settings: LoraSettings, folder, base_model: str, adapter_name: str = DEFAULT) -> None:
+def save(model: nn.Module, settings: LoraSettings, folder, base_model: str, adapter_name: str = DEFAULT,
+         fan_in_fan_out: bool = False) -> None:
+    """`fan_in_fan_out`: the base the adapter is for stores its targets' weights [in, out] (Conv1D), also where the
+    model in memory holds them otherwise (QLoRA's 4-bit layers)."""
     layers = lora_layers(model)
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer in layers.values())
+    fan_in_fan_out = fan_in_fan_out or any(is_conv1d(layer.base_layer) for layer in layers.values())
     write_adapter(folder, peft_config(settings, base_model, targets, fan_in_fan_out),
                   adapter_tensors(model, adapter_name))
 

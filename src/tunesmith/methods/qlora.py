@@ -17,9 +17,8 @@ from torch import nn
 from tunesmith.config.methods import QloraSettings
 from tunesmith.errors import ConfigError, OutputDirError
 from tunesmith.methods import lora
-from tunesmith.methods.base import is_conv1d, read_adapter, replace_module
-from tunesmith.methods.lora import (DEFAULT, disabled, save, set_active, unload, unmerge,  # noqa: F401  (the interface)
-                                    virtual_tokens)
+from tunesmith.methods.base import conv1d_class, is_conv1d, read_adapter, replace_module
+from tunesmith.methods.lora import DEFAULT, disabled, set_active, unmerge, virtual_tokens  # noqa: F401  (the interface)
 from tunesmith.quant import nf4
 
 NF4_MERGE_REFUSAL = (
@@ -43,14 +42,52 @@ def apply(model: nn.Module, settings: QloraSettings, adapter_name: str = DEFAULT
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         raise ConfigError("method.name: qlora stores the base in 4 bits itself, but this model is already an int4 "
                           "folder from `tunesmith quantize`; use method lora on it")
-    conv1d = [n for n, m in model.named_modules() if is_conv1d(m)]
-    if conv1d:
-        raise ConfigError(f"method.name: qlora cannot take '{conv1d[0]}' (and {len(conv1d) - 1} more), a Conv1D "
-                          "(GPT-2's linear layer, its weight stored transposed as [in, out]), which 4-bit storage "
-                          "cannot take; use lora or dora on this model")
     if not any(nf4.is_4bit(m) for m in model.modules()):
+        conv1d_as_linear(model)
         nf4.quantize_model(model, settings.quant_type, settings.double_quant, settings.compute_dtype)
     return lora.apply(model, settings, adapter_name)
+
+
+# The model attribute naming the layers that were Conv1D (GPT-2) before 4-bit storage, which takes nn.Linear only:
+# an adapter on them is saved with fan_in_fan_out (it is for the Conv1D base), and unloading puts Conv1D back.
+WERE_CONV1D = "tunesmith_were_conv1d"
+
+
+def conv1d_as_linear(model: nn.Module) -> None:
+    """Replace each Conv1D by the nn.Linear computing the same (its weight transposed), named in WERE_CONV1D."""
+    names = [n for n, m in model.named_modules() if is_conv1d(m)]
+    for name in names:
+        conv = model.get_submodule(name)
+        fan_in, fan_out = conv.weight.shape
+        linear = nn.Linear(fan_in, fan_out, device="meta")
+        linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+        replace_module(model, name, linear)
+    if names:
+        setattr(model, WERE_CONV1D, names)
+
+
+def linear_as_conv1d(model: nn.Module) -> None:
+    """Undo conv1d_as_linear on the (dequantised, unwrapped) layers, so the model saves in its own layout."""
+    for name in getattr(model, WERE_CONV1D, []):
+        linear = model.get_submodule(name)
+        conv = conv1d_class()(linear.out_features, linear.in_features)
+        conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        replace_module(model, name, conv)
+    if hasattr(model, WERE_CONV1D):
+        delattr(model, WERE_CONV1D)
+
+
+def save(model: nn.Module, settings: QloraSettings, folder, base_model: str, adapter_name: str = DEFAULT) -> None:
+    """A plain LoRA adapter for the full-precision base (fan_in_fan_out where that base's targets are Conv1D)."""
+    lora.save(model, settings, folder, base_model, adapter_name, fan_in_fan_out=bool(getattr(model, WERE_CONV1D, [])))
+
+
+def unload(model: nn.Module) -> nn.Module:
+    lora.unload(model)
+    linear_as_conv1d(model)
+    return model
 
 
 def load(model: nn.Module, folder, adapter_name: str = DEFAULT, settings: QloraSettings | None = None) -> QloraSettings:
@@ -130,6 +167,7 @@ def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None
         lora.unload(model)
         diff = (model(ids).logits.float() - reference).abs()
     nf4.dequantize_model(model)
+    linear_as_conv1d(model)
     error = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
              "tokens": ids.shape[1], "quant_type": settings.quant_type, "double_quant": settings.double_quant}
     with atomic_folder(dest) as tmp:
