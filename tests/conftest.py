@@ -74,6 +74,16 @@ def tiny_config(tmp_path, tiny_model_dir):
     }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of tiny models: one thread is as fast, and steady on a shared box, where two threads' spin-waits
+    made tests/test_families.py 4x slower (restored afterwards). Use: pytestmark = pytest.mark.usefixtures(...)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def crash_after(monkeypatch):
     """`with crash_after(n): train(...)`: the run stops abruptly after step n (its checkpoint written, if that step

@@ -16,13 +16,7 @@ from tunesmith.errors import ConfigError, DataError, ModelError
 RES = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and steady on a shared box (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def build_model_folder(folder, vae: bool = False, prediction_type: str = "epsilon", seed: int = 0):

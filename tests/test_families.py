@@ -27,6 +27,7 @@ STEPS = 4
 # The speed patches on each family are tests/test_family_speed.py's; off here, the runs skip their start-up checks.
 SPEED_PATCHES_OFF = {"onednn_linear": False, "segment_attention": False, "fused_norm": False, "loss_chunk": None}
 DROP = 0.1  # nats/token the loss falls by, at least, from the first to the last step (one batch; 0.22-1.07 seen)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
