@@ -17,6 +17,7 @@ from tunesmith.atomic import atomic_folder
 from tunesmith.config import ALL_LINEAR, DEFAULT_MODEL
 from tunesmith.config.methods import BASE_MODEL_KEY
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.kernels.patches import conv1d_class
 from tunesmith.surgery import replace_module
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -60,14 +61,9 @@ def portable_base(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def conv1d_class() -> type[nn.Module]:
-    """transformers' Conv1D (GPT-2's linear layer: y = x·W + b with W stored [in, out])."""
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
 def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' Conv1D or a stand-in for it (kernels/: the same [in, out] weight), unlike kernels.patches'
+    exact-type test."""
     return isinstance(layer, conv1d_class())
 
 
