@@ -77,6 +77,23 @@ def llamacpp_side(python: Path, gguf: Path, texts, ids, work: Path):
     return tokens, [np.load(work / f"logits-{i}.npy") for i in range(len(ids))], None
 
 
+def dequantised_logits(model, gguf: Path, ids):
+    """transformers' logits with the file's own (dequantised) weights, where its GGUF reader takes the architecture:
+    what llama.cpp should compute from the file, quantisation noise left out. None where transformers cannot."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # mistral is written as llama (transformers takes the file's own config); smollm3 transformers does not read
+    extra = {} if model.config.model_type == "mistral" else {"config": model.config}
+    try:
+        back = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                    **extra).eval()
+    except (ValueError, NotImplementedError):  # e.g. a file named "mistral": transformers then wants gguf's mistral
+        return None
+    with torch.no_grad():
+        return [back(torch.tensor([i])).logits[0].float().numpy() for i in ids]
+
+
 def compare(quant: str, hf_logits, cpp_logits, positions: int | None = None) -> dict:
     """max |Δ| / scale over every position (or the first `positions`), and top-1 agreement at clear margins."""
     import numpy as np
@@ -159,14 +176,17 @@ def main(argv=None) -> int:
     log.header(sys.argv, {"llama_cpp_python": LLAMA_CPP_PYTHON, "cmake_args": CMAKE_ARGS, "tolerance": TOLERANCE,
                           "margin": MARGIN, "texts": TEXTS, "kv_cache": "f32"}, cpu)
     quants, failed = args.quants.split(","), 0
-    print(f"{'family':22} {'quant':5} {'tokens equal':12} {'max|Δ|/scale':>12} {'tol':>6} {'top-1':>9}  verdict")
-    for name, model, tokenizer, kinds, positions, note in bench_models(args.families.split(","), not args.no_real):
+    print(f"{'family':22} {'quant':5} {'tokens equal':12} {'max|Δ|/scale':>12} {'tol':>6} {'vs deq.':>9} {'top-1':>9}  "
+          "verdict")
+    for name, model, tokenizer, kinds, positions, note in bench_models([f for f in args.families.split(",") if f], not args.no_real):
         texts = TEXTS + chat_text(tokenizer)
         ids, hf_logits = hf_side(model, tokenizer, texts)
         for quant in [q for q in kinds if q in quants]:
             with tempfile.TemporaryDirectory() as tmp:
                 gguf = write_gguf(model, tokenizer, Path(tmp) / "model.gguf", quant, name=name)
                 tokens, cpp_logits, error = llamacpp_side(python, gguf, texts, ids, Path(tmp))
+                same_weights = dequantised_logits(model, gguf, ids) if quant in ("q8_0", "q4_0") and not error \
+                    else None
             if error:
                 row = {"family": name, "quant": quant, "error": error, "agrees": False}
             else:
@@ -174,6 +194,9 @@ def main(argv=None) -> int:
                        "token_mismatches": [{"text": t, "hf": a, "llama_cpp": b}
                                             for t, a, b in zip(texts, ids, tokens) if a != b],
                        **compare(quant, hf_logits, cpp_logits, positions), "note": note}
+                if same_weights is not None:  # the export is judged on the weights it wrote; noise vs source reported
+                    row["vs_dequantised"] = compare("f16", same_weights, cpp_logits, positions)
+                    row["agrees"] = row["vs_dequantised"]["agrees"] and row["top1_agree"] == row["clear_positions"]
                 row["agrees"] = row["agrees"] and row["tokens_equal"]
                 if positions:
                     row["full_length_max_diff_over_scale"] = compare(quant, hf_logits, cpp_logits)[
@@ -188,8 +211,10 @@ def format_row(row: dict) -> str:
     if "error" in row:
         return f"{row['family']:22} {row['quant']:5} llama.cpp failed: {row['error']}"
     top1 = f"{row['top1_agree']}/{row['clear_positions']}"
+    same = row.get("vs_dequantised", {}).get("max_diff_over_scale")
+    same = f"{same:9.2e}" if same is not None else f"{'-':>9}"
     return (f"{row['family']:22} {row['quant']:5} {str(row['tokens_equal']):12} {row['max_diff_over_scale']:12.2e} "
-            f"{row['tolerance']:6.0e} {top1:>9}  {'agrees' if row['agrees'] else 'DIFFERS'} {row['note']}")
+            f"{row['tolerance']:6.0e} {same} {top1:>9}  {'agrees' if row['agrees'] else 'DIFFERS'} {row['note']}")
 
 
 if __name__ == "__main__":
