@@ -132,6 +132,10 @@ def test_families_llamacpp_cannot_take_are_refused_with_a_sentence(small_tokeniz
     model.config.model_type = "opt"
     with pytest.raises(ModelError, match="no architecture for model_type 'opt'"):
         write_gguf(model, small_tokenizer, tmp_path / "m.gguf")
+    model = small_vocab_model("llama3", len(small_tokenizer))
+    model.config.model_type, model.config.embedding_multiplier = "granite", 12.0  # Granite's scales: not written
+    with pytest.raises(ModelError, match="scales its computation by embedding_multiplier=12.0"):
+        write_gguf(model, small_tokenizer, tmp_path / "m.gguf")
     whitespace = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
     whitespace.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     with pytest.raises(ModelError, match="byte-level BPE or sentencepiece-style BPE"):

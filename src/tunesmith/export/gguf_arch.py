@@ -63,7 +63,20 @@ def rope_type(config) -> str:
     return rope.get("rope_type", rope.get("type", "default"))
 
 
+# config fields that scale what a model computes (Granite's multipliers, Cohere's logit scale) and that this export
+# does not write: a model with any of them away from 1 is refused rather than written to compute something else
+UNWRITTEN_SCALES = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+                    "logit_scale")
+
+
 def check_supported(config, arch_name: str) -> None:
+    scaled = {key: getattr(config, key) for key in UNWRITTEN_SCALES
+              if isinstance(getattr(config, key, None), (int, float)) and getattr(config, key) != 1}
+    if scaled:
+        raise ModelError(f"GGUF export: this {config.model_type} model scales its computation by "
+                         + ", ".join(f"{k}={v}" for k, v in scaled.items())
+                         + ", which the GGUF export does not write (llama.cpp would compute something else). "
+                         "Use --format hf")
     kind = rope_type(config)
     if kind not in ("default", "llama3", "linear", "yarn"):
         raise ModelError(f"GGUF export: rope_type {kind!r} of this {config.model_type} model is not written; "
