@@ -110,7 +110,7 @@ def _takes(module: nn.Module, kinds: tuple[type, ...], name: str, method: str) -
         return
     if is_conv1d(module):
         raise ConfigError(f"method.name: {method} cannot take '{name}', a Conv1D (GPT-2's linear layer, its weight "
-                          "stored transposed as [in, out]); use lora, dora or full on this model")
+                          "stored transposed as [in, out]); use lora, dora, qlora, bitfit or full on this model")
     raise ConfigError(f"method.target_modules: '{name}' is a {type(module).__name__}; only "
                       f"{'/'.join(k.__name__ for k in kinds)} layers can be targeted")
 
