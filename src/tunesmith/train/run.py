@@ -18,7 +18,7 @@ from rich.console import Console
 
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import RunConfig, dump_config
-from tunesmith.config.effective import EFFECTIVE_FILE, Change, effective_yaml, with_change
+from tunesmith.config.effective import EFFECTIVE_FILE, effective_yaml, with_change
 from tunesmith.context import RunContext
 from tunesmith.data.pipeline import Datasets, prompt_and_answer
 from tunesmith.data.shared_prefixes import dropout_in
@@ -158,7 +158,6 @@ class Run:
     forgetting: ForgettingProbe | None = None
     ranks: OneProcess = field(default_factory=OneProcess)
     ctx: RunContext = field(default_factory=RunContext)
-    changes: list[Change] = field(default_factory=list)  # cfg is the effective config: `given` with these changes
 
 
 def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bool) -> Run:
@@ -224,7 +223,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if note:
         console.print(f"[bold]objective[/bold] {cfg.objective}: {note}")
 
-    config_yaml = dump_config(given)
+    config_yaml, effective = dump_config(given), effective_yaml(changes)
     ranks.barrier()  # every rank has read what it needs from output_dir (a cached DPO reference) before it changes
     if ranks.main:
         if overwrite and run_dir.exists() and not resume:
@@ -232,10 +231,10 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         objective.keep_in_run(run_dir)
         atomic_write_text(run_dir / "config.yaml", config_yaml)
-        atomic_write_text(run_dir / EFFECTIVE_FILE, effective_yaml(changes))
-    report_yaml = config_yaml + (f"\n# {EFFECTIVE_FILE}\n{effective_yaml(changes)}" if changes else "")
+        atomic_write_text(run_dir / EFFECTIVE_FILE, effective)
+    report_yaml = config_yaml + (f"\n# {EFFECTIVE_FILE}\n{effective}" if changes else "")
     return Run(cfg, console, run_dir, device, tokenizer, data, model, method, objective, pad_id, trainable, total,
-               report_yaml, ranks=ranks, forgetting=forgetting, ctx=ctx, changes=changes)
+               report_yaml, ranks=ranks, forgetting=forgetting, ctx=ctx)
 
 
 def general_perplexity(run: Run) -> float | None:
