@@ -85,6 +85,17 @@ def one_thread():
 
 
 @pytest.fixture
+def fake_gpus(monkeypatch):
+    """`fake_gpus(n)`: torch.cuda reports n GPUs (0: none) for the rest of the test; this box has none, so what
+    depends on the count (device selection, RNG restore) is tested without CUDA itself."""
+    def report(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return report
+
+
+@pytest.fixture
 def crash_after(monkeypatch):
     """`with crash_after(n): train(...)`: the run stops abruptly after step n (its checkpoint written, if that step
     saves one), as a killed process would, through TUNESMITH_FAULT_AFTER_STEP (tunesmith/faults.py)."""

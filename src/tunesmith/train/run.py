@@ -269,6 +269,8 @@ def resume_position(run: Run, resume: bool, optimizer, scheduler) -> tuple[int, 
     last = list_checkpoints(run.run_dir)[-1]
     meta = load_checkpoint(last, run.model, optimizer, scheduler, run.ranks)
     run.console.print(f"[bold]resume[/bold] from {last.name} (step {meta['step']})")
+    if meta["rng_note"]:
+        run.console.print(f"[bold]resume[/bold] RNG: {meta['rng_note']}")
     return meta["step"], meta["data_position"]
 
 
