@@ -269,3 +269,27 @@ def test_a_failed_step_fails_its_requests_and_the_worker_goes_on(registry, token
     finally:
         alone.stop()
     assert after[0][1][:2] == ("done", "length")
+
+
+def test_a_seeded_request_samples_with_a_generator_made_on_the_models_device(registry, tokenizer, monkeypatch):
+    """With --device the logits are wherever the model is, and torch.multinomial takes a generator of that device
+    only: the engine makes each seed's generator on the model's device (this box has only the CPU: what is asserted
+    is the device asked for and the generator's)."""
+    from tunesmith.serve import decoding
+    from tunesmith.serve.engine import Engine
+
+    made, real = [], torch.Generator
+
+    def generator(*args):
+        made.append((args, real(*args)))
+        return made[-1][1]
+
+    monkeypatch.setattr(decoding.torch, "Generator", generator)
+    engine = Engine(registry, queue_size=4, max_batch=1)
+    try:
+        text, done = _run_together(engine, [_job(tokenizer, "Hi", None, 6, temperature=1.0, seed=9)])[0]
+    finally:
+        engine.stop()
+    device = next(registry.model.parameters()).device
+    assert [(args, g.device) for args, g in made] == [((device,), device)]
+    assert done[:2] == ("done", "length") and text

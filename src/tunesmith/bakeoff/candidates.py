@@ -34,11 +34,17 @@ class Shared:
     cache: dict = field(default_factory=dict)
 
     def model(self):
+        """The base model and its tokenizer, on the run config's train.device as the trained candidates are."""
         if self.base is None:
-            from tunesmith.models import load_model, load_tokenizer
-
-            self.base = (load_model(self.cfg.model.path).eval(), load_tokenizer(self.cfg.model.path))
+            self.base = load_answering(self.cfg, self.cfg.model.path)
         return self.base
+
+
+def load_answering(cfg: RunConfig, model_path: str, adapter: str | None = None) -> tuple:
+    """(model, tokenizer) that answers the held-out questions: on train.device, where the candidates train."""
+    from tunesmith.infer.adapters import load_with_adapter
+
+    return load_with_adapter(model_path, adapter, device=cfg.train.device)
 
 
 def _scores(answers: list[str], questions: list) -> tuple[float, float]:
@@ -87,7 +93,6 @@ def _inference_candidate(name: str, shared: Shared, make_answer) -> Candidate:
 def _base_loss(shared: Shared) -> float:
     """The untouched model's held-out loss, scored as the training runs score theirs (train/run.py evaluate)."""
     from tunesmith.data.pipeline import build_datasets
-    from tunesmith.devices import pick_device
     from tunesmith.objectives import lm
     from tunesmith.context import RunContext
     from tunesmith.train.run import evaluate
@@ -95,7 +100,7 @@ def _base_loss(shared: Shared) -> float:
     model, tokenizer = shared.model()
     data = build_datasets(shared.cfg, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return evaluate(model, lm, data.eval, shared.cfg, pick_device("cpu"), pad, RunContext())["loss"]
+    return evaluate(model, lm, data.eval, shared.cfg, model.device, pad, RunContext())["loss"]
 
 
 def zero_shot(shared: Shared) -> Candidate:
@@ -177,18 +182,17 @@ def trained(shared: Shared, method: str, steps: int, memory_budget: int | None =
 
     def run() -> dict:
         from tunesmith.context import RunContext
-        from tunesmith.infer.adapters import adapter_context, load_with_adapter
+        from tunesmith.infer.adapters import adapter_context
         from tunesmith.infer.generate import generate_chat
-        from tunesmith.models import load_model, load_tokenizer
         from tunesmith.train.loop import train
 
         result = train(_variant(shared, method, steps, folder, False), overwrite=True, quiet=True)
         summary = json.loads((result.run_dir / "summary.json").read_text())
         if (result.run_dir / "model").is_dir():
-            model, tokenizer = load_model(str(result.run_dir / "model")).eval(), load_tokenizer(str(result.run_dir / "model"))
+            model, tokenizer = load_answering(shared.cfg, str(result.run_dir / "model"))
             ctx = RunContext()
         else:
-            model, tokenizer = load_with_adapter(None, str(result.run_dir / "adapter"))
+            model, tokenizer = load_answering(shared.cfg, None, str(result.run_dir / "adapter"))
             ctx = adapter_context(str(result.run_dir / "adapter"))
         virtual = ctx.virtual(model)
         answers = _answer_all(shared, lambda q: generate_chat(model, tokenizer, q.messages, shared.max_new_tokens,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tunesmith.bakeoff import CANDIDATES
+from tunesmith.cli.device import add_device_arg
 from tunesmith.cli.output import EPILOG
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect
@@ -36,6 +37,7 @@ def register(sub) -> dict:
     p.add_argument("--eval-examples", type=int, default=16, help="held-out examples the losses are measured on")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    add_device_arg(p, "the bake-off trains and answers (its runs' train.device: auto, cpu, cuda or mps)")
     p.add_argument("--out", default="runs/bakeoff", type=PathArg(Expect.OUT_FOLDER),
                    help="folder for bakeoff.md, bakeoff.json, bakeoff.png and runs")
     p.add_argument("--json", action="store_true", help="print the recommendation (or the bake-off) as JSON")
@@ -69,8 +71,24 @@ def bakeoff_config(args):
     else:
         data["eval_fraction"] = 0.2
     base = {"model": {"path": args.model}, "data": data,
-            "train": {"batch_size": args.batch_size, "seed": 42}, "output_dir": str(Path(args.out) / "run")}
+            "train": {"batch_size": args.batch_size, "seed": 42, "device": args.device},
+            "output_dir": str(Path(args.out) / "run")}
     return load_config(None, [], base=base)
+
+
+def check_bakeoff_device(name: str) -> None:
+    """A ConfigError naming --device unless this machine has it and a run config's train.device can say it."""
+    from typing import get_args
+
+    from tunesmith.config import TrainSettings
+    from tunesmith.devices import require_device
+    from tunesmith.errors import ConfigError
+
+    require_device(name)
+    train_devices = get_args(TrainSettings.model_fields["device"].annotation)
+    if name not in train_devices:
+        raise ConfigError(f"--device {name}: the bake-off trains its candidates with train.device, which takes "
+                          f"{', '.join(train_devices)}")
 
 
 def cmd_advise(args) -> int:
@@ -79,6 +97,7 @@ def cmd_advise(args) -> int:
     from tunesmith.plan.advisor import parse_duration, profile_data, recommend
     from tunesmith.plan.budget import parse_size
 
+    check_bakeoff_device(args.device)
     memory = parse_size(args.budget_memory) if args.budget_memory else None
     seconds = parse_duration(args.budget_time) if args.budget_time else None
     if not args.bake_off:

@@ -3,6 +3,7 @@ folder or one GGUF file."""
 
 from __future__ import annotations
 
+from tunesmith.cli.device import add_device_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect
 
@@ -28,6 +29,7 @@ def register(sub) -> dict:
                    help="--format hf for methods that cannot be merged (prompt, prefix, bottleneck): the base as an "
                    "HF folder with the adapter kept beside it in OUT/adapter")
     e.add_argument("--overwrite", action="store_true")
+    add_device_arg(e, "an adapter is merged and GGUF's norms are probed (tensors are written from the CPU)")
     return {"export": cmd_export}
 
 
@@ -35,7 +37,7 @@ def cmd_export(args) -> int:
     if args.format == "hf":
         from tunesmith.export.hf import export_hf
 
-        out = export_hf(args.source, args.out, args.model, args.overwrite, args.separate_adapter)
+        out = export_hf(args.source, args.out, args.model, args.overwrite, args.separate_adapter, args.device)
         print(f"HF model folder written to {out}")
         return 0
     from tunesmith.export.gguf import check_quant, gguf_header
@@ -44,13 +46,12 @@ def cmd_export(args) -> int:
     check_quant(args.quant)
     check_mergeable(args.source)
     from tunesmith.export.gguf import write_gguf
-    from tunesmith.infer.adapters import is_adapter_folder, load_merged
-    from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.infer.adapters import is_adapter_folder, load_merged, load_with_adapter
 
     if is_adapter_folder(args.source):
-        model, tokenizer = load_merged(args.source, args.model)
+        model, tokenizer = load_merged(args.source, args.model, args.device)
     else:
-        model, tokenizer = load_model_and_tokenizer(args.source)
+        model, tokenizer = load_with_adapter(args.source, None, device=args.device)
     out = write_gguf(model, tokenizer, args.out, args.quant, name=str(args.source), overwrite=args.overwrite)
     header = gguf_header(out)
     print(f"GGUF ({args.quant}, architecture {header['general.architecture']}, {out.stat().st_size / 2**20:.1f} MiB) "

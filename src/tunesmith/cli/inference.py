@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tunesmith.cli.device import add_device_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect
 
@@ -21,6 +22,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="which loaded adapter is active ('none': the bare base model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
+    add_device_arg(p)
 
 
 def register(sub) -> dict:
@@ -43,7 +45,8 @@ def _load_for_inference(args):
     """(model, tokenizer, the adapter's virtual tokens or None)."""
     from tunesmith.infer.adapters import adapter_context, load_with_adapter
 
-    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype, args.trust_remote_code, args.use)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype, args.trust_remote_code, args.use,
+                                         args.device)
     return model, tokenizer, adapter_context(args.adapter).virtual(model)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunesmith.cli.device import add_device_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect
 
@@ -17,13 +18,14 @@ def register(sub) -> dict:
                    help="full: the full-precision base (default, no rounding); nf4: its 4-bit weights (lossy: "
                    "refused unless --force)")
     m.add_argument("--force", action="store_true", help="do a lossy merge anyway and print the measured error")
+    add_device_arg(m, "the merge is computed (the weights are written from the CPU)")
     return {"merge": cmd_merge}
 
 
 def cmd_merge(args) -> int:
     from tunesmith.infer.adapters import merge_to_folder
 
-    out = merge_to_folder(args.adapter, args.out, args.model, args.overwrite, args.into, args.force)
+    out = merge_to_folder(args.adapter, args.out, args.model, args.overwrite, args.into, args.force, args.device)
     if (out / "merge_error.json").is_file():
         import json
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.device import add_device_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.errors import ConfigError
 from tunesmith.paths import Expect
@@ -21,6 +22,7 @@ def _model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--adapter", default=None, metavar="PATH", type=PathArg(Expect.FOLDER),
                    help="a fine-tuned adapter folder to answer with")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arg(p, "the model answers")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="prompt token budget (default: the model's context minus --max-new-tokens)")
@@ -128,7 +130,7 @@ def cmd_icl(args) -> int:
     pool = examples_from_chats(normalize_all(read_many(args.data), args.format)[1])
     questions = examples_from_chats(normalize_all(read_records(args.eval), args.format)[1])[:args.limit]
     console = Console(stderr=True)
-    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype, device=args.device)
     budget = prompt_budget(model, args.max_new_tokens, args.max_prompt_tokens)
     selector = ExampleSelector(pool, args.select, args.seed)
     with progress_bar(console) as progress:

@@ -98,7 +98,7 @@ def _load_llm(args):
     from tunesmith.infer.adapters import adapter_context, load_with_adapter
     from tunesmith.infer.icl import prompt_budget
 
-    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype)
+    model, tokenizer = load_with_adapter(args.model, args.adapter, args.dtype, device=args.device)
     return (model, tokenizer, prompt_budget(model, args.max_new_tokens, args.max_prompt_tokens),
             adapter_context(args.adapter).virtual(model))
 

@@ -37,7 +37,8 @@ def build_app(args):
 
         raise ConfigError(f"--max-batch {args.max_batch}: expected at least 1 (the requests decoded together)")
     adapters = parse_adapter_args(args.adapter)
-    model, tokenizer = load_with_adapter(adapter_base(adapters, args.model), None, args.dtype, args.trust_remote_code)
+    model, tokenizer = load_with_adapter(adapter_base(adapters, args.model), None, args.dtype, args.trust_remote_code,
+                                         device=args.device)
     registry = Registry(model, tokenizer, args.base_name, args.adapter_dir)
     for name, path in adapters.items():
         try:

@@ -92,11 +92,12 @@ def named_tensors(model, arch, arch_name: str):
         if kind not in MODEL_TENSORS[arch]:
             raise ModelError(f"GGUF export: llama.cpp's {arch_name} has no {TENSOR_NAMES[kind]} tensor (this "
                              f"model's {hf_name}: an untied head where llama.cpp's is the embedding?). Use --format hf")
-        tensor = tensor.detach().float().cpu()
+        tensor = tensor.detach().float()
+        if "NORM" in kind.name and suffix == "weight":  # probed where the norm lives, written from the CPU
+            tensor = tensor + norm_offset(modules[stem], tensor)
+        tensor = tensor.cpu()
         if hf_name in transposed:
             tensor = tensor.t().contiguous()
-        if "NORM" in kind.name and suffix == "weight":
-            tensor = tensor + norm_offset(modules[stem], tensor)
         if q_scale != 1.0 and (kind == MODEL_TENSOR.ATTN_Q_NORM if has_q_norm else kind == MODEL_TENSOR.ATTN_Q):
             tensor = tensor * q_scale
         if kind in heads and arch_name in NORM_ROPE_ARCHS:

@@ -32,8 +32,12 @@ def check_mergeable(source: str) -> None:
 
 
 def export_hf(source: str, out: str, model_path: str | None = None, overwrite: bool = False,
-              separate_adapter: bool = False) -> Path:
-    """`source`: an adapter folder (merged into its base) or a model (saved as is)."""
+              separate_adapter: bool = False, device: str = "auto") -> Path:
+    """`source`: an adapter folder (merged into its base on `device`) or a model (saved as is, never leaving the
+    CPU)."""
+    from tunesmith.devices import require_device
+
+    require_device(device)  # refused whichever path follows
     dest = Path(out)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
@@ -42,7 +46,7 @@ def export_hf(source: str, out: str, model_path: str | None = None, overwrite: b
     method_name, _ = method_for_adapter(source)
     why_not = declaration(method_name).not_mergeable
     if not why_not:
-        return merge_to_folder(source, out, model_path, overwrite=True)
+        return merge_to_folder(source, out, model_path, overwrite=True, device=device)
     if not separate_adapter:
         raise ModelError(unmergeable_message(source, method_name, why_not))
     return _save_plain(adapter_base({"default": source}, model_path), dest, adapter=source)

@@ -61,14 +61,18 @@ def load_adapters(model, adapters: dict[str, str]) -> dict[str, str]:
 
 
 def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", trust_remote_code: bool = False,
-                      use: str | None = None):
-    """Load the base and the adapters (`adapter`: a path, a list of NAME=PATH, or None); activate `use`."""
+                      use: str | None = None, device: str = "auto"):
+    """Load the base and the adapters (`adapter`: a path, a list of NAME=PATH, or None); activate `use`. The model
+    goes to `device` (`--device`: auto = CUDA, else MPS, else the CPU) before the adapters load, so that they are
+    built beside the layers they wrap; every inference command loads through here."""
+    from tunesmith.devices import require_device
     from tunesmith.methods import lora
     from tunesmith.models import load_model, load_tokenizer
 
+    place = require_device(device)
     adapters = parse_adapter_args(adapter)
     base = adapter_base(adapters, model_path)
-    model = load_model(base, dtype, trust_remote_code)
+    model = load_model(base, dtype, trust_remote_code).to(place)
     tokenizer = load_tokenizer(base, trust_remote_code)
     load_adapters(model, adapters)
     if len(adapters) > 1 or use:
@@ -88,18 +92,20 @@ def refuse_unmergeable(adapter: str) -> tuple[str, object]:
     return method_name, module
 
 
-def load_merged(adapter: str, model_path: str | None = None):
-    """(model, tokenizer): the full-precision base with the adapter folded into its weights, adapter layers gone."""
+def load_merged(adapter: str, model_path: str | None = None, device: str = "auto"):
+    """(model, tokenizer): the full-precision base with the adapter folded into its weights, adapter layers gone;
+    merged on `device`, where the model stays."""
     _, module = refuse_unmergeable(adapter)
-    model, tokenizer = load_with_adapter(model_path, adapter)
+    model, tokenizer = load_with_adapter(model_path, adapter, device=device)
     module.merge(model)
     module.unload(model)
     return model, tokenizer
 
 
 def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False,
-                    into: str = "full", force: bool = False) -> Path:
-    """Merge into the full-precision base and save with save_pretrained (safetensors), atomically.
+                    into: str = "full", force: bool = False, device: str = "auto") -> Path:
+    """Merge into the full-precision base on `device` and save with save_pretrained (safetensors, from the CPU),
+    atomically.
     into="nf4": into the base's 4-bit weights instead (lossy; refused unless forced; the measured logit error
     is written beside the model as merge_error.json)."""
     dest = Path(out)
@@ -115,10 +121,11 @@ def merge_to_folder(adapter: str, out: str, model_path: str | None = None, overw
             raise ModelError(f"{adapter}: --into nf4 merges LoRA adapters; this one is {method_name}")
         if not force:
             raise ModelError(f"{adapter}: --into nf4 refused: {qlora.NF4_MERGE_REFUSAL}")
-        return qlora.merge_into_4bit_folder(adapter, out, model_path, overwrite)
+        return qlora.merge_into_4bit_folder(adapter, out, model_path, overwrite, device)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
-    model, tokenizer = load_merged(adapter, model_path)
+    model, tokenizer = load_merged(adapter, model_path, device)
+    model.to("cpu")
     with atomic_folder(dest) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)

@@ -145,28 +145,33 @@ def settings_of_run(adapter: str | Path) -> QloraSettings:
                           "settings; fix or remove that file)") from None
 
 
-def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False) -> Path:
+def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False,
+                           device: str = "auto") -> Path:
     """The forced, lossy merge: base → 4 bits + adapter (reference) → fold and re-quantise → measure the logit
-    error on a fixed sample → save the dequantised result as a plain HF folder, atomically."""
+    error on a fixed sample → save the dequantised result as a plain HF folder, atomically. Computed on `device`,
+    saved from the CPU."""
     from tunesmith.atomic import atomic_folder
+    from tunesmith.devices import require_device
     from tunesmith.methods.base import adapter_base
     from tunesmith.models import load_model, load_tokenizer
 
+    place = require_device(device)
     dest = Path(out)
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise OutputDirError(f"{dest} already exists and is not empty; pass --overwrite to replace it")
     settings = settings_of_run(adapter)
     base = adapter_base({"default": adapter}, model_path)
-    model, tokenizer = load_model(base), load_tokenizer(base)
+    model, tokenizer = load_model(base).to(place), load_tokenizer(base)
     load(model, adapter, settings=settings)
     model.eval()
-    ids = tokenizer(ERROR_SAMPLE, return_tensors="pt")["input_ids"]
+    ids = tokenizer(ERROR_SAMPLE, return_tensors="pt")["input_ids"].to(place)
     with torch.no_grad():
         reference = model(ids).logits.float()
         merge_requantized(model, settings)
         lora.unload(model)
         diff = (model(ids).logits.float() - reference).abs()
     nf4.dequantize_model(model)
+    model.to("cpu")
     linear_as_conv1d(model)
     error = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
              "tokens": ids.shape[1], "quant_type": settings.quant_type, "double_quant": settings.double_quant}

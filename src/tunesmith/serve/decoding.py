@@ -41,9 +41,10 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 class Decoding:
-    def __init__(self, job: Job, tokenizer):
+    def __init__(self, job: Job, tokenizer, device: torch.device):
+        """`device`: the model's, where the logits are sampled and so where a seeded request's generator lives."""
         self.job, self.tokenizer = job, tokenizer
-        self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        self.generator = torch.Generator(device).manual_seed(job.seed) if job.seed is not None else None
         self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.out_ids: list[int] = []
         self.text = ""

@@ -86,13 +86,13 @@ class Engine:
         from tunesmith.methods import lora
 
         reg = self.registry
-        decoding = Decoding(job, reg.tokenizer)
+        device = next(reg.model.parameters()).device
+        decoding = Decoding(job, reg.tokenizer, device)
         if job.cancelled.is_set():
             decoding.finish = "cancelled"
             self._close(decoding)
             return None
         try:
-            device = next(reg.model.parameters()).device
             cache = DynamicCache()
             with reg.model_lock, lora.per_row(reg.model, [job.adapter]):
                 logits = reg.model(input_ids=torch.tensor([job.prompt_ids], device=device), past_key_values=cache,
