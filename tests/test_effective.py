@@ -20,7 +20,8 @@ def test_a_run_with_dropout_leaves_its_config_as_it_was_and_writes_the_change(ti
     assert cfg == before
     run_dir = result.run_dir
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["share_prefixes"] is True
-    [change] = yaml.safe_load((run_dir / "effective.yaml").read_text())["changes"]
+    dtype, change = yaml.safe_load((run_dir / "effective.yaml").read_text())["changes"]
+    assert (dtype["key"], dtype["config"], dtype["effective"]) == ("model.dtype", "auto", "float32")  # fp32 training
     assert change["key"] == "data.share_prefixes" and (change["config"], change["effective"]) == (True, False)
     assert change["reason"].startswith("dropout is on (") and "one dropout mask" in change["reason"]
     assert "effective.yaml" in (run_dir / "report.md").read_text()

@@ -129,6 +129,7 @@ def test_a_bf16_run_trains_as_with_fp32_frozen_weights(tiny_config, tmp_path):
     for stored in (True, False):
         raw = json.loads(json.dumps(tiny_config))
         raw["method"]["dropout"] = 0.0
+        raw["model"]["dtype"] = "float32"  # the fp32 load, converted or not (auto would load the base in bf16)
         raw["train"].update({"bf16": True, "bf16_frozen_weights": stored, "max_steps": 2})
         raw["output_dir"] = str(tmp_path / f"run-{stored}")
         train(load_config(None, [], base=raw), quiet=True)
@@ -150,7 +151,7 @@ def test_planner_counts_the_bf16_copy_in_place_of_the_fp32_weights():
     frozen = sum(lin.in_features * lin.out_features for lin in linears(arch))  # untied head included
 
     def peak(device, stored):
-        cfg = load_config(None, ["model.path=llama:7b", "method.name=lora", "train.bf16=true",
+        cfg = load_config(None, ["model.path=llama:7b", "method.name=lora", "train.bf16=true", "model.dtype=float32",
                                  f"train.bf16_frozen_weights={str(stored).lower()}", "train.batch_size=1"],
                           base={"data": {"train": "x"}})
         return predict(cfg, device=device)

@@ -171,14 +171,21 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     folder = resolve_model_path(path, trust_remote_code, allow_download)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     from tunesmith.quant.folder import is_quantized_folder, load_quantized
+    from tunesmith.weights import stream_model
 
     if is_quantized_folder(folder):  # written by `tunesmith quantize`: int4 linear layers, frozen
         return load_quantized(folder, torch_dtype)
     refuse_untrusted_code(folder, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        # bf16 tensor by tensor (weights.py): no fp32 copy; fp32 through transformers, as views of the mapped file
+        model = stream_model(folder, torch_dtype, trust_remote_code=trust_remote_code) \
+            if torch_dtype != torch.float32 else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+    except ModelError:
+        raise
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"model.path: could not load a causal LM from {folder}: {msg}") from None

@@ -27,9 +27,12 @@ class Strict(BaseModel):
 class ModelSettings(Strict):
     path: Annotated[str, Expect.MODEL] = Field(DEFAULT_MODEL,
                                                description="builtin:NAME, a local HF folder, or a hub id")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="the dtype the weights are stored in; bfloat16 only for methods that train fp32 "
-        "parameters beside the base (not full, freeze, bitfit: use train.bf16 for those)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="the dtype the model's weights load and are stored in (the trained parameters of "
+        "lora, dora, qlora, ia3, adapter, prompt, prefix, the objectives' heads are fp32 whatever it is); bfloat16 "
+        "only for methods that keep the base frozen (not full, freeze, bitfit: use train.bf16 for those); auto: "
+        "bfloat16 where the run trains in bf16 (train.bf16, with train.bf16_frozen_weights) and the method keeps the "
+        "base frozen, so no fp32 copy of the base is ever held; float32 otherwise (effective.yaml says which)")
     trust_remote_code: bool = False
     allow_download: bool = Field(
         False, description="fetch a hub id that is not in the local Hugging Face cache from the Hub (also: "
@@ -299,6 +302,25 @@ class RunConfig(Strict):
                              "would lose its chat template's start or its generation prompt, so it keeps each prompt "
                              f"whole and drops those that leave fewer than {name}.max_new_tokens tokens within "
                              "data.max_length; use 'drop' (the default) or raise data.max_length")
+
+    def resolved_dtype(self) -> tuple[str, str]:
+        """(the dtype the weights load in, why) — model.dtype itself unless it is auto."""
+        if self.model.dtype != "auto":
+            return self.model.dtype, "as configured"
+        if not self.train.bf16:
+            return "float32", "train.bf16 is off: the run computes in fp32"
+        if self.method.declaration.trains_base:
+            return "float32", (f"method {self.method.name} trains the base's own weights, which keep fp32 master "
+                               "copies (bf16 autocast over them)")
+        if not self.train.bf16_frozen_weights:
+            return "float32", "train.bf16_frozen_weights: false keeps the frozen weights in fp32"
+        return "bfloat16", (f"train.bf16 with method {self.method.name}, which keeps the base frozen: the base loads "
+                            "in bf16 straight from the checkpoint (no fp32 copy); its trained parameters are fp32")
+
+    @property
+    def weights_dtype(self) -> str:
+        """model.dtype with auto resolved: float32 or bfloat16."""
+        return self.resolved_dtype()[0]
 
     @property
     def objective_declaration(self) -> ObjectiveDeclaration:

@@ -87,6 +87,8 @@ def enable(model: nn.Module) -> Patch:
             module.weight.data = module.weight.data.to(torch.float32)
             module.__class__ = old_class
 
-    reason = "" if converted else ("no frozen fp32 nn.Linear or Conv1D to store in bf16 (its layers: "
+    loaded_bf16 = any((is_plain_linear(m) or is_conv1d(m)) and m.weight.dtype == torch.bfloat16 for m in model.modules())
+    reason = "" if converted else ("its frozen linear weights loaded in bf16 already (model.dtype)" if loaded_bf16 else
+                                   f"no frozen fp32 nn.Linear or Conv1D to store in bf16 (its layers: "
                                    f"{matrix_layers(model)})")
     return Patch(len(converted), undo, reason=reason)

@@ -225,7 +225,7 @@ class RewardSource:
             from tunesmith.objectives.reward import load_reward_model
 
             self.model, self.tokenizer, self.model_context = load_reward_model(
-                settings.reward_model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+                settings.reward_model, dtype=cfg.weights_dtype, trust_remote_code=cfg.model.trust_remote_code)
             self.model.to(device)
         self.missing_eos_penalty = settings.missing_eos_penalty
 

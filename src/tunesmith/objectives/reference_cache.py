@@ -29,7 +29,7 @@ def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
 def reference_key(model: torch.nn.Module, pairs: list, cfg) -> str:
     """A SHA-256 over the reference model's weights, the settings that shape its log-probs and the pairs' tokens."""
     h = hashlib.sha256()
-    settings = {"format": FORMAT, "dtype": cfg.model.dtype, "bf16": cfg.train.bf16,
+    settings = {"format": FORMAT, "dtype": cfg.weights_dtype, "bf16": cfg.train.bf16,
                 "data": cfg.data.model_dump(mode="json")}
     h.update(json.dumps(settings, sort_keys=True).encode())
     for name, p in model.named_parameters():

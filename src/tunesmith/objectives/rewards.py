@@ -82,7 +82,7 @@ class RewardSet:
             from tunesmith.objectives.reward import load_reward_model
 
             self.model, self.tokenizer, self.model_context = load_reward_model(
-                settings.reward_model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+                settings.reward_model, dtype=cfg.weights_dtype, trust_remote_code=cfg.model.trust_remote_code)
             self.model.to(device)
             self.names.append("reward_model")
         self.weights = torch.tensor(settings.weights, dtype=torch.float32)

@@ -95,7 +95,7 @@ def mib(n: int) -> str:
 def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_group: int | None,
                   device: str) -> list[Part]:
     """The model's weights as trained: model dtype, or the base linears in 4 bits (NF4/FP4 or int4 GPTQ)."""
-    dtype_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    dtype_bytes = 2 if cfg.weights_dtype == "bfloat16" else 4
     method = cfg.method
     quantized = _block_linear_weights(arch)
     added = plan.total - sum_base(arch)
@@ -117,7 +117,7 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
                 Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)")]
     frozen = _frozen_bf16_linears(arch, cfg)
     parts = [Part("weights", (sum_base(arch) - frozen) * dtype_bytes,
-                  f"{sum_base(arch) - frozen:,} × {dtype_bytes} B ({cfg.model.dtype}; on CPU an fp32 model is the "
+                  f"{sum_base(arch) - frozen:,} × {dtype_bytes} B ({cfg.weights_dtype}; on CPU an fp32 model is the "
                   "checkpoint's mapped pages, or its own copy once frozen weights are stored in bf16)")]
     if frozen:
         parts.append(Part("frozen linear weights in bf16", frozen * 2,
@@ -139,7 +139,7 @@ def _frozen_bf16_linears(arch: Architecture, cfg: RunConfig) -> int:
     untouched. They replace the fp32 weights, also on CPU, where the conversion then unmaps the checkpoint file
     (its pages count only while loading: `_loading_parts`)."""
     train, declared = cfg.train, cfg.method.declaration
-    if not (train.bf16 and train.bf16_frozen_weights and cfg.model.dtype == "float32"
+    if not (train.bf16 and train.bf16_frozen_weights and cfg.weights_dtype == "float32"
             and not declared.trains_base and not declared.memory.quantized_base):
         return 0
     kept = ({lin.suffix for lin in linears(arch) if matches(lin.name, cfg.method.target_modules)}
@@ -156,7 +156,7 @@ def sum_base(arch: Architecture) -> int:
 
 def _trainable_bytes(cfg: RunConfig) -> int:
     """Trained base parameters (full, freeze, bitfit) have the model's dtype; added ones are fp32."""
-    return 2 if cfg.model.dtype == "bfloat16" and cfg.method.declaration.trains_base else 4
+    return 2 if cfg.weights_dtype == "bfloat16" and cfg.method.declaration.trains_base else 4
 
 
 def _layers_with_grad(arch: Architecture, cfg: RunConfig) -> int:
@@ -187,7 +187,7 @@ def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
     terms = {"norm inputs 2h": 2 * h * 4, "q, k, v": (q + 2 * kv) * 4, "attention out": q * 4 + arch.num_heads *
              SDPA_LSE_BYTES, "gate, silu, up 3i": 3 * i * low}
     # methods/lora_function.py drops inside its node: x kept once for all its readers, the mask as booleans
-    fused_dropout = dropout and terms_of.fused_dropout and cfg.model.dtype == "float32"
+    fused_dropout = dropout and terms_of.fused_dropout and cfg.weights_dtype == "float32"
     needs_input = weights_train or (low_rank and not dropout) or fused_dropout
     if needs_input:  # a trained or adapted linear keeps its input
         terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
@@ -291,7 +291,7 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     # a method that trains the base but not its linear weights (bitfit) keeps them fp32 (it saves the base), so
     # autocast casts its frozen weights at every forward
     base_casts = declared.trains_base and not declared.memory.linear_weights_train
-    if cfg.train.bf16 and cfg.model.dtype == "float32" and declared.memory.linear_weights_train:
+    if cfg.train.bf16 and cfg.weights_dtype == "float32" and declared.memory.linear_weights_train:
         cached = sum(lin.in_features * lin.out_features for lin in linears(arch))
         parts.append(Part("autocast weight cache", cached * 2, "bf16 copies of trained linear weights, per step"))
     elif cfg.train.bf16 and (base_casts or not cfg.train.bf16_frozen_weights):
@@ -389,7 +389,7 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
         return []
     base = sum_base(arch)
     parts = [Part("checkpoint pages", base * 4, f"{base:,} × 4 B, the fp32 file mapped while read")]
-    if cfg.model.dtype == "bfloat16":
+    if cfg.weights_dtype == "bfloat16":
         parts.append(Part("bf16 copy", base * 2, f"{base:,} × 2 B"))
     frozen = _frozen_bf16_linears(arch, cfg)
     if frozen:  # kernels/frozen_bf16.py: the bf16 weights and a copy of the rest exist before the file is unmapped
@@ -406,7 +406,7 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     from tunesmith.plan.runtime import runtime_overhead
 
     arch = arch or resolve(cfg.model.path)
-    plan = count(arch, cfg.method, cfg.objective, cfg.model.dtype, cfg.model.path)
+    plan = count(arch, cfg.method, cfg.objective, cfg.weights_dtype, cfg.model.path)
     int4_group = _int4_group(cfg.model.path)
     if runtime_bytes is None:
         runtime_bytes = runtime_overhead() if device == "cpu" else 0

@@ -190,6 +190,8 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
             if getattr(cfg.report, field_name):
                 cfg = with_change(cfg, f"report.{field_name}", 0, reason, changes)
 
+    if cfg.model.dtype == "auto":
+        cfg = with_change(cfg, "model.dtype", *cfg.resolved_dtype(), changes)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
     data: Datasets = objective.build_datasets(cfg, tokenizer)
     console.print(f"[bold]data[/bold] train: {data.train_report.summary()}")

@@ -1,0 +1,121 @@
+"""model.dtype: auto loads the frozen base in bf16 straight from the checkpoint where the run trains in bf16 and the
+method keeps the base frozen; the trained parameters stay fp32 masters and the first step's loss is today's (fp32
+load, frozen linears stored in bf16 after) within bf16 rounding."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from tunesmith.config import load_config
+
+FROZEN_BASE = ["lora", "dora", "ia3", "adapter", "prompt", "prefix", "ptuning-v2"]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, list(overrides), base={"data": {"train": "x.jsonl"}})
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ((), "float32"),                                              # fp32 training
+    (("train.bf16=true",), "bfloat16"),                           # LoRA in bf16: the base loads in bf16
+    (("train.bf16=true", "method.name=dora"), "bfloat16"),
+    (("train.bf16=true", "method.name=prompt"), "bfloat16"),
+    (("train.bf16=true", "method.name=full"), "float32"),         # trains the base: fp32 masters
+    (("train.bf16=true", "method.name=bitfit"), "float32"),
+    (("train.bf16=true", "train.bf16_frozen_weights=false"), "float32"),
+    (("train.bf16=true", "model.dtype=float32"), "float32"),      # explicit values are kept
+    (("model.dtype=bfloat16",), "bfloat16"),
+])
+def test_auto_resolves_from_the_methods_declaration_and_train_bf16(overrides, expected):
+    cfg = _cfg(*overrides)
+    assert cfg.weights_dtype == expected
+    assert cfg.model.dtype == ("auto" if not any(o.startswith("model.dtype") for o in overrides) else expected)
+
+
+def test_explicit_bf16_weights_are_still_refused_for_methods_that_train_the_base():
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dtype: bfloat16 with method full"):
+        _cfg("model.dtype=bfloat16", "method.name=full")
+
+
+@pytest.mark.parametrize("name", FROZEN_BASE)
+def test_trained_parameters_are_fp32_masters_over_a_bf16_base(tiny_model_dir, name):
+    from tunesmith.methods import get_method
+    from tunesmith.models import load_model
+
+    cfg = _cfg(f"model.path={tiny_model_dir}", f"method.name={name}", "train.bf16=true")
+    model = load_model(cfg.model.path, cfg.weights_dtype).requires_grad_(False)
+    get_method(name).apply(model, cfg.method)
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}, trained
+    assert frozen == {torch.bfloat16}
+
+
+def _first_losses(tiny_config, tmp_path, dtype: str) -> tuple[list[float], dict]:
+    from tunesmith.train.loop import train
+
+    raw = json.loads(json.dumps(tiny_config))
+    raw["model"]["dtype"] = dtype
+    raw["method"]["dropout"] = 0.0
+    raw["train"].update({"bf16": True, "max_steps": 2})
+    raw["output_dir"] = str(tmp_path / dtype)
+    train(load_config(None, [], base=raw), quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+    effective = yaml.safe_load((tmp_path / dtype / "effective.yaml").read_text())["changes"]
+    return [r["loss"] for r in rows if "loss" in r], effective
+
+
+def test_a_bf16_load_trains_as_the_fp32_load_with_frozen_bf16_weights(tiny_config, tmp_path):
+    """The same linear products (autocast computes them from bf16 weights either way); the embeddings and norms,
+    fp32 in today's path and bf16 here, move the losses by bf16 rounding only."""
+    auto, effective = _first_losses(tiny_config, tmp_path, "auto")
+    fp32, none = _first_losses(tiny_config, tmp_path, "float32")
+    assert len(auto) == len(fp32) == 2
+    assert none == [] and [c["key"] for c in effective] == ["model.dtype"]
+    assert (effective[0]["config"], effective[0]["effective"]) == ("auto", "bfloat16")
+    assert "no fp32 copy" in effective[0]["reason"]
+    for a, b in zip(auto, fp32):
+        assert a != b and abs(a - b) / b < 1e-2  # bf16 has 8 bits of mantissa: 2^-8 = 3.9e-3 a rounding
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "phi3", "gpt2"])  # tied and untied heads, a scaled embedding,
+def test_a_streamed_bf16_load_holds_transformers_weights_and_the_fp32_buffers(name, tmp_path):  # fused qkv, Conv1D
+    """Every parameter as transformers' bf16 load gives it (the same rounding), ties kept; buffers as the fp32 load
+    computes them (the build runs in fp32: Gemma's embedding scale is not rounded to bf16)."""
+    from families import tiny_family_dir
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.weights import stream_model
+
+    folder = tiny_family_dir(name, tmp_path)
+    streamed = stream_model(str(folder), torch.bfloat16)
+    ours = dict(streamed.named_parameters(remove_duplicate=False))
+    theirs = dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).named_parameters(
+        remove_duplicate=False))
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    head, embeddings = streamed.get_output_embeddings().weight, streamed.get_input_embeddings().weight
+    assert (head is embeddings) == streamed.config.tie_word_embeddings
+    fp32_buffers = dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).named_buffers())
+    for key, value in streamed.named_buffers():
+        assert value.dtype == fp32_buffers[key].dtype and torch.equal(value, fp32_buffers[key]), key
+    assert not streamed.training and streamed.config.dtype == torch.bfloat16
+
+
+def test_a_checkpoint_with_keys_the_model_lacks_is_left_to_transformers(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tunesmith.weights import stream_model
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "renamed")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["legacy.extra"] = torch.zeros(2)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert stream_model(str(folder), torch.bfloat16) is None
