@@ -86,3 +86,17 @@ def test_merge_on_cpu_and_auto_writes_the_same_bytes(adapter, tmp_path):
         assert main(["merge", str(adapter), str(tmp_path / device), "--device", device]) == 0
     written = [(tmp_path / device / "model.safetensors").read_bytes() for device in ("cpu", "auto")]
     assert written[0] == written[1]
+
+
+def test_a_run_on_a_device_this_machine_lacks_is_refused_before_it_writes(tiny_config):
+    from pathlib import Path
+
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.loop import train
+
+    cfg = load_config(None, ["train.device=cuda"], base=tiny_config)
+    with pytest.raises(ConfigError) as e:
+        train(cfg, quiet=True)
+    assert str(e.value) == "train.device cuda: no CUDA GPU is visible to torch here; available: auto, cpu"
+    assert not Path(cfg.output_dir).exists()

@@ -22,7 +22,7 @@ from tunesmith.config.effective import EFFECTIVE_FILE, effective_yaml, with_chan
 from tunesmith.context import RunContext
 from tunesmith.data.pipeline import Datasets, prompt_and_answer
 from tunesmith.data.shared_prefixes import dropout_in
-from tunesmith.devices import autocast_for, pick_device, to_device
+from tunesmith.devices import autocast_for, require_device, to_device
 from tunesmith.errors import OutputDirError
 from tunesmith.kernels.process import init_process
 from tunesmith.methods import get_method
@@ -173,7 +173,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     # before anything computes (kernels/process.py); what the CLI's entry did already is not done twice
     init_process(cfg.train.threads, cfg.train.keep_freed_memory)
     seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    device = require_device(cfg.train.device, "train.device")
     ranks = ranks_for(cfg, device, console)
     device = ranks.device(device)
     ranks.barrier()  # every rank has checked output_dir before the main rank writes there
