@@ -45,6 +45,8 @@ class MethodDeclaration:
     trains_base: bool = False            # its trainable parameters are the base's own (stored in model.dtype)
     named_adapters: bool = False         # several adapters load into one model by name (load(..., name))
     fsdp_refusal: str | None = None      # why it cannot run under distributed.strategy fsdp; None: it can
+    init_reads_weights: bool = False     # its initial values are computed from the base weights (DoRA's norms,
+    #   virtual tokens from embeddings or activations), so FSDP loads the whole model before sharding it
     four_bit_variant: str | None = None  # the method that trains the same parameters over a 4-bit base (the
     #   planner's advice when memory is short); its settings are a superset of this one's
     memory: MemoryTerms = MemoryTerms()

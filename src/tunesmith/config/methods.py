@@ -89,7 +89,7 @@ DORA_SAVED = Saved("DoRA W0·x and B·A·x per target", (("q", 2), ("kv", 4), ("
 class DoraSettings(LoraSettings):
     name: Literal["dora"] = "dora"
     declaration: ClassVar = MethodDeclaration(
-        "low_rank", named_adapters=True, four_bit_variant="qlora", memory=MemoryTerms(
+        "low_rank", named_adapters=True, four_bit_variant="qlora", init_reads_weights=True, memory=MemoryTerms(
         low_rank=True, reads_base_weight=True, saved_fp32=(DORA_SAVED,), saved_bf16=(DORA_SAVED,), weight_norms=True))
 
 
@@ -139,7 +139,7 @@ class AdapterSettings(Strict):
 class PromptSettings(Strict):
     name: Literal["prompt"] = "prompt"
     declaration: ClassVar = MethodDeclaration(
-        "virtual",
+        "virtual", init_reads_weights=True,
         not_mergeable="soft prompts are learned input embeddings placed before the text, not changes to any weight, "
         "so there is nothing to fold into the base; use the adapter with --adapter instead",
         memory=MemoryTerms(virtual="embeddings"))
@@ -155,7 +155,7 @@ class PromptSettings(Strict):
 
 
 PREFIX = MethodDeclaration(
-    "virtual",
+    "virtual", init_reads_weights=True,
     not_mergeable="prefixes are learned keys and values every attention layer attends to, not changes to any "
     "weight, so there is nothing to fold into the base; use the adapter with --adapter instead",
     memory=MemoryTerms(virtual="key_values"))

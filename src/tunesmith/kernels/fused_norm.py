@@ -40,8 +40,9 @@ def _scaling(module: torch.nn.Module) -> str | None:
     """PLAIN or OFFSET where the module's forward is F.rms_norm with its weight or 1 + it, else None."""
     g = torch.Generator().manual_seed(0)
     n = module.weight.shape[0]
-    probe = copy.deepcopy(module).float().cpu()
-    probe.weight.data = torch.rand(n, generator=g) + 0.5
+    probe = copy.deepcopy(module)
+    probe.weight = torch.nn.Parameter(torch.rand(n, generator=g) + 0.5)  # a new tensor: also where FSDP shards it
+    probe = probe.float().cpu()
     x = torch.randn(3, n, generator=g) * 3
     try:
         out = probe(x)

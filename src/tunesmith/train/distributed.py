@@ -45,8 +45,8 @@ class LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, objective, batch: dict[str, torch.Tensor], ctx):
-        return objective.loss_sum(self.model, batch, ctx)
+    def forward(self, compute, *args):
+        return compute(self.model, *args)
 
 
 class OneProcess:
@@ -71,6 +71,11 @@ class OneProcess:
 
     def loss_sum(self, model, objective, batch, ctx):
         return objective.loss_sum(model, batch, ctx)
+
+    def call(self, model, compute, *args):
+        """compute(model, *args), under FSDP on every rank together through the sharded model (a forward pass
+        before training, such as the speed patches' check)."""
+        return compute(model, *args)
 
     def gradient_sync(self, last: bool):
         return nullcontext()
@@ -101,6 +106,7 @@ class DataParallel(OneProcess):
     """DDP: the whole model on every rank, gradients all-reduced (averaged) in buckets during the backward pass."""
 
     strategy = "ddp"
+    wrapped = model = None
 
     def __init__(self, settings, device: torch.device):
         import torch.distributed as dist
@@ -154,7 +160,7 @@ class DataParallel(OneProcess):
     def loss_sum(self, model, objective, batch, ctx):
         if model is not self.model or not torch.is_grad_enabled():
             return objective.loss_sum(model, batch, ctx)  # evaluation: every rank computes it alone, no collective
-        return self.wrapped(objective, batch, ctx)
+        return self.wrapped(objective.loss_sum, batch, ctx)
 
     def gradient_sync(self, last: bool):
         return nullcontext() if last else self.wrapped.no_sync()
@@ -164,8 +170,18 @@ class FullySharded(DataParallel):
     """FSDP2: fully_shard on each decoder layer and on the root; full state dicts gathered for checkpoints."""
 
     strategy = "fsdp"
+    bf16 = False
+
+    def __init__(self, settings, device: torch.device, bf16: bool = False):
+        super().__init__(settings, device)
+        self.bf16 = bf16
 
     def wrap(self, model: nn.Module, objective) -> None:
+        if self.wrapped is None:  # a model loaded shard by shard (train/fsdp_load.py) is sharded already
+            self.shard_model(model)
+
+    def shard_model(self, model: nn.Module) -> None:
+        """fully_shard each decoder layer and the root: each rank keeps its dim-0 chunk of every parameter."""
         from torch.distributed.fsdp import fully_shard
 
         quantized = sorted({type(m).__name__ for m in model.modules()
@@ -179,15 +195,36 @@ class FullySharded(DataParallel):
         if layers is None:
             raise ConfigError(f"distributed.strategy: fsdp shards per decoder layer, but {type(model).__name__} "
                               "has no list of decoder layers; use distributed.strategy: ddp")
+        policy = self._precision(model)
         for layer in layers:
-            fully_shard(layer, reshard_after_forward=self.settings.reshard_after_forward)
+            fully_shard(layer, reshard_after_forward=self.settings.reshard_after_forward, **policy)
         self.model = model
-        self.wrapped = fully_shard(LossModule(model))
+        self.wrapped = fully_shard(LossModule(model), **policy)
+
+    def _precision(self, model: nn.Module) -> dict:
+        """Under train.bf16 with bf16 weights: gather the parameters in bf16 (the adapters' fp32 ones cast, as
+        autocast casts them for every product on one process) and reduce the gradients in fp32. With fp32 weights
+        nothing is cast: autocast computes in bf16 from the fp32 parameters, exactly as on one process."""
+        if not (self.bf16 and any(p.dtype == torch.bfloat16 for p in model.parameters())):
+            return {}
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # the loss module's inputs stay as they are (a DPO reference's fp32 log-probs are not rounded to bf16)
+        return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                  cast_forward_inputs=False)}
 
     def loss_sum(self, model, objective, batch, ctx):
+        return self.call(model, objective.loss_sum, batch, ctx)  # evaluation too: every rank takes part
+
+    def call(self, model, compute, *args):
         if model is not self.model:
-            return objective.loss_sum(model, batch, ctx)
-        return self.wrapped(objective, batch, ctx)  # evaluation too: every rank takes part in the all-gathers
+            return compute(model, *args)
+        out = self.wrapped(compute, *args)
+        if not torch.is_grad_enabled():
+            # without a backward the root keeps its gathered parameters registered: shard them again (the
+            # optimizer holds the shards, and the whole embedding should not stay on every rank)
+            self.wrapped.reshard()
+        return out
 
     def gradient_sync(self, last: bool):
         return _fsdp_sync(self.wrapped, last)
@@ -292,8 +329,9 @@ def ranks_for(cfg, device: torch.device, console) -> OneProcess:
             f"distributed: this process is rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} started by "
             "torchrun, but the config has no distributed: section; add `distributed: {strategy: ddp}` (or fsdp), "
             "or run `tunesmith train` without torchrun")
-    ranks = (FullySharded if settings.strategy == "fsdp" else DataParallel)(settings, device)
-    return ranks
+    if settings.strategy == "fsdp":
+        return FullySharded(settings, device, bf16=cfg.train.bf16)
+    return DataParallel(settings, device)
 
 
 class RankLost(TunesmithError):

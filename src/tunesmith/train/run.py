@@ -29,6 +29,7 @@ from tunesmith.methods import get_method
 from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
+from tunesmith.train.fsdp_load import load_for, shard_and_read
 from tunesmith.train.forgetting import ForgettingProbe, forgetting_facts, probe_for
 from tunesmith.train.vocab_check import check_ids_fit
 from tunesmith.train.distributed import OneProcess, ranks_for
@@ -164,7 +165,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     """Refuse a clash in output_dir, seed, load data and model, apply the method, prepare the objective, write
     config.yaml (`cfg` as given, never changed) and effective.yaml (what the run changes, and why: the returned
     run's `cfg` is that effective config)."""
-    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.models import load_tokenizer
 
     given, changes = cfg, []
     console = Console(stderr=True, quiet=quiet)
@@ -198,13 +199,16 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if data.eval_report:
         console.print(f"[bold]data[/bold] eval: {data.eval_report.summary()}")
     forgetting = probe_for(cfg, tokenizer)
-    model = load_model(cfg.model.path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_download)
+    model, shards_in = load_for(cfg, ranks, console)
     check_ids_fit(model, cfg.model.path, {"data.train": data.train, "data.eval": data.eval,
                                           **{f"data.tasks.{name}": evals for name, evals in data.task_evals.items()},
                                           "report.forgetting": forgetting.examples if forgetting else []})
     method = get_method(cfg.method.name)
     method.apply(model, cfg.method)
-    model.to(device)
+    if shards_in:
+        shard_and_read(model, ranks, shards_in, device)
+    else:
+        model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dropout = dropout_in(model) if cfg.data.share_prefixes and cfg.data.packing else None
     if dropout:
@@ -214,7 +218,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         console.print(f"[bold]data[/bold] share_prefixes: off for this run, since {reason}")
     ctx = RunContext(virtual_tokens=method.virtual_tokens)
     # before prepare: a cached reference must be computed as the policy is
-    console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id, ctx)}")
+    console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id, ctx, ranks)}")
     note = objective.prepare(model, method, cfg, data, device, pad_id, ctx)
     trainable, total = count_parameters(model)
     ctx.memory_plan = predicted_peak(cfg, device.type, objective, data.train, pad_id)

@@ -25,6 +25,7 @@ from tunesmith.kernels.apply import apply_speed_options, switched_off
 from tunesmith.kernels.patches import Patch
 from tunesmith.kernels.segment_attention import SegmentAttentionError
 from tunesmith.objectives import lm
+from tunesmith.train.distributed import OneProcess
 
 # Largest |patched − plain| of a logit, relative to the largest |logit| (and the same for the loss). Measured on
 # SmolLM2 with LoRA: 3.4e-6 in fp32, 1.4e-2 under bf16 autocast, 1.7e-2 with bf16 weights; attention across the
@@ -74,13 +75,19 @@ def _switch_off_last(ctx: RunContext, reason: str) -> None:
     ctx.patches[-1] = (setting, Patch(0, reason=reason))
 
 
-def checked_speed_options(model, cfg, device, pad_id: int, ctx: RunContext) -> str:
-    """apply_speed_options(model, cfg.train, ctx), each patch checked against the plain model; returns a log line."""
+def checked_speed_options(model, cfg, device, pad_id: int, ctx: RunContext, ranks=None) -> str:
+    """apply_speed_options(model, cfg.train, ctx), each patch checked against the plain model; returns a log line.
+    Each forward goes through `ranks` (a model sharded at load computes on all ranks together)."""
     batch = to_device(_probe_batch(model, cfg, pad_id), device)
+
+    @torch.no_grad()
+    def forward(compute):
+        return (ranks or OneProcess()).call(model, compute, batch, cfg, device, ctx)
+
     targets = batch["targets"][batch["targets"] != IGNORE]
     was_training = model.training
     model.eval()  # no dropout: the same weights give the same logits
-    plain_logits = _logits(model, batch, cfg, device, ctx)
+    plain_logits = forward(_logits)
     plain_loss = float(F.cross_entropy(plain_logits, targets))  # what lm.loss_sum computes without chunks
     scale = float(plain_logits.abs().max()) or 1.0
     compute_dtype = torch.bfloat16 if cfg.train.bf16 else model.get_input_embeddings().weight.dtype
@@ -90,10 +97,11 @@ def checked_speed_options(model, cfg, device, pad_id: int, ctx: RunContext) -> s
     def compare(setting: str) -> None:
         nonlocal worst
         if setting == LOSS_SETTING:
-            moved, what = abs(_loss(model, batch, cfg, device, ctx) - plain_loss) / max(plain_loss, 1e-6), "the loss"
+            moved = abs(forward(_loss) - plain_loss) / max(plain_loss, 1e-6)
+            what = "the loss"
         else:
             try:
-                moved = float((_logits(model, batch, cfg, device, ctx) - plain_logits).abs().max()) / scale
+                moved = float((forward(_logits) - plain_logits).abs().max()) / scale
             except SegmentAttentionError:  # the model's own structure, not a miscomputing patch
                 _switch_off_last(ctx, "its attention layers do not pass the packed row's segment layout on to the "
                                       "attention function")
