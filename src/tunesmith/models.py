@@ -163,8 +163,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, allow_download: b
     return tok
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_download: bool = False):
-    """Load weights through safetensors only; remote code only when the config allows it."""
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_download: bool = False,
+               place=None):
+    """Load weights through safetensors only; remote code only when the config allows it. `place` (weights.py)
+    takes tensors over as they load (QLoRA's quantisation)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -178,8 +180,8 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     refuse_untrusted_code(folder, trust_remote_code)
     try:
         # bf16 tensor by tensor (weights.py): no fp32 copy; fp32 through transformers, as views of the mapped file
-        model = stream_model(folder, torch_dtype, trust_remote_code=trust_remote_code) \
-            if torch_dtype != torch.float32 else None
+        model = stream_model(folder, torch_dtype, place, trust_remote_code) \
+            if torch_dtype != torch.float32 or place is not None else None
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True

@@ -5,9 +5,11 @@ from the mapping: the file's touched pages count in RSS beside the bf16 copies (
 fam 25: 930 MiB above the process for 257 MiB of bf16 weights). Here the model is built with its parameters on the
 meta device (buffers, such as rotary frequencies, are computed as usual), and each tensor is read from the
 safetensors file with a plain read into a buffer of its own (the page cache is the kernel's, not the process's),
-converted, and given to its parameter; a bf16 tensor bound for a bf16 parameter is read straight into it. The peak
-is the weights in their final dtype plus one tensor in the file's. `place` may take a tensor over instead (QLoRA
-quantises each base linear as it arrives: models.py).
+converted, and given to its parameter; a tensor already in the parameter's dtype is read straight into it. What is
+converted or taken over is read into one staging buffer, reused tensor after tensor: glibc's malloc would otherwise
+keep the freed buffers between the kept tensors (measured: a streamed QLoRA load of SmolLM2 peaked 280 MiB higher).
+The peak is the weights in their final dtype plus the largest tensor converted (in the file's dtype). `place` may take a tensor over instead (QLoRA
+quantises each base linear as it arrives: methods/qlora.py `quantize_on_load`).
 
 Checkpoints whose keys are not exactly the model's parameter names (transformers' key renames and weight
 conversions), or whose model keeps modules in fp32 itself, are not streamed: `stream_model` returns None and the
@@ -26,14 +28,16 @@ import torch
 from torch import nn
 
 from tunesmith.errors import ModelError
+from tunesmith.kernels.allocator import large_blocks_returned
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 INDEX = "model.safetensors.index.json"
 
-# place(name, module, tensor) -> whether it took the tensor (then the parameter is not set from it)
-Place = Callable[[str, nn.Module, torch.Tensor], bool]
+# place(model, parameter name) -> None, or a function that takes that tensor (in the load's dtype) and puts something
+# else in the parameter's place (its module replaced); the tensor is a view of a buffer reused for the next one
+Place = Callable[[nn.Module, str], Callable[[torch.Tensor], None] | None]
 
 
 def checkpoint_entries(folder: str | Path) -> dict[str, tuple[Path, dict]] | None:
@@ -109,13 +113,18 @@ def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, tr
     tied = {name for name in params if name not in entries}
     if set(entries) - set(params) or not _ties_cover(model, tied):
         return None
+    takers = {name: place(model, name) for name in entries} if place is not None else {}
+    staged = [_nbytes(e) for name, (_, e) in entries.items() if takers.get(name) or _target(e, dtype) != DTYPES[
+        e["dtype"]]]
+    staging = torch.empty(max(staged, default=0), dtype=torch.uint8)
     by_file: dict[Path, list[str]] = {}
     for name in sorted(entries, key=lambda n: (entries[n][1]["start"] + entries[n][1]["data_offsets"][0])):
         by_file.setdefault(entries[name][0], []).append(name)
     for path, names in by_file.items():
-        with open(path, "rb", buffering=0) as f:
+        with open(path, "rb", buffering=0) as f, large_blocks_returned():
             for name in names:
-                _load_one(model, name, f, entries[name][1], dtype, place)
+                _load_one(model, name, f, entries[name][1], dtype, takers.get(name), staging)
+    del staging
     model.tie_weights()
     if any(p.device.type == "meta" for p in model.parameters()):
         missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -141,22 +150,30 @@ def _ties_cover(model, absent: set[str]) -> bool:
                 and absent == {f"{n}.weight" for n in names})
 
 
-def _load_one(model, name: str, f, entry: dict, dtype: torch.dtype, place: Place | None) -> None:
+def _nbytes(entry: dict) -> int:
+    begin, end = entry["data_offsets"]
+    return end - begin
+
+
+def _target(entry: dict, dtype: torch.dtype) -> torch.dtype:
+    """Floating-point tensors load in `dtype`; integer ones as they are."""
+    stored = DTYPES[entry["dtype"]]
+    return dtype if stored.is_floating_point else stored
+
+
+def _load_one(model, name: str, f, entry: dict, dtype: torch.dtype, take, staging: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     param = getattr(module, attr)
-    file_dtype = DTYPES[entry["dtype"]]
-    target = dtype if file_dtype.is_floating_point else file_dtype
+    stored, target = DTYPES[entry["dtype"]], _target(entry, dtype)
     if list(param.shape) != list(entry["shape"]):
         raise ModelError(f"model.path: {f.name}: {name} has shape {entry['shape']}, the model's config makes it "
                          f"{list(param.shape)}")
-    if place is not None:
-        tensor = read_tensor(f, entry)
-        if place(module_name, module, tensor):
-            return
-        value = tensor.to(target)
-    elif file_dtype == target:
+    if take is None and stored == target:
         value = read_tensor(f, entry)
     else:
-        value = read_tensor(f, entry).to(target)
-    setattr(module, attr, nn.Parameter(value, requires_grad=param.requires_grad))
+        value = read_tensor(f, entry, staging[:_nbytes(entry)].view(stored).view(entry["shape"])).to(target)
+    if take is not None:
+        take(value)
+    else:
+        setattr(module, attr, nn.Parameter(value, requires_grad=param.requires_grad))

@@ -42,10 +42,16 @@ def apply(model: nn.Module, settings: QloraSettings, adapter_name: str = DEFAULT
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         raise ConfigError("method.name: qlora stores the base in 4 bits itself, but this model is already an int4 "
                           "folder from `tunesmith quantize`; use method lora on it")
-    if not any(nf4.is_4bit(m) for m in model.modules()):
-        conv1d_as_linear(model)
+    conv1d_as_linear(model)
+    if not any(nf4.is_4bit(m) for m in model.modules()) or nf4.quantizable_layers(model, missing_ok=True):
         nf4.quantize_model(model, settings.quant_type, settings.double_quant, settings.compute_dtype)
     return lora.apply(model, settings, adapter_name)
+
+
+def quantize_on_load(settings: QloraSettings):
+    """What models.load_model takes as `place`: the base linears stored in 4 bits as they load (what `apply` would
+    quantise after loading, the same codes), so the full-precision model is never held whole."""
+    return nf4.quantizing_place(settings.quant_type, settings.double_quant, settings.compute_dtype)
 
 
 # The model attribute naming the layers that were Conv1D (GPT-2) before 4-bit storage, which takes nn.Linear only:

@@ -105,19 +105,46 @@ def unsupported_layers(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def quantizable_layers(model: nn.Module) -> list[str]:
-    """Every nn.Linear except the output head (its weight is often the tied input embedding)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head and not is_4bit(m)]
+def quantizable_layers(model: nn.Module, missing_ok: bool = False) -> list[str]:
+    """Every nn.Linear except the output head (its weight is often the tied input embedding) not yet in 4 bits;
+    none is an error unless `missing_ok`."""
+    names = [n for n, m in model.named_modules() if _quantizable(model, m)]
     bad = unsupported_layers(model)
     if bad:
         name, kind = bad[0]
         raise ModelError(f"4-bit quantisation: layer '{name}' is a {kind}, which cannot be stored in 4 bits "
                          f"(supported: torch.nn.Linear; {len(bad)} such layer(s) in this "
                          f"{type(model).__name__}). Use method lora on this model instead.")
-    if not names:
+    if not names and not missing_ok:
         raise ModelError(f"4-bit quantisation: {type(model).__name__} has no nn.Linear layer to quantise")
     return names
+
+
+def _quantizable(model: nn.Module, module: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(module, nn.Linear) and module is not head and not is_4bit(module)
+
+
+def quantizing_place(quant_type: str, double_quant: bool, compute_dtype: str):
+    """A `place` for weights.stream_model: each weight `quantize_model` would quantise is stored in 4 bits as it
+    loads (the same codes, from the same values), so the full-precision linears are never all held at once."""
+    def place(model: nn.Module, name: str):
+        module_name, _, attr = name.rpartition(".")
+        if attr != "weight" or not _quantizable(model, model.get_submodule(module_name)):
+            return None
+
+        def take(tensor: torch.Tensor) -> None:
+            module = model.get_submodule(module_name)
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(tensor, requires_grad=False)
+            layer = to_4bit(linear, quant_type, double_quant, compute_dtype)
+            if module.bias is not None:  # loaded already, or on the meta device until its tensor arrives
+                layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+            replace_module(model, module_name, layer)
+
+        return take
+
+    return place
 
 
 def to_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtype: str) -> nn.Module:

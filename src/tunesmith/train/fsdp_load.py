@@ -176,9 +176,10 @@ def _read_rows(handle, key: str, param: torch.Tensor, ranks) -> None:
     local.copy_(part.to(local.dtype))
 
 
-def load_for(cfg, ranks, console) -> tuple[nn.Module, str | None]:
+def load_for(cfg, ranks, console, place=None) -> tuple[nn.Module, str | None]:
     """(the model open_run applies the method to, the folder to read its shards from after that or None): under
-    fsdp the skeleton where it can be read shard by shard, else the whole model (load_model)."""
+    fsdp the skeleton where it can be read shard by shard, else the whole model (load_model, `place` taking
+    tensors over as they load: weights.py)."""
     from tunesmith.models import load_model, refuse_untrusted_code, resolve_model_path
 
     m = cfg.model
@@ -190,4 +191,4 @@ def load_for(cfg, ranks, console) -> tuple[nn.Module, str | None]:
             console.print(f"[bold]fsdp[/bold] each rank reads only its shards of {folder}")
             return skeleton(folder, getattr(torch, m.dtype), m.trust_remote_code), folder
         console.print(f"[bold]fsdp[/bold] every rank loads the whole model and shards it after: {why}")
-    return load_model(m.path, m.dtype, m.trust_remote_code, m.allow_download), None
+    return load_model(m.path, m.dtype, m.trust_remote_code, m.allow_download, place), None

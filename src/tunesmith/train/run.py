@@ -199,11 +199,13 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     if data.eval_report:
         console.print(f"[bold]data[/bold] eval: {data.eval_report.summary()}")
     forgetting = probe_for(cfg, tokenizer)
-    model, shards_in = load_for(cfg, ranks, console)
+    method = get_method(cfg.method.name)
+    # a 4-bit base is quantised as it loads, never held whole in full precision first
+    place = method.quantize_on_load(cfg.method) if cfg.method.declaration.memory.quantized_base else None
+    model, shards_in = load_for(cfg, ranks, console, place)
     check_ids_fit(model, cfg.model.path, {"data.train": data.train, "data.eval": data.eval,
                                           **{f"data.tasks.{name}": evals for name, evals in data.task_evals.items()},
                                           "report.forgetting": forgetting.examples if forgetting else []})
-    method = get_method(cfg.method.name)
     method.apply(model, cfg.method)
     if shards_in:
         shard_and_read(model, ranks, shards_in, device)
