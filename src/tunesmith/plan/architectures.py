@@ -16,6 +16,7 @@ from tunesmith.errors import ModelError
 # model_type values whose decoder is the Llama layout: model.layers.N.self_attn.{q,k,v,o}_proj,
 # model.layers.N.mlp.{gate,up,down}_proj, two RMSNorms per block, a final norm, embed_tokens and lm_head.
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
+STORED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # config.json's dtype: what save_pretrained wrote
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Architecture:
     mlp_bias: bool = False
     qk_norm: bool = False         # Qwen3: an RMSNorm over each head's query and key (head_dim weights each)
     source: str = ""
+    checkpoint_bytes: int = 4     # bytes a weight takes in the checkpoint file (config.json's dtype; the table: fp32)
 
     @property
     def kv_dim(self) -> int:
@@ -83,7 +85,8 @@ def from_config(config: dict, name: str, source: str = "") -> Architecture:
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),  # False: these configs' default
             attention_bias=bool(config.get("attention_bias", False)) and model_type != "qwen2",
             qkv_bias=model_type == "qwen2", mlp_bias=bool(config.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3", source=source or name)
+            qk_norm=model_type == "qwen3", source=source or name,
+            checkpoint_bytes=STORED_BYTES.get(config.get("dtype") or config.get("torch_dtype"), 4))
     except KeyError as e:
         raise ModelError(f"{name}: config.json has no {e.args[0]!r}; is it a causal LM's config?") from None
 

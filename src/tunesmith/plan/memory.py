@@ -382,18 +382,40 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
 
 
 def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
-    """The model is read on CPU and moved to the device after the method is applied (train/run.py), so on CUDA
-    loading never peaks above training. On CPU the fp32 safetensors file is mapped (its pages count in RSS once
-    touched); a bf16 model is a copy beside it, and QLoRA reads every page while quantising."""
+    """What reading the checkpoint holds at its peak (models.py, weights.py). On CPU: an fp32 load goes through
+    transformers, its weights views of the mapped file where that is fp32 (the file's pages are the weights), else
+    the file's touched pages beside the fp32 copies; a bf16 load and QLoRA's read tensor by tensor into the final
+    dtype (4 bits for QLoRA's base linears, quantised as each arrives), plus the largest tensor converted, read into
+    one staging buffer. The model is read on CPU and moved to the device after the method is applied (train/run.py),
+    so on CUDA loading holds the weights as moved: an fp32 base in fp32 before train.bf16_frozen_weights converts it
+    there (unvalidated: no GPU has run it)."""
+    base, stored = sum_base(arch), arch.checkpoint_bytes
+    dtype_bytes = 2 if cfg.weights_dtype == "bfloat16" else 4
+    declared = cfg.method.declaration
+    if declared.memory.quantized_base:
+        kept = [Part(f"{p.name} as loaded", p.bytes, p.detail)
+                for p in _weight_parts(arch, cfg, plan, None, device) if p.name != "added parameters"]
+        if device != "cpu":
+            return kept
+        largest = max(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
+        staged = max(largest * stored, arch.vocab_size * arch.hidden_size * stored * (dtype_bytes != stored))
+        return kept + [Part("one tensor in flight", staged + largest * dtype_bytes,
+                            f"the largest tensor read ({staged:,} B staged in the file's {stored} B a weight) and a "
+                            f"{dtype_bytes} B copy of one linear being quantised")]
     if device != "cpu":
-        return []
-    base = sum_base(arch)
-    parts = [Part("checkpoint pages", base * 4, f"{base:,} × 4 B, the fp32 file mapped while read")]
-    if cfg.weights_dtype == "bfloat16":
-        parts.append(Part("bf16 copy", base * 2, f"{base:,} × 2 B"))
+        return [Part("weights moved to the device", base * dtype_bytes, f"{base:,} × {dtype_bytes} B (unvalidated)")]
+    if dtype_bytes == 2:
+        parts = [Part("bf16 weights as read", base * 2, f"{base:,} × 2 B, read tensor by tensor (weights.py)")]
+        if stored != 2:
+            staged = max(arch.vocab_size * arch.hidden_size, arch.intermediate_size * arch.hidden_size) * stored
+            parts.append(Part("conversion buffer", staged, f"the largest tensor in the file's {stored} B a weight"))
+        return parts
+    parts = [Part("checkpoint pages", base * stored, f"{base:,} × {stored} B, the file mapped while read")]
+    if stored != 4:
+        parts.append(Part("fp32 copy", base * 4, f"{base:,} × 4 B, converted from the mapped file"))
     frozen = _frozen_bf16_linears(arch, cfg)
     if frozen:  # kernels/frozen_bf16.py: the bf16 weights and a copy of the rest exist before the file is unmapped
-        parts.append(Part("frozen weights converted to bf16", frozen * 2 + (base - frozen) * 4,
+        parts.append(Part("frozen weights converted to bf16", frozen * 2 + (base - frozen) * 4 * (stored == 4),
                           f"{frozen:,} × 2 B + the other {base - frozen:,} weights copied out of the file, × 4 B"))
     return parts
 
@@ -416,6 +438,8 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     training = _weight_parts(arch, cfg, plan, int4_group, device) + _training_parts(arch, cfg, plan, device, batch)
     memory = MemoryPlan(device, batch, plan, runtime, _loading_parts(arch, cfg, plan, device), training)
     memory.notes.append(f"tokens: {batch.source}")
+    if device != "cpu":
+        memory.notes.append("the CUDA figures are unvalidated: no GPU has measured them")
     return memory
 
 
