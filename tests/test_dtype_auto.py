@@ -119,3 +119,32 @@ def test_a_checkpoint_with_keys_the_model_lacks_is_left_to_transformers(tiny_mod
     tensors["legacy.extra"] = torch.zeros(2)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     assert stream_model(str(folder), torch.bfloat16) is None
+
+
+def test_the_planner_counts_what_each_load_path_holds():
+    """Llama-3.2-1B's shape, its checkpoint in bf16 or fp32: the loading phase by path (plan/memory.py)."""
+    import dataclasses
+
+    from tunesmith.plan.architectures import PUBLISHED
+    from tunesmith.plan.memory import predict, sum_base
+
+    arch = dataclasses.replace(PUBLISHED["llama3:8b"], hidden_size=2048, intermediate_size=8192, num_layers=16,
+                               num_heads=32, num_kv_heads=8, head_dim=64, tied_embeddings=True, checkpoint_bytes=2)
+    base, embedding = sum_base(arch), 128256 * 2048
+    assert base == 1_235_814_400
+
+    def loading(*overrides, stored=2, device="cpu"):
+        plan = predict(_cfg("train.batch_size=1", "data.max_length=256", *overrides), device=device, runtime_bytes=0,
+                       arch=dataclasses.replace(arch, checkpoint_bytes=stored))
+        return {p.name: p.bytes for p in plan.loading}
+
+    assert loading("train.bf16=true") == {"bf16 weights as read": 2 * base}  # read straight into the parameters
+    assert loading("train.bf16=true", stored=4) == {"bf16 weights as read": 2 * base, "conversion buffer": 4 * embedding}
+    assert loading("method.name=full", "train.bf16=true") == {"checkpoint pages": 2 * base, "fp32 copy": 4 * base}
+    assert loading(stored=4) == {"checkpoint pages": 4 * base}  # the weights are the mapped file's pages
+    qlora = loading("method.name=qlora", "train.bf16=true")
+    largest_linear = 8192 * 2048
+    assert qlora["one tensor in flight"] == largest_linear * (2 + 2)
+    assert sum(qlora.values()) < 0.45 * 2 * base  # 4-bit linears + bf16 embeddings, never the bf16 model
+    assert loading("train.bf16=true", device="cuda") == {"weights moved to the device": 2 * base}
+    assert loading("train.bf16=true", "model.dtype=float32", device="cuda") == {"weights moved to the device": 4 * base}

@@ -438,6 +438,8 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     training = _weight_parts(arch, cfg, plan, int4_group, device) + _training_parts(arch, cfg, plan, device, batch)
     memory = MemoryPlan(device, batch, plan, runtime, _loading_parts(arch, cfg, plan, device), training)
     memory.notes.append(f"tokens: {batch.source}")
+    if cfg.model.dtype == "auto":
+        memory.notes.append("model.dtype: auto → {} ({})".format(*cfg.resolved_dtype()))
     if device != "cpu":
         memory.notes.append("the CUDA figures are unvalidated: no GPU has measured them")
     return memory
