@@ -277,17 +277,18 @@ class FullySharded(DataParallel):
         set_optimizer_state_dict(self.wrapped, optimizer, full, options=self._options())
 
     def consolidate(self, model: nn.Module) -> None:
-        """Gather the full parameters on the main rank and put them into `model` there as plain parameters (the
-        model is no longer sharded afterwards: call once, at the end)."""
+        """Gather the full trainable parameters on the main rank and put them into `model` there as plain parameters
+        (call once, at the end). What the methods save is their trainable parameters (all of them for a full
+        fine-tune), so a frozen base stays sharded: the main rank never holds it whole."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        full = get_model_state_dict(self.wrapped, options=self._options(cpu_offload=True))
+        full = get_model_state_dict(self.wrapped, options=self._options(cpu_offload=True, ignore_frozen_params=True))
         if not self.main:
             return
         plain: dict[int, nn.Parameter] = {}
         for name, param in model.named_parameters():
-            plain[id(param)] = nn.Parameter(full[ROOT_PREFIX + name].to(param.device),
-                                            requires_grad=param.requires_grad)
+            if param.requires_grad:
+                plain[id(param)] = nn.Parameter(full[ROOT_PREFIX + name].to(param.device), requires_grad=True)
         for module in model.modules():
             for key, param in list(module._parameters.items()):
                 if param is not None and id(param) in plain:

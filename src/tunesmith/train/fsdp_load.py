@@ -117,14 +117,13 @@ def shard_and_read(model: nn.Module, ranks, folder: str, device: torch.device) -
     ranks.shard_model(model)  # FSDP2 leaves a meta parameter's shard on meta and moves the others' shards to device
     _allocate(model, device)
     files = weight_files(Path(folder))
-    handles: dict[Path, object] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in read_from:
                 key = read_from[name][0]
-                if files[key] not in handles:
-                    handles[files[key]] = safe_open(str(files[key]), framework="pt")
-                _read_rows(handles[files[key]], key, param, ranks)
+                # opened per tensor: the pages read through the file's mapping leave with it, so they never add up
+                with safe_open(str(files[key]), framework="pt") as handle:
+                    _read_rows(handle, key, param, ranks)
     delattr(model, SOURCES)
 
 
