@@ -148,3 +148,14 @@ def test_the_planner_counts_what_each_load_path_holds():
     assert sum(qlora.values()) < 0.45 * 2 * base  # 4-bit linears + bf16 embeddings, never the bf16 model
     assert loading("train.bf16=true", device="cuda") == {"weights moved to the device": 2 * base}
     assert loading("train.bf16=true", "model.dtype=float32", device="cuda") == {"weights moved to the device": 4 * base}
+
+
+def test_over_budget_full_fine_tuning_is_offered_half_the_blocks_frozen():
+    from tunesmith.plan.budget import advise
+    from tunesmith.plan.memory import predict
+
+    cfg = _cfg("model.path=llama:7b", "method.name=full", "train.batch_size=1", "data.max_length=256")
+    memory = predict(cfg, runtime_bytes=0)
+    options = {o.change.split(" (")[0]: o for o in advise(cfg, memory, 80 * 2**30).options}
+    freeze = options["method.name=freeze method.last_layers=16"]
+    assert freeze.fits and freeze.peak < 0.65 * memory.peak  # weights stay; half the gradients and moments

@@ -69,6 +69,12 @@ def _candidates(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     if four_bit:
         settings = {**cfg.method.model_dump(), "name": four_bit}
         out.append((f"method.name={four_bit} (the base's linears in NF4)", _with(cfg, "method", **settings)))
+    if cfg.method.declaration.parameters == "whole":  # the whole model's gradients and moments: train half of it
+        from tunesmith.plan.architectures import resolve
+
+        half = max(1, resolve(cfg.model.path).num_layers // 2)
+        out.append((f"method.name=freeze method.last_layers={half} (the last {half} blocks train)",
+                    _with(cfg, "method", name="freeze", last_layers=half)))
     return out
 
 
