@@ -144,8 +144,8 @@ def test_the_planner_counts_what_each_load_path_holds():
     assert loading(stored=4) == {"checkpoint pages": 4 * base}  # the weights are the mapped file's pages
     qlora = loading("method.name=qlora", "train.bf16=true")
     largest_linear = 8192 * 2048
-    assert qlora["one tensor in flight"] == largest_linear * (2 + 2)
-    assert sum(qlora.values()) < 0.45 * 2 * base  # 4-bit linears + bf16 embeddings, never the bf16 model
+    assert qlora["one tensor in flight"] == largest_linear * (2 + 4 + 8)  # staged; bitsandbytes' fp32 work
+    assert sum(qlora.values()) < 0.55 * 2 * base  # 4-bit linears + bf16 embeddings, never the bf16 model
     assert loading("train.bf16=true", device="cuda") == {"weights moved to the device": 2 * base}
     assert loading("train.bf16=true", "model.dtype=float32", device="cuda") == {"weights moved to the device": 4 * base}
 
