@@ -92,8 +92,9 @@ def child(config_json: str) -> None:
     def mark(name: str, **extra) -> None:
         phases.append({"phase": name, "hwm": vm_hwm(), "rss": vm_rss(), **extra})
 
-    def measured_finish(*args, **kwargs):  # the artifact, its report and plots are not needed here
+    def measured_finish(run, total_steps, seconds, tokens_seen, *args, **kwargs):  # no artifact, report, plots
         peaks["train"] = vm_hwm()
+        peaks["seconds"], peaks["tokens"] = seconds, tokens_seen
         mark("end")
 
     def measured_open(*args, **kwargs):
@@ -121,7 +122,8 @@ def child(config_json: str) -> None:
     loop.finish_run, loop.open_run, loop.accumulate_gradients, loop.make_optimizer = (
         measured_finish, measured_open, measured_accumulate, measured_optimizer)
     loop.train(cfg, overwrite=True, quiet=True)
-    print(json.dumps({"peak_rss": peaks["train"], "phases": phases}))
+    print(json.dumps({"peak_rss": peaks["train"], "train_seconds": peaks["seconds"], "tokens": peaks["tokens"],
+                      "phases": phases}))
 
 
 def measure(cfg: dict) -> dict:
