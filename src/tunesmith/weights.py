@@ -114,17 +114,18 @@ def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, tr
     if set(entries) - set(params) or not _ties_cover(model, tied):
         return None
     takers = {name: place(model, name) for name in entries} if place is not None else {}
-    staged = [_nbytes(e) for name, (_, e) in entries.items() if takers.get(name) or _target(e, dtype) != DTYPES[
-        e["dtype"]]]
-    staging = torch.empty(max(staged, default=0), dtype=torch.uint8)
+    staged = [_nbytes(entry) for name, (_, entry) in entries.items()
+              if takers.get(name) or _target(entry, dtype) != DTYPES[entry["dtype"]]]
     by_file: dict[Path, list[str]] = {}
     for name in sorted(entries, key=lambda n: (entries[n][1]["start"] + entries[n][1]["data_offsets"][0])):
         by_file.setdefault(entries[name][0], []).append(name)
-    for path, names in by_file.items():
-        with open(path, "rb", buffering=0) as f, large_blocks_returned():
-            for name in names:
-                _load_one(model, name, f, entries[name][1], dtype, takers.get(name), staging)
-    del staging
+    with large_blocks_returned():
+        staging = torch.empty(max(staged, default=0), dtype=torch.uint8)
+        for path, names in by_file.items():
+            with open(path, "rb", buffering=0) as f:
+                for name in names:
+                    _load_one(model, name, f, entries[name][1], dtype, takers.get(name), staging)
+        del staging
     model.tie_weights()
     if any(p.device.type == "meta" for p in model.parameters()):
         missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
