@@ -79,7 +79,7 @@ def test_a_bf16_load_trains_as_the_fp32_load_with_frozen_bf16_weights(tiny_confi
     assert (effective[0]["config"], effective[0]["effective"]) == ("auto", "bfloat16")
     assert "no fp32 copy" in effective[0]["reason"]
     [a], [b] = auto, fp32
-    assert a != b and abs(a - b) / b < 1e-2  # bf16 has 8 bits of mantissa: 2^-8 = 3.9e-3 a rounding
+    assert a != b and abs(a - b) / b < 1e-3  # measured 7e-7 (AMD EPYC fam 25); one bf16 rounding is 3.9e-3
 
 
 @pytest.mark.parametrize("name", ["llama3", "gemma3", "phi3", "gpt2"])  # tied and untied heads, a scaled embedding,
