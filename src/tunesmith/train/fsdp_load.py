@@ -102,10 +102,6 @@ def skeleton(folder: str, dtype: torch.dtype, trust_remote_code: bool = False) -
     return model.eval()
 
 
-def is_skeleton(model: nn.Module) -> bool:
-    return hasattr(model, SOURCES)
-
-
 def shard_and_read(model: nn.Module, ranks, folder: str, device: torch.device) -> None:
     """Shard the skeleton (the method applied) over the ranks and fill each rank's rows of the base weights from
     the files; the method's parameters keep the values it gave them."""
