@@ -99,15 +99,15 @@ def test_bakeoff_table_holds_the_candidates_own_outputs_and_skips_by_budget(tiny
                             "--max-length", "128", "--questions", "2", "--eval-examples", "4", "--steps", "2",
                             "--max-new-tokens", "4", "--out", str(tmp_path / "bake"), "--quiet"])
     cfg = advise.bakeoff_config(ns)
-    result, paths = bakeoff.bake_off(cfg, ["zero-shot", "few-shot", "rag", "lora", "prompt", "full"], None, 2, 2, 2,
+    result, paths = bakeoff.bake_off(cfg, ["zero-shot", "few-shot", "rag", "lora", "qlora", "prompt", "full"], None, 2, 2, 2,
                                     4, memory_budget=None, budget_s=600, out_dir=tmp_path / "bake")
     table = json.loads(paths["json"].read_text())
     rows = {r["name"]: r for r in table["rows"]}
-    assert set(rows) == {"zero-shot", "few-shot (k=2)", "lora", "prompt", "full fine-tuning"}
+    assert set(rows) == {"zero-shot", "few-shot (k=2)", "lora", "qlora", "prompt", "full fine-tuning"}
     assert table["skipped"] == [{"name": "RAG", "why": "no --docs given: nothing to retrieve from"}]
     for name, outputs in returned.items():
         assert {k: rows[name][k] for k in outputs} == outputs  # the run's own dict, unchanged
-    for name in ("lora", "prompt", "full fine-tuning"):
+    for name in ("lora", "qlora", "prompt", "full fine-tuning"):
         summary = json.loads(Path(rows[name]["source"]).read_text())
         assert rows[name]["eval_loss"] == summary["eval_after"] and rows[name]["trainable"] == summary["trainable"]
         f = summary["forgetting"]
