@@ -81,6 +81,31 @@ def test_bitfit_merge_gives_a_model_bare_transformers_loads(tmp_path):
     torch.testing.assert_close(reloaded(IDS).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_bitfit_merge_reads_which_biases_the_config_can_declare_from_the_architecture(tmp_path):
+    """GPT-2's Conv1D layers have their biases already: the merged model needs no switch and reloads equal. Qwen2's
+    config has no switch for MLP biases: refused, naming a layer, before anything is written."""
+    from families import tiny_family_model
+    from transformers import AutoModelForCausalLM
+
+    method = get_method("bitfit")
+    model = tiny_family_model("gpt2")
+    method.apply(model, BitFitSettings())
+    _perturb_trainable(model)
+    ids = IDS % model.config.vocab_size
+    expected = model(ids).logits
+    method.merge(model)
+    method.unload(model)
+    model.save_pretrained(tmp_path / "gpt2")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").eval()
+    torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-6, rtol=0)
+
+    qwen2 = tiny_family_model("qwen2")
+    method.apply(qwen2, BitFitSettings())
+    with pytest.raises(ModelError, match=r"cannot declare the BitFit biases of model\.layers\.0\.mlp\.down_proj and "
+                                         r"\d+ more layers.*--adapter"):
+        method.unload(qwen2)
+
+
 def test_bitfit_save_load(tmp_path):
     model = tiny_llama(vocab_size=300)
     method = get_method("bitfit")

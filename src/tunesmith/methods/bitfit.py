@@ -17,8 +17,6 @@ from tunesmith.methods.base import (check_and_copy, conv1d_class, freeze_all, ma
 disabled = None  # the base itself trains: no switch to the model before training
 virtual_tokens = None  # no virtual tokens
 PEFT_TYPE = "TUNESMITH_BITFIT"
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def claims(config: dict) -> bool:
@@ -57,17 +55,51 @@ def merge(model: nn.Module) -> None:
     """The biases already live in the linears."""
 
 
+BIAS_FLAGS = ("attention_bias", "mlp_bias")  # the config switches transformers' architectures give linear biases by
+
+
+def _biased_linears(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, conv1d_class())) and m.bias is not None}
+
+
+def _biased(config) -> set[str]:
+    """The linears with a bias in a model built from `config` (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return _biased_linears(AutoModelForCausalLM.from_config(config))
+
+
 def unload(model: nn.Module) -> nn.Module:
-    """Make the config declare the added biases (zeros on untargeted siblings) so bare transformers loads them."""
+    """Make the config declare the added biases (zeros on untargeted siblings) so bare transformers loads them.
+
+    Which switch gives which layers a bias is read from the architecture itself: the model is built from its config
+    with each of BIAS_FLAGS the config has turned on, on the meta device. Biases the base already had (GPT-2's,
+    Qwen2's q/k/v) need nothing; an added bias no switch declares is refused, naming the layer."""
+    import copy
+
     config = model.config
-    if not (hasattr(config, "attention_bias") and hasattr(config, "mlp_bias")):
-        raise ModelError(f"{type(model).__name__}: its config cannot declare linear biases, so BitFit biases "
-                         "cannot be merged; load the adapter with --adapter instead")
-    for flag, family in (("attention_bias", ATTENTION), ("mlp_bias", MLP)):
-        layers = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in family]
-        if any(m.bias is not None for m in layers) and not getattr(config, flag):
-            for m in layers:
-                if m.bias is None:
-                    _add_bias(m)
+    has = _biased_linears(model)
+    undeclared = has - _biased(config)
+    if not undeclared:
+        return model
+    declared = copy.deepcopy(config)
+    for flag in BIAS_FLAGS:
+        if not hasattr(config, flag) or getattr(config, flag):
+            continue
+        trial = copy.deepcopy(declared)
+        setattr(trial, flag, True)
+        if _biased(trial) & undeclared:
+            declared = trial
+    covered = _biased(declared)
+    if undeclared - covered:
+        missing = sorted(undeclared - covered)
+        raise ModelError(f"{type(model).__name__}: its config cannot declare the BitFit biases of {missing[0]}"
+                         f"{f' and {len(missing) - 1} more layers' if len(missing) > 1 else ''}, so they cannot be "
+                         "merged into a model transformers loads; load the adapter with --adapter instead")
+    for name in sorted(covered - has):
+        _add_bias(model.get_submodule(name))
+    for flag in BIAS_FLAGS:
+        if getattr(declared, flag, False) != getattr(config, flag, False):
             setattr(config, flag, True)
     return model
