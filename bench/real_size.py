@@ -32,13 +32,21 @@ ROWS = {"lora": {"name": "lora"}, "qlora": {"name": "qlora"}, "full": {"name": "
 
 
 def row_config(row: str, batch: int, length: int, steps: int, folder: Path) -> dict:
-    """bf16 autocast (model.dtype auto: the frozen base in bf16 for LoRA; QLoRA's rest in bf16); no forgetting
-    probe, no held-out comparison: only the training loop."""
-    return {"model": {"path": str(make_llama_1b.folder())}, "method": ROWS[row], "objective": "text",
+    """bf16 autocast over a bf16 base (model.dtype: bfloat16, what auto picks on CUDA; on CPU auto keeps fp32
+    activations: README 'Loading in the dtype that trains'), fp32 for full; no forgetting probe, no held-out
+    comparison: only the training loop."""
+    dtype = "float32" if trains_base(row) else "bfloat16"
+    return {"model": {"path": str(make_llama_1b.folder()), "dtype": dtype}, "method": ROWS[row], "objective": "text",
             "data": {"train": str(plan_bench.text_file(folder)), "max_length": length, "overlong": "truncate"},
             "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "bf16": True, "warmup_steps": 0},
             "report": {"compare": False, "heldout_samples": 0, "trained_samples": 0, "forgetting": None},
             "output_dir": str(folder / "run")}
+
+
+def trains_base(row: str) -> bool:
+    from tunesmith.config.methods import settings_class
+
+    return settings_class(ROWS[row]["name"]).declaration.trains_base
 
 
 def predicted(cfg: dict, budget: int | None = None) -> dict:

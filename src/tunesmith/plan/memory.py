@@ -431,6 +431,9 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     from tunesmith.plan.runtime import runtime_overhead
 
     arch = arch or resolve(cfg.model.path)
+    given = cfg
+    if cfg.model.dtype == "auto":  # resolved for the device planned for; every part below reads weights_dtype
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": cfg.resolved_dtype(device)[0]})})
     plan = count(arch, cfg.method, cfg.objective, cfg.weights_dtype, cfg.model.path)
     int4_group = _int4_group(cfg.model.path)
     if runtime_bytes is None:
@@ -441,8 +444,8 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     training = _weight_parts(arch, cfg, plan, int4_group, device) + _training_parts(arch, cfg, plan, device, batch)
     memory = MemoryPlan(device, batch, plan, runtime, _loading_parts(arch, cfg, plan, device), training)
     memory.notes.append(f"tokens: {batch.source}")
-    if cfg.model.dtype == "auto":
-        memory.notes.append("model.dtype: auto → {} ({})".format(*cfg.resolved_dtype()))
+    if given.model.dtype == "auto":
+        memory.notes.append("model.dtype: auto → {} ({})".format(*given.resolved_dtype(device)))
     if device != "cpu":
         memory.notes.append("the CUDA figures are unvalidated: no GPU has measured them")
     return memory

@@ -192,7 +192,7 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
                 cfg = with_change(cfg, f"report.{field_name}", 0, reason, changes)
 
     if cfg.model.dtype == "auto":
-        cfg = with_change(cfg, "model.dtype", *cfg.resolved_dtype(), changes)
+        cfg = with_change(cfg, "model.dtype", *cfg.resolved_dtype(device.type), changes)
         console.print(f"[bold]model[/bold] dtype auto → {changes[-1].effective}: {changes[-1].reason}")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
     data: Datasets = objective.build_datasets(cfg, tokenizer)
