@@ -57,6 +57,8 @@ def _config(root: Path, model_dir, method: str, objective: str, name: str, strat
            "train": {"max_steps": STEPS, "batch_size": batch, "lr": 1e-2 if method == "lora" else 2e-3,
                      "warmup_steps": 1, "seed": 7, **train_settings},
            "report": {"compare": False}, "output_dir": str(root / name)}
+    if train_settings.get("bf16"):
+        cfg["model"]["dtype"] = "bfloat16"  # a bf16 base (model.dtype: auto keeps fp32 on CPU)
     if strategy:
         cfg["distributed"] = {"strategy": strategy}
     return cfg
@@ -201,12 +203,12 @@ def test_fsdp_reading_shards_trains_as_loading_the_whole_model(launched):
 
 
 def test_fsdp_under_bf16_gathers_bf16_weights_and_trains_as_one_process(launched):
-    """train.bf16 with LoRA loads the base in bf16 (model.dtype auto), so FSDP2 gathers in bf16 and reduces in fp32
+    """train.bf16 with LoRA over a bf16 base (model.dtype: bfloat16), so FSDP2 gathers in bf16 and reduces in fp32
     (MixedPrecisionPolicy): the losses are one process's as bf16 rounds them (measured ≤ 8.2e-5 on 10.8, AMD EPYC
     fam 25)."""
     root, references, _ = launched
     two, one = root / "fsdp-lora-sft-bf16", references["bf16"]
-    assert "bfloat16" in (two / "effective.yaml").read_text()  # the base was bf16: the policy applied
+    assert "dtype: bfloat16" in (two / "config.yaml").read_text()  # the base was bf16: the policy applied
     assert _losses(two) == pytest.approx(_losses(one), abs=5e-4, rel=0)
     assert _losses(one)[-1] < _losses(one)[0] - 0.05
 
