@@ -149,7 +149,12 @@ def test_the_planner_counts_what_each_load_path_holds():
     assert qlora["one tensor in flight"] == largest_linear * (2 + 4 + 8)  # staged; bitsandbytes' fp32 work
     assert sum(qlora.values()) < 0.55 * 2 * base  # 4-bit linears + bf16 embeddings, never the bf16 model
     assert loading("train.bf16=true", device="cuda") == {"weights moved to the device": 2 * base}  # auto: bf16
-    assert loading("train.bf16=true", "model.dtype=float32", device="cuda") == {"weights moved to the device": 4 * base}
+    blocks = 16 * (2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192)  # the frozen linears (the head is tied)
+    assert loading("train.bf16=true", "model.dtype=float32", device="cuda") == {
+        "weights moved to the device": 2 * blocks + 4 * (base - blocks)}  # they load in bf16, the rest in fp32
+    assert loading("model.dtype=float32", device="cuda") == {"weights moved to the device": 4 * base}
+    assert loading("train.bf16=true", "model.dtype=float32", stored=4) == {  # on CPU, from an fp32 file
+        "weights as read": 2 * blocks + 4 * (base - blocks), "conversion buffer": 4 * 2048 * 8192}
 
 
 def test_over_budget_full_fine_tuning_is_offered_half_the_blocks_frozen():
@@ -174,3 +179,22 @@ def test_a_truncated_checkpoint_is_an_error_naming_the_file(tiny_model_dir, tmp_
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(ModelError, match="model.safetensors: the file ends inside tensor data"):
         load_model(str(folder), "bfloat16")
+
+
+def test_frozen_linears_load_in_bf16_as_the_conversion_would_store_them(tiny_model_dir):
+    """On CPU auto keeps fp32, and the linears that train.bf16_frozen_weights stores in bf16 load in bf16 (no fp32
+    copy of them): the same values as converting after an fp32 load, embeddings and norms fp32."""
+    from tunesmith.kernels import frozen_bf16
+    from tunesmith.models import load_model
+
+    cfg = _cfg(f"model.path={tiny_model_dir}", "train.bf16=true")
+    assert cfg.weights_dtype == "float32" and cfg.frozen_linears_bf16
+    assert not _cfg("train.bf16=true", "method.name=dora").frozen_linears_bf16  # DoRA reads its fp32 base
+    streamed = load_model(str(tiny_model_dir), "float32", frozen_linears_bf16=True).requires_grad_(False)
+    converted = load_model(str(tiny_model_dir), "float32").requires_grad_(False)
+    assert frozen_bf16.enable(converted).changed == frozen_bf16.enable(streamed).changed == 2 * 7
+    ours, theirs = dict(streamed.named_parameters()), dict(converted.named_parameters())
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    assert streamed.get_input_embeddings().weight.dtype == torch.float32
+    assert type(streamed.model.layers[0].mlp.down_proj) is frozen_bf16.FrozenBf16Linear

@@ -164,9 +164,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, allow_download: b
 
 
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, allow_download: bool = False,
-               place=None):
+               place=None, frozen_linears_bf16: bool = False):
     """Load weights through safetensors only; remote code only when the config allows it. `place` (weights.py)
-    takes tensors over as they load (QLoRA's quantisation)."""
+    takes tensors over as they load (QLoRA's quantisation); `frozen_linears_bf16`: the linear layers' weights load
+    in bf16 (what train.bf16_frozen_weights stores them in after loading: the same values, no fp32 copy)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -180,8 +181,9 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     refuse_untrusted_code(folder, trust_remote_code)
     try:
         # bf16 tensor by tensor (weights.py): no fp32 copy; fp32 through transformers, as views of the mapped file
-        model = stream_model(folder, torch_dtype, place, trust_remote_code) \
-            if torch_dtype != torch.float32 or place is not None else None
+        linear_dtype = torch.bfloat16 if frozen_linears_bf16 else None
+        model = stream_model(folder, torch_dtype, place, trust_remote_code, linear_dtype) \
+            if torch_dtype != torch.float32 or place is not None or linear_dtype is not None else None
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True

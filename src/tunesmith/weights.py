@@ -29,6 +29,7 @@ from torch import nn
 
 from tunesmith.errors import ModelError
 from tunesmith.kernels.allocator import large_blocks_returned
+from tunesmith.kernels.patches import is_conv1d, is_plain_linear
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -96,9 +97,11 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, trust_remote_code: bool = False):
-    """The causal LM in `folder` with its floating-point weights in `dtype`, read tensor by tensor; None where the
-    checkpoint cannot be streamed (see the module's docstring)."""
+def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, trust_remote_code: bool = False,
+                 linear_dtype: torch.dtype | None = None):
+    """The causal LM in `folder` with its floating-point weights in `dtype` (the weights of its plain linear layers in
+    `linear_dtype` where given: what kernels/frozen_bf16.py would store them in), read tensor by tensor; None where
+    the checkpoint cannot be streamed (see the module's docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     entries = checkpoint_entries(folder)
@@ -114,8 +117,15 @@ def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, tr
     if set(entries) - set(params) or not _ties_cover(model, tied):
         return None
     takers = {name: place(model, name) for name in entries} if place is not None else {}
+    targets = {name: _target(entry, dtype) for name, (_, entry) in entries.items()}
+    if linear_dtype is not None:
+        for name in targets:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if attr == "weight" and (is_plain_linear(module) or is_conv1d(module)):
+                targets[name] = linear_dtype
     staged = [_nbytes(entry) for name, (_, entry) in entries.items()
-              if takers.get(name) or _target(entry, dtype) != DTYPES[entry["dtype"]]]
+              if takers.get(name) or targets[name] != DTYPES[entry["dtype"]]]
     by_file: dict[Path, list[str]] = {}
     for name in sorted(entries, key=lambda n: (entries[n][1]["start"] + entries[n][1]["data_offsets"][0])):
         by_file.setdefault(entries[name][0], []).append(name)
@@ -124,7 +134,7 @@ def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, tr
         for path, names in by_file.items():
             with open(path, "rb", buffering=0) as f:
                 for name in names:
-                    _load_one(model, name, f, entries[name][1], dtype, takers.get(name), staging)
+                    _load_one(model, name, f, entries[name][1], targets[name], takers.get(name), staging)
         del staging
     model.tie_weights()
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -162,11 +172,11 @@ def _target(entry: dict, dtype: torch.dtype) -> torch.dtype:
     return dtype if stored.is_floating_point else stored
 
 
-def _load_one(model, name: str, f, entry: dict, dtype: torch.dtype, take, staging: torch.Tensor) -> None:
+def _load_one(model, name: str, f, entry: dict, target: torch.dtype, take, staging: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     param = getattr(module, attr)
-    stored, target = DTYPES[entry["dtype"]], _target(entry, dtype)
+    stored = DTYPES[entry["dtype"]]
     if list(param.shape) != list(entry["shape"]):
         raise ModelError(f"model.path: {f.name}: {name} has shape {entry['shape']}, the model's config makes it "
                          f"{list(param.shape)}")

@@ -329,6 +329,15 @@ class RunConfig(Strict):
         return self.resolved_dtype()[0]
 
     @property
+    def frozen_linears_bf16(self) -> bool:
+        """Whether train.bf16_frozen_weights stores the fp32 model's frozen linear weights in bf16, so they may load
+        in bf16 (never for a method that trains the base, reads its base weights (DoRA) or quantises them)."""
+        declared = self.method.declaration
+        return (self.train.bf16 and self.train.bf16_frozen_weights and self.weights_dtype == "float32"
+                and not declared.trains_base and not declared.memory.reads_base_weight
+                and not declared.memory.quantized_base)
+
+    @property
     def objective_declaration(self) -> ObjectiveDeclaration:
         return objective_declaration(self.objective)
 

@@ -56,8 +56,8 @@ def _frozen_bf16_conv1d() -> type:
                                                 "__module__": __name__})
 
 
-def _convertible(module: nn.Module, shared: set[int], reads_weight: set[int]) -> bool:
-    if (not (is_plain_linear(module) or is_conv1d(module)) or module.weight.dtype != torch.float32
+def _convertible(module: nn.Module, shared: set[int], reads_weight: set[int], dtypes: tuple) -> bool:
+    if (not (is_plain_linear(module) or is_conv1d(module)) or module.weight.dtype not in dtypes
             or id(module) in reads_weight):
         return False
     params = [p for p in (module.weight, module.bias) if p is not None]
@@ -73,9 +73,14 @@ def enable(model: nn.Module) -> Patch:
             owners[id(p)] = owners.get(id(p), 0) + 1
     shared = {pid for pid, n in owners.items() if n > 1}
     reads_weight = base_weight_readers(model)
+    # an fp32 model whose frozen linears loaded in bf16 already (models.load_model's frozen_linears_bf16) takes
+    # the layer classes only; a whole-bf16 model (model.dtype: bfloat16) is left as it is
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    mixed = embeddings is None or embeddings.weight.dtype == torch.float32
+    dtypes = (torch.float32, torch.bfloat16) if mixed else (torch.float32,)
     converted = []
     for module in model.modules():
-        if _convertible(module, shared, reads_weight):
+        if _convertible(module, shared, reads_weight, dtypes):
             converted.append((module, type(module)))
             module.weight.data = module.weight.data.to(torch.bfloat16)
             module.__class__ = _frozen_bf16_conv1d() if is_conv1d(module) else FrozenBf16Linear

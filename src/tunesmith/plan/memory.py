@@ -384,9 +384,10 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
 def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
     """What reading the checkpoint holds at its peak (models.py, weights.py). On CPU: an fp32 load goes through
     transformers, its weights views of the mapped file where that is fp32 (the file's pages are the weights), else
-    the file's touched pages beside the fp32 copies; a bf16 load and QLoRA's read tensor by tensor into the final
-    dtype (4 bits for QLoRA's base linears, quantised as each arrives), plus the largest tensor converted, read into
-    one staging buffer. The model is read on CPU and moved to the device after the method is applied (train/run.py),
+    the file's touched pages beside the fp32 copies; a bf16 load, an fp32 one whose frozen linears
+    train.bf16_frozen_weights stores in bf16 (config `frozen_linears_bf16`) and QLoRA's read tensor by tensor into
+    the final dtype (4 bits for QLoRA's base linears, quantised as each arrives), plus the largest tensor converted,
+    read into one staging buffer. The model is read on CPU and moved to the device after the method is applied (train/run.py),
     so on CUDA loading holds the weights as moved: an fp32 base in fp32 before train.bf16_frozen_weights converts it
     there (unvalidated: no GPU has run it)."""
     base, stored = sum_base(arch), arch.checkpoint_bytes
@@ -405,8 +406,17 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
         return kept + [Part("one tensor in flight", staged + largest * per_weight,
                             f"the largest tensor read ({staged:,} B staged in the file's {stored} B a weight) and "
                             f"the quantiser's work on one linear: {largest:,} × {per_weight} B")]
+    frozen = _frozen_bf16_linears(arch, cfg) if cfg.frozen_linears_bf16 else 0
     if device != "cpu":
-        return [Part("weights moved to the device", base * dtype_bytes, f"{base:,} × {dtype_bytes} B (unvalidated)")]
+        return [Part("weights moved to the device", frozen * 2 + (base - frozen) * dtype_bytes,
+                     f"{frozen:,} × 2 B + {base - frozen:,} × {dtype_bytes} B (unvalidated)")]
+    if frozen:  # the frozen linears read in bf16, the rest in fp32, tensor by tensor (weights.py)
+        largest = max(lin.in_features * lin.out_features for lin in linears(arch)
+                      if not (lin.name == "lm_head" and arch.tied_embeddings))
+        staged = max(largest * stored * (stored != 2), arch.vocab_size * arch.hidden_size * stored * (stored != 4))
+        return [Part("weights as read", frozen * 2 + (base - frozen) * 4, f"{frozen:,} frozen linear weights × 2 B "
+                     f"(train.bf16_frozen_weights, stored so as they load) + {base - frozen:,} × 4 B"),
+                Part("conversion buffer", staged, f"the largest tensor converted, in the file's {stored} B a weight")]
     if dtype_bytes == 2:
         parts = [Part("bf16 weights as read", base * 2, f"{base:,} × 2 B, read tensor by tensor (weights.py)")]
         if stored != 2:
@@ -417,7 +427,7 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
     if stored != 4:
         parts.append(Part("fp32 copy", base * 4, f"{base:,} × 4 B, converted from the mapped file"))
     frozen = _frozen_bf16_linears(arch, cfg)
-    if frozen:  # kernels/frozen_bf16.py: the bf16 weights and a copy of the rest exist before the file is unmapped
+    if frozen:  # DoRA's other linears: the bf16 weights and a copy of the rest exist before the file is unmapped
         parts.append(Part("frozen weights converted to bf16", frozen * 2 + (base - frozen) * 4 * (stored == 4),
                           f"{frozen:,} × 2 B + the other {base - frozen:,} weights copied out of the file, × 4 B"))
     return parts

@@ -186,4 +186,4 @@ def load_for(cfg, ranks, console, place=None) -> tuple[nn.Module, str | None]:
             console.print(f"[bold]fsdp[/bold] each rank reads only its shards of {folder}")
             return skeleton(folder, getattr(torch, m.dtype), m.trust_remote_code), folder
         console.print(f"[bold]fsdp[/bold] every rank loads the whole model and shards it after: {why}")
-    return load_model(m.path, m.dtype, m.trust_remote_code, m.allow_download, place), None
+    return load_model(m.path, m.dtype, m.trust_remote_code, m.allow_download, place, cfg.frozen_linears_bf16), None
