@@ -1,6 +1,6 @@
 """Load-time peak RSS against the weights' bytes: models.load_model in a fresh process per row (fp32 through
-transformers, bf16 streamed by weights.py, QLoRA quantised as it loads or after loading), as a training run loads
-(glibc keeping freed memory: kernels/allocator.py).
+transformers; with the frozen linears in bf16, or all bf16, streamed by weights.py; QLoRA quantised as it loads or
+after loading), as a training run loads (glibc keeping freed memory: kernels/allocator.py).
 
     PYTHONPATH=src python bench/load_peak.py [--model builtin:smollm2-135m-instruct] [--rows fp32,bf16,qlora,...]
 
@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from results_log import RESULTS, ResultsLog, cpu_slug, cpu_summary  # noqa: E402
 
-# row: (model.dtype, QLoRA: None, "stream" (as it loads) or "after" (load, then quantise))
-ROWS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "qlora-fp32": ("float32", "stream"),
+# row: (model.dtype, QLoRA: None, "stream" (as it loads) or "after" (load, then quantise); or "frozen": the
+# linears train.bf16_frozen_weights stores in bf16 loaded in bf16)
+ROWS = {"fp32": ("float32", None), "fp32-frozen-bf16": ("float32", "frozen"), "bf16": ("bfloat16", None), "qlora-fp32": ("float32", "stream"),
         "qlora-fp32-after": ("float32", "after"), "qlora-bf16": ("bfloat16", "stream"),
         "qlora-bf16-after": ("bfloat16", "after")}
 
@@ -53,7 +54,9 @@ def child(model: str, row: str) -> None:
     with parameters_on_meta():  # imports and lazy module loading paid before the baseline
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     base, started = _status("VmRSS"), time.perf_counter()
-    if qlora_mode:
+    if qlora_mode == "frozen":  # what train.bf16 with a frozen-base method loads on CPU (model.dtype auto)
+        loaded = load_model(model, dtype, frozen_linears_bf16=True)
+    elif qlora_mode:
         from tunesmith.config.methods import QloraSettings
         from tunesmith.methods import qlora
 
