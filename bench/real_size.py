@@ -28,14 +28,15 @@ from results_log import ResultsLog, cpu_slug, cpu_summary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = {"lora": {"name": "lora"}, "qlora": {"name": "qlora"}, "full": {"name": "full"},
-        "freeze8": {"name": "freeze", "last_layers": 8}}
+        "freeze8": {"name": "freeze", "last_layers": 8}, "lora-auto": {"name": "lora"}}
+AUTO = {"lora-auto"}  # model.dtype left at auto: on CPU fp32 with the frozen linears loaded in bf16
 
 
 def row_config(row: str, batch: int, length: int, steps: int, folder: Path) -> dict:
     """bf16 autocast over a bf16 base (model.dtype: bfloat16, what auto picks on CUDA; on CPU auto keeps fp32
     activations: README 'Loading in the dtype that trains'), fp32 for full; no forgetting probe, no held-out
     comparison: only the training loop."""
-    dtype = "float32" if trains_base(row) else "bfloat16"
+    dtype = "auto" if row in AUTO else "float32" if trains_base(row) else "bfloat16"
     return {"model": {"path": str(make_llama_1b.folder()), "dtype": dtype}, "method": ROWS[row], "objective": "text",
             "data": {"train": str(plan_bench.text_file(folder)), "max_length": length, "overlong": "truncate"},
             "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "bf16": True, "warmup_steps": 0},
