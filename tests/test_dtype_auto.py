@@ -198,3 +198,27 @@ def test_frozen_linears_load_in_bf16_as_the_conversion_would_store_them(tiny_mod
         assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
     assert streamed.get_input_embeddings().weight.dtype == torch.float32
     assert type(streamed.model.layers[0].mlp.down_proj) is frozen_bf16.FrozenBf16Linear
+
+
+@pytest.mark.parametrize("name", ["prefix", "ptuning-v2", "prompt", "lora"])
+def test_methods_start_over_frozen_linears_loaded_in_bf16_as_over_the_converted_model(tiny_model_dir, name):
+    """Prefix and P-tuning v2 run the frozen model to start their prefix: over bf16 linears beside fp32 embeddings
+    (auto on CPU under train.bf16) it computes in bf16 as the run's autocast does, and starts exactly where the
+    same method over the fp32 load with its linears converted starts (before: a dtype error at apply)."""
+    from tunesmith.kernels import frozen_bf16
+    from tunesmith.methods import get_method
+    from tunesmith.models import load_model
+
+    cfg = _cfg(f"model.path={tiny_model_dir}", f"method.name={name}", "train.bf16=true")
+    assert cfg.frozen_linears_bf16
+    converted = load_model(str(tiny_model_dir), "float32").requires_grad_(False)
+    frozen_bf16.enable(converted)
+    started = []
+    for model in (load_model(str(tiny_model_dir), "float32", frozen_linears_bf16=True), converted):
+        model.requires_grad_(False)  # the first as a run applies its method: before the speed patches
+        torch.manual_seed(0)
+        get_method(name).apply(model, cfg.method)
+        started.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert started[0].keys() == started[1].keys() and started[0]
+    for key, value in started[1].items():
+        assert torch.equal(started[0][key], value), key

@@ -114,7 +114,11 @@ def activation_prefix(model, n: int) -> torch.Tensor:
     weight = model.get_input_embeddings().weight
     ids = torch.randint(0, weight.shape[0], (1, n), device=weight.device)
     cache = DynamicCache(config=model.config)
-    model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
+    # frozen linears loaded in bf16 beside fp32 embeddings (model.dtype auto under train.bf16) compute as the run's
+    # bf16 autocast will; a model in one dtype computes as it is
+    mixed = any(m.weight.dtype != weight.dtype for m in model.modules() if isinstance(m, nn.Linear))
+    with torch.autocast(weight.device.type, dtype=torch.bfloat16, enabled=mixed):
+        model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
     return kv.permute(3, 0, 1, 2, 4).reshape(n, -1).float()
 
