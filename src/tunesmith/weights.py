@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -79,36 +78,19 @@ def read_tensor(f, entry: dict, into: torch.Tensor | None = None) -> torch.Tenso
     return out
 
 
-@contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation); buffers are
-    computed as usual."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def stream_model(folder: str, dtype: torch.dtype, place: Place | None = None, trust_remote_code: bool = False,
                  linear_dtype: torch.dtype | None = None):
     """The causal LM in `folder` with its floating-point weights in `dtype` (the weights of its plain linear layers in
     `linear_dtype` where given: what kernels/frozen_bf16.py would store them in), read tensor by tensor; None where
     the checkpoint cannot be streamed (see the module's docstring)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     entries = checkpoint_entries(folder)
     if entries is None:
         return None
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with parameters_on_meta():
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if getattr(model, "_keep_in_fp32_modules_strict", None) or getattr(model, "_keep_in_fp32_modules", None):
         return None

@@ -83,21 +83,18 @@ def skeleton(folder: str, dtype: torch.dtype, trust_remote_code: bool = False) -
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
-    views: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for key, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in views:
-                keys = [n for n in names[id(param)] if n in stored]
-                if not keys:
-                    raise ModelError(f"model.path: {folder} holds no tensor {names[id(param)][0]} for the "
-                                     f"{type(model).__name__} its config.json describes")
-                zero = torch.zeros((), dtype=param.dtype).expand(param.shape)
-                views[id(param)] = nn.Parameter(zero, requires_grad=param.requires_grad)
-                names[id(views[id(param)])] = keys
-            module._parameters[key] = views[id(param)]
-    setattr(model, SOURCES, {i: names[i] for i in (id(p) for p in views.values())})
+
+    def zero_view(param: nn.Parameter) -> nn.Parameter:
+        keys = [n for n in names[id(param)] if n in stored]
+        if not keys:
+            raise ModelError(f"model.path: {folder} holds no tensor {names[id(param)][0]} for the "
+                             f"{type(model).__name__} its config.json describes")
+        view = nn.Parameter(torch.zeros((), dtype=param.dtype).expand(param.shape), requires_grad=param.requires_grad)
+        names[id(view)] = keys
+        return view
+
+    views = _swap_parameters(model, zero_view)
+    setattr(model, SOURCES, {id(p): names[id(p)] for p in views})
     model.config.use_cache = False
     return model.eval()
 
@@ -126,19 +123,28 @@ def shard_and_read(model: nn.Module, ranks, folder: str, device: torch.device) -
 def _base_to_meta(model: nn.Module, device: torch.device, sources: dict[int, list[str]]) -> None:
     """The zero views become meta parameters (FSDP2 shards only contiguous tensors, and leaves meta ones for
     later); the method's parameters and the buffers move to `device`."""
-    replaced: dict[int, nn.Parameter] = {}
+    _swap_parameters(model, lambda param: nn.Parameter(
+        torch.empty(param.shape, dtype=param.dtype, device="meta") if id(param) in sources
+        else param.detach().to(device), requires_grad=param.requires_grad))
+    for module in model.modules():
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+
+
+def _swap_parameters(model: nn.Module, make) -> list[nn.Parameter]:
+    """Replace each parameter by make(parameter) (None: keep it), once per parameter however many modules hold it, so
+    tied weights stay tied (module.to_empty would untie them); returns the new parameters."""
+    made: dict[int, tuple[nn.Parameter, nn.Parameter | None]] = {}  # the old one kept alive: its id stays its own
     for module in model.modules():
         for key, param in list(module._parameters.items()):
             if param is None:
                 continue
-            if id(param) not in replaced:
-                value = (torch.empty(param.shape, dtype=param.dtype, device="meta") if id(param) in sources
-                         else param.detach().to(device))
-                replaced[id(param)] = nn.Parameter(value, requires_grad=param.requires_grad)
-            module._parameters[key] = replaced[id(param)]
-        for key, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[key] = buffer.to(device)
+            if id(param) not in made:
+                made[id(param)] = (param, make(param))
+            if made[id(param)][1] is not None:
+                module._parameters[key] = made[id(param)][1]
+    return [new for _, new in made.values() if new is not None]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -148,14 +154,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _allocate(model: nn.Module, device: torch.device) -> None:
     """Memory on `device` for every meta shard (uninitialised: the files fill it), one per parameter however many
     modules hold it (module.to_empty would untie tied weights)."""
-    allocated: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for key, param in list(module._parameters.items()):
-            if param is not None and param.is_meta:
-                if id(param) not in allocated:
-                    allocated[id(param)] = nn.Parameter(torch.empty_like(param, device=device),
-                                                        requires_grad=param.requires_grad)
-                module._parameters[key] = allocated[id(param)]
+    _swap_parameters(model, lambda param: nn.Parameter(torch.empty_like(param, device=device),
+                                                        requires_grad=param.requires_grad) if param.is_meta else None)
 
 
 def _read_rows(handle, key: str, param: torch.Tensor, ranks) -> None:
