@@ -78,7 +78,7 @@ def config(model, images, out, **sections):
             "prior": {"class_prompt": "a photo of a dog", "weight": 0.5, "num_images": 4, "steps": 3},
             "method": {"name": "lora", "r": 4, "alpha": 8},
             "train": {"steps": 3, "batch_size": 2, "lr": 1e-2, "device": "cpu"},
-            "sample": {"per_prompt": 2, "steps": 3, "seed": 7}}
+            "sample": {"per_prompt": 2, "steps": 3, "seed": 7, "guidance_scale": 1.0}}
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
     return load_dreambooth_config(None, base=tree)
@@ -102,34 +102,45 @@ def render(pipe, prompt="a photo of sks dog", seed=7):
 # --- the loss ---------------------------------------------------------------------------------------------------
 
 def test_loss_is_instance_term_plus_weight_times_prior_term():
-    from tunesmith.diffusion.loss import dreambooth_loss
+    from tunesmith.diffusion.loss import grouped_loss, per_sample_mse
 
     torch.manual_seed(0)
     pred, goal = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
-    total, instance, prior = dreambooth_loss(pred, goal, 2, 0.7)
-    assert instance.item() == ((pred[:2] - goal[:2]) ** 2).mean().item()
-    assert prior.item() == ((pred[2:] - goal[2:]) ** 2).mean().item()
+
+    def loss(p, weight):
+        total, terms = grouped_loss(per_sample_mse(p, goal), {"instance": (0, 2, 1.0), "prior": (2, 6, weight)})
+        return total, terms["instance"], terms["prior"]
+
+    total, instance, prior = loss(pred, 0.7)
+    assert torch.allclose(instance, ((pred[:2] - goal[:2]) ** 2).mean(), rtol=1e-6)
+    assert torch.allclose(prior, ((pred[2:] - goal[2:]) ** 2).mean(), rtol=1e-6)
     assert torch.equal(total, instance + 0.7 * prior)
     # the instance term reads the instance rows only; weight 0 leaves the instance term alone
     pred2 = pred.clone()
     pred2[2:] += 1.0
-    assert torch.equal(dreambooth_loss(pred2, goal, 2, 0.7)[1], instance)
-    assert torch.equal(dreambooth_loss(pred, goal, 2, 0.0)[0], instance)
+    assert torch.equal(loss(pred2, 0.7)[1], instance)
+    assert torch.equal(loss(pred, 0.0)[0], instance)
 
 
-def test_target_follows_the_schedulers_prediction_type():
-    from diffusers import DDPMScheduler
+def test_the_target_follows_the_schedulers_prediction_type_and_flow_matching_noises_linearly():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from tunesmith.diffusion.loss import target
+    from tunesmith.diffusion.noise import Noising
 
     clean, noise, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([10, 90])
-    assert torch.equal(target(DDPMScheduler(prediction_type="epsilon"), clean, noise, t), noise)
+    assert torch.equal(Noising(DDPMScheduler(prediction_type="epsilon")).target(clean, noise, t), noise)
     v = DDPMScheduler(prediction_type="v_prediction")
     expected = v.get_velocity(clean, noise, t)
-    assert torch.equal(target(v, clean, noise, t), expected)
+    assert torch.equal(Noising(v).target(clean, noise, t), expected)
     assert not torch.allclose(expected, noise)
     with pytest.raises(ModelError, match="prediction_type 'sample'"):
-        target(DDPMScheduler(prediction_type="sample"), clean, noise, t)
+        Noising(DDPMScheduler(prediction_type="sample"))
+    flow = Noising(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    drawn = flow.draw(2, torch.Generator().manual_seed(0))
+    sigma = drawn / 1000
+    assert torch.allclose(flow.add(clean, noise, drawn), (1 - sigma.view(-1, 1, 1, 1)) * clean + sigma.view(-1, 1, 1, 1) * noise)
+    assert torch.equal(flow.target(clean, noise, drawn), noise - clean)
+    assert torch.allclose(flow.snr(drawn), ((1 - sigma) / sigma) ** 2)
 
 
 # --- LoRA: base untouched, only adapters saved, reload through diffusers ------------------------------------------
@@ -149,12 +160,12 @@ def test_lora_leaves_the_base_unet_bit_identical_and_saves_only_adapter_weights(
     from tunesmith.diffusion.sample import load_trained
 
     base = UNet2DConditionModel.from_pretrained(model_dir / "unet").state_dict()
-    trained = load_trained(lora_run.run_dir, device=torch.device("cpu")).unet
+    trained = load_trained(lora_run.run_dir, device=torch.device("cpu"))[1].unet
     bases = {k.replace(".base_layer.", "."): v for k, v in trained.state_dict().items() if ".lora_" not in k}
     assert bases.keys() == base.keys()
     assert all(torch.equal(bases[k], base[k]) for k in base)
     saved = load_file(str(lora_run.weights / "pytorch_lora_weights.safetensors"))
-    attention = [n for n, m in load_pipeline(model_dir)[0].unet.named_modules()
+    attention = [n for n, m in load_pipeline(model_dir)[1].unet.named_modules()
                  if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
     assert sorted(saved) == sorted(f"unet.{n}.lora_{x}.weight" for n in attention for x in "AB")
     assert all(saved[f"unet.{n}.lora_A.weight"].shape[0] == 4 for n in attention)
@@ -166,7 +177,7 @@ def test_lora_leaves_the_base_unet_bit_identical_and_saves_only_adapter_weights(
 def test_lora_reloads_with_diffusers_load_lora_weights_with_equal_outputs(lora_run, model_dir):
     from tunesmith.diffusion.sample import load_trained
 
-    ours = render(load_trained(lora_run.run_dir, device=torch.device("cpu")))
+    ours = render(load_trained(lora_run.run_dir, device=torch.device("cpu"))[1])
     assert torch.allclose(ours, lora_run.after["a photo of sks dog"], atol=1e-6)
     pipe = diffusers_pipeline(model_dir)
     base = render(pipe)
@@ -204,38 +215,39 @@ def _trained_state(trained):
 
 def test_resume_equals_an_uninterrupted_run(model_dir, instance_dir, tmp_path, crash_after):
     from tunesmith.diffusion import trainable
-    from tunesmith.diffusion.components import load_pipeline
     from tunesmith.diffusion.images import read_instance_images
     from tunesmith.diffusion.loop import train
+    from tunesmith.diffusion.run import batches
+    from tunesmith.diffusion.session import open_session, settings_of
 
     cfg = config(model_dir, instance_dir, tmp_path, method={"dropout": 0.1, "train_text_encoder": True},
-                 train={"steps": 4, "save_every": 2})
+                 train={"steps": 4, "save_every": 2, "ema_decay": 0.9, "min_snr_gamma": 5.0})
     instance = read_instance_images(instance_dir, RES, 3)
     classes = torch.rand(4, 3, RES, RES)
 
-    def fresh():
-        pipe, scheduler = load_pipeline(model_dir, torch.device("cpu"))
-        return pipe, scheduler, trainable.apply(pipe, cfg.method)
+    def run(folder, resume=False):
+        session = open_session(cfg.model_copy(update={"output_dir": str(tmp_path / folder)}), False, resume, True)
+        trained = trainable.apply(session.family, session.pipe, cfg.method)
+        settings = settings_of(cfg, trained)
+        rows = train(settings, session.family, session.pipe, session.noising, trained,
+                     batches(session, instance, classes), torch.Generator().manual_seed(cfg.seed), session.run_dir,
+                     resume=resume)
+        return rows, trained, settings.ema
 
     torch.manual_seed(0)
-    pipe, scheduler, trained = fresh()
-    (tmp_path / "a").mkdir()
-    whole = train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "a")
-    expected = _trained_state(trained)
-
+    whole, trained, ema = run("a")
+    expected, expected_ema = _trained_state(trained), dict(ema.state_dict())
     torch.manual_seed(0)
-    pipe, scheduler, trained = fresh()
-    (tmp_path / "b").mkdir()
     with crash_after(3):
-        train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "b")
+        run("b")
     torch.manual_seed(123)  # a new process: another global RNG state, restored from the checkpoint
-    pipe, scheduler, trained = fresh()
-    resumed = train(cfg, pipe, scheduler, trained, instance, classes, tmp_path / "b", resume=True)
+    resumed, trained, ema = run("b", resume=True)
     got = _trained_state(trained)
     assert [r["step"] for r in resumed] == [3, 4]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[2:]]
     assert got.keys() == expected.keys() and any(k.startswith("text_encoder.") for k in got)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in expected_ema.items())
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
@@ -316,7 +328,7 @@ def test_config_errors_name_the_field(model_dir, instance_dir, tmp_path):
 
 
 def test_an_existing_run_is_not_overwritten_silently(lora_run):
-    from tunesmith.diffusion.run import check_output_dir
+    from tunesmith.diffusion.session import check_output_dir
     from tunesmith.errors import OutputDirError
 
     with pytest.raises(OutputDirError, match="--overwrite"):
@@ -355,7 +367,7 @@ def test_the_cli_trains_from_a_yaml_file_and_renders_with_generate_image(model_d
     with Image.open(out) as im:  # 1 row × 2 images of 8 px shown 8× larger, 2 px padding
         assert im.size == (2 + 2 * (64 + 2), 2 + 64 + 2)
         grid = np.asarray(im)
-    expected = render(load_trained(run, device=torch.device("cpu")))
+    expected = render(load_trained(run, device=torch.device("cpu"))[1])
     first = grid[2:66:8, 2:66:8].astype(np.float32) / 255  # the first image, one pixel per cell
     assert np.abs(first - expected[0].permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
     assert main(["dreambooth", str(path), "--quiet"]) == 2  # the run exists: refused, not overwritten
@@ -365,20 +377,23 @@ def test_the_cli_trains_from_a_yaml_file_and_renders_with_generate_image(model_d
 def test_class_images_are_cached_in_the_run_and_remade_when_their_recipe_changes(lora_run, model_dir, instance_dir):
     from tunesmith.diffusion.run import class_images
 
-    class NoSampling:  # a pipeline that must not be asked for images
-        resolution = RES
-        unet = torch.nn.Linear(1, 1)  # where autocast looks for the device
-        unet.device = torch.device("cpu")
+    from tunesmith.diffusion.session import Session
 
-        def __call__(self, *a, **k):
+    class NoSampling(Session):  # a session whose pipeline must not be asked for images
+        def render(self, *a, **k):
             raise AssertionError("sampled although the cached class images fit")
 
-    cfg = config(model_dir, instance_dir, lora_run.run_dir)
-    cached = class_images(NoSampling(), cfg, lora_run.run_dir, 3, quiet=True)
+    def session(cfg):
+        from tunesmith.diffusion.families import by_name
+
+        return NoSampling(cfg, lora_run.run_dir, by_name("sd"), type("P", (), {"resolution": RES})(), None,
+                          torch.device("cpu"), model_dir)
+
+    cached = class_images(session(config(model_dir, instance_dir, lora_run.run_dir)), 3, quiet=True)
     assert cached.shape == (4, 3, RES, RES)
     with pytest.raises(AssertionError, match="sampled although"):
-        class_images(NoSampling(), config(model_dir, instance_dir, lora_run.run_dir,
-                                          prior={"class_prompt": "a photo of a cat"}), lora_run.run_dir, 3, quiet=True)
+        class_images(session(config(model_dir, instance_dir, lora_run.run_dir,
+                                    prior={"class_prompt": "a photo of a cat"})), 3, quiet=True)
 
 
 def test_a_lora_on_the_text_encoder_too_reloads_with_diffusers_with_equal_outputs(model_dir, instance_dir, tmp_path):

@@ -73,14 +73,9 @@ def print_summary(result) -> None:
 def cmd_generate_image(args) -> int:
     from pathlib import Path
 
-    from tunesmith.diffusion.config import load_dreambooth_config
     from tunesmith.diffusion.sample import generate
 
-    guidance = args.guidance_scale
-    if guidance is None:
-        config = Path(args.run) / "config.yaml"
-        guidance = load_dreambooth_config(config).sample.guidance_scale if config.is_file() else 1.0
     out = generate(args.run, args.prompt, Path(args.out or Path(args.run) / "generated.png"), per_prompt=args.n,
-                   steps=args.steps, guidance_scale=guidance, seed=args.seed)
+                   steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed)
     print(f"wrote {out}")
     return 0

@@ -1,7 +1,10 @@
-"""DreamBooth on diffusers UNets: bind an identifier token to a subject from a few images, keep the class prior with a
-preservation loss; full fine-tuning or tunesmith's LoRA on the attention projections (tunesmith.methods.lora).
+"""Text-to-image fine-tuning on diffusers pipelines: DreamBooth (bind an identifier to a subject from a few images,
+keep the class prior with a preservation loss) and text-to-image on captioned image folders (style and domain
+adaptation); full fine-tuning or tunesmith's LoRA (tunesmith.methods.lora).
 
-config.py (schema) → components.py (load a diffusers folder) → images.py (instance/class images, grids) →
-loss.py (the DreamBooth loss) → loop.py + checkpoint.py (training, resume) → saving.py (diffusers formats) →
-run.py (one run end to end, report.md); tiny.py pretrains the embedded default model; fidelity.py measures;
-styles.py builds offline restyled-digit and photo-patch captioned sets, style_scores.py scores style, content and domain."""
+families/ (one module per pipeline kind: what trains, text and image encoding, one prediction, sampling) →
+noise.py (DDPM / flow-matching noising and targets) → config.py (schema) → components.py (resolve and load a folder)
+→ images.py, latents.py (images in and out, the VAE posterior cached) → loss.py (grouped, min-SNR-weighted) →
+loop.py + checkpoint.py (the one training loop, resume) → session.py (what every run does around its data) →
+run.py (DreamBooth) → saving.py (diffusers formats) → report.py; tiny.py pretrains the embedded default model;
+fidelity.py measures."""

@@ -12,8 +12,6 @@ from tunesmith.config import load_yaml_model
 from tunesmith.paths import Expect
 
 DEMO_MODEL = "builtin:tiny-digits"
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class Strict(BaseModel):
@@ -34,6 +32,8 @@ class PriorSettings(Strict):
     num_images: int = Field(50, gt=0, description="class images the base pipeline generates before training "
                             "(cached in the run folder)")
     steps: int = Field(25, gt=0, description="sampling steps for the class images")
+    guidance_scale: float | None = Field(None, ge=1.0, description="classifier-free guidance for the class images; "
+                                         "default: the pipeline's usual (SD 7.5, SDXL 5, SD3 7, Flux 3.5)")
 
 
 class MethodSettings(Strict):
@@ -41,10 +41,13 @@ class MethodSettings(Strict):
     r: int = Field(8, gt=0)
     alpha: float = Field(8.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(UNET_ATTENTION),
-                                      description="UNet linear layers LoRA wraps (module-name suffixes)")
-    train_text_encoder: bool = Field(False, description="also train the text encoder (LoRA on its attention "
-                                     "projections with method lora, all of it with full)")
+    target_modules: list[str] | None = Field(None, description="denoiser (UNet / transformer) linear layers LoRA "
+                                             "wraps, as module-name suffixes; default: the pipeline's attention "
+                                             "projections (as diffusers' LoRA training scripts)")
+    train_text_encoder: bool = Field(False, description="also train the CLIP text encoder(s) (LoRA on "
+                                     "text_target_modules with method lora, all of it with full); T5 never trains")
+    text_target_modules: list[str] | None = Field(None, description="text-encoder layers LoRA wraps; default: "
+                                                  "the attention projections")
 
 
 class TrainSettings(Strict):
@@ -58,7 +61,13 @@ class TrainSettings(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has "
                                                        "it, fp32 elsewhere")
+    gradient_checkpointing: bool | None = Field(None, description="recompute the denoiser's activations in the "
+                                                "backward pass; default: on on a GPU, off on the CPU")
     threads: int | None = Field(None, gt=0)
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR-γ loss weighting (5 is the paper's "
+                                        "choice); off by default")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
+                                    "trained weights (e.g. 0.999) and save and sample with it; off by default")
 
 
 class SampleSettings(Strict):
@@ -66,21 +75,28 @@ class SampleSettings(Strict):
                                "class prompt)")
     per_prompt: int = Field(4, gt=0)
     steps: int = Field(25, gt=0)
-    guidance_scale: float = Field(1.0, ge=1.0, description="classifier-free guidance; 1 = none")
+    guidance_scale: float | None = Field(None, ge=1.0, description="classifier-free guidance; 1 = none; default: the "
+                                         "pipeline's usual (SD 7.5, SDXL 5, SD3 7, Flux 3.5)")
     seed: int = 1234
+    every: int | None = Field(None, gt=0, description="also render the grid every N training steps "
+                              "(samples/step-N.png), with the EMA weights when train.ema_decay is set")
 
 
-class DreamBoothConfig(Strict):
+class DiffusionRunConfig(Strict):
+    """What DreamBooth and text-to-image runs share."""
     model: Annotated[str, Expect.MODEL] = Field(
-        DEMO_MODEL, description="a diffusers Stable-Diffusion-style folder (unet/, text_encoder/, tokenizer/, "
-        "scheduler/, optional vae/) or builtin:tiny-digits")
+        DEMO_MODEL, description="a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux) or "
+        "builtin:tiny-digits")
     output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/dreambooth"
     seed: int = 0
-    instance: InstanceSettings
-    prior: PriorSettings = Field(default_factory=PriorSettings)
     method: MethodSettings = Field(default_factory=MethodSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     sample: SampleSettings = Field(default_factory=SampleSettings)
+
+
+class DreamBoothConfig(DiffusionRunConfig):
+    instance: InstanceSettings
+    prior: PriorSettings = Field(default_factory=PriorSettings)
 
     @model_validator(mode="after")
     def _class_prompt_when_weighted(self) -> "DreamBoothConfig":
@@ -110,5 +126,5 @@ def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None 
                            adjust=images_beside if path is not None else None)
 
 
-def dump(cfg: DreamBoothConfig) -> str:
+def dump(cfg: DiffusionRunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

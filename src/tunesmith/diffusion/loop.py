@@ -1,22 +1,46 @@
-"""The DreamBooth training loop: each step draws `batch_size` instance images and as many class images, noises them
-at random timesteps, and descends the DreamBooth loss. Every random draw comes from one generator whose state the
-checkpoints keep, so a resumed run ends with the weights an uninterrupted one has."""
+"""The one diffusion training loop (DreamBooth and text-to-image): each step takes a batch from the run's batch
+source, noises it at random timesteps (noise.py), predicts through the pipeline's family (families/), and descends
+the grouped, optionally min-SNR-weighted denoising loss (loss.py). Every random draw comes from one CPU generator
+whose state the checkpoints keep (with the optimizer, the EMA and torch's RNG), so a resumed run ends with the
+weights an uninterrupted one has."""
 
 from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from tunesmith.diffusion import checkpoint
-from tunesmith.diffusion.config import DreamBoothConfig
-from tunesmith.diffusion.loss import dreambooth_loss, target
+from tunesmith.diffusion.loss import grouped_loss, per_sample_mse
 from tunesmith.diffusion.trainable import named_trainable, set_train_mode
 from tunesmith.faults import fault_after
 
 METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    clean: torch.Tensor                          # what the denoiser denoises, on its device
+    groups: dict[str, tuple[int, int, float]]    # loss terms: name → (first row, end row, weight)
+    micro: torch.Tensor | None = None            # SDXL's size conditioning, (N, 6)
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    precision: str = "auto"
+    min_snr_gamma: float | None = None
+    ema: object | None = None                    # ema.EMA over the trained parameters, or None
 
 
 def autocast(device: torch.device, precision: str):
@@ -31,62 +55,69 @@ def _keep_metrics_until(run_dir: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def train(cfg: DreamBoothConfig, pipe, scheduler, trained: dict, instance: torch.Tensor,
-          class_images: torch.Tensor | None, run_dir: Path, resume: bool = False, on_step=None) -> list[dict]:
-    """Train in place; returns the metrics rows of this call. `instance`/`class_images`: (N, C, H, W) in [0, 1]."""
-    device = pipe.unet.device
-    generator = torch.Generator().manual_seed(cfg.seed)
+class _Text:
+    """The conditioning of the last prompt list, reused while no text encoder trains (DreamBooth's prompts repeat)."""
+
+    def __init__(self, family, pipe, trains: bool):
+        self.family, self.pipe, self.trains = family, pipe, trains
+        self.prompts, self.value = None, None
+
+    def __call__(self, prompts: list[str]) -> dict:
+        if self.trains:
+            return self.family.encode_text(self.pipe, prompts)
+        if prompts != self.prompts:
+            with torch.no_grad():
+                self.prompts, self.value = list(prompts), self.family.encode_text(self.pipe, prompts)
+        return self.value
+
+
+def train(settings: LoopSettings, family, pipe, noising, trained: dict, next_batch: Callable[[torch.Generator], Batch],
+          generator: torch.Generator, run_dir: Path, resume: bool = False, on_step=None) -> list[dict]:
+    """Train `trained` (pipeline component name → module) in place; returns the metrics rows of this call.
+    `generator` is seeded by the caller and is the only source of the batches' randomness."""
+    device = family.device(pipe)
     params = named_trainable(trained)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=settings.weight_decay)
     start = 0
     if resume:
         saved = checkpoint.list_checkpoints(run_dir)
         if saved:
-            start = checkpoint.load(saved[-1], params, optimizer, generator)
+            start = checkpoint.load(saved[-1], params, optimizer, generator, settings.ema)
             _keep_metrics_until(run_dir, start)
-    weight = cfg.prior.weight if class_images is not None else 0.0
-    bs = cfg.train.batch_size
-    prompts = [cfg.instance.prompt] * bs + ([cfg.prior.class_prompt] * bs if weight > 0 else [])
-    ids = pipe.tokenize(prompts).to(device)
-    text_trains = "text_encoder" in trained
-    if not text_trains:
-        with torch.no_grad():
-            frozen_text = pipe.text_encoder(ids)[0]
-    steps = cfg.train.steps
+    text_of = _Text(family, pipe, trains=any(name in trained for name in family.text_encoders))
     rows = []
     set_train_mode(trained, True)
     try:
-        for step in range(start, steps):
-            pick = torch.randint(len(instance), (bs,), generator=generator)
-            pixels = instance[pick]
-            if weight > 0:
-                pixels = torch.cat([pixels, class_images[torch.randint(len(class_images), (bs,), generator=generator)]])
-            pixels = (pixels * 2 - 1).to(device)
-            with torch.no_grad():
-                if pipe.vae is None:
-                    clean = pixels
-                else:
-                    clean = pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
-            noise = torch.randn(clean.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), generator=generator).to(device)
-            noisy = scheduler.add_noise(clean, noise, timesteps)
-            with autocast(device, cfg.train.precision):
-                text = pipe.text_encoder(ids)[0] if text_trains else frozen_text
-                prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=text).sample
-            goal = target(scheduler, clean, noise, timesteps)
-            total, inst_term, prior_term = dreambooth_loss(prediction, goal, bs, weight)
+        for step in range(start, settings.steps):
+            batch = next_batch(generator)
+            clean = batch.clean
+            noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+            timesteps = noising.draw(len(clean), generator)
+            noisy = noising.add(clean, noise, timesteps)
+            with autocast(device, settings.precision):
+                text = text_of(batch.prompts)
+                prediction = family.predict(pipe, noisy, timesteps.to(device), text, batch.micro)
+            per_sample = per_sample_mse(prediction, noising.target(clean, noise, timesteps))
+            if settings.min_snr_gamma:
+                from tunesmith.diffusion.snr import min_snr_weights
+
+                per_sample = per_sample * min_snr_weights(noising.snr(timesteps), settings.min_snr_gamma,
+                                                          noising.prediction_type).to(per_sample.device)
+            total, terms = grouped_loss(per_sample, batch.groups)
             total.backward()
-            if cfg.train.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params.values(), cfg.train.max_grad_norm)
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params.values(), settings.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            row = {"step": step + 1, "loss": total.item(), "instance_loss": inst_term.item(),
-                   "prior_loss": prior_term.item()}
+            if settings.ema is not None:
+                settings.ema.update()
+            row = {"step": step + 1, "loss": total.item(), **{f"{k}_loss": v.item() for k, v in terms.items()}}
             rows.append(row)
             with open(run_dir / METRICS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
-            if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < steps:
-                checkpoint.save(run_dir, step + 1, params, optimizer, generator, cfg.train.keep_checkpoints)
+            if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+                checkpoint.save(run_dir, step + 1, params, optimizer, generator, settings.keep_checkpoints,
+                                settings.ema)
             fault_after(step + 1)
             if on_step is not None:
                 on_step(row)

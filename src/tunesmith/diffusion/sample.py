@@ -1,4 +1,5 @@
-"""Render prompts with a trained run: its LoRA on the base model, or its full pipeline folder."""
+"""Render prompts with a trained run (DreamBooth or text-to-image): its LoRA on the base model, or its full pipeline
+folder."""
 
 from __future__ import annotations
 
@@ -9,37 +10,53 @@ import torch
 from tunesmith.errors import ModelError
 
 
+def run_settings(run_dir: Path) -> dict:
+    """The run's config.yaml as written by the run (already validated then)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ModelError(f"{run_dir}: no config.yaml, so the base model of its lora/ is unknown")
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def load_trained(run_dir: str | Path, device=None):
-    """The pipeline of a finished run: run_dir/pipeline (full) or the base model plus run_dir/lora."""
+    """(family, pipeline) of a finished run: run_dir/pipeline (full) or the base model plus run_dir/lora."""
     from tunesmith.devices import pick_device
     from tunesmith.diffusion.components import load_pipeline, resolve_model
-    from tunesmith.diffusion.config import load_dreambooth_config
     from tunesmith.diffusion.saving import load_lora
 
     run_dir = Path(run_dir)
     device = device or pick_device("auto")
     if (run_dir / "pipeline").is_dir():
-        return load_pipeline(run_dir / "pipeline", device)[0]
+        return load_pipeline(run_dir / "pipeline", device)[:2]
     if not (run_dir / "lora").is_dir():
-        raise ModelError(f"{run_dir}: not a finished DreamBooth run (no lora/ or pipeline/ folder)")
-    if not (run_dir / "config.yaml").is_file():
-        raise ModelError(f"{run_dir}: no config.yaml, so the base model of its lora/ is unknown")
-    cfg = load_dreambooth_config(run_dir / "config.yaml")
-    pipe = load_pipeline(resolve_model(cfg.model), device)[0]
-    load_lora(pipe, run_dir / "lora")
+        raise ModelError(f"{run_dir}: not a finished diffusion run (no lora/ or pipeline/ folder)")
+    family, pipe, _ = load_pipeline(resolve_model(run_settings(run_dir).get("model", "")), device)
+    load_lora(family, pipe, run_dir / "lora")
     pipe.to(device)
-    return pipe
+    return family, pipe
 
 
-def generate(run_dir, prompts: list[str], out: Path, per_prompt: int = 4, steps: int = 25, guidance_scale: float = 1.0,
-             seed: int = 1234) -> Path:
+def usual_guidance(run_dir: Path, family) -> float:
+    """The run's sample.guidance_scale, else what its sampling used by default."""
+    from tunesmith.diffusion.config import DEMO_MODEL
+
+    settings = run_settings(run_dir) if (Path(run_dir) / "config.yaml").is_file() else {}
+    value = (settings.get("sample") or {}).get("guidance_scale")
+    if value is not None:
+        return float(value)
+    return 1.0 if settings.get("model") == DEMO_MODEL else family.guidance_scale
+
+
+def generate(run_dir, prompts: list[str], out: Path, per_prompt: int = 4, steps: int = 25,
+             guidance_scale: float | None = None, seed: int = 1234) -> Path:
     from tunesmith.diffusion.images import save_grid
+    from tunesmith.diffusion.session import grid_scale
 
-    pipe = load_trained(run_dir)
+    family, pipe = load_trained(run_dir)
+    scale = guidance_scale if guidance_scale is not None else usual_guidance(Path(run_dir), family)
     generator = torch.Generator().manual_seed(seed)
-    rows = [pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                 num_images_per_prompt=per_prompt) for p in prompts]
-    from tunesmith.diffusion.run import grid_scale
-
-    save_grid(Path(out), rows, grid_scale(pipe.resolution))
+    rows = [family.sample(pipe, [p], per_prompt, steps, scale, generator) for p in prompts]
+    save_grid(Path(out), rows, grid_scale(family.resolution(pipe)))
     return Path(out)

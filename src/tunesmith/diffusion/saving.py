@@ -1,5 +1,5 @@
 """Trained weights in diffusers' formats. LoRA: one `pytorch_lora_weights.safetensors` with keys
-`unet.<module>.lora_A.weight` / `text_encoder.<module>.lora_B.weight` and the adapter's settings in the file's
+`<component>.<module>.lora_A.weight` (component: unet or transformer, text_encoder, text_encoder_2) and the adapter's settings in the file's
 `lora_adapter_metadata` (what diffusers' `load_lora_weights` reads). Full: a pipeline folder (save_pretrained,
 safetensors) that is also a model folder tunesmith loads. Both written to a temp folder and renamed into place."""
 
@@ -28,31 +28,25 @@ def lora_tensors(trained: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]
     return out
 
 
-def lora_metadata(trained: dict[str, torch.nn.Module], method) -> dict:
+def lora_metadata(family, trained: dict[str, torch.nn.Module], method) -> dict:
+    from tunesmith.diffusion.trainable import targets
+
     meta = {}
     for prefix, module in trained.items():
-        layers = lora.lora_layers(module)
-        targets = sorted({_suffix(n, method, prefix) for n in layers})
+        wanted = sorted(targets(family, prefix, method), key=len, reverse=True)
+        suffix = lambda name: next((t for t in wanted if name == t or name.endswith("." + t)),  # noqa: E731
+                                   name.rsplit(".", 1)[-1])
         meta.update({f"{prefix}.{k}": v for k, v in {
-            "r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout, "target_modules": targets,
+            "r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
+            "target_modules": sorted({suffix(n) for n in lora.lora_layers(module)}),
             "init_lora_weights": True, "use_dora": False, "use_rslora": False, "bias": "none"}.items()})
     return meta
 
 
-def _suffix(module_name: str, method, prefix: str) -> str:
-    """The target entry (e.g. 'to_out.0', 'q_proj') a wrapped module's name ends with."""
-    from tunesmith.diffusion.config import TEXT_ATTENTION
-
-    for t in sorted(method.target_modules if prefix == "unet" else TEXT_ATTENTION, key=len, reverse=True):
-        if module_name == t or module_name.endswith("." + t):
-            return t
-    return module_name.rsplit(".", 1)[-1]
-
-
-def save_lora(folder: Path, trained: dict[str, torch.nn.Module], method) -> Path:
+def save_lora(folder: Path, family, trained: dict[str, torch.nn.Module], method) -> Path:
     from safetensors.torch import save_file
 
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(trained, method), sort_keys=True)}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(family, trained, method), sort_keys=True)}
     with atomic_folder(folder) as tmp:
         save_file(lora_tensors(trained), str(tmp / LORA_WEIGHTS), metadata=metadata)
     return folder / LORA_WEIGHTS
@@ -70,14 +64,15 @@ def read_lora(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), meta
 
 
-def load_lora(pipe, folder: Path) -> list[str]:
-    """Put a saved LoRA (ours, or any diffusers LoRA in the same layout) onto the pipeline's UNet/text encoder with
-    tunesmith's LoRA layers; returns the components it touched."""
+def load_lora(family, pipe, folder: Path) -> list[str]:
+    """Put a saved LoRA (ours, or any diffusers LoRA in the same layout) onto the pipeline's denoiser and text
+    encoders with tunesmith's LoRA layers; returns the components it touched."""
     from tunesmith.config.methods import LoraSettings
 
     tensors, meta = read_lora(folder)
     touched = []
-    for prefix in ("unet", "text_encoder"):
+    components = (family.denoiser, *family.text_encoders)
+    for prefix in components:
         mine = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         if not mine:
             continue
@@ -92,7 +87,8 @@ def load_lora(pipe, folder: Path) -> list[str]:
         module.eval()
         touched.append(prefix)
     if not touched:
-        raise ModelError(f"{folder}/{LORA_WEIGHTS}: no unet.* or text_encoder.* LoRA weights")
+        raise ModelError(f"{folder}/{LORA_WEIGHTS}: no LoRA weights for this {family.name} pipeline's components "
+                         f"({', '.join(c + '.*' for c in components)})")
     return touched
 
 

@@ -1,27 +1,32 @@
-"""What trains: the whole UNet (and text encoder), or tunesmith's LoRA (methods/lora.py) on their attention
-projections. The base weights stay frozen and untouched under LoRA."""
+"""What trains: the whole denoiser (UNet or transformer, and the text encoders if asked), or tunesmith's LoRA
+(methods/lora.py) on their target modules (the family's defaults unless the config names them). The base weights
+stay frozen and untouched under LoRA."""
 
 from __future__ import annotations
 
 import torch
 
 from tunesmith.config.methods import LoraSettings
-from tunesmith.diffusion.config import TEXT_ATTENTION, MethodSettings
 from tunesmith.methods import lora
 
 
-def lora_settings(method: MethodSettings, targets: list[str]) -> LoraSettings:
-    return LoraSettings(r=method.r, alpha=method.alpha, dropout=method.dropout, target_modules=targets)
+def targets(family, component: str, method) -> list[str]:
+    """The module-name suffixes LoRA wraps in one pipeline component."""
+    if component == family.denoiser:
+        return list(method.target_modules or family.denoiser_lora_targets)
+    return list(method.text_target_modules or family.text_lora_targets)
 
 
-def apply(pipe, method: MethodSettings) -> dict[str, torch.nn.Module]:
-    """Make the chosen parts trainable; returns the trained modules by their pipeline name."""
-    trained = {"unet": pipe.unet}
+def apply(family, pipe, method) -> dict[str, torch.nn.Module]:
+    """Make the chosen parts trainable; returns the trained modules by their pipeline attribute name."""
+    trained = {family.denoiser: family.denoiser_module(pipe)}
     if method.train_text_encoder:
-        trained["text_encoder"] = pipe.text_encoder
+        trained.update({name: getattr(pipe, name) for name in family.trainable_text_encoders
+                        if getattr(pipe, name, None) is not None})
     for name, module in trained.items():
         if method.name == "lora":
-            lora.apply(module, lora_settings(method, method.target_modules if name == "unet" else TEXT_ATTENTION))
+            lora.apply(module, LoraSettings(r=method.r, alpha=method.alpha, dropout=method.dropout,
+                                            target_modules=targets(family, name, method)))
             for layer in lora.lora_layers(module).values():  # adapters train in fp32 whatever the base's dtype
                 layer.lora_A.float()
                 layer.lora_B.float()

@@ -1,0 +1,80 @@
+"""The seam between a diffusers pipeline kind and tunesmith's diffusion training: what trains, how prompts and images
+become the denoiser's inputs, one denoising prediction, and sampling. The training loop, DreamBooth, text-to-image,
+LoRA and saving see only this interface; each pipeline kind (sd.py, sdxl.py, sd3.py, flux.py) implements it.
+
+Conventions every family keeps:
+- `encode_text` returns batch-first tensors (a dict the family's own `predict` reads); it is differentiable when a
+  text encoder trains, and the loop calls it under no_grad otherwise.
+- `encode_images` takes pixels in [-1, 1] and returns what the denoiser denoises, unpacked (N, C, h, w): VAE latents
+  scaled (and shifted) as the pipeline expects, or the pixels themselves in pixel space.
+- `predict(noisy, timesteps, text, micro)` returns a tensor shaped like `noisy`; timesteps are noise.Noising's.
+  `micro` is SDXL's per-image size conditioning, (N, 6): original h, w, crop top, left, target h, w (None: the
+  image was resized square to the target, no crop).
+- `sample` returns (N, C, H, W) in [0, 1] on the CPU; its initial noise comes from the given CPU generator, so a
+  seed gives the same images on every device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class Family:
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()   # model_index.json `_class_name`s this family loads
+    denoiser: str = "unet"                   # the pipeline attribute that trains
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    trainable_text_encoders: tuple[str, ...] = ("text_encoder",)  # what train_text_encoder trains (not T5)
+    denoiser_lora_targets: tuple[str, ...] = ()
+    text_lora_targets: tuple[str, ...] = tuple(CLIP_ATTENTION)
+    guidance_scale: float = 7.5              # the pipeline's usual classifier-free guidance
+    pixel_multiple: int = 8                  # image sides must be multiples of this
+
+    def matches(self, model_index: dict) -> bool:
+        return model_index.get("_class_name") in self.pipeline_classes
+
+    def load(self, folder: Path, device=None):
+        """(pipeline, training scheduler): every component frozen, in eval mode, fp32."""
+        raise NotImplementedError
+
+    def denoiser_module(self, pipe) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser)
+
+    def device(self, pipe) -> torch.device:
+        return self.denoiser_module(pipe).device
+
+    def resolution(self, pipe) -> int:
+        raise NotImplementedError
+
+    def channels(self, pipe) -> int:
+        """Image channels (RGB 3; the tiny pixel-space model may be 1 or 3)."""
+        return int(pipe.vae.config.in_channels) if getattr(pipe, "vae", None) is not None else 3
+
+    def encode_text(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_images(self, pipe, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        from tunesmith.diffusion.latents import draw, posterior
+
+        vae = getattr(pipe, "vae", None)
+        if vae is None:
+            return pixels.to(self.device(pipe))
+        return draw(vae, *posterior(vae, pixels), generator)
+
+    def predict(self, pipe, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
+                micro: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, pipe, prompts: list[str], n: int, steps: int, guidance_scale: float,
+               generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def freeze(*modules) -> None:
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
