@@ -40,7 +40,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_csv(path: Path) -> list[Record]:
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # a BOM (Excel's "CSV UTF-8") is not part of the header
             reader = csv.DictReader(fh)
             # line numbers: the header is line 1, so the first row is line 2 (multi-line cells shift later ones)
             return [Record(dict(row), f"{path}:{reader.line_num}") for row in reader]

@@ -27,16 +27,17 @@ def _open(path: Path, channels: int):
         return None
 
 
+def pil_to_tensor(im) -> torch.Tensor:
+    """One PIL image ("L" or "RGB") as (C, H, W) float32 in [0, 1]."""
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))
+
+
 def to_tensor(images, resolution: int, channels: int) -> torch.Tensor:
     from PIL import Image
 
-    arrays = []
-    for im in images:
-        if im.size != (resolution, resolution):
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-        a = np.asarray(im, dtype=np.float32) / 255.0
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
+    return torch.stack([pil_to_tensor(im if im.size == (resolution, resolution)
+                                      else im.resize((resolution, resolution), Image.BICUBIC)) for im in images])
 
 
 def read_instance_images(folder: str | Path, resolution: int, channels: int, warn=None) -> torch.Tensor:
