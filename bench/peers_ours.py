@@ -77,7 +77,7 @@ def _bench_datasets(examples: list):
 def train_with_progress(cfg) -> list[dict]:
     """`train(cfg)` with its progress bar rendered as on a terminal, into /dev/null; the step rows of its
     metrics.jsonl."""
-    from tunesmith.train.logging import read_metrics
+    from tunesmith.runlog import read_metrics
     from tunesmith.train.loop import train
 
     os.environ.update(TTY_COMPATIBLE="1", TTY_INTERACTIVE="1")

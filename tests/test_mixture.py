@@ -11,7 +11,7 @@ from conftest import qa_rows, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.data.mixture import MixtureStream, TaskSlice, mixture_weights
 from tunesmith.errors import ConfigError
-from tunesmith.train.logging import read_metrics
+from tunesmith.runlog import read_metrics
 from tunesmith.train.loop import train
 
 

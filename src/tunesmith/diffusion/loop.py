@@ -6,7 +6,6 @@ weights an uninterrupted one has."""
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,7 @@ from tunesmith.diffusion import checkpoint
 from tunesmith.diffusion.loss import grouped_loss, per_sample_mse
 from tunesmith.diffusion.trainable import named_trainable, set_train_mode
 from tunesmith.faults import fault_after
-
-METRICS = "metrics.jsonl"
+from tunesmith.runlog import ScalarLog
 
 
 @dataclass
@@ -46,13 +44,6 @@ class LoopSettings:
 def autocast(device: torch.device, precision: str):
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def _keep_metrics_until(run_dir: Path, step: int) -> None:
-    path = run_dir / METRICS
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
 
 
 class _Text:
@@ -83,9 +74,9 @@ def train(settings: LoopSettings, family, pipe, noising, trained: dict, next_bat
         saved = checkpoint.list_checkpoints(run_dir)
         if saved:
             start = checkpoint.load(saved[-1], params, optimizer, generator, settings.ema)
-            _keep_metrics_until(run_dir, start)
     text_of = _Text(family, pipe, trains=any(name in trained for name in family.text_encoders))
     rows = []
+    scalars = ScalarLog(run_dir, start)
     set_train_mode(trained, True)
     try:
         for step in range(start, settings.steps):
@@ -113,8 +104,7 @@ def train(settings: LoopSettings, family, pipe, noising, trained: dict, next_bat
                 settings.ema.update()
             row = {"step": step + 1, "loss": total.item(), **{f"{k}_loss": v.item() for k, v in terms.items()}}
             rows.append(row)
-            with open(run_dir / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+            scalars.write(row)
             if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
                 checkpoint.save(run_dir, step + 1, params, optimizer, generator, settings.keep_checkpoints,
                                 settings.ema)
@@ -122,5 +112,6 @@ def train(settings: LoopSettings, family, pipe, noising, trained: dict, next_bat
             if on_step is not None:
                 on_step(row)
     finally:
+        scalars.close()
         set_train_mode(trained, False)
     return rows

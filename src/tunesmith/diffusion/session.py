@@ -17,6 +17,7 @@ from tunesmith.diffusion import checkpoint, images
 from tunesmith.diffusion.loop import LoopSettings, autocast, train
 from tunesmith.diffusion.progress import bar
 from tunesmith.errors import OutputDirError
+from tunesmith.runlog import plot_losses
 
 
 def warn(message: str) -> None:
@@ -155,6 +156,7 @@ def train_and_save(session: Session, next_batch, generator: torch.Generator, lab
         rows = train(settings, family, pipe, session.noising, trained, next_batch, generator, session.run_dir,
                      resume=resume, on_step=lambda r: on_step(r, progress, task))
     seconds = time.perf_counter() - started
+    plot_losses(session.run_dir, "denoising loss (mean squared error)")
     if ema is not None:
         ema.copy_to()  # what is saved and sampled from here on: the averaged weights
     if cfg.method.name == "lora":

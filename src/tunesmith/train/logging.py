@@ -1,50 +1,20 @@
-"""Where training numbers go: metrics.jsonl, TensorBoard event files and a rich progress bar.
-
-metrics.jsonl is appended to, each row flushed and fsynced, so a crash loses at most the row being written (a torn
-last line, which readers skip). A resumed run starts from a new file holding the rows up to its checkpoint's step,
-renamed into place: the old file is never truncated in place.
-"""
+"""Where training numbers go: metrics.jsonl and TensorBoard event files (tunesmith.runlog) and a rich progress
+bar."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tunesmith.atomic import atomic_write_text
-
-METRICS = "metrics.jsonl"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    torn = lines.pop()  # "" when the file ends with a newline; else the row a crash cut short
-    rows = [json.loads(line) for line in lines if line.strip()]
-    if torn.strip():
-        try:
-            rows.append(json.loads(torn))
-        except json.JSONDecodeError:
-            pass
-    return rows
+from tunesmith.runlog import ScalarLog
 
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, console: Console, quiet: bool = False):
-        self.path = run_dir / METRICS
-        kept = [m for m in read_metrics(run_dir) if m.get("step", 0) <= start_step]
-        atomic_write_text(self.path, "".join(json.dumps(m) + "\n" for m in kept))
-        self._fh = open(self.path, "a", encoding="utf-8")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.scalars = ScalarLog(run_dir, start_step)
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -60,17 +30,11 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.progress.stop()
-        self._fh.close()
-        self.tb.close()
+        self.scalars.close()
 
     def log(self, row: dict) -> None:
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self.scalars.write(row)
         step = row["step"]
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if "loss" in row:
             self.progress.update(self.task, completed=step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
 

@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from tunesmith.atomic import atomic_write_bytes, atomic_write_text
-from tunesmith.train.logging import read_metrics
+from tunesmith import runlog
+from tunesmith.atomic import atomic_write_text
 
 
 def plot_losses(run_dir: Path) -> Path | None:
-    rows = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    if not train:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    out = run_dir / "loss.png"
-    atomic_write_bytes(out, png.getvalue())
-    return out
+    return runlog.plot_losses(run_dir, "loss (nats / token)")
 
 
 def _number(value: float | None) -> str:
