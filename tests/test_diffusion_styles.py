@@ -91,6 +91,9 @@ def test_written_folder_has_a_row_per_image(tmp_path):
 
     assert torch.allclose(read_pngs(dest, 3, 8), images, atol=1 / 255)
     assert "bold" in (dest / "README.md").read_text()
+    from tunesmith.diffusion.captions import read_captioned_folder
+
+    assert [r.caption for r in read_captioned_folder(dest)] == captions  # the run's own reader takes it as written
     domain = styles.write_domain_folder(tmp_path / "photos", per_subject=3)
     rows = [json.loads(line) for line in (domain / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a photo of a temple"] * 3 + ["a photo of a flower"] * 3
