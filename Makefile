@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo dreambooth-demo test venv clean
+.PHONY: demo dreambooth-demo style-demo domain-demo test venv clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,12 @@ demo: $(STAMP)
 
 dreambooth-demo: $(STAMP)
 	$(BIN)/tunesmith dreambooth --demo
+
+style-demo: $(STAMP)
+	$(BIN)/tunesmith text-to-image --demo style
+
+domain-demo: $(STAMP)
+	$(BIN)/tunesmith text-to-image --demo domain
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests

@@ -260,7 +260,8 @@ def test_a_vae_folder_with_v_prediction_trains_in_latent_space_and_reloads(insta
     model = build_model_folder(tmp_path / "sd-vae", vae=True, prediction_type="v_prediction")
     result = dreambooth(config(model, instance_dir, tmp_path / "run", prior={"weight": 0.0}, train={"steps": 2}),
                         quiet=True)
-    assert result.summary["space"] == "latent space (VAE)" and result.summary["prediction_type"] == "v_prediction"
+    assert "sd pipeline, latent space (VAE)" in result.summary["facts"][0]
+    assert "target: v_prediction" in (result.run_dir / "report.md").read_text()
     ours = result.after["a photo of sks dog"]
     assert ours.shape == (2, 3, RES, RES)
     pipe = diffusers_pipeline(model)

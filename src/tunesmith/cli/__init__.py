@@ -14,7 +14,7 @@ from tunesmith.cli.paths import check_path_arguments
 from tunesmith.errors import TunesmithError
 
 GROUPS = ("train", "inference", "merge", "export", "serve", "align", "rag", "quant", "plan", "advise",
-          "dreambooth")
+          "dreambooth", "text_to_image")
 
 
 def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:

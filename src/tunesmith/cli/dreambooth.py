@@ -58,7 +58,7 @@ def print_summary(result) -> None:
     console = Console()
     s = result.summary
     if s.get("measures"):
-        table = Table(title="measured on the fixed-seed samples (tunesmith/diffusion/fidelity.py)")
+        table = Table(title="measured on the fixed-seed samples")
         for col in ("measure", "before", "after"):
             table.add_column(col)
         for name, (b, a) in s["measures"].items():
@@ -66,8 +66,9 @@ def print_summary(result) -> None:
         console.print(table)
     console.print(f"before/after grids: [bold]{result.run_dir}/samples_before.png[/bold], "
                   f"[bold]{result.run_dir}/samples_after.png[/bold] (rows: {'; '.join(s['prompts'])})")
-    console.print(f"run written to [bold]{result.run_dir}[/bold] in {s['seconds']:.0f} s: {s['weights']}/, report.md, "
-                  "metrics.jsonl, class_images/")
+    extra = ", class_images/" if s.get("class_images") else ""
+    console.print(f"run written to [bold]{result.run_dir}[/bold] in {s['seconds']:.0f} s: "
+                  f"{result.weights.relative_to(result.run_dir)}/, report.md, metrics.jsonl, loss.png, tensorboard/{extra}")
 
 
 def cmd_generate_image(args) -> int:

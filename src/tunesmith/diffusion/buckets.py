@@ -150,3 +150,12 @@ class BucketBatchSampler:
     def __iter__(self):
         while True:
             yield self.next_batch()
+
+
+def mirrored(p: Prepared) -> Prepared:
+    """The same crop flipped left-right, its crop's left edge mirrored in the resized image (as `prepare` does)."""
+    (height, width), (bh, bw) = p.original_size, p.target_size
+    scale = max(bw / width, bh / height)
+    resized_width = max(bw, round(width * scale))
+    top, left = p.crop_top_left
+    return Prepared(p.pixels.flip(-1), p.original_size, (top, resized_width - bw - left), p.target_size, not p.flipped)

@@ -111,19 +111,62 @@ class DreamBoothConfig(DiffusionRunConfig):
         return [self.instance.prompt] + ([self.prior.class_prompt] if self.prior.class_prompt else [])
 
 
-def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None = None,
-                           base: dict | None = None) -> DreamBoothConfig:
-    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
-    def images_beside(tree: dict, _pairs) -> None:  # a folder named relative to the config file
-        images = tree.get("instance", {}).get("images") if isinstance(tree.get("instance"), dict) else None
+def _images_beside(path, section: str):
+    """A `section.images` folder named relative to the config file is found beside it."""
+    if path is None:
+        return None
+
+    def adjust(tree: dict, _pairs) -> None:
+        part = tree.get(section)
+        images = part.get("images") if isinstance(part, dict) else None
         if isinstance(images, str) and not Path(images).is_absolute() and not Path(images).exists():
             beside = Path(path).parent / images
             if beside.exists():
-                tree["instance"]["images"] = str(beside)
+                part["images"] = str(beside)
 
+    return adjust
+
+
+class DataSettings(Strict):
+    images: Annotated[str, Expect.FOLDER] = Field(
+        description="a captioned image folder: metadata.jsonl (file_name, text), metadata.csv / captions.csv, or a "
+        ".txt beside each image (diffusion/captions.py)")
+    caption_column: str = Field("text", min_length=1, description="the caption field of the metadata rows")
+    caption_extension: str = Field(".txt", min_length=1, description="caption files beside the images")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training a caption as \"\" (so "
+                                   "classifier-free guidance keeps working)")
+    bucketing: bool = Field(True, description="train each image at the aspect bucket nearest its own (about the "
+                            "model's pixel count) instead of cropping it square")
+    max_aspect: float = Field(2.0, ge=1, description="the widest bucket's long side / short side")
+    random_crop: bool = Field(False, description="crop at a random offset (else centred); turns latent caching off")
+    random_flip: bool = Field(False, description="flip left-right with probability 1/2")
+    cache_latents: bool = Field(True, description="encode each image's VAE posterior once (both flips when "
+                                "random_flip) instead of at every step; off with random_crop")
+
+
+class TextToImageConfig(DiffusionRunConfig):
+    output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/text-to-image"
+    data: DataSettings
+
+    def grid_prompts(self, captions: list[str]) -> list[str]:
+        """sample.prompts, else the first two distinct non-empty captions."""
+        if self.sample.prompts:
+            return list(self.sample.prompts)
+        return list(dict.fromkeys(c for c in captions if c))[:2]
+
+
+def load_text_to_image_config(path: str | Path | None, overrides: list[str] | None = None,
+                              base: dict | None = None) -> TextToImageConfig:
+    return load_yaml_model(TextToImageConfig, path, overrides, base, sections="model, data, method, train, sample",
+                           adjust=_images_beside(path, "data"))
+
+
+def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None = None,
+                           base: dict | None = None) -> DreamBoothConfig:
+    """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
     return load_yaml_model(DreamBoothConfig, path, overrides, base,
                            sections="model, instance, prior, method, train, sample",
-                           adjust=images_beside if path is not None else None)
+                           adjust=_images_beside(path, "instance"))
 
 
 def dump(cfg: DiffusionRunConfig) -> str:

@@ -99,6 +99,8 @@ def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = Fa
                measure=None) -> DreamBoothResult:
     """`measure(before, after) -> {name: (before, after)}` (optional) adds measurements to the report."""
     started = time.perf_counter()
+    from tunesmith.diffusion.report import write_report
+
     session = open_session(cfg, overwrite, resume, quiet, keep=(CLASS_IMAGES,))  # class images: base model's only
     message = identifier_warning(cfg)
     if message:
@@ -119,30 +121,23 @@ def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = Fa
     after = session.render(prompts, cfg.sample.per_prompt, cfg.sample.seed)
     session.save_grid("samples_after.png", after)
 
-    summary = {"model": cfg.model, "pipeline": family.name,
-               "space": "latent space (VAE)" if getattr(pipe, "vae", None) is not None else "pixel space",
-               "resolution": resolution,
-               "method": cfg.method.name + (" + text encoder" if cfg.method.train_text_encoder else ""),
-               "trainable": trained.trainable, "total": trained.total, "instance_images": len(instance),
-               "instance_folder": str(instance_folder(cfg, session.model_folder)),
-               "instance_prompt": cfg.instance.prompt, "prior_weight": cfg.prior.weight,
-               "class_images": 0 if classes is None else len(classes), "class_prompt": cfg.prior.class_prompt,
-               "prediction_type": session.noising.prediction_type, "steps": cfg.train.steps,
-               "device": str(session.device), "train_seconds": trained.seconds,
-               "weights": str(trained.weights.relative_to(run_dir)), "prompts": prompts}
-    rows = trained.rows
-    if rows:
-        head, tail = rows[:10], rows[-10:]
-        mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-        summary.update(first_loss=mean(head, "loss"), last_loss=mean(tail, "loss"),
-                       first_instance=mean(head, "instance_loss"), last_instance=mean(tail, "instance_loss"),
-                       first_prior=mean(head, "prior_loss"), last_prior=mean(tail, "prior_loss"))
-    if measure is not None:
-        summary["measures"] = measure(before, after)
-    summary["seconds"] = time.perf_counter() - started
-    from tunesmith.diffusion.report import write_report
-
-    write_report(run_dir, cfg_text, summary)
+    space = "latent space (VAE)" if getattr(pipe, "vae", None) is not None else "pixel space"
+    prior = (f"weight {cfg.prior.weight}, {len(classes)} class images for \"{cfg.prior.class_prompt}\" (class_images/)"
+             if classes is not None else "off")
+    facts = [f"model: `{cfg.model}` ({family.name} pipeline, {space}, {resolution}×{resolution})",
+             f"method: {cfg.method.name}{' + text encoder' if cfg.method.train_text_encoder else ''}; trainable "
+             f"parameters {trained.trainable:,} of {trained.total:,}",
+             f"instance images: {len(instance)} from `{instance_folder(cfg, session.model_folder)}`; prompt "
+             f"\"{cfg.instance.prompt}\"",
+             f"prior preservation: {prior}",
+             f"target: {session.noising.prediction_type}; steps {cfg.train.steps}; device {session.device}",
+             f"training time: {trained.seconds:.1f} s",
+             f"weights: `{trained.weights.relative_to(run_dir)}`"]
+    measures = measure(before, after) if measure is not None else {}
+    seconds = time.perf_counter() - started
+    write_report(run_dir, "DreamBooth run", facts, trained.rows, prompts, measures, cfg_text, seconds)
+    summary = {"facts": facts, "rows": trained.rows, "prompts": prompts, "measures": measures, "seconds": seconds,
+               "class_images": 0 if classes is None else len(classes), "train_seconds": trained.seconds}
     for old in checkpoint.list_checkpoints(run_dir):  # the run is whole: its weights replace the checkpoints
         shutil.rmtree(old, ignore_errors=True)
     return DreamBoothResult(run_dir=run_dir, weights=trained.weights, before=before, after=after, summary=summary)

@@ -31,7 +31,6 @@ class Family:
     denoiser_lora_targets: tuple[str, ...] = ()
     text_lora_targets: tuple[str, ...] = tuple(CLIP_ATTENTION)
     guidance_scale: float = 7.5              # the pipeline's usual classifier-free guidance
-    pixel_multiple: int = 8                  # image sides must be multiples of this
 
     def matches(self, model_index: dict) -> bool:
         return model_index.get("_class_name") in self.pipeline_classes
@@ -52,6 +51,16 @@ class Family:
     def channels(self, pipe) -> int:
         """Image channels (RGB 3; the tiny pixel-space model may be 1 or 3)."""
         return int(pipe.vae.config.in_channels) if getattr(pipe, "vae", None) is not None else 3
+
+    def pixel_multiple(self, pipe) -> int:
+        """Image sides must be multiples of this: the VAE's downscale × the denoiser's (a UNet's downsamplings, a
+        transformer's patch size)."""
+        vae = getattr(pipe, "vae", None)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        config = self.denoiser_module(pipe).config
+        if "block_out_channels" in config:
+            return scale * 2 ** (len(config.block_out_channels) - 1)
+        return scale * int(config.get("patch_size", 1) or 1)
 
     def encode_text(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
