@@ -1,5 +1,6 @@
-"""Diffusion checkpoints: trainable weights, optimizer state, the EMA weights (if any), step and the RNG states (the run's own generator and
-torch's), safetensors + JSON, written whole or not at all, listed and pruned as the text loop's are (checkpoints.py)."""
+"""Diffusion checkpoints: trainable weights, optimizer state, the EMA weights (if any), step and the RNG states (the
+run's own generator and torch's), safetensors + JSON, written whole or not at all, listed and pruned as the text
+loop's are (checkpoints.py)."""
 
 from __future__ import annotations
 

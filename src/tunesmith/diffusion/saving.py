@@ -1,7 +1,8 @@
 """Trained weights in diffusers' formats. LoRA: one `pytorch_lora_weights.safetensors` with keys
-`<component>.<module>.lora_A.weight` (component: unet or transformer, text_encoder, text_encoder_2) and the adapter's settings in the file's
-`lora_adapter_metadata` (what diffusers' `load_lora_weights` reads). Full: a pipeline folder (save_pretrained,
-safetensors) that is also a model folder tunesmith loads. Both written to a temp folder and renamed into place."""
+`<component>.<module>.lora_A.weight` (component: unet or transformer, text_encoder, text_encoder_2) and the
+adapter's settings in the file's `lora_adapter_metadata` (what diffusers' `load_lora_weights` reads). Full: a
+pipeline folder (save_pretrained, safetensors) that is also a model folder tunesmith loads. Both written to a temp
+folder and renamed into place."""
 
 from __future__ import annotations
 

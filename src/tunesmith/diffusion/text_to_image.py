@@ -63,8 +63,8 @@ class CaptionedBatches:
     def _prepared(self, index: int, generator: torch.Generator | None = None) -> bucketing.Prepared:
         image = bucketing.load_image(self.records[index].path, self.channels)
         random = generator is not None
-        return bucketing.prepare(image, self.buckets[self.assignment[index]], random_crop=random and self.data.random_crop,
-                                 flip=random and self.data.random_flip, generator=generator)
+        return bucketing.prepare(image, self.buckets[self.assignment[index]], generator=generator,
+                                 random_crop=random and self.data.random_crop, flip=random and self.data.random_flip)
 
     def _encode_views(self) -> list[list[tuple]]:
         """Per image: its centre crop (and mirrored crop) as (posterior mean, std, micro), or pixels without a VAE."""
