@@ -68,6 +68,8 @@ class TrainSettings(Strict):
                                         "choice); off by default")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
                                     "trained weights (e.g. 0.999) and save and sample with it; off by default")
+    guidance_embedding: float = Field(1.0, gt=0, description="the guidance value a guidance-distilled transformer "
+                                      "(Flux-dev) is given while training (diffusers' Flux examples train at 1)")
 
 
 class SampleSettings(Strict):

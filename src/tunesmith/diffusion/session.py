@@ -95,7 +95,7 @@ def open_session(cfg, overwrite: bool, resume: bool, quiet: bool, keep: tuple[st
     model_folder = resolve_model(cfg.model, quiet=quiet)
     device = pick_device(cfg.train.device)
     family, pipe, scheduler = load_pipeline(model_folder, device)
-    return Session(cfg, run_dir, family, pipe, Noising(scheduler), device, model_folder)
+    return Session(cfg, run_dir, family.configured(cfg.train), pipe, Noising(scheduler), device, model_folder)
 
 
 def settings_of(cfg, trained: dict) -> LoopSettings:

@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 from tunesmith.diffusion.families.base import Family
+from tunesmith.diffusion.families.flux import Flux
 from tunesmith.diffusion.families.sd import StableDiffusion
+from tunesmith.diffusion.families.sd3 import StableDiffusion3
+from tunesmith.diffusion.families.sdxl import StableDiffusionXL
 from tunesmith.errors import ModelError
 
-FAMILIES: list[Family] = [StableDiffusion()]
+FAMILIES: list[Family] = [StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux()]
 
 
 def by_name(name: str) -> Family:

@@ -15,9 +15,12 @@ Conventions every family keeps:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from tunesmith.errors import ModelError
 
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -34,6 +37,10 @@ class Family:
 
     def matches(self, model_index: dict) -> bool:
         return model_index.get("_class_name") in self.pipeline_classes
+
+    def configured(self, train) -> "Family":
+        """This family with a run's training settings (`train`: config.TrainSettings) it reads, if any."""
+        return self
 
     def load(self, folder: Path, device=None):
         """(pipeline, training scheduler): every component frozen, in eval mode, fp32."""
@@ -87,3 +94,61 @@ def freeze(*modules) -> None:
         if module is not None:
             module.requires_grad_(False)
             module.eval()
+
+
+@contextmanager
+def quiet_loading():
+    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers while loading."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in shown:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in shown:
+            lib.enable_progress_bar()
+
+
+def load_pretrained(folder: Path, device, pipeline_class: str, train_scheduler_class: str | None = None):
+    """(pipeline, training scheduler) of a diffusers pipeline folder loaded through its own class: fp32, every
+    component frozen and in eval mode, no progress bar. The training scheduler is `train_scheduler_class` built from
+    the folder's scheduler config (None: a copy of the folder's scheduler)."""
+    import json
+
+    import diffusers
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    missing = [name for name, entry in index.items() if not name.startswith("_") and isinstance(entry, list)
+               and entry[0] is not None and not (Path(folder) / name).is_dir()]
+    if missing:
+        raise ModelError(f"model: {folder}/model_index.json names the component(s) {', '.join(missing)} of a "
+                         f"{pipeline_class}, but the folder lacks {', '.join(m + '/' for m in missing)}")
+    try:
+        with quiet_loading():
+            pipe = getattr(diffusers, pipeline_class).from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"model: {folder}: could not load it as a {pipeline_class}: {e}") from None
+    config = pipe.scheduler.config
+    scheduler = (getattr(diffusers, train_scheduler_class).from_config(config) if train_scheduler_class
+                 else type(pipe.scheduler).from_config(config))
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    freeze(*(c for c in pipe.components.values() if isinstance(c, torch.nn.Module)))
+    return pipe, scheduler
+
+
+def text_tokens(tokenizer, pipeline_default: int) -> int:
+    """T5's sequence length: the pipeline's default (SD3 256, Flux 512) unless the tokenizer reads fewer."""
+    return min(pipeline_default, int(getattr(tokenizer, "model_max_length", pipeline_default) or pipeline_default))
+
+
+def call_pipeline(pipe, prompts: list[str], n: int, steps: int, guidance_scale: float, generator: torch.Generator,
+                  side: int, **extra) -> torch.Tensor:
+    """Sampling through the diffusers pipeline's own __call__: (N, C, side, side) in [0, 1] on the CPU."""
+    out = pipe(prompt=list(prompts), num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+               generator=generator, height=side, width=side, output_type="pt", **extra)
+    return out.images.float().cpu()
