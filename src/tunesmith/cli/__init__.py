@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from tunesmith.cli import libraries
 from tunesmith.cli.output import EPILOG
 from tunesmith.cli.paths import check_path_arguments
 from tunesmith.errors import TunesmithError
@@ -22,6 +23,9 @@ def build_parser(commands: dict | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune a causal LM into a specialist.",
                                      epilog=EPILOG)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own start-up messages, warnings and progress bars "
+                        f"(also {libraries.VERBOSE_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers = {}
     for group in GROUPS:
@@ -35,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict = {}
     parser = build_parser(commands)
     args = parser.parse_args(argv)
+    libraries.setup(libraries.verbose_requested(args.verbose))  # before any command imports one (cli/libraries.py)
     try:
         check_path_arguments(parser, args)
         from tunesmith.kernels.process import init_process

@@ -5,15 +5,14 @@ This module is the only place that picks and imports the backend. It is bitsandb
 `bench/quant.py` over torchao's NF4Tensor: 12 QLoRA steps on SmolLM2 (same run, same machine, back to back) took
 50 s (171 tokens/s) with bitsandbytes against 59 s (146 tokens/s) with torchao, at equal loss and peak RSS within
 3 %; bitsandbytes also offers FP4 and optional double quantisation (torchao always double-quantises and needs the
-number of scales to be a multiple of its scale block), and runs the same code on CUDA. It is imported lazily: its
-import prints GPU-extension noise on CPU.
+number of scales to be a multiple of its scale block), and runs the same code on CUDA. It is imported on first use
+(`backend`): its import takes seconds and logs notes about optional kernels, which the CLI keeps quiet
+(cli/libraries.py, where libraries that import it unused get it deferred).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,25 +25,12 @@ BLOCK_SIZE = 64  # weights per absmax scale (bitsandbytes' default, as in the QL
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@contextmanager
-def _quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def backend():
-    """bitsandbytes, imported on first use with its "no GPU kernel" warnings silenced."""
-    if "bitsandbytes" not in sys.modules:
-        try:
-            with _quiet_logger("bitsandbytes"):
-                import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ModelError("method qlora needs bitsandbytes: pip install -c constraints.txt bitsandbytes") from None
+    """bitsandbytes, imported (run, where a library imported it deferred) on first use."""
+    try:
+        import bitsandbytes.nn  # noqa: F401  (a submodule: runs the package itself)
+    except ImportError:
+        raise ModelError("method qlora needs bitsandbytes: pip install -c constraints.txt bitsandbytes") from None
     return sys.modules["bitsandbytes"]
 
 
@@ -67,8 +53,8 @@ def layer_class():
 
 
 def is_4bit(module: nn.Module) -> bool:
-    bnb = sys.modules.get("bitsandbytes")
-    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+    bnb_nn = sys.modules.get("bitsandbytes.nn")  # only once bitsandbytes has run: a deferred one stays unrun
+    return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
 
 
 def code_values(quant_type: str = "nf4") -> torch.Tensor:
