@@ -142,6 +142,7 @@ def test_dreambooth_lora_loads_through_diffusers_and_renders_our_images(kind, fo
     from tunesmith.diffusion.config import load_dreambooth_config
     from tunesmith.diffusion.families import by_name
     from tunesmith.diffusion.run import dreambooth
+    from tunesmith.diffusion.sample import load_trained
 
     family = by_name(kind)
     tree = run_config(kind, folders[kind], tmp_path / "run",
@@ -156,6 +157,9 @@ def test_dreambooth_lora_loads_through_diffusers_and_renders_our_images(kind, fo
     assert ours.shape == (1, 3, RES, RES)
     assert (theirs - ours).abs().max().item() < 1e-5
     assert (diffusers_render(folders[kind], kind) - ours).abs().max().item() > 1e-3  # the adapter matters
+    again, pipe = load_trained(result.run_dir, CPU)  # tunesmith's own reload (generate-image)
+    mine = again.sample(pipe, PROMPTS[:1], 1, 2, again.guidance_scale, torch.Generator().manual_seed(7))
+    assert (mine - ours).abs().max().item() < 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -171,20 +175,26 @@ def captioned(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_text_to_image_lora_trains_on_aspect_buckets_and_loads_through_diffusers(kind, folders, captioned, tmp_path):
+@pytest.mark.parametrize("kind,method", [("sdxl", "lora"), ("sd3", "full"), ("flux", "lora")])
+def test_text_to_image_trains_on_aspect_buckets_and_its_weights_load_through_diffusers(kind, method, folders,
+                                                                                       captioned, tmp_path):
     from tunesmith.diffusion.config import load_text_to_image_config
     from tunesmith.diffusion.text_to_image import text_to_image
 
     tree = run_config(kind, folders[kind], tmp_path / "run", data={"images": str(captioned), "max_aspect": 2},
-                      method={"train_text_encoder": False}, train={"steps": 2, "batch_size": 2},
+                      method={"name": method, "train_text_encoder": False}, train={"steps": 2, "batch_size": 2},
                       sample={"guidance_scale": 1.0})
     result = text_to_image(load_text_to_image_config(None, base=tree), quiet=True)
     assert len(result.summary["buckets"]) == 2  # square and wide
-    assert saved_components(result.weights) == {"unet" if kind == "sdxl" else "transformer"}
-    theirs = diffusers_render(folders[kind], kind, result.weights, guidance=1.0)
-    assert (theirs - result.after[PROMPTS[0]]).abs().max().item() < 1e-5
-
+    if method == "lora":
+        assert saved_components(result.weights) == {"unet" if kind == "sdxl" else "transformer"}
+        theirs = diffusers_render(folders[kind], kind, result.weights, guidance=1.0)
+    else:  # a pipeline folder diffusers loads as it is
+        assert (result.weights / "model_index.json").is_file() and not list(result.weights.rglob("*.bin"))
+        theirs = diffusers_render(result.weights, kind, guidance=1.0)
+    ours = result.after[PROMPTS[0]]
+    assert (theirs - ours).abs().max().item() < 1e-5
+    assert (diffusers_render(folders[kind], kind, guidance=1.0) - ours).abs().max().item() > 1e-3
 
 def test_a_folder_missing_a_component_its_model_index_names_is_refused_naming_it(folders, tmp_path):
     import shutil
