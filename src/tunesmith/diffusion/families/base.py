@@ -15,7 +15,6 @@ Conventions every family keeps:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,26 +95,10 @@ def freeze(*modules) -> None:
             module.eval()
 
 
-@contextmanager
-def quiet_loading():
-    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers while loading."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    shown = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
-    for lib in shown:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib in shown:
-            lib.enable_progress_bar()
-
-
 def load_pretrained(folder: Path, device, pipeline_class: str, train_scheduler_class: str | None = None):
     """(pipeline, training scheduler) of a diffusers pipeline folder loaded through its own class: fp32, every
-    component frozen and in eval mode, no progress bar. The training scheduler is `train_scheduler_class` built from
-    the folder's scheduler config (None: a copy of the folder's scheduler)."""
+    component frozen and in eval mode, no sampling progress bar. The training scheduler is `train_scheduler_class`
+    built from the folder's scheduler config (None: a copy of the folder's scheduler)."""
     import json
 
     import diffusers
@@ -127,8 +110,7 @@ def load_pretrained(folder: Path, device, pipeline_class: str, train_scheduler_c
         raise ModelError(f"model: {folder}/model_index.json names the component(s) {', '.join(missing)} of a "
                          f"{pipeline_class}, but the folder lacks {', '.join(m + '/' for m in missing)}")
     try:
-        with quiet_loading():
-            pipe = getattr(diffusers, pipeline_class).from_pretrained(folder, dtype=torch.float32)
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"model: {folder}: could not load it as a {pipeline_class}: {e}") from None
     config = pipe.scheduler.config
