@@ -111,13 +111,13 @@ def run_config(kind, folder, out, **sections):
     tree = {"model": str(folder), "output_dir": str(out), "seed": 0,
             "method": {"name": "lora", "r": 4, "alpha": 8, "train_text_encoder": True},
             "train": {"steps": 2, "batch_size": 1, "lr": 1e-2, "device": "cpu"},
-            "sample": {"per_prompt": 1, "steps": 2, "seed": 7, "prompts": PROMPTS[:1]}}
+            "sample": {"per_prompt": 1, "steps": 2, "seed": 7, "prompts": PROMPTS[:1], "guidance_scale": 1.0}}
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value}
     return tree
 
 
-def diffusers_render(folder, kind, lora=None, guidance=None):
+def diffusers_render(folder, kind, lora=None, guidance=1.0):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder)
@@ -126,7 +126,7 @@ def diffusers_render(folder, kind, lora=None, guidance=None):
         pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
     extra = {} if kind == "sdxl" else {"max_sequence_length": pipe.tokenizer.model_max_length}
     return pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(7), height=RES, width=RES,
-                output_type="pt", **({"guidance_scale": guidance} if guidance else {}), **extra).images
+                output_type="pt", guidance_scale=guidance, **extra).images
 
 
 def saved_components(weights) -> set[str]:
@@ -148,17 +148,18 @@ def test_dreambooth_lora_loads_through_diffusers_and_renders_our_images(kind, fo
     tree = run_config(kind, folders[kind], tmp_path / "run",
                       instance={"images": str(write_images(tmp_path / "subject", n=2, size=RES)),
                                 "prompt": PROMPTS[0]},
-                      prior={"class_prompt": "a dog", "weight": 0.5, "num_images": 1, "steps": 2})
+                      prior={"class_prompt": "a dog", "weight": 0.5, "num_images": 1, "steps": 2,
+                             "guidance_scale": 1.0})
     result = dreambooth(load_dreambooth_config(None, base=tree), quiet=True)
     assert result.summary["class_images"] == 1 and len(result.summary["rows"]) == 2
     assert saved_components(result.weights) == {family.denoiser, *family.trainable_text_encoders}
     ours = result.after[PROMPTS[0]]
-    theirs = diffusers_render(folders[kind], kind, result.weights)  # the pipeline's usual guidance, as ours
+    theirs = diffusers_render(folders[kind], kind, result.weights)
     assert ours.shape == (1, 3, RES, RES)
     assert (theirs - ours).abs().max().item() < 1e-5
-    assert (diffusers_render(folders[kind], kind) - ours).abs().max().item() > 1e-3  # the adapter matters
+    assert (result.before[PROMPTS[0]] - ours).abs().max().item() > 1e-3  # the adapter matters
     again, pipe = load_trained(result.run_dir, CPU)  # tunesmith's own reload (generate-image)
-    mine = again.sample(pipe, PROMPTS[:1], 1, 2, again.guidance_scale, torch.Generator().manual_seed(7))
+    mine = again.sample(pipe, PROMPTS[:1], 1, 2, 1.0, torch.Generator().manual_seed(7))
     assert (mine - ours).abs().max().item() < 1e-5
 
 
@@ -182,19 +183,18 @@ def test_text_to_image_trains_on_aspect_buckets_and_its_weights_load_through_dif
     from tunesmith.diffusion.text_to_image import text_to_image
 
     tree = run_config(kind, folders[kind], tmp_path / "run", data={"images": str(captioned), "max_aspect": 2},
-                      method={"name": method, "train_text_encoder": False}, train={"steps": 2, "batch_size": 2},
-                      sample={"guidance_scale": 1.0})
+                      method={"name": method, "train_text_encoder": False}, train={"steps": 2, "batch_size": 2})
     result = text_to_image(load_text_to_image_config(None, base=tree), quiet=True)
     assert len(result.summary["buckets"]) == 2  # square and wide
     if method == "lora":
         assert saved_components(result.weights) == {"unet" if kind == "sdxl" else "transformer"}
-        theirs = diffusers_render(folders[kind], kind, result.weights, guidance=1.0)
+        theirs = diffusers_render(folders[kind], kind, result.weights)
     else:  # a pipeline folder diffusers loads as it is
         assert (result.weights / "model_index.json").is_file() and not list(result.weights.rglob("*.bin"))
-        theirs = diffusers_render(result.weights, kind, guidance=1.0)
+        theirs = diffusers_render(result.weights, kind)
     ours = result.after[PROMPTS[0]]
     assert (theirs - ours).abs().max().item() < 1e-5
-    assert (diffusers_render(folders[kind], kind, guidance=1.0) - ours).abs().max().item() > 1e-3
+    assert (result.before[PROMPTS[0]] - ours).abs().max().item() > 1e-3
 
 def test_a_folder_missing_a_component_its_model_index_names_is_refused_naming_it(folders, tmp_path):
     import shutil
@@ -206,3 +206,16 @@ def test_a_folder_missing_a_component_its_model_index_names_is_refused_naming_it
     with pytest.raises(ModelError, match=r"model_index.json names the component\(s\) text_encoder_2 of a "
                                          r"StableDiffusionXLPipeline, but the folder lacks text_encoder_2/"):
         load_pipeline(folder, CPU)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_usual_guidance_is_the_pipelines_own_default(kind):
+    import inspect
+
+    import diffusers
+
+    from tunesmith.diffusion.families import by_name
+
+    family = by_name(kind)
+    call = getattr(diffusers, family.pipeline_classes[0]).__call__
+    assert family.guidance_scale == inspect.signature(call).parameters["guidance_scale"].default
