@@ -1,7 +1,7 @@
 """`tunesmith` command line. Each command group is a module of this package whose register(subparsers) adds its
 sub-commands and returns {command: handler(args) -> exit code}; path arguments say what they expect (cli/paths.py)
 and are checked before any handler runs. Errors print one paragraph; --debug shows tracebacks. Handlers import the
-heavy libraries, so `--help` stays fast."""
+heavy libraries, so `--help` stays fast; what those libraries may print is set once before (libraries.py)."""
 
 from __future__ import annotations
 
