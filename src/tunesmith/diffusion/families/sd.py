@@ -41,11 +41,11 @@ class StableDiffusion(Family):
         folder = Path(folder)
         check_folder(folder)
         try:
-            unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32)
             text_encoder = AutoModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
             train_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-            vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32) \
+            vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32) \
                 if (folder / "vae").is_dir() else None
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"model: {folder}: could not load its components: {e}") from None
