@@ -1,5 +1,5 @@
-"""`tunesmith export SOURCE OUT --format hf|gguf`: an adapter merged into its base (or a plain model) shipped as an HF
-folder or one GGUF file."""
+"""`tunesmith export SOURCE OUT --format hf|gguf|kohya`: an adapter merged into its base (or a plain model) shipped as
+an HF folder or one GGUF file; a diffusion run's LoRA as the kohya/A1111 single file ComfyUI and Automatic1111 load."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0")  # export/gguf.py's; repeated here 
 
 
 def _out_kind(args) -> Expect:
-    return Expect.OUT_FILE if args.format == "gguf" else Expect.OUT_FOLDER
+    return Expect.OUT_FOLDER if args.format == "hf" else Expect.OUT_FILE
 
 
 def register(sub) -> dict:
-    e = sub.add_parser("export", help="ship a model: an adapter merged into its base as an HF folder or a GGUF file")
+    e = sub.add_parser("export", help="ship a model: an adapter merged into its base as an HF folder or a GGUF file; "
+                       "a diffusion run's LoRA as a kohya/A1111 single file")
     e.add_argument("source", type=PathArg(Expect.MODEL),
-                   help="adapter folder (merged into its base) or a model (builtin:NAME, HF folder)")
+                   help="adapter folder (merged into its base) or a model (builtin:NAME, HF folder); --format kohya: a "
+                   "LoRA diffusion run (or its lora/ folder)")
     e.add_argument("out", type=PathArg(_out_kind),
-                   help="output: a folder for --format hf, a .gguf file for --format gguf")
-    e.add_argument("--format", choices=["hf", "gguf"], default="hf")
+                   help="output: a folder for --format hf, a .gguf file for --format gguf, a .safetensors file for "
+                   "--format kohya")
+    e.add_argument("--format", choices=["hf", "gguf", "kohya"], default="hf")
     e.add_argument("--quant", default="f16", metavar="TYPE",
                    help=f"GGUF weight type: {', '.join(QUANT_TYPES)} (default f16; norms stay f32)")
     e.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
@@ -34,6 +37,11 @@ def register(sub) -> dict:
 
 
 def cmd_export(args) -> int:
+    if args.format == "kohya":
+        from tunesmith.diffusion.saving import export_kohya
+
+        print(f"kohya single-file LoRA written to {export_kohya(args.source, args.out, args.overwrite)}")
+        return 0
     if args.format == "hf":
         from tunesmith.export.hf import export_hf
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.atomic import atomic_folder
-from tunesmith.errors import ModelError
+from tunesmith.atomic import atomic_file, atomic_folder
+from tunesmith.errors import ModelError, OutputDirError
 from tunesmith.methods import lora
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -44,12 +44,19 @@ def lora_metadata(family, trained: dict[str, torch.nn.Module], method) -> dict:
     return meta
 
 
-def save_lora(folder: Path, family, trained: dict[str, torch.nn.Module], method) -> Path:
+def save_lora(folder: Path, family, trained: dict[str, torch.nn.Module], method,
+              kohya_name: str | None = None) -> Path:
+    """The diffusers file, and the kohya single file named `kohya_name` too where the pipeline has that format."""
     from safetensors.torch import save_file
 
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(family, trained, method), sort_keys=True)}
+    from tunesmith.diffusion import kohya
+
+    tensors, meta = lora_tensors(trained), lora_metadata(family, trained, method)
     with atomic_folder(folder) as tmp:
-        save_file(lora_tensors(trained), str(tmp / LORA_WEIGHTS), metadata=metadata)
+        save_file(tensors, str(tmp / LORA_WEIGHTS),
+                  metadata={"format": "pt", METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        if kohya_name and kohya.supported(tensors):
+            kohya.save_kohya(tmp / kohya_name, tensors, meta)
     return folder / LORA_WEIGHTS
 
 
@@ -63,6 +70,22 @@ def read_lora(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "{}"))
     return load_file(str(path)), meta
+
+
+def export_kohya(source: str | Path, dest: str | Path, overwrite: bool = False) -> Path:
+    """An existing run's LoRA (SOURCE: the run folder or its lora/ folder) as the kohya single file `dest`."""
+    from tunesmith.diffusion import kohya
+
+    source, dest = Path(source), Path(dest)
+    folder = source / "lora" if (source / "lora").is_dir() else source
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise ModelError(f"{source}: neither a LoRA diffusion run (a lora/ folder) nor a folder holding {LORA_WEIGHTS}")
+    if dest.exists() and not overwrite:
+        raise OutputDirError(f"{dest} already exists; pass --overwrite to replace it")
+    tensors, meta = read_lora(folder)
+    with atomic_file(dest) as tmp:
+        kohya.save_kohya(tmp, tensors, meta)
+    return dest
 
 
 def load_lora(family, pipe, folder: Path) -> list[str]:
@@ -93,7 +116,7 @@ def load_lora(family, pipe, folder: Path) -> list[str]:
     return touched
 
 
-def save_full(folder: Path, pipe) -> Path:
+def save_full(folder: Path, family, pipe) -> Path:
     with atomic_folder(folder) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        family.save_full(pipe, tmp)
     return folder

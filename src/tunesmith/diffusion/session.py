@@ -124,7 +124,7 @@ class Trained:
 def train_and_save(session: Session, next_batch, generator: torch.Generator, label: str, prompts: list[str],
                    resume: bool, quiet: bool) -> Trained:
     """Make the configured parts trainable, train, save (LoRA file or pipeline folder; the EMA weights when kept)."""
-    from tunesmith.diffusion import saving, trainable
+    from tunesmith.diffusion import kohya, saving, trainable
     from tunesmith.methods.base import count_parameters
 
     cfg, pipe, family = session.cfg, session.pipe, session.family
@@ -160,8 +160,9 @@ def train_and_save(session: Session, next_batch, generator: torch.Generator, lab
     if ema is not None:
         ema.copy_to()  # what is saved and sampled from here on: the averaged weights
     if cfg.method.name == "lora":
-        weights = saving.save_lora(session.run_dir / "lora", family, trained, cfg.method).parent
+        weights = saving.save_lora(session.run_dir / "lora", family, trained, cfg.method,
+                                   kohya.file_name(session.run_dir)).parent
     else:
-        weights = saving.save_full(session.run_dir / "pipeline", pipe)
+        weights = saving.save_full(session.run_dir / "pipeline", family, pipe)
     return Trained(rows, seconds, weights, sum(c[0] for c in counts), sum(c[1] for c in counts))
 

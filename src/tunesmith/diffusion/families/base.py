@@ -87,6 +87,11 @@ class Family:
                generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    def save_full(self, pipe, folder: Path) -> None:
+        """A fully fine-tuned pipeline as a folder that diffusers' `DiffusionPipeline.from_pretrained` and this
+        family's `load` read (safetensors)."""
+        pipe.save_pretrained(folder, safe_serialization=True)
+
 
 def freeze(*modules) -> None:
     for module in modules:

@@ -72,3 +72,16 @@ class StableDiffusion(Family):
     def sample(self, pipe, prompts, n, steps, guidance_scale, generator) -> torch.Tensor:
         return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                     num_images_per_prompt=n)
+
+    def save_full(self, pipe, folder: Path) -> None:
+        """With a VAE: a `StableDiffusionPipeline` folder (no safety checker), what diffusers and other tools load
+        for SD 1.x/2.x; its scheduler a copy, since that pipeline updates outdated scheduler configs in place. The
+        pixel-space model has no diffusers pipeline: it keeps tunesmith's TextToImagePipeline."""
+        if pipe.vae is None:
+            return super().save_full(pipe, folder)
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                                scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config), safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False,
+                                ).save_pretrained(folder, safe_serialization=True)
