@@ -122,8 +122,9 @@ def diffusers_render(folder, kind, lora=None, guidance=1.0):
 
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    if lora is not None:
-        pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
+    if lora is not None:  # a LoRA folder (diffusers' file in it) or one file (the kohya single file)
+        named = {} if lora.is_file() else {"weight_name": "pytorch_lora_weights.safetensors"}
+        pipe.load_lora_weights(str(lora), **named)
     extra = {} if kind == "sdxl" else {"max_sequence_length": pipe.tokenizer.model_max_length}
     return pipe(PROMPTS[0], num_inference_steps=2, generator=torch.Generator().manual_seed(7), height=RES, width=RES,
                 output_type="pt", guidance_scale=guidance, **extra).images
@@ -161,6 +162,13 @@ def test_dreambooth_lora_loads_through_diffusers_and_renders_our_images(kind, fo
     again, pipe = load_trained(result.run_dir, CPU)  # tunesmith's own reload (generate-image)
     mine = again.sample(pipe, PROMPTS[:1], 1, 2, 1.0, torch.Generator().manual_seed(7))
     assert (mine - ours).abs().max().item() < 1e-5
+    kohya = list(result.weights.glob("*_kohya.safetensors"))  # the single file: UNet pipelines only
+    assert [k.name for k in kohya] == (["run_kohya.safetensors"] if kind == "sdxl" else [])
+    if kohya:  # lora_unet_, lora_te1_, lora_te2_: diffusers' loader converts it back
+        from safetensors.torch import load_file
+
+        assert {k.split("_")[1] for k in load_file(str(kohya[0]))} == {"unet", "te1", "te2"}
+        assert (diffusers_render(folders[kind], kind, kohya[0]) - ours).abs().max().item() < 1e-5
 
 
 @pytest.fixture(scope="module")

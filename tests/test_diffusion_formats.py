@@ -36,7 +36,8 @@ def images(tmp_path_factory):
 def run(model, images, out, **sections):
     from tunesmith.diffusion.run import dreambooth
 
-    sections = {**sections, "prior": {"weight": 0.0}, "train": {"steps": 2, **sections.get("train", {})}}
+    sections = {**sections, "prior": {"weight": 0.0}, "sample": {"prompts": [PROMPT]},
+                "train": {"steps": 2, **sections.get("train", {})}}
     return dreambooth(config(model, images, out, **sections), quiet=True)
 
 
@@ -87,23 +88,28 @@ def test_export_writes_the_kohya_file_of_an_existing_run(lora_run, tmp_path, cap
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_a_transformer_lora_has_no_kohya_file_and_export_says_why(tmp_path):
+def test_a_transformer_lora_has_no_kohya_file_and_export_says_why(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tunesmith.cli import main
     from tunesmith.diffusion import kohya
-    from tunesmith.errors import ModelError
 
     tensors = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}
-    assert not kohya.supported(tensors)
-    with pytest.raises(ModelError, match=r"no kohya single-file LoRA for transformer\.\*"):
-        kohya.to_kohya(tensors, {})
+    assert not kohya.supported(tensors)  # SD3, Flux: a run writes the diffusers file only
+    (tmp_path / "lora").mkdir()
+    save_file(tensors, str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert main(["export", str(tmp_path), str(tmp_path / "out.safetensors"), "--format", "kohya"]) == 2
+    assert "no kohya single-file LoRA for transformer.*" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_full_run_with_a_vae_is_a_stable_diffusion_pipeline_folder_diffusers_samples_alike(vae_model, images,
                                                                                                 tmp_path):
-    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     from tunesmith.diffusion.sample import load_trained
 
-    result = run(vae_model, images, tmp_path / "full", method={"name": "full"}, train={"lr": 1e-3})
+    result = run(vae_model, images, tmp_path / "full", method={"name": "full"}, train={"lr": 1e-3, "steps": 1})
     index = json.loads((result.weights / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["safety_checker"] == [None, None]
     assert index["requires_safety_checker"] is False
@@ -115,5 +121,5 @@ def test_a_full_run_with_a_vae_is_a_stable_diffusion_pipeline_folder_diffusers_s
     assert (theirs - result.after[PROMPT]).abs().max().item() < 1e-5
     family, reloaded = load_trained(result.run_dir, device=torch.device("cpu"))
     assert family.name == "sd" and (render(reloaded) - result.after[PROMPT]).abs().max().item() < 1e-5
-    base = diffusers_pipeline(vae_model).unet.state_dict()
-    assert any(not torch.equal(base[k], v) for k, v in pipe.unet.state_dict().items())
+    base = UNet2DConditionModel.from_pretrained(vae_model / "unet").state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in pipe.unet.state_dict().items())  # it trained
