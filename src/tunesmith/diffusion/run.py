@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,19 +16,10 @@ from tunesmith.diffusion import checkpoint, images
 from tunesmith.diffusion.config import DreamBoothConfig, dump
 from tunesmith.diffusion.loop import Batch
 from tunesmith.diffusion.progress import bar
-from tunesmith.diffusion.session import Session, grid_scale, open_session, train_and_save, warn
+from tunesmith.diffusion.session import RunResult, Session, grid_scale, open_session, train_and_save, warn
 
 CLASS_IMAGES = "class_images"
-__all__ = ["DreamBoothResult", "dreambooth", "grid_scale"]
-
-
-@dataclass
-class DreamBoothResult:
-    run_dir: Path
-    weights: Path
-    before: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt → (N, C, H, W) in [0, 1]
-    after: dict[str, torch.Tensor] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+__all__ = ["RunResult", "dreambooth", "grid_scale"]
 
 
 def identifier_warning(cfg: DreamBoothConfig) -> str | None:
@@ -96,7 +86,7 @@ def batches(session: Session, instance: torch.Tensor, classes: torch.Tensor | No
 
 
 def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-               measure=None) -> DreamBoothResult:
+               measure=None) -> RunResult:
     """`measure(before, after) -> {name: (before, after)}` (optional) adds measurements to the report."""
     started = time.perf_counter()
     from tunesmith.diffusion.report import write_report
@@ -140,4 +130,4 @@ def dreambooth(cfg: DreamBoothConfig, overwrite: bool = False, resume: bool = Fa
                "class_images": 0 if classes is None else len(classes), "train_seconds": trained.seconds}
     for old in checkpoint.list_checkpoints(run_dir):  # the run is whole: its weights replace the checkpoints
         shutil.rmtree(old, ignore_errors=True)
-    return DreamBoothResult(run_dir=run_dir, weights=trained.weights, before=before, after=after, summary=summary)
+    return RunResult(run_dir=run_dir, weights=trained.weights, before=before, after=after, summary=summary)

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -110,6 +110,16 @@ def settings_of(cfg, trained: dict) -> LoopSettings:
                         max_grad_norm=cfg.train.max_grad_norm, save_every=cfg.train.save_every,
                         keep_checkpoints=cfg.train.keep_checkpoints, precision=cfg.train.precision,
                         min_snr_gamma=cfg.train.min_snr_gamma, ema=ema)
+
+
+@dataclass
+class RunResult:
+    """A finished DreamBooth or text-to-image run."""
+    run_dir: Path
+    weights: Path
+    before: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt → (N, C, H, W) in [0, 1]
+    after: dict[str, torch.Tensor] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -21,16 +19,7 @@ from tunesmith.diffusion.captions import CaptionedImage, drop_captions, read_cap
 from tunesmith.diffusion.config import TextToImageConfig, dump
 from tunesmith.diffusion.latents import draw, posterior
 from tunesmith.diffusion.loop import Batch
-from tunesmith.diffusion.session import Session, open_session, train_and_save, warn
-
-
-@dataclass
-class TextToImageResult:
-    run_dir: Path
-    weights: Path
-    before: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt → (N, C, H, W) in [0, 1]
-    after: dict[str, torch.Tensor] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+from tunesmith.diffusion.session import RunResult, Session, open_session, train_and_save, warn
 
 
 class CaptionedBatches:
@@ -114,7 +103,7 @@ class CaptionedBatches:
 
 
 def text_to_image(cfg: TextToImageConfig, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-                  measure=None) -> TextToImageResult:
+                  measure=None) -> RunResult:
     """`measure(before, after) -> {name: (before, after)}` (optional) adds measurements to the report."""
     from tunesmith.diffusion.report import write_report
 
@@ -161,4 +150,4 @@ def text_to_image(cfg: TextToImageConfig, overwrite: bool = False, resume: bool 
                  summary["seconds"])
     for old in checkpoint.list_checkpoints(session.run_dir):  # the run is whole: its weights replace the checkpoints
         shutil.rmtree(old, ignore_errors=True)
-    return TextToImageResult(session.run_dir, trained.weights, before, after, summary)
+    return RunResult(session.run_dir, trained.weights, before, after, summary)
