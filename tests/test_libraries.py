@@ -17,15 +17,19 @@ from tunesmith.models import load_model
 load_model(sys.argv[1])
 from diffusers import UNet2DConditionModel
 print("bitsandbytes imported:", "bitsandbytes" in sys.modules, "ran:", "bitsandbytes.nn" in sys.modules)
+import warnings
+warnings.warn("an API will change", FutureWarning)  # a library to its caller: not shown
+warnings.warn("3 preference pairs are identical", UserWarning)  # as tunesmith's own (data/pair_batches.py): shown
 """
 
 
-def test_a_command_start_prints_nothing_and_leaves_bitsandbytes_unrun(tiny_model_dir):
+def test_after_a_command_start_stderr_holds_only_tunesmiths_own_and_bitsandbytes_is_unrun(tiny_model_dir):
     env = {k: v for k, v in os.environ.items() if k != libraries.VERBOSE_ENV}
     out = subprocess.run([sys.executable, "-c", CHILD, str(tiny_model_dir)], capture_output=True, text=True,
                          check=True, env=env)
-    assert out.stderr == ""  # without setup: bitsandbytes' "Failed to load CPU gemm_4bit_forward ..." and
-    # transformers' "Loading weights: 100%|...|" bar
+    # without setup, before the warning: bitsandbytes' "Failed to load CPU gemm_4bit_forward ..." and transformers'
+    # "Loading weights: 100%|...|" bar
+    assert out.stderr == "<string>:11: UserWarning: 3 preference pairs are identical\n"
     assert out.stdout == "bitsandbytes imported: True ran: False\n"  # imported by peft and diffusers, never run
 
 
