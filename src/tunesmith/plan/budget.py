@@ -78,6 +78,19 @@ def _candidates(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     return out
 
 
+def add_options(advice: Advice, candidates, peak_of) -> None:
+    """Each (change, changed config) planned with `peak_of`; of the smaller batches only down to the first that fits."""
+    seen_fitting_batch = False
+    for change, changed in candidates:
+        peak = peak_of(changed)
+        fits = peak <= advice.budget
+        if change.startswith("train.batch_size"):
+            if seen_fitting_batch:
+                continue
+            seen_fitting_batch = fits
+        advice.options.append(Option(change, peak, fits))
+
+
 def advise(cfg: RunConfig, memory: MemoryPlan, budget: int, device: str = "cpu") -> Advice:
     """The budget against the plan; when it does not fit, each single change that would, and (if none does) all of
     them together at batch 1."""
@@ -88,15 +101,7 @@ def advise(cfg: RunConfig, memory: MemoryPlan, budget: int, device: str = "cpu")
     from tunesmith.plan.architectures import resolve
 
     arch = resolve(cfg.model.path)
-    seen_fitting_batch = False
-    for change, changed in _candidates(cfg):
-        peak = predict(changed, arch=arch, **arch_runtime).peak
-        fits = peak <= budget
-        if change.startswith("train.batch_size"):
-            if seen_fitting_batch:
-                continue
-            seen_fitting_batch = fits
-        advice.options.append(Option(change, peak, fits))
+    add_options(advice, _candidates(cfg), lambda changed: predict(changed, arch=arch, **arch_runtime).peak)
     if not any(o.fits for o in advice.options):
         everything = _with(cfg, "train", batch_size=1, activation_checkpointing=True, bf16=True)
         four_bit = cfg.method.declaration.four_bit_variant

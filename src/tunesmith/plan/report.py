@@ -64,6 +64,11 @@ def print_plan(cfg: RunConfig, memory: MemoryPlan, budget: int | None = None, ad
     console.print(table)
     for note in memory.notes:
         console.print(f"note: {note}")
+    print_advice(console, budget, advice)
+
+
+def print_advice(console, budget: int | None, advice: Advice | None) -> None:
+    """Whether the plan fits the budget, and if not, each option's predicted peak."""
     if advice is None:
         return
     if advice.fits:

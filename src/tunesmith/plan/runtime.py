@@ -44,29 +44,35 @@ def cache_file() -> Path:
     return Path(root) / "plan-runtime.json"
 
 
-def _key() -> str:
+def _key(probe: str) -> str:
     from importlib.metadata import version
 
-    return (f"{platform.node()}|{platform.python_version()}|torch {version('torch')}|"
-            f"transformers {version('transformers')}|probe {PROBE_VERSION}")
+    key = (f"{platform.node()}|{platform.python_version()}|torch {version('torch')}|"
+           f"transformers {version('transformers')}|probe {PROBE_VERSION}")
+    if probe != PROBE:  # another process's imports (the diffusion planner's): keyed by the probe's text
+        import hashlib
+
+        key += f"|{hashlib.sha256(probe.encode()).hexdigest()[:12]}"
+    return key
 
 
-def measure() -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+def measure(probe: str = PROBE) -> int:
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
-def runtime_overhead() -> int:
+def runtime_overhead(probe: str = PROBE) -> int:
+    """The probe's peak RSS (default: the text training loop's imports), measured once per machine and cached."""
     if os.environ.get(ENV):
         return int(os.environ[ENV])
-    path, key = cache_file(), _key()
+    path, key = cache_file(), _key(probe)
     try:
         cached = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         cached = {}
     if key not in cached:
-        cached[key] = measure()
+        cached[key] = measure(probe)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(cached, indent=1) + "\n")
     return cached[key]
