@@ -134,18 +134,27 @@ def meta_components(folder: str | Path) -> dict[str, Component]:
 
 
 def meta_pipeline(folder: str | Path, components: dict[str, Component]):
-    """The pipeline object over the meta components, as the family's load makes it (its class from model_index)."""
+    """The pipeline object over the meta components, as the family's load makes it: tunesmith's TextToImagePipeline
+    for Stable Diffusion 1.x/2.x folders (families/sd.py loads a StableDiffusionPipeline folder into it), else the
+    diffusers class model_index.json names, its components listed as null (a safety checker) given as None."""
     import diffusers
 
-    class_name = _model_index(Path(folder)).get("_class_name")
-    if class_name == "TextToImagePipeline":
-        from tunesmith.diffusion.pipeline import TextToImagePipeline as cls
+    index = _model_index(Path(folder))
+    class_name = index.get("_class_name")
+    modules = {name: c.module for name, c in components.items()}
+    if class_name in ("TextToImagePipeline", "StableDiffusionPipeline"):
+        from tunesmith.diffusion.pipeline import TextToImagePipeline
+
+        keep = ("unet", "text_encoder", "tokenizer", "scheduler", "vae")
+        pipe = TextToImagePipeline(**{name: m for name, m in modules.items() if name in keep})
     else:
         cls = getattr(diffusers, str(class_name), None)
         if cls is None:
             raise ModelError(f"model: {folder}/model_index.json names the pipeline {class_name!r}, which diffusers "
                              "does not have")
-    pipe = cls(**{name: c.module for name, c in components.items()})
+        absent = {name: None for name, entry in index.items()
+                  if not name.startswith("_") and isinstance(entry, list) and name not in modules}
+        pipe = cls(**absent, **modules)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
