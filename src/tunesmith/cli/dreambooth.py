@@ -1,5 +1,5 @@
 """`tunesmith dreambooth CONFIG` / `--demo`: personalise a text-to-image diffusion model to a subject;
-`tunesmith generate-image RUN`: render prompts with a trained run."""
+`tunesmith generate-image RUN`: render prompts with a trained DreamBooth or text-to-image run."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ def register(sub) -> dict:
     d.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    g = sub.add_parser("generate-image", help="render prompts with a trained DreamBooth run", epilog=EPILOG)
-    g.add_argument("run", type=PathArg(Expect.FOLDER), help="a DreamBooth run folder (output_dir)")
+    g = sub.add_parser("generate-image", help="render prompts with a trained DreamBooth or text-to-image run",
+                       epilog=EPILOG)
+    g.add_argument("run", type=PathArg(Expect.FOLDER), help="a DreamBooth or text-to-image run folder (output_dir)")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
     g.add_argument("--out", default=None, type=PathArg(Expect.OUT_FILE),
                    help="PNG to write (default RUN/generated.png)")
     g.add_argument("--n", type=int, default=4, help="images per prompt")
     g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance-scale", type=float, default=None, help="default: the run's sample.guidance_scale")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="default: the run's sample.guidance_scale, else the pipeline's usual")
     g.add_argument("--seed", type=int, default=1234)
     return {"dreambooth": cmd_dreambooth, "generate-image": cmd_generate_image}
 
