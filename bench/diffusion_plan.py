@@ -125,6 +125,14 @@ def cases(root: Path) -> dict[str, dict]:
     out["text-to-image-full-unet-64px"] = {"kind": "text-to-image", "model": "unet-64px", "tree": {
         "model": folders["unet-64px"], "data": {"images": str(root / "captioned"), "random_flip": True},
         "method": {"name": "full"}, **{**common, "train": {**common["train"], "batch_size": 4}}}}
+    lora64 = out["dreambooth-lora-unet-64px"]["tree"]
+    out["dreambooth-lora-checkpointing-unet-64px"] = {"kind": "dreambooth", "model": "unet-64px", "tree": {
+        **lora64, "train": {**common["train"], "gradient_checkpointing": True}}}
+    out["dreambooth-lora-bf16-unet-64px"] = {"kind": "dreambooth", "model": "unet-64px", "tree": {
+        **lora64, "train": {**common["train"], "precision": "bf16"}}}
+    out["text-to-image-lora-random-crop-tiny-vae-32px"] = {"kind": "text-to-image", "model": "tiny-vae-32px", "tree": {
+        **out["text-to-image-lora-tiny-vae-32px"]["tree"],
+        "data": {"images": str(root / "captioned"), "random_flip": True, "random_crop": True}}}
     from tunesmith.diffusion import tiny
 
     if (tiny.folder() / "model_index.json").is_file():

@@ -14,9 +14,10 @@ Resident data: DreamBooth keeps the instance and class images as pixels and thei
 text-to-image keeps each image's posterior per flip at its aspect bucket's size (pixels without a VAE).
 
 On CPU the figure is peak RSS: the runtime (what a run on a negligible pipeline holds: runtime_probe.py, measured
-once per machine through plan/runtime.py) plus the parts, with the transient tensors scaled by CPU_TRANSIENT_RSS (glibc keeps
-freed blocks, and the holes a forward leaves are not all refilled: bench/diffusion_plan.py measures it). On CUDA it is
-peak allocated memory under bf16 autocast (precision auto), unvalidated: no GPU has measured it."""
+once per machine through plan/runtime.py) plus the parts, the transient tensors scaled by CPU_TRANSIENT_RSS (glibc
+keeps freed blocks, and the holes a forward leaves are not all refilled: bench/diffusion_plan.py measures it). On
+CUDA it is peak allocated memory, under bf16 autocast and gradient checkpointing where the run turns them on there
+(precision auto, gradient_checkpointing unset): unvalidated, no GPU has measured it."""
 
 from __future__ import annotations
 
@@ -170,7 +171,8 @@ def _dreambooth_data(cfg, family, pipe, folder: Path) -> _Data:
         if prior:
             cache.append(Part("class posteriors", prior * one, f"{prior} × mean and std {c}×{h}×{w} × 4 B"))
     rows = cfg.train.batch_size * (2 if prior else 1)
-    prompts = [cfg.instance.prompt] * cfg.train.batch_size + [cfg.prior.class_prompt or ""] * (rows - cfg.train.batch_size)
+    bs = cfg.train.batch_size
+    prompts = [cfg.instance.prompt] * bs + [cfg.prior.class_prompt or ""] * (rows - bs)
     return _Data(pixels, cache, (side, side), min(ENCODE_CHUNK, max(n, prior)) if vae is not None else 0, False,
                  prior, prompts, False, [f"{n} instance images in {images_folder}"])
 
@@ -256,7 +258,10 @@ def plan_diffusion(cfg, device: str = "cpu") -> DiffusionPlan:
     family = detect(folder)
     pipe, module_names, trained, counts = counted_pipeline(folder, family, cfg.method)
     lora_added = sum(c.added for c in counts)
-    data = _dreambooth_data(cfg, family, pipe, folder) if kind == "dreambooth" else _text_to_image_data(cfg, family, pipe)
+    if kind == "dreambooth":
+        data = _dreambooth_data(cfg, family, pipe, folder)
+    else:
+        data = _text_to_image_data(cfg, family, pipe)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device == "cuda")
     checkpointing = cfg.train.gradient_checkpointing
     if checkpointing is None:

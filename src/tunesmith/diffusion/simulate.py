@@ -116,7 +116,7 @@ def _instantiate(folder: Path, name: str, library: str, class_name: str):
             if library == "diffusers":
                 return cls.from_config(cls.load_config(path))
             model = cls._from_config(transformers.AutoConfig.from_pretrained(path))
-        model.tie_weights()  # as from_pretrained does (T5's encoder embedding is its shared one); not inside the context
+        model.tie_weights()  # as from_pretrained does (T5's encoder embedding is its shared one): outside the context
         return model
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"model: {path}: could not read its config: {e}") from None
