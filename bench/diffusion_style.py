@@ -1,0 +1,156 @@
+"""Style and domain adaptation measured on the embedded tiny model (builtin:tiny-digits, pretrained on grey digits):
+text-to-image fine-tunes (tunesmith.diffusion.text_to_image) on a restyled digit set and on a new domain (photo
+patches), both built offline by tunesmith.diffusion.styles; LoRA (the style demo's) vs full, with vs without caption
+dropout; the same prompts and seeds before → after.
+
+    PYTHONPATH=src python bench/diffusion_style.py [--style bold] [--steps 300] [--tasks style domain]
+        [--methods lora full] [--dropouts 0.1 0] [--guidance 1] [--out runs/bench-diffusion-style]
+
+Scores (tunesmith.diffusion.style_scores, fitted on the train split in about a second), each over all the samples
+of its prompts (--per-prompt per prompt):
+- style runs: the styled prompts ("a drawing of the digit three in bold style", every digit): style score (fraction
+  judged in the style) and content kept (fraction whose digit the reader reads as the prompt's); the plain prompts
+  ("a drawing of the digit three"): style score (the style leaking into them; lower = prior kept), content kept.
+- domain runs: the photo prompts ("a photo of a temple" / "... flower"): domain score (fraction judged a photo
+  patch), subject kept (fraction judged the prompt's photo); the plain digit prompts: content kept and domain score
+  (photos leaking in).
+Rows go to bench/results/<date>-diffusion-style-<cpu>.jsonl (a header naming the CPU, then one row per run)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_log import RESULTS, ResultsLog, cpu_slug, cpu_summary  # noqa: E402
+
+from tunesmith.diffusion import styles  # noqa: E402
+from tunesmith.diffusion.style_demo import DEMOS, METHOD  # noqa: E402
+from tunesmith.diffusion.style_scores import train_scorers  # noqa: E402
+from tunesmith.diffusion.tiny import caption, ensure_pretrained  # noqa: E402
+
+DIGITS = range(10)
+FULL_LR = 1e-4  # full fine-tuning moves every weight: a tenth of LoRA's rate, as diffusers' scripts (1e-5 vs 1e-4)
+
+
+def prompts(task: str, style: str) -> list[str]:
+    plain = [caption(d) for d in DIGITS]
+    if task == "style":
+        return [styles.style_caption(d, style) for d in DIGITS] + plain
+    return [styles.domain_caption(s) for s in styles.PHOTOS] + plain
+
+
+def scores(images: dict[str, torch.Tensor], task: str, style: str) -> dict[str, float]:
+    scorers = train_scorers()
+    plain = torch.cat([images[caption(d)] for d in DIGITS])
+    plain_digits = torch.tensor(DIGITS).repeat_interleave(len(images[caption(0)]))
+    out = {"plain_content": scorers.content_kept(plain, plain_digits)}
+    if task == "style":
+        styled = torch.cat([images[styles.style_caption(d, style)] for d in DIGITS])
+        out.update(styled_style=scorers.style_score(styled, style), styled_content=scorers.content_kept(styled, plain_digits),
+                   plain_style=scorers.style_score(plain, style))
+    else:
+        photo_prompts = [styles.domain_caption(s) for s in styles.PHOTOS]
+        photos = torch.cat([images[p] for p in photo_prompts])
+        subjects = [s for s in styles.PHOTOS for _ in range(len(images[styles.domain_caption(s)]))]
+        out.update(photo_domain=scorers.domain_score(photos), photo_subject=scorers.subject_kept(photos, subjects),
+                   plain_domain=scorers.domain_score(plain))
+    return out
+
+
+def data_folder(task: str, style: str, out: Path) -> Path:
+    dest = out / "data" / (f"digits-{style}" if task == "style" else "photo-patches")
+    if not (dest / "metadata.jsonl").is_file():
+        if task == "style":
+            styles.write_style_folder(dest, style)
+        else:
+            styles.write_domain_folder(dest, per_subject=300)
+    return dest
+
+
+def one(task: str, method: str, dropout: float, args) -> dict:
+    from tunesmith.diffusion.config import load_text_to_image_config
+    from tunesmith.diffusion.text_to_image import text_to_image
+
+    demo = DEMOS[task]
+    name = f"{task}-{method}-dropout{dropout:g}"
+    train = {**demo["train"], "steps": args.steps, "save_every": None}
+    if method == "full":
+        train["lr"] = FULL_LR
+    base = {**demo, "output_dir": str(Path(args.out) / name),
+            "data": {**demo["data"], "images": str(data_folder(task, args.style, Path(args.out))),
+                     "caption_dropout": dropout},
+            "method": METHOD if method == "lora" else {"name": "full"}, "train": train,
+            "sample": {**demo["sample"], "prompts": prompts(task, args.style), "per_prompt": args.per_prompt,
+                       "guidance_scale": args.guidance}}
+    cfg = load_text_to_image_config(None, base=base)
+    start = time.perf_counter()
+    result = text_to_image(cfg, overwrite=True, quiet=True)
+    seconds = time.perf_counter() - start
+    return {"name": name, "task": task, "style": args.style if task == "style" else None, "method": method,
+            "lr": train["lr"], "caption_dropout": dropout, "steps": args.steps, "batch_size": train["batch_size"],
+            "guidance_scale": args.guidance, "per_prompt": args.per_prompt, "images": result.summary["images"],
+            "before": scores(result.before, task, args.style), "after": scores(result.after, task, args.style),
+            "train_seconds": round(result.summary["train_seconds"], 1), "seconds": round(seconds, 1),
+            "final_loss": result.summary["rows"][-1].get("loss") if result.summary["rows"] else None,
+            "grids": [str(result.run_dir / "samples_before.png"), str(result.run_dir / "samples_after.png")]}
+
+
+COLUMNS = {"style": [("styled_style", "styled prompts: in style"), ("styled_content", "styled prompts: right digit"),
+                     ("plain_style", "plain prompts: in style (lower = prior kept)"),
+                     ("plain_content", "plain prompts: right digit")],
+           "domain": [("photo_domain", "photo prompts: photo-like"), ("photo_subject", "photo prompts: right photo"),
+                      ("plain_domain", "plain prompts: photo-like (lower = prior kept)"),
+                      ("plain_content", "plain prompts: right digit")]}
+
+
+def table(task: str, rows: list[dict]) -> str:
+    cols = COLUMNS[task]
+    lines = ["| run | " + " | ".join(label for _, label in cols) + " | train s | wall s |",
+             "|---|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        cells = [f"{r['before'][k]:.2f} → {r['after'][k]:.2f}" for k, _ in cols]
+        lines.append(f"| {r['method']}, caption dropout {r['caption_dropout']:g} | " + " | ".join(cells)
+                     + f" | {r['train_seconds']:.0f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--style", default="bold", choices=list(styles.STYLES))
+    ap.add_argument("--tasks", nargs="+", default=["style", "domain"], choices=["style", "domain"])
+    ap.add_argument("--methods", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    ap.add_argument("--dropouts", nargs="+", type=float, default=[0.1, 0.0])
+    ap.add_argument("--steps", type=int, default=DEMOS["style"]["train"]["steps"])
+    ap.add_argument("--per-prompt", type=int, default=8)
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--out", default="runs/bench-diffusion-style")
+    ap.add_argument("--results", type=Path, default=None)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    ensure_pretrained()
+    cpu = cpu_summary()
+    log = ResultsLog(args.results or RESULTS / f"{datetime.date.today().isoformat()}-diffusion-style-{cpu_slug(cpu)}.jsonl")
+    log.header(sys.argv, {k: v for k, v in vars(args).items() if k != "results"} | {"full_lr": FULL_LR}, cpu)
+    print(f"CPU: {cpu['model_name']} (family {cpu['family']}, model {cpu['model']}), {cpu['cpus']} CPUs; "
+          f"torch threads as the demo sets them")
+    for task in args.tasks:
+        rows = []
+        for method in args.methods:
+            for dropout in args.dropouts:
+                row = one(task, method, dropout, args)
+                log.row("diffusion_style", **row)
+                rows.append(row)
+                print(f"{row['name']}: {row['seconds']:.0f} s", flush=True)
+        print(f"\n{task} ({args.style if task == 'style' else 'photo patches'}), {args.steps} steps, "
+              f"before → after, fractions of {args.per_prompt} samples per prompt:\n{table(task, rows)}\n", flush=True)
+    print(f"total {time.perf_counter() - started:.0f} s; rows in {log.path}")
+
+
+if __name__ == "__main__":
+    main()
