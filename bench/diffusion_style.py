@@ -138,7 +138,7 @@ def main() -> None:
     log = ResultsLog(args.results or RESULTS / f"{datetime.date.today().isoformat()}-diffusion-style-{cpu_slug(cpu)}.jsonl")
     log.header(sys.argv, {k: v for k, v in vars(args).items() if k != "results"} | {"full_lr": FULL_LR}, cpu)
     print(f"CPU: {cpu['model_name']} (family {cpu['family']}, model {cpu['model']}), {cpu['cpus']} CPUs; "
-          f"torch threads as the demo sets them")
+          f"training on {DEMOS['style']['train'].get('threads') or 'all'} thread(s) as the demos")
     for task in args.tasks:
         rows = []
         for method in args.methods:
