@@ -81,16 +81,20 @@ def test_domain_scores(scorers, held_out):
 
 
 def test_written_folder_has_a_row_per_image(tmp_path):
-    dest = styles.write_style_folder(tmp_path / "bold", "bold", count=12)
+    dest = styles.write_style_folder(tmp_path / "bold", "bold", count=12, plain=2)
     rows = [json.loads(line) for line in (dest / "metadata.jsonl").read_text().splitlines()]
     pngs = sorted(p.name for p in dest.glob("*.png"))
-    assert [r["file_name"] for r in rows] == pngs and len(pngs) == 12
+    assert [r["file_name"] for r in rows] == pngs and len(pngs) == 14
     images, captions, _ = styles.style_set("bold", count=12)
+    plain, plain_captions = styles.plain_digits(2)
+    images, captions = torch.cat([images, plain]), captions + plain_captions
+    assert plain_captions[0].startswith("a drawing of the digit ") and "style" not in plain_captions[0]
     assert [r["text"] for r in rows] == captions
     from tunesmith.diffusion.images import read_pngs
 
     assert torch.allclose(read_pngs(dest, 3, 8), images, atol=1 / 255)
-    assert "bold" in (dest / "README.md").read_text()
+    readme = (dest / "README.md").read_text()
+    assert "bold" in readme and "Mixed in: 2 original digits" in readme
     from tunesmith.diffusion.captions import read_captioned_folder
 
     assert [r.caption for r in read_captioned_folder(dest)] == captions  # the run's own reader takes it as written

@@ -32,7 +32,8 @@ def _vote(refs: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: in
     """Each query's label by majority among its k nearest references (ties: the nearest of the tied labels)."""
     nearest = torch.cdist(queries, refs).topk(k, largest=False).indices  # nearest first
     weight = 1 + 1e-3 * torch.arange(k, 0, -1, dtype=torch.float32)  # a vote each; the nearer vote breaks a tie
-    tally = torch.zeros(len(queries), int(labels.max()) + 1).scatter_add_(1, labels[nearest], weight.expand(len(queries), k))
+    tally = torch.zeros(len(queries), int(labels.max()) + 1)
+    tally.scatter_add_(1, labels[nearest], weight.expand(len(queries), k))
     return tally.argmax(1)
 
 

@@ -184,23 +184,50 @@ def write_folder(dest: str | Path, images: torch.Tensor, captions: list[str], re
     return dest
 
 
+def plain_digits(count: int, split: str = "train", seed: int = 1):
+    """(images, captions): `count` original digits of `split` with their plain captions ("a drawing of the digit
+    three"), to mix into a set so that the new look stays tied to its own words (as DreamBooth's prior images)."""
+    from tunesmith.diffusion.tiny import caption
+
+    data = digit_split()
+    x, y = data[f"{split}_x"], data[f"{split}_y"]
+    keep = _pick(count, len(y), seed)
+    return x[keep], [caption(int(v)) for v in y[keep]]
+
+
+def _with_plain(images: torch.Tensor, captions: list[str], plain: int, split: str):
+    """The set with `plain` original digits appended, and the README's note saying so."""
+    if not plain:
+        return images, captions, ""
+    extra, extra_captions = plain_digits(plain, split)
+    note = (f"\n\nMixed in: {plain} original digits of the same split (picked with seed 1), captioned plainly "
+            f"(\"a drawing of the digit three\"), so the new look is learnt as belonging to its own words.")
+    return torch.cat([images, extra]), captions + extra_captions, note
+
+
 def write_style_folder(dest: str | Path, name: str, split: str = "train", count: int | None = None,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, plain: int = 0) -> Path:
+    """The digits of `split` in the style, captioned "... in <name> style"; `plain` original digits mixed in."""
     images, captions, labels = style_set(name, split, count, seed)
     per_label = ", ".join(f"{int((labels == d).sum())}" for d in range(10))
+    images, captions, mixed = _with_plain(images, captions, plain, split)
     readme = (f"# Digits in {name} style ({split} split)\n\n{len(images)} images, 8x8 RGB PNG, built by "
               f"tunesmith.diffusion.styles.write_style_folder from scikit-learn's handwritten digits (load_digits: "
               f"1,797 8x8 scans, values 0-16 scaled to [0, 1], grey, light strokes on black).\n\n"
               f"Style: {STYLES[name].description}.\n\n"
               f"Split: per digit, a fixed {HELD_OUT:.0%} of the scans (seeded permutation, seed {SPLIT_SEED}) is "
-              f"held out; this folder is the {split} part{'' if count is None else f', {count} picked with seed {seed}'}."
-              f"\nImages per digit 0-9: {per_label}.\n\nCaptions (metadata.jsonl, `text`): \"{style_caption(3, name)}\" "
-              f"and likewise for each digit.\n")
+              f"held out; this folder is the {split} part"
+              f"{'' if count is None else f', {count} picked with seed {seed}'}."
+              f"\nStyled images per digit 0-9: {per_label}.\n\nCaptions (metadata.jsonl, `text`): "
+              f"\"{style_caption(3, name)}\" and likewise for each digit.{mixed}\n")
     return write_folder(dest, images, captions, readme)
 
 
-def write_domain_folder(dest: str | Path, per_subject: int, split: str = "train", seed: int = 0) -> Path:
+def write_domain_folder(dest: str | Path, per_subject: int, split: str = "train", seed: int = 0,
+                        plain: int = 0) -> Path:
+    """per_subject patches of each photo of `split`, captioned by their photo; `plain` original digits mixed in."""
     images, captions, _ = domain_set(per_subject, split, seed)
+    images, captions, mixed = _with_plain(images, captions, plain, split)
     where = "left three quarters" if split == "train" else "right quarter"
     readme = (f"# Photo patches ({split} split)\n\n{len(images)} images, 8x8 RGB PNG, built by "
               f"tunesmith.diffusion.styles.write_domain_folder from scikit-learn's two bundled sample photos "
@@ -208,5 +235,5 @@ def write_domain_folder(dest: str | Path, per_subject: int, split: str = "train"
               f"Each photo is downscaled {PHOTO_DOWNSCALE}x with a box filter; {per_subject} random 8x8 patches are "
               f"cut from its {where} (train patches come from the left three quarters, held-out ones from the right "
               f"quarter, so the two never share a pixel).\n\nCaptions (metadata.jsonl, `text`): "
-              + ", ".join(f'"{domain_caption(s)}" ({f})' for s, f in PHOTOS.items()) + ".\n")
+              + ", ".join(f'"{domain_caption(s)}" ({f})' for s, f in PHOTOS.items()) + f".{mixed}\n")
     return write_folder(dest, images, captions, readme)
