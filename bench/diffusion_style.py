@@ -135,6 +135,26 @@ def table(task: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tables(path: Path) -> str:
+    """Markdown tables of a results file: per task, steps and guidance, the newest row of each configuration."""
+    from results_log import read_rows
+
+    def key(r: dict) -> tuple:
+        return (r["task"], r["style"], r["method"], r.get("train_text_encoder", False), r["caption_dropout"],
+                r.get("plain_mixed", 0), r["steps"], r["guidance_scale"])
+
+    newest = {key(r): r for r in read_rows(path) if r.get("kind") == "diffusion_style"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in newest.values():
+        groups.setdefault((r["task"], r["steps"], r["guidance_scale"]), []).append(r)
+    out = []
+    for (task, steps, guidance), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "style", kv[0][1:])):
+        rows.sort(key=lambda r: (r.get("plain_mixed", 0), r.get("train_text_encoder", False), r["method"] != "lora",
+                                 -r["caption_dropout"]))
+        out.append(f"{task}, {steps} steps, guidance {guidance:g}:\n\n{table(task, rows)}\n")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--style", default="bold", choices=list(styles.STYLES))
@@ -148,7 +168,12 @@ def main() -> None:
     ap.add_argument("--text-encoder", action="store_true", help="also train the text encoder")
     ap.add_argument("--out", default="runs/bench-diffusion-style")
     ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--tables", type=Path, default=None, metavar="JSONL",
+                    help="print the tables of a results file's rows (the last row of each run name) and stop")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(args.tables))
+        return
     started = time.perf_counter()
     ensure_pretrained()
     cpu = cpu_summary()
