@@ -5,7 +5,7 @@ dropout; the same prompts and seeds before → after.
 
     PYTHONPATH=src python bench/diffusion_style.py [--style bold] [--steps 300] [--tasks style domain]
         [--methods lora full] [--dropouts 0.1 0] [--guidance 1] [--plain 0]
-        [--text-encoder] [--out runs/bench-diffusion-style]
+        [--text-encoder] [--style-words after|before] [--out runs/bench-diffusion-style]
 
 Scores (tunesmith.diffusion.style_scores, fitted on the train split in about a second), each over all the samples
 of its prompts (--per-prompt per prompt):
@@ -40,20 +40,20 @@ DIGITS = range(10)
 FULL_LR = 1e-4  # full fine-tuning moves every weight: a tenth of LoRA's rate, as diffusers' scripts (1e-5 vs 1e-4)
 
 
-def prompts(task: str, style: str) -> list[str]:
+def prompts(task: str, style: str, words: str = "after") -> list[str]:
     plain = [caption(d) for d in DIGITS]
     if task == "style":
-        return [styles.style_caption(d, style) for d in DIGITS] + plain
+        return [styles.style_caption(d, style, words) for d in DIGITS] + plain
     return [styles.domain_caption(s) for s in styles.PHOTOS] + plain
 
 
-def scores(images: dict[str, torch.Tensor], task: str, style: str) -> dict[str, float]:
+def scores(images: dict[str, torch.Tensor], task: str, style: str, words: str = "after") -> dict[str, float]:
     scorers = train_scorers()
     plain = torch.cat([images[caption(d)] for d in DIGITS])
     plain_digits = torch.tensor(DIGITS).repeat_interleave(len(images[caption(0)]))
     out = {"plain_content": scorers.content_kept(plain, plain_digits)}
     if task == "style":
-        styled = torch.cat([images[styles.style_caption(d, style)] for d in DIGITS])
+        styled = torch.cat([images[styles.style_caption(d, style, words)] for d in DIGITS])
         out.update(styled_style=scorers.style_score(styled, style),
                    styled_content=scorers.content_kept(styled, plain_digits),
                    plain_style=scorers.style_score(plain, style))
@@ -71,11 +71,12 @@ def held_out_patches() -> torch.Tensor:
     return styles.domain_set(200, "held_out")[0]
 
 
-def data_folder(task: str, style: str, plain: int, out: Path) -> Path:
-    dest = out / "data" / ((f"digits-{style}" if task == "style" else "photo-patches") + f"-plain{plain}")
+def data_folder(task: str, style: str, plain: int, words: str, out: Path) -> Path:
+    name = f"digits-{style}-words-{words}" if task == "style" else "photo-patches"
+    dest = out / "data" / f"{name}-plain{plain}"
     if not (dest / "metadata.jsonl").is_file():
         if task == "style":
-            styles.write_style_folder(dest, style, plain=plain)
+            styles.write_style_folder(dest, style, plain=plain, words=words)
         else:
             styles.write_domain_folder(dest, per_subject=300, plain=plain)
     return dest
@@ -87,17 +88,17 @@ def one(task: str, method: str, dropout: float, args) -> dict:
 
     demo = DEMOS[task]
     name = (f"{task}-{method}{'-te' if args.text_encoder else ''}-dropout{dropout:g}-plain{args.plain}"
-            f"-guidance{args.guidance:g}")
+            f"-guidance{args.guidance:g}-steps{args.steps}{'-words-before' if args.style_words == 'before' else ''}")
     train = {**demo["train"], "steps": args.steps, "save_every": None}
     if method == "full":
         train["lr"] = FULL_LR
+    images = data_folder(task, args.style, args.plain, args.style_words, Path(args.out))
     base = {**demo, "output_dir": str(Path(args.out) / name),
-            "data": {**demo["data"], "images": str(data_folder(task, args.style, args.plain, Path(args.out))),
-                     "caption_dropout": dropout},
+            "data": {**demo["data"], "images": str(images), "caption_dropout": dropout},
             "method": {**(METHOD if method == "lora" else {"name": "full"}), "train_text_encoder": args.text_encoder},
             "train": train,
-            "sample": {**demo["sample"], "prompts": prompts(task, args.style), "per_prompt": args.per_prompt,
-                       "guidance_scale": args.guidance}}
+            "sample": {**demo["sample"], "prompts": prompts(task, args.style, args.style_words),
+                       "per_prompt": args.per_prompt, "guidance_scale": args.guidance}}
     cfg = load_text_to_image_config(None, base=base)
     start = time.perf_counter()
     result = text_to_image(cfg, overwrite=True, quiet=True)
@@ -107,7 +108,9 @@ def one(task: str, method: str, dropout: float, args) -> dict:
             "lr": train["lr"], "caption_dropout": dropout, "plain_mixed": args.plain, "steps": args.steps,
             "batch_size": train["batch_size"],
             "guidance_scale": args.guidance, "per_prompt": args.per_prompt, "images": result.summary["images"],
-            "before": scores(result.before, task, args.style), "after": scores(result.after, task, args.style),
+            "style_words": args.style_words if task == "style" else None,
+            "before": scores(result.before, task, args.style, args.style_words),
+            "after": scores(result.after, task, args.style, args.style_words),
             "train_seconds": round(result.summary["train_seconds"], 1), "seconds": round(seconds, 1),
             "final_loss": result.summary["rows"][-1].get("loss") if result.summary["rows"] else None,
             "grids": [str(result.run_dir / "samples_before.png"), str(result.run_dir / "samples_after.png")]}
@@ -130,6 +133,7 @@ def table(task: str, rows: list[dict]) -> str:
         cells = [f"{r['before'][k]:.2f} → {r['after'][k]:.2f}" if k in r["before"] else "" for k, _ in cols]
         mixed = f", {r['plain_mixed']} plain digits mixed in" if r.get("plain_mixed") else ""
         text = " + text encoder" if r.get("train_text_encoder") else ""
+        mixed += ", style words first" if r.get("style_words") == "before" else ""
         lines.append(f"| {r['method']}{text}, caption dropout {r['caption_dropout']:g}{mixed} | " + " | ".join(cells)
                      + f" | {r['train_seconds']:.0f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -141,7 +145,7 @@ def tables(path: Path) -> str:
 
     def key(r: dict) -> tuple:
         return (r["task"], r["style"], r["method"], r.get("train_text_encoder", False), r["caption_dropout"],
-                r.get("plain_mixed", 0), r["steps"], r["guidance_scale"])
+                r.get("plain_mixed", 0), r["steps"], r["guidance_scale"], r.get("style_words") or "after")
 
     newest = {key(r): r for r in read_rows(path) if r.get("kind") == "diffusion_style"}
     groups: dict[tuple, list[dict]] = {}
@@ -149,7 +153,8 @@ def tables(path: Path) -> str:
         groups.setdefault((r["task"], r["steps"], r["guidance_scale"]), []).append(r)
     out = []
     for (task, steps, guidance), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "style", kv[0][1:])):
-        rows.sort(key=lambda r: (r.get("plain_mixed", 0), r.get("train_text_encoder", False), r["method"] != "lora",
+        rows.sort(key=lambda r: (r.get("style_words") == "before", r.get("plain_mixed", 0),
+                                 r.get("train_text_encoder", False), r["method"] != "lora",
                                  -r["caption_dropout"]))
         out.append(f"{task}, {steps} steps, guidance {guidance:g}:\n\n{table(task, rows)}\n")
     return "\n".join(out)
@@ -166,6 +171,8 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--plain", type=int, default=0, help="original digits, captioned plainly, mixed into the set")
     ap.add_argument("--text-encoder", action="store_true", help="also train the text encoder")
+    ap.add_argument("--style-words", default="after", choices=list(styles.WORDS_AT),
+                    help="'in bold style' after the digit (default) or 'a bold drawing of ...' before it")
     ap.add_argument("--out", default="runs/bench-diffusion-style")
     ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--tables", type=Path, default=None, metavar="JSONL",

@@ -47,6 +47,7 @@ def test_style_moves_its_statistic(name, plain, styled, held_out):
     assert statistic(x).mean().item() == pytest.approx(plain, abs=0.02)
     assert statistic(images).mean().item() == pytest.approx(styled, abs=0.02)
     assert captions[0] == f"a drawing of the digit {styles_word(int(labels[0]))} in {name} style"
+    assert styles.style_caption(3, name, "before") == f"a {name} drawing of the digit three"
 
 
 def styles_word(label):
@@ -107,6 +108,8 @@ def test_written_folder_has_a_row_per_image(tmp_path):
 def test_bad_input_names_the_field(scorers):
     with pytest.raises(DataError, match="style: 'italic'"):
         styles.style_set("italic")
+    with pytest.raises(DataError, match="words: 'middle'; expected 'after' or 'before'"):
+        styles.style_caption(3, "bold", "middle")
     with pytest.raises(DataError, match=r"images: shape \(2, 1, 8, 8\)"):
         scorers.style_score(torch.zeros(2, 1, 8, 8), "bold")
     with pytest.raises(DataError, match="digits: 1 for 2 images"):

@@ -80,10 +80,16 @@ def style(name: str) -> Style:
     return STYLES[name]
 
 
-def style_caption(label: int, name: str) -> str:
-    from tunesmith.diffusion.tiny import caption
+WORDS_AT = ("after", "before")
 
-    return f"{caption(label)} in {name} style"
+
+def style_caption(label: int, name: str, words: str = "after") -> str:
+    """"a drawing of the digit three in bold style" (after) or "a bold drawing of the digit three" (before)."""
+    from tunesmith.diffusion.tiny import WORDS, caption
+
+    if words not in WORDS_AT:
+        raise DataError(f"words: {words!r}; expected 'after' or 'before' (where the style's words go in a caption)")
+    return f"{caption(label)} in {name} style" if words == "after" else f"a {name} drawing of the digit {WORDS[label]}"
 
 
 def domain_caption(subject: str) -> str:
@@ -117,7 +123,7 @@ def _pick(count: int | None, total: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
-def style_set(name: str, split: str = "train", count: int | None = None, seed: int = 0):
+def style_set(name: str, split: str = "train", count: int | None = None, seed: int = 0, words: str = "after"):
     """(images, captions, labels) of the digits of `split` ("train" or "held_out") drawn in the style."""
     s = style(name)
     if split not in ("train", "held_out"):
@@ -126,7 +132,7 @@ def style_set(name: str, split: str = "train", count: int | None = None, seed: i
     x, y = data[f"{split}_x"], data[f"{split}_y"]
     keep = _pick(count, len(y), seed)
     labels = y[keep]
-    return s.draw(x[keep]), [style_caption(int(v), name) for v in labels], labels
+    return s.draw(x[keep]), [style_caption(int(v), name, words) for v in labels], labels
 
 
 @lru_cache(maxsize=None)
@@ -206,9 +212,9 @@ def _with_plain(images: torch.Tensor, captions: list[str], plain: int, split: st
 
 
 def write_style_folder(dest: str | Path, name: str, split: str = "train", count: int | None = None,
-                       seed: int = 0, plain: int = 0) -> Path:
-    """The digits of `split` in the style, captioned "... in <name> style"; `plain` original digits mixed in."""
-    images, captions, labels = style_set(name, split, count, seed)
+                       seed: int = 0, plain: int = 0, words: str = "after") -> Path:
+    """The digits of `split` in the style, captioned by style_caption; `plain` original digits mixed in."""
+    images, captions, labels = style_set(name, split, count, seed, words)
     per_label = ", ".join(f"{int((labels == d).sum())}" for d in range(10))
     images, captions, mixed = _with_plain(images, captions, plain, split)
     readme = (f"# Digits in {name} style ({split} split)\n\n{len(images)} images, 8x8 RGB PNG, built by "
@@ -219,7 +225,7 @@ def write_style_folder(dest: str | Path, name: str, split: str = "train", count:
               f"held out; this folder is the {split} part"
               f"{'' if count is None else f', {count} picked with seed {seed}'}."
               f"\nStyled images per digit 0-9: {per_label}.\n\nCaptions (metadata.jsonl, `text`): "
-              f"\"{style_caption(3, name)}\" and likewise for each digit.{mixed}\n")
+              f"\"{style_caption(3, name, words)}\" and likewise for each digit.{mixed}\n")
     return write_folder(dest, images, captions, readme)
 
 
