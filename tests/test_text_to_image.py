@@ -127,3 +127,13 @@ def test_the_cli_trains_from_yaml_and_the_lora_reloads_through_diffusers(vae_mod
     with Image.open(out) as im:
         grid = np.asarray(im).astype(np.float32) / 255
     assert np.abs(grid[2:66:8, 2:66:8] - mine[0].permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_the_example_config_is_the_style_demo():
+    from conftest import REPO
+
+    from tunesmith.diffusion.config import load_text_to_image_config
+    from tunesmith.diffusion.style_demo import DEMOS
+
+    example = load_text_to_image_config(REPO / "examples" / "text_to_image_style.yaml")
+    assert example == load_text_to_image_config(None, base=DEMOS["style"])

@@ -1,7 +1,11 @@
 """The embedded style and domain demos of text-to-image fine-tuning: builtin:tiny-digits (pretrained on grey digits)
 fine-tuned on a restyled digit set (bold strokes) or a new domain (8×8 photo patches), both built offline by
 styles.py into the cache; and the measurements printed before → after on fixed prompts and seeds (style_scores.py):
-the styled prompts must come out in the style and still show the right digit, the plain prompt must stay plain."""
+whether the styled prompts come out in the style with the right digit, whether the photo prompts come out as the
+photos, and how much of it leaks into a plain digit prompt. The domain set mixes 600 plain digits in (without them
+the plain prompt turned into a photo: right digit 0.89 → 0.15-0.22); on the style set even 500 only halve the leak,
+because the tiny model reads its captions by word position (docs/text-to-image-measured.md), so the style demo shows
+the leak as it is."""
 
 from __future__ import annotations
 
@@ -32,8 +36,9 @@ DEMOS = {
                    "per_prompt": 8, "steps": 25, "guidance_scale": 1.0, "seed": 1234},
     },
 }
+DATA_VERSION = 2  # a new version when a set's recipe changes: the cached folder is named after it
 DATASETS = {"builtin:digits-bold": lambda dest: styles.write_style_folder(dest, STYLE),
-            "builtin:photo-patches": lambda dest: styles.write_domain_folder(dest, per_subject=300)}
+            "builtin:photo-patches": lambda dest: styles.write_domain_folder(dest, per_subject=300, plain=600)}
 
 
 def data_folder(name: str) -> Path:
@@ -43,7 +48,7 @@ def data_folder(name: str) -> Path:
 
     if name not in DATASETS:
         raise DataError(f"data.images: unknown builtin {name!r}; the embedded sets are {', '.join(DATASETS)}")
-    dest = cache_dir().parent / "data" / name.split(":", 1)[1]
+    dest = cache_dir().parent / "data" / f"{name.split(':', 1)[1]}-v{DATA_VERSION}"
     if not (dest / "metadata.jsonl").is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
         DATASETS[name](dest)
@@ -62,22 +67,30 @@ def measure_demo(cfg):
     def digit_of(prompt: str) -> int:
         return next(words[w] for w in prompt.split() if w in words)
 
+    photos = {styles.domain_caption(s): s for s in styles.PHOTOS}
+
     def measure(before: dict, after: dict) -> dict:
         out = {}
+        domain = any(p in photos for p in before)
         for prompt in before:
             b, a = before[prompt], after[prompt]
-            if prompt.endswith(f"in {STYLE} style"):
-                out[f'"{prompt}": in {STYLE} style (fraction)'] = (scorers.style_score(b, STYLE),
-                                                                 scorers.style_score(a, STYLE))
-            if any(prompt == styles.domain_caption(s) for s in styles.PHOTOS):
-                subject = prompt.rsplit(" ", 1)[-1]
+            if prompt in photos:
+                subject = photos[prompt]
                 out[f'"{prompt}": looks like the {subject} photo (fraction)'] = (
                     scorers.subject_kept(b, [subject] * len(b)), scorers.subject_kept(a, [subject] * len(a)))
                 continue
+            if prompt.endswith(f"in {STYLE} style"):
+                out[f'"{prompt}": in {STYLE} style (fraction)'] = (scorers.style_score(b, STYLE),
+                                                                 scorers.style_score(a, STYLE))
             digit = torch.full((len(b),), digit_of(prompt))
             out[f'"{prompt}": right digit read (fraction)'] = (scorers.content_kept(b, digit),
                                                              scorers.content_kept(a, digit))
-            if not prompt.endswith("style"):
+            if prompt.endswith("style"):
+                continue
+            if domain:
+                out[f'"{prompt}": looks like a photo (fraction; plain prompt, lower = prior kept)'] = (
+                    scorers.domain_score(b), scorers.domain_score(a))
+            else:
                 out[f'"{prompt}": in {STYLE} style (fraction; plain prompt, lower = prior kept)'] = (
                     scorers.style_score(b, STYLE), scorers.style_score(a, STYLE))
         return out
