@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from tunesmith.cli.options import add_run_options
 from tunesmith.cli.output import EPILOG
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect, check_config_paths
@@ -15,11 +16,7 @@ def register(sub) -> dict:
                        "--demo pretrains the embedded tiny model once (cached) and personalises it.")
     d.add_argument("config", nargs="?", type=PathArg(Expect.FILE), help="YAML config file (README 'DreamBooth')")
     d.add_argument("--demo", action="store_true", help="run the embedded demo (builtin:tiny-digits)")
-    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    d.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds (cached class images stay)")
-    d.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(d, "train.steps=100", " (cached class images stay)")
 
     g = sub.add_parser("generate-image", help="render prompts with a trained DreamBooth or text-to-image run",
                        epilog=EPILOG)

@@ -3,6 +3,7 @@ diffusion pipeline on a captioned image folder (style or domain adaptation), LoR
 
 from __future__ import annotations
 
+from tunesmith.cli.options import add_run_options
 from tunesmith.cli.output import EPILOG
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect, check_config_paths
@@ -18,11 +19,7 @@ def register(sub) -> dict:
                        "tiny digits model on bold digits or on photo patches and measures the change.")
     t.add_argument("config", nargs="?", type=PathArg(Expect.FILE), help="YAML config file (README 'Text-to-image')")
     t.add_argument("--demo", choices=["style", "domain"], help="run an embedded demo (builtin:tiny-digits)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    t.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")
-    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_options(t, "train.steps=100")
     return {"text-to-image": cmd_text_to_image}
 
 

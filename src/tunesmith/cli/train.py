@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunesmith.cli.options import add_run_options
 from tunesmith.cli.output import EPILOG, print_notes
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect, check_config_paths
@@ -13,11 +14,7 @@ def register(sub) -> dict:
                        "On several processes: torchrun --nproc_per_node N -m tunesmith train CONFIG, with a "
                        "distributed: {strategy: ddp | fsdp} section in CONFIG.")
     t.add_argument("config", type=PathArg(Expect.FILE), help="YAML config file")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
-    t.add_argument("--overwrite", action="store_true", help="replace whatever output_dir holds")
-    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_options(t, "train.lr=1e-4")
     return {"train": cmd_train}
 
 
