@@ -8,8 +8,9 @@ import torch
 
 
 @torch.no_grad()
-def posterior(vae, pixels: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE's latent distribution for pixels in [-1, 1], on the VAE's device."""
+def posterior(vae, pixels: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE's latent distribution for pixels in [-1, 1], on the VAE's device, `batch_size`
+    images at a time."""
     means, stds = [], []
     for start in range(0, len(pixels), batch_size):
         dist = vae.encode(pixels[start:start + batch_size].to(vae.device, vae.dtype)).latent_dist
@@ -29,12 +30,12 @@ class LatentCache:
     """Every image's posterior (or its pixels, without a VAE) computed once; `draw(rows, generator)` returns the
     denoiser's clean inputs for those rows."""
 
-    def __init__(self, vae, pixels: torch.Tensor, device):
+    def __init__(self, vae, pixels: torch.Tensor, device, batch_size: int):
         self.vae = vae
         if vae is None:
             self.pixels = pixels.to(device)
         else:
-            self.mean, self.std = posterior(vae, pixels)
+            self.mean, self.std = posterior(vae, pixels, batch_size)
 
     def __len__(self) -> int:
         return len(self.pixels if self.vae is None else self.mean)

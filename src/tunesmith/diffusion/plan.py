@@ -4,8 +4,8 @@ The pipeline is instantiated on the meta device from its component configs (simu
 trainable.apply makes the configured parts trainable on it, as the run does. The run passes through phases, each
 holding what stays resident by then plus that phase's transient tensors, and the peak is the largest:
   loading        the components' weights (fp32, as every family loads them);
-  class images   DreamBooth's prior: the class images generated 16 at a time (guidance doubles the batch);
-  encoding       each image's VAE posterior cached once (16 images at a time) — or, without caching, every step;
+  class images   DreamBooth's prior: the class images generated train.batch_size at a time (guidance doubles the batch);
+  encoding       each image's VAE posterior cached once (train.batch_size images at a time) — or, without caching, every step;
   sampling       the before/after grids (sample.per_prompt per prompt);
   training       the trainable parameters' gradients and AdamW's two moments (+ the EMA's copy), the saved
                  activations at the batch and resolution, the backward's workspace: replayed on fake tensors
@@ -29,8 +29,6 @@ import torch
 from tunesmith.errors import ModelError
 from tunesmith.plan.memory import Part
 
-CLASS_IMAGE_CHUNK = 16   # run.class_images renders 16 at a time
-ENCODE_CHUNK = 16        # latents.posterior encodes 16 at a time
 # Peak RSS over the simulated transient bytes (activations, the backward's and the samplers' workspace), on CPU: glibc
 # keeps freed blocks and the holes a forward leaves are not all refilled. bench/diffusion_plan.py (AMD EPYC Zen 4, fam
 # 25): (measured − runtime − resident − moments − gradients) / simulated was 1.36, 1.38 and 1.38 on the three 64×64
@@ -173,7 +171,7 @@ def _dreambooth_data(cfg, family, pipe, folder: Path) -> _Data:
     rows = cfg.train.batch_size * (2 if prior else 1)
     bs = cfg.train.batch_size
     prompts = [cfg.instance.prompt] * bs + [cfg.prior.class_prompt or ""] * (rows - bs)
-    return _Data(pixels, cache, (side, side), min(ENCODE_CHUNK, max(n, prior)) if vae is not None else 0, False,
+    return _Data(pixels, cache, (side, side), min(cfg.train.batch_size, max(n, prior)) if vae is not None else 0, False,
                  prior, prompts, False, [f"{n} instance images in {images_folder}"])
 
 
@@ -212,7 +210,7 @@ def _text_to_image_data(cfg, family, pipe) -> _Data:
     notes = [f"{len(records)} captioned images in {images}; buckets used (w×h): "
              + ", ".join(f"{w}×{h}" for w, h in used) + f"; the step simulated at {rows} × {largest[0]}×{largest[1]}"]
     prompts = [r.caption for r in records[:rows]] + [""] * max(0, rows - len(records))
-    encode = min(ENCODE_CHUNK, len(records)) if cached and vae is not None else 0
+    encode = min(cfg.train.batch_size, len(records)) if cached and vae is not None else 0
     return _Data([], cache, largest, encode, not cached and vae is not None, 0, prompts[:rows] or [""] * rows,
                  True, notes)
 
@@ -289,7 +287,7 @@ def plan_diffusion(cfg, device: str = "cpu") -> DiffusionPlan:
     guidance_for = getattr(cfg.sample, "guidance_scale", None)
     grid_rows = cfg.sample.per_prompt * (2 if _guidance(cfg, family, guidance_for) > 1 else 1)
     if data.class_images:
-        k = min(CLASS_IMAGE_CHUNK, data.class_images)
+        k = min(cfg.train.batch_size, data.class_images)
         k_rows = k * (2 if _guidance(cfg, family, cfg.prior.guidance_scale) > 1 else 1)
         made = data.class_images * family.channels(pipe) * w * h * 4
         phases.append(Phase("class images", [weights, data.pixels[0], Part(

@@ -40,21 +40,23 @@ def instance_folder(cfg: DreamBoothConfig, model_folder: Path) -> Path:
 
 def class_images(session: Session, channels: int, quiet: bool) -> torch.Tensor:
     """N images of the class prompt from the base pipeline at the prior's guidance, cached in run_dir/class_images:
-    reused while they are at least N and were made by the same model, prompt, steps, guidance and seed."""
+    reused while they are at least N and were made by the same model, prompt, steps, guidance, seed and chunk (each
+    chunk of train.batch_size images is rendered from its own seed)."""
     cfg = session.cfg
     folder = session.run_dir / CLASS_IMAGES
     stamp = folder / "made_by.json"
     n, resolution = cfg.prior.num_images, session.family.resolution(session.pipe)
     guidance = session.guidance(cfg.prior.guidance_scale)
     made_by = json.dumps({"model": cfg.model, "class_prompt": cfg.prior.class_prompt, "steps": cfg.prior.steps,
-                          "guidance_scale": guidance, "seed": cfg.seed}, sort_keys=True)
+                          "guidance_scale": guidance, "seed": cfg.seed, "at_a_time": cfg.train.batch_size},
+                         sort_keys=True)
     if stamp.is_file() and stamp.read_text() == made_by and len(list(folder.glob("*.png"))) >= n:
         return images.read_pngs(folder, channels, resolution)[:n]
     made = []
     with bar(quiet) as progress:
         task = progress.add_task("class images", total=n)
-        for start in range(0, n, 16):
-            k = min(16, n - start)
+        for start in range(0, n, cfg.train.batch_size):  # as many as a training step's rows (guidance doubles them)
+            k = min(cfg.train.batch_size, n - start)
             made.append(session.render([cfg.prior.class_prompt], k, cfg.seed + 1 + start, cfg.prior.steps,
                                        guidance)[cfg.prior.class_prompt])
             progress.update(task, advance=k)
@@ -69,10 +71,10 @@ def batches(session: Session, instance: torch.Tensor, classes: torch.Tensor | No
 
     cfg = session.cfg
     vae = getattr(session.pipe, "vae", None)
-    inst = LatentCache(vae, instance * 2 - 1, session.device)
+    bs = cfg.train.batch_size  # images encoded at a time, too: a batch that fits training fits encoding
+    inst = LatentCache(vae, instance * 2 - 1, session.device, bs)
     weight = cfg.prior.weight if classes is not None else 0.0
-    prior = LatentCache(vae, classes * 2 - 1, session.device) if weight > 0 else None
-    bs = cfg.train.batch_size
+    prior = LatentCache(vae, classes * 2 - 1, session.device, bs) if weight > 0 else None
     prompts = [cfg.instance.prompt] * bs + ([cfg.prior.class_prompt] * bs if weight > 0 else [])
     groups = {"instance": (0, bs, 1.0), "prior": (bs, 2 * bs, weight)}
 

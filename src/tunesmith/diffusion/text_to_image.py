@@ -60,8 +60,8 @@ class CaptionedBatches:
         views: list[list[tuple]] = [[] for _ in self.records]
         for bucket in sorted(set(self.assignment)):
             members = [i for i, b in enumerate(self.assignment) if b == bucket]
-            for start in range(0, len(members), 16):
-                chunk = members[start:start + 16]
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
                 prepared = [self._prepared(i) for i in chunk]
                 flips = [prepared] + ([[bucketing.mirrored(p) for p in prepared]] if self.data.random_flip else [])
                 for group in flips:
@@ -69,7 +69,7 @@ class CaptionedBatches:
                     if self.vae is None:
                         encoded = [(px, None) for px in pixels]
                     else:
-                        mean, std = posterior(self.vae, pixels)
+                        mean, std = posterior(self.vae, pixels, self.batch_size)
                         encoded = list(zip(mean.cpu(), std.cpu()))
                     for i, p, (m, s) in zip(chunk, group, encoded):
                         views[i].append((m, s, p.micro))

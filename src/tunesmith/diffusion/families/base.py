@@ -77,7 +77,7 @@ class Family:
         vae = getattr(pipe, "vae", None)
         if vae is None:
             return pixels.to(self.device(pipe))
-        return draw(vae, *posterior(vae, pixels), generator)
+        return draw(vae, *posterior(vae, pixels, len(pixels)), generator)
 
     def predict(self, pipe, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                 micro: torch.Tensor | None = None) -> torch.Tensor:
