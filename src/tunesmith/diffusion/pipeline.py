@@ -37,12 +37,6 @@ class TextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ids = self.tokenize(prompts).to(self.text_encoder.device)
         return self.text_encoder(ids)[0]
 
-    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] → what the UNet denoises (the same tensor without a VAE)."""
-        if self.vae is None:
-            return pixels
-        return self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
-
     def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents

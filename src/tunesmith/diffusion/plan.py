@@ -250,6 +250,7 @@ def plan_diffusion(cfg, device: str = "cpu") -> DiffusionPlan:
     """The plan of `cfg` (a DreamBoothConfig or TextToImageConfig) on 'cpu' (peak RSS) or 'cuda' (peak allocated)."""
     from tunesmith.diffusion import simulate
     from tunesmith.diffusion.families import detect
+    from tunesmith.diffusion.session import usual_guidance
 
     kind = "dreambooth" if hasattr(cfg, "instance") else "text-to-image"
     folder = model_folder(cfg.model)
@@ -285,10 +286,10 @@ def plan_diffusion(cfg, device: str = "cpu") -> DiffusionPlan:
     # tensors, no second copy (the wide UNet's row in bench/diffusion_plan.py: 1.7 GiB of weights, +0.1 GiB)
     phases = [Phase("loading", [weights])]
     guidance_for = getattr(cfg.sample, "guidance_scale", None)
-    grid_rows = cfg.sample.per_prompt * (2 if _guidance(cfg, family, guidance_for) > 1 else 1)
+    grid_rows = cfg.sample.per_prompt * (2 if usual_guidance(cfg.model, family, guidance_for) > 1 else 1)
     if data.class_images:
         k = min(cfg.train.batch_size, data.class_images)
-        k_rows = k * (2 if _guidance(cfg, family, cfg.prior.guidance_scale) > 1 else 1)
+        k_rows = k * (2 if usual_guidance(cfg.model, family, cfg.prior.guidance_scale) > 1 else 1)
         made = data.class_images * family.channels(pipe) * w * h * 4
         phases.append(Phase("class images", [weights, data.pixels[0], Part(
             "class images made", 2 * made, "the rendered images and their PNGs read back"),
@@ -332,14 +333,6 @@ def plan_diffusion(cfg, device: str = "cpu") -> DiffusionPlan:
                      "bf16 autocast; AdamW's foreach temporaries counted)")
     return DiffusionPlan(kind, cfg.model, family.name, device, cfg.method.name, (w, h), latent, rows, counts,
                          _runtime(device), phases, notes)
-
-
-def _guidance(cfg, family, value: float | None) -> float:
-    from tunesmith.diffusion.config import DEMO_MODEL
-
-    if value is not None:
-        return value
-    return 1.0 if cfg.model == DEMO_MODEL else family.guidance_scale
 
 
 def _sampling_part(run, family, pipe, unet_rows: int, images: int, latent, transient: float, scaled: str,

@@ -16,10 +16,9 @@ from tunesmith.diffusion import checkpoint, images
 from tunesmith.diffusion.config import DreamBoothConfig, dump
 from tunesmith.diffusion.loop import Batch
 from tunesmith.diffusion.progress import bar
-from tunesmith.diffusion.session import RunResult, Session, grid_scale, open_session, train_and_save, warn
+from tunesmith.diffusion.session import RunResult, Session, open_session, train_and_save, warn
 
 CLASS_IMAGES = "class_images"
-__all__ = ["RunResult", "dreambooth", "grid_scale"]
 
 
 def identifier_warning(cfg: DreamBoothConfig) -> str | None:

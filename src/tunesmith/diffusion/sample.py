@@ -38,15 +38,12 @@ def load_trained(run_dir: str | Path, device=None):
     return family, pipe
 
 
-def usual_guidance(run_dir: Path, family) -> float:
+def run_guidance(run_dir: Path, family) -> float:
     """The run's sample.guidance_scale, else what its sampling used by default."""
-    from tunesmith.diffusion.config import DEMO_MODEL
+    from tunesmith.diffusion.session import usual_guidance
 
     settings = run_settings(run_dir) if (Path(run_dir) / "config.yaml").is_file() else {}
-    value = (settings.get("sample") or {}).get("guidance_scale")
-    if value is not None:
-        return float(value)
-    return 1.0 if settings.get("model") == DEMO_MODEL else family.guidance_scale
+    return usual_guidance(settings.get("model", ""), family, (settings.get("sample") or {}).get("guidance_scale"))
 
 
 def generate(run_dir, prompts: list[str], out: Path, per_prompt: int = 4, steps: int = 25,
@@ -55,7 +52,7 @@ def generate(run_dir, prompts: list[str], out: Path, per_prompt: int = 4, steps:
     from tunesmith.diffusion.session import grid_scale
 
     family, pipe = load_trained(run_dir)
-    scale = guidance_scale if guidance_scale is not None else usual_guidance(Path(run_dir), family)
+    scale = guidance_scale if guidance_scale is not None else run_guidance(Path(run_dir), family)
     generator = torch.Generator().manual_seed(seed)
     rows = [family.sample(pipe, [p], per_prompt, steps, scale, generator) for p in prompts]
     save_grid(Path(out), rows, grid_scale(family.resolution(pipe)))

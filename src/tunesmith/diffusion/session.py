@@ -47,6 +47,15 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool, keep: tuple[s
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
+def usual_guidance(model: str, family, value: float | None = None) -> float:
+    """A configured guidance scale, else the pipeline's usual one (the embedded tiny model: 1, as measured)."""
+    from tunesmith.diffusion.config import DEMO_MODEL
+
+    if value is not None:
+        return float(value)
+    return 1.0 if model == DEMO_MODEL else family.guidance_scale
+
+
 @dataclass
 class Session:
     cfg: object
@@ -58,12 +67,7 @@ class Session:
     model_folder: Path
 
     def guidance(self, value: float | None) -> float:
-        """A configured guidance scale, else the pipeline's usual one (the embedded tiny model: 1, as measured)."""
-        from tunesmith.diffusion.config import DEMO_MODEL
-
-        if value is not None:
-            return value
-        return 1.0 if self.cfg.model == DEMO_MODEL else self.family.guidance_scale
+        return usual_guidance(self.cfg.model, self.family, value)
 
     def render(self, prompts: list[str], n: int, seed: int, steps: int | None = None,
                guidance: float | None = None) -> dict[str, torch.Tensor]:
