@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo dreambooth-demo style-demo domain-demo test venv clean
+.PHONY: demo dreambooth-demo style-demo domain-demo test docs docs-serve venv clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,14 @@ style-demo: $(STAMP)
 domain-demo: $(STAMP)
 	$(BIN)/tunesmith text-to-image --demo domain
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

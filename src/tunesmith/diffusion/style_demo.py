@@ -4,7 +4,7 @@ styles.py into the cache; and the measurements printed before → after on fixed
 whether the styled prompts come out in the style with the right digit, whether the photo prompts come out as the
 photos, and how much of it leaks into a plain digit prompt. The domain set mixes 600 plain digits in (without them
 the plain prompt turned into a photo: right digit 0.89 → 0.15-0.22); on the style set even 500 only halve the leak,
-because the tiny model reads its captions by word position (docs/text-to-image-measured.md), so the style demo shows
+because the tiny model reads its captions by word position (docs/benchmarks/text-to-image.md), so the style demo shows
 the leak as it is."""
 
 from __future__ import annotations
