@@ -3,7 +3,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo dreambooth-demo style-demo domain-demo test docs docs-serve venv clean
+.PHONY: demo dreambooth-demo style-demo domain-demo test docs docs-gen docs-serve venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ domain-demo: $(STAMP)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# the generated reference pages (docs/reference/config.md, cli.md, methods.md) from the code; `make docs` only builds
+docs-gen: $(STAMP)
+	$(BIN)/python docgen/generate.py
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve

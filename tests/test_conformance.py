@@ -73,6 +73,10 @@ def test_method_conforms(name):
     assert declared.artifact in ("adapter", "model")
     assert declared.parameters in LAYOUTS, f"{name}: plan/parameters.py counts no layout {declared.parameters!r}"
     assert declared.four_bit_variant in (None, *METHODS), f"{name}: four_bit_variant names no registered method"
+    if declared.peft_type:  # the PEFT format the methods table (docs/reference/methods.md) says it saves
+        assert any(get_method(n).claims({"peft_type": declared.peft_type, "use_dora": name == "dora"}) for n in METHODS)
+    elif declared.artifact == "adapter":
+        assert module.PEFT_TYPE.startswith("TUNESMITH_"), f"{name}: an adapter PEFT cannot load has its own type"
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

@@ -47,6 +47,8 @@ class MethodDeclaration:
     fsdp_refusal: str | None = None      # why it cannot run under distributed.strategy fsdp; None: it can
     init_reads_weights: bool = False     # its initial values are computed from the base weights (DoRA's norms,
     #   virtual tokens from embeddings or activations), so FSDP loads the whole model before sharding it
+    peft_type: str | None = None         # the peft_type of the adapter it saves where PEFT loads it (LORA, IA3,
+    #   ...); None: tunesmith's own adapter format, or a whole model
     four_bit_variant: str | None = None  # the method that trains the same parameters over a 4-bit base (the
     #   planner's advice when memory is short); its settings are a superset of this one's
     memory: MemoryTerms = MemoryTerms()

@@ -74,7 +74,8 @@ class BitFitSettings(Strict):
 
 class LoraSettings(Strict):
     name: Literal["lora"] = "lora"
-    declaration: ClassVar = MethodDeclaration("low_rank", named_adapters=True, four_bit_variant="qlora",
+    declaration: ClassVar = MethodDeclaration("low_rank", named_adapters=True, peft_type="LORA",
+                                              four_bit_variant="qlora",
                                               memory=MemoryTerms(low_rank=True, fused_dropout=True))
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
@@ -89,14 +90,15 @@ DORA_SAVED = Saved("DoRA W0·x and B·A·x per target", (("q", 2), ("kv", 4), ("
 class DoraSettings(LoraSettings):
     name: Literal["dora"] = "dora"
     declaration: ClassVar = MethodDeclaration(
-        "low_rank", named_adapters=True, four_bit_variant="qlora", init_reads_weights=True, memory=MemoryTerms(
+        "low_rank", named_adapters=True, peft_type="LORA", four_bit_variant="qlora", init_reads_weights=True,
+        memory=MemoryTerms(
         low_rank=True, reads_base_weight=True, saved_fp32=(DORA_SAVED,), saved_bf16=(DORA_SAVED,), weight_norms=True))
 
 
 class QloraSettings(LoraSettings):
     name: Literal["qlora"] = "qlora"
     declaration: ClassVar = MethodDeclaration(
-        "low_rank", memory=MemoryTerms(low_rank=True, quantized_base=True),
+        "low_rank", peft_type="LORA", memory=MemoryTerms(low_rank=True, quantized_base=True),
         fsdp_refusal="FSDP shards each parameter along its first dimension, but QLoRA's 4-bit base weights are packed "
         "bytes whose per-block scales belong to the whole flattened tensor (bitsandbytes' Params4bit), so a shard "
         "cannot be gathered back or dequantised on its own. Use distributed.strategy: ddp, or method lora")
@@ -111,7 +113,7 @@ IA3_SAVED = Saved("IA3 rescaled outputs/inputs", (("kv", 2), ("i", 1)))
 
 class IA3Settings(Strict):
     name: Literal["ia3"] = "ia3"
-    declaration: ClassVar = MethodDeclaration("scales",
+    declaration: ClassVar = MethodDeclaration("scales", peft_type="IA3",
                                               memory=MemoryTerms(saved_fp32=(IA3_SAVED,), saved_bf16=(IA3_SAVED,)))
     target_modules: list[str] | str = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward_modules: list[str] | str = Field(
@@ -139,7 +141,7 @@ class AdapterSettings(Strict):
 class PromptSettings(Strict):
     name: Literal["prompt"] = "prompt"
     declaration: ClassVar = MethodDeclaration(
-        "virtual", init_reads_weights=True,
+        "virtual", init_reads_weights=True, peft_type="PROMPT_TUNING",
         not_mergeable="soft prompts are learned input embeddings placed before the text, not changes to any weight, "
         "so there is nothing to fold into the base; use the adapter with --adapter instead",
         memory=MemoryTerms(virtual="embeddings"))
@@ -155,7 +157,7 @@ class PromptSettings(Strict):
 
 
 PREFIX = MethodDeclaration(
-    "virtual", init_reads_weights=True,
+    "virtual", init_reads_weights=True, peft_type="PREFIX_TUNING",
     not_mergeable="prefixes are learned keys and values every attention layer attends to, not changes to any "
     "weight, so there is nothing to fold into the base; use the adapter with --adapter instead",
     memory=MemoryTerms(virtual="key_values"))

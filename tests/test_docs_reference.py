@@ -1,0 +1,56 @@
+"""The generated reference pages (docgen/generate.py: docs/reference/config.md, cli.md, methods.md) are what the code
+generates now, and the anchors config errors cite (config/reference.py) are on the config page."""
+
+import difflib
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from tunesmith.config.reference import PAGE, anchors
+from tunesmith.config.run import RunConfig
+from tunesmith.diffusion.config import DreamBoothConfig, TextToImageConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [(RunConfig, ""), (DreamBoothConfig, "dreambooth"), (TextToImageConfig, "text-to-image")]
+
+
+def _generator():
+    """docgen/generate.py, which puts docgen/ (not part of the package) on the path itself."""
+    spec = importlib.util.spec_from_file_location("docgen_generate", REPO / "docgen" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _generator()
+
+
+def page_anchors(page: str) -> set[str]:
+    text = (REPO / page).read_text(encoding="utf-8")
+    return set(re.findall(r'id="([^"]+)"', text)) | set(re.findall(r"\{#([^}\s]+)\}", text))
+
+
+def test_the_generated_pages_are_up_to_date():
+    stale = generate.stale_pages()
+    diffs = []
+    for page, text in stale.items():
+        old = (REPO / page).read_text(encoding="utf-8").splitlines() if (REPO / page).is_file() else []
+        diffs += list(difflib.unified_diff(old, text.splitlines(), page, "generated now", lineterm="", n=1))[:40]
+    assert not stale, f"{', '.join(stale)}: out of date; run make docs-gen\n" + "\n".join(diffs)
+
+
+@pytest.mark.parametrize("root,prefix", CONFIGS)
+def test_every_anchor_config_errors_cite_is_on_the_config_page(root, prefix):
+    missing = anchors(root, prefix) - page_anchors(PAGE)
+    assert not missing, f"{PAGE} lacks the anchors {sorted(missing)}; run make docs-gen"
+
+
+def test_every_command_has_its_anchor_on_the_cli_page():
+    from docgen.cli_reference import anchor, commands
+    from tunesmith.cli import build_parser
+
+    wanted = {anchor(words) for words, _, _ in commands(build_parser())}
+    assert {"tunesmith-train", "tunesmith-rag-ask"} <= wanted
+    assert not wanted - page_anchors("docs/reference/cli.md")
