@@ -30,9 +30,11 @@ domain-demo: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# the generated reference pages (docs/reference/config.md, cli.md, methods.md) from the code; `make docs` only builds
+# the generated reference pages (docs/reference/config.md, cli.md, methods.md) from the code, and the Benchmarks
+# pages with their charts from bench/results/*.jsonl; `make docs` only builds
 docs-gen: $(STAMP)
 	$(BIN)/python docgen/generate.py
+	$(BIN)/python bench/report.py --docs docs/benchmarks
 
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve

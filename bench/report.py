@@ -1,6 +1,7 @@
 """The README's speed tables from a results file of bench/peers.py or bench/align.py (bench/results_log.py).
 
     .venv/bin/python bench/report.py bench/results/2026-12-03-amd-epyc-fam26-model2.jsonl [--run RUN_ID]
+    .venv/bin/python bench/report.py --docs docs/benchmarks      # the docs site's Benchmarks pages (report_docs.py)
 
 Without --run, the file's last run. Speed-ups are tunesmith's over each peer on tokens seen per second (the same
 tokens for every runner), the median of the rounds' own ratios with each round's ratio after it; tokens computed per
@@ -227,9 +228,19 @@ def print_report(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="?")
     parser.add_argument("--run", help="the run id (default: the file's last run)")
+    parser.add_argument("--docs", type=Path, help="write the Benchmarks pages of the docs site into this folder "
+                        "from every file in bench/results (and their charts into its sibling images/)")
     args = parser.parse_args()
+    if args.docs:
+        from report_docs import write
+
+        for path in write(args.docs):
+            print(path)
+        return
+    if args.results is None:
+        parser.error("give a results file, or --docs FOLDER")
     if not args.results.is_file():
         raise SystemExit(f"{args.results}: no such results file")
     print_report(run_rows(args.results, args.run))
