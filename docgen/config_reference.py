@@ -5,10 +5,9 @@ section and key with its type, default and description, each at the anchor confi
 from __future__ import annotations
 
 import inspect
-import typing
 
-from docgen.markdown import GENERATED, cell, table
-from docgen.schema_text import default_text, field_expects, field_type
+from docgen.markdown import GENERATED, cell, sentence, table
+from docgen.schema_text import default_text, field_type
 from tunesmith.config.reference import Section, anchor, keys, sections
 from tunesmith.config.run import RunConfig
 from tunesmith.diffusion.config import DreamBoothConfig, TextToImageConfig
@@ -39,7 +38,8 @@ def missing_descriptions() -> list[str]:
             member = section.tag and section.model is not None  # described by its union's field
             if section.field is not None and not member and not section.field.description:
                 missing.append(f"{prefix or 'run'}: {dotted(section)}")
-            missing += [f"{prefix or 'run'}: {dotted(section, name)}" for name, field in keys(section)
+            which = f" ({section.path[-2]}.{section.tag}: {section.path[-1]})" if member else ""
+            missing += [f"{prefix or 'run'}: {dotted(section, name)}{which}" for name, field in keys(section)
                         if not field.description]
     return sorted(set(missing))
 
@@ -64,12 +64,8 @@ def _key_rows(prefix: str, section: Section) -> list[list[str]]:
                      "one of: " + ", ".join(f"`{m}`" for m in section.members), f"`{default}`",
                      f"which {section.path[-1]}; each takes the options of its section: {links}"])
     for name, field in keys(section):
-        description = cell(field.description or "")
-        expects = field_expects(field)
-        if expects:
-            description += f" (path: {cell(expects)})"
         rows.append([_key_cell(prefix, (*section.path, name), dotted(section, name)), cell(field_type(field)),
-                     default_text(field), description])
+                     default_text(field), cell(field.description or "")])
     return rows
 
 
@@ -91,11 +87,7 @@ def _section_text(section: Section) -> str:
         link = f"[methods table](methods.md#{section.path[-1]})" if section.path[0] == "method" else ""
         own = f"The options of `{section.path[-2]}.{section.tag}: {section.path[-1]}`"
         return " ".join(p for p in (doc, own + (f" (see the {link})." if link else "."))if p)
-    text = cell(section.field.description or "")
-    optional = type(None) in typing.get_args(section.field.annotation)
-    if optional and section.field.default is None:
-        text += " Off unless the section is given." if text else "Off unless the section is given."
-    return text
+    return sentence(cell(section.field.description or ""))
 
 
 def render() -> str:

@@ -14,6 +14,16 @@ def cell(text: str) -> str:
     return text
 
 
+def sentence(text: str) -> str:
+    """A description as a paragraph: a first word in plain lower case capitalised, a full stop at the end."""
+    if not text:
+        return text
+    first = text.split(" ", 1)[0]
+    if first.isalpha() and first.islower():
+        text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]

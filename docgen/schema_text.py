@@ -65,12 +65,6 @@ def field_type(field: FieldInfo) -> str:
     return text + bounds
 
 
-def field_expects(field: FieldInfo) -> str | None:
-    """What a path field expects (paths.py's Expect), for its description."""
-    expect = next((m for m in field.metadata if isinstance(m, Expect)), None)
-    return expect.value if expect else None
-
-
 def _value(value) -> str:
     if value is None:
         return "null"

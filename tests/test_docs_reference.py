@@ -54,3 +54,18 @@ def test_every_command_has_its_anchor_on_the_cli_page():
     wanted = {anchor(words) for words, _, _ in commands(build_parser())}
     assert {"tunesmith-train", "tunesmith-rag-ask"} <= wanted
     assert not wanted - page_anchors("docs/reference/cli.md")
+
+
+def test_every_config_field_has_a_description():
+    from docgen.config_reference import missing_descriptions
+
+    missing = missing_descriptions()
+    assert not missing, ("config fields without a description (give each Field(description=...)):\n  "
+                         + "\n  ".join(missing))
+
+
+def test_every_cli_argument_has_help():
+    from docgen.cli_reference import missing_help
+
+    missing = missing_help()
+    assert not missing, "command-line arguments without help= :\n  " + "\n  ".join(missing)

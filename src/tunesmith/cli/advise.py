@@ -23,25 +23,29 @@ def register(sub) -> dict:
     p.add_argument("--eval", type=PathArg(Expect.DATA),
                    help="held-out data for the bake-off (default: a fraction of --data)")
     p.add_argument("--docs", type=PathArg(Expect.ENTRY), help="a folder (or file) of documents: makes RAG a candidate")
-    p.add_argument("--goal", choices=["knowledge", "behaviour", "format", "style"], default="behaviour")
-    p.add_argument("--model", default="builtin:smollm2-135m-instruct", type=PathArg(Expect.MODEL))
+    p.add_argument("--goal", choices=["knowledge", "behaviour", "format", "style"], default="behaviour",
+                   help="what the model should gain: knowledge (with --docs, RAG is recommended), or the behaviour, "
+                   "format or style of the answers")
+    p.add_argument("--model", default="builtin:smollm2-135m-instruct", type=PathArg(Expect.MODEL),
+                   help="the base model the recommendation is planned for and the candidates train")
     p.add_argument("--budget-memory", help="e.g. 16GiB: training picks are planned against it (tunesmith plan)")
     p.add_argument("--budget-time", help="e.g. 30m: sizes training (advise) / bounds the whole bake-off")
     p.add_argument("--bake-off", action="store_true", help="measure the candidates instead of only recommending")
     p.add_argument("--candidates", default=",".join(CANDIDATES),
                    help=f"comma-separated subset of {','.join(CANDIDATES)} (full runs only when it fits the memory)")
     p.add_argument("--steps", type=int, default=30, help="training steps of each trained candidate")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="train.batch_size of each trained candidate")
     p.add_argument("--k", type=int, default=3, help="few-shot examples per prompt")
     p.add_argument("--questions", type=int, default=8, help="held-out questions each candidate answers")
     p.add_argument("--eval-examples", type=int, default=16, help="held-out examples the losses are measured on")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-length", type=int, default=512,
+                   help="data.max_length the picks are planned with and the candidates train with, in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="the longest answer of each candidate, in tokens")
     add_device_arg(p, "the bake-off trains and answers (its runs' train.device: auto, cpu, cuda or mps)")
     p.add_argument("--out", default="runs/bakeoff", type=PathArg(Expect.OUT_FOLDER),
                    help="folder for bakeoff.md, bakeoff.json, bakeoff.png and runs")
     p.add_argument("--json", action="store_true", help="print the recommendation (or the bake-off) as JSON")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return {"advise": cmd_advise}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from tunesmith.cli.device import add_dtype_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.paths import Expect
@@ -27,9 +28,9 @@ def register(sub) -> dict:
     p.add_argument("--adapter", default=None, type=PathArg(Expect.FOLDER), help="the reward model's adapter folder")
     p.add_argument("--file", default=None, type=PathArg(Expect.DATA),
                    help="records to score (.jsonl, .csv, .parquet, datasets folder)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--batch-size", type=int, default=8, help="answers scored per forward pass")
+    add_dtype_arg(p)
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     p.add_argument("texts", nargs="*", metavar="PROMPT ANSWER", help="one prompt and its answer")
     return {"score": cmd_score}
 

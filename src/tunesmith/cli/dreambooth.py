@@ -25,10 +25,10 @@ def register(sub) -> dict:
     g.add_argument("--out", default=None, type=PathArg(Expect.OUT_FILE),
                    help="PNG to write (default RUN/generated.png)")
     g.add_argument("--n", type=int, default=4, help="images per prompt")
-    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--steps", type=int, default=25, help="denoising steps of each image")
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="default: the run's sample.guidance_scale, else the pipeline's usual")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seed of the images' starting noise")
     return {"dreambooth": cmd_dreambooth, "generate-image": cmd_generate_image}
 
 

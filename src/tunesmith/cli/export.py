@@ -23,7 +23,9 @@ def register(sub) -> dict:
     e.add_argument("out", type=PathArg(_out_kind),
                    help="output: a folder for --format hf, a .gguf file for --format gguf, a .safetensors file for "
                    "--format kohya")
-    e.add_argument("--format", choices=["hf", "gguf", "kohya"], default="hf")
+    e.add_argument("--format", choices=["hf", "gguf", "kohya"], default="hf",
+                   help="hf: a plain HF model folder; gguf: one GGUF file for llama.cpp and Ollama; kohya: a diffusion "
+                   "LoRA as one kohya/A1111 .safetensors file")
     e.add_argument("--quant", default="f16", metavar="TYPE",
                    help=f"GGUF weight type: {', '.join(QUANT_TYPES)} (default f16; norms stay f32)")
     e.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
@@ -31,7 +33,7 @@ def register(sub) -> dict:
     e.add_argument("--separate-adapter", action="store_true",
                    help="--format hf for methods that cannot be merged (prompt, prefix, bottleneck): the base as an "
                    "HF folder with the adapter kept beside it in OUT/adapter")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_device_arg(e, "an adapter is merged and GGUF's norms are probed (tensors are written from the CPU)")
     return {"export": cmd_export}
 

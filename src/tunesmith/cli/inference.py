@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tunesmith.cli.device import add_device_arg
+from tunesmith.cli.device import add_device_arg, add_dtype_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.paths import Expect
 
@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "to load several LoRA adapters into one base")
     p.add_argument("--use", default=None, metavar="NAME",
                    help="which loaded adapter is active ('none': the bare base model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_arg(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model folder's own Python code")
     add_device_arg(p)
 
@@ -30,13 +30,13 @@ def register(sub) -> dict:
     add_model_args(g)
     g.add_argument("prompt", help="the user message")
     g.add_argument("--system", default=None, help="system message")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer, in tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
 
     c = sub.add_parser("chat", help="interactive chat in the terminal (empty line or Ctrl-D quits)")
     add_model_args(c)
     c.add_argument("--system", default=None, help="system message")
-    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer per turn, in tokens")
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     return {"generate": cmd_generate, "chat": cmd_chat}
 

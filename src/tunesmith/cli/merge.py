@@ -13,7 +13,7 @@ def register(sub) -> dict:
     m.add_argument("out", type=PathArg(Expect.OUT_FOLDER), help="output folder (must not exist unless --overwrite)")
     m.add_argument("--model", default=None, type=PathArg(Expect.MODEL),
                    help="base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     m.add_argument("--into", choices=["full", "nf4"], default="full",
                    help="full: the full-precision base (default, no rounding); nf4: its 4-bit weights (lossy: "
                    "refused unless --force)")

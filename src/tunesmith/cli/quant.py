@@ -26,7 +26,7 @@ def register(sub) -> dict:
     q.add_argument("--samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     q.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: %(default)s)")
     q.add_argument("--damp", type=float, default=0.01, help="Hessian damping, a fraction of its mean diagonal")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return {"quantize": cmd_quantize}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tunesmith.cli.device import add_device_arg
+from tunesmith.cli.device import add_device_arg, add_dtype_arg
 from tunesmith.cli.paths import PathArg
 from tunesmith.errors import ConfigError
 from tunesmith.paths import Expect
@@ -21,9 +21,9 @@ def _model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    "base model, else builtin:smollm2-135m-instruct)")
     p.add_argument("--adapter", default=None, metavar="PATH", type=PathArg(Expect.FOLDER),
                    help="a fine-tuned adapter folder to answer with")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_arg(p)
     add_device_arg(p, "the model answers")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="the longest answer, in tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="prompt token budget (default: the model's context minus --max-new-tokens)")
 
@@ -57,7 +57,7 @@ def register(sub) -> dict:
                      help="an example that does not fit the budget is shortened, or dropped")
     icl.add_argument("--format", default="auto", help="data format (auto, alpaca, sharegpt, messages)")
     icl.add_argument("--limit", type=int, default=None, help="use only the first N eval questions")
-    icl.add_argument("--seed", type=int, default=0)
+    icl.add_argument("--seed", type=int, default=0, help="seed of --select random's choice of examples")
     icl.add_argument("--out", default=None, type=PathArg(Expect.OUT_FILE),
                      help="write every prompt's answer and score to this JSONL file")
     _model_args(icl, 48)
@@ -81,7 +81,7 @@ def register(sub) -> dict:
     ask = rag_sub.add_parser("ask", help="answer a question from the index, citing the sources")
     ask.add_argument("index", metavar="INDEX", type=PathArg(Expect.FOLDER),
                      help="index folder written by `tunesmith rag index`")
-    ask.add_argument("question", metavar="QUESTION")
+    ask.add_argument("question", metavar="QUESTION", help="the question to answer (quote it)")
     _retrieval_args(ask, top_k=3)
     ask.add_argument("--retrieve-only", action="store_true", help="print the sources without loading the LLM")
     _model_args(ask, 160)

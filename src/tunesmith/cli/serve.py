@@ -11,7 +11,7 @@ def register(sub) -> dict:
     s = sub.add_parser("serve", help="serve the base and its adapters over an OpenAI-compatible HTTP API")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--adapter-dir", default=None, metavar="DIR", type=PathArg(Expect.FOLDER),
                    help="allow POST /v1/adapters to hot-load adapters from inside DIR (off without it)")

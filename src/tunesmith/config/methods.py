@@ -77,9 +77,10 @@ class LoraSettings(Strict):
     declaration: ClassVar = MethodDeclaration("low_rank", named_adapters=True, peft_type="LORA",
                                               four_bit_variant="qlora",
                                               memory=MemoryTerms(low_rank=True, fused_dropout=True))
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: int = Field(16, gt=0, description="the rank of each pair B·A: its trainable parameters grow linearly with it")
+    alpha: float = Field(32.0, gt=0, description="the update B·A·x is scaled by alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the input of the low-rank path while "
+                           "training; 0: none")
     target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
 
@@ -115,7 +116,9 @@ class IA3Settings(Strict):
     name: Literal["ia3"] = "ia3"
     declaration: ClassVar = MethodDeclaration("scales", peft_type="IA3",
                                               memory=MemoryTerms(saved_fp32=(IA3_SAVED,), saved_bf16=(IA3_SAVED,)))
-    target_modules: list[str] | str = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"], description="the layers whose output (or input, "
+        "for feedforward_modules) is scaled: module name suffixes, or a regex string matched against full module names")
     feedforward_modules: list[str] | str = Field(
         default_factory=lambda: ["down_proj"], description="targets whose input (not output) is rescaled")
 
@@ -130,9 +133,13 @@ class AdapterSettings(Strict):
                            saved_bf16=(Saved("adapter inputs (bf16 base outputs) and activations",
                                              (("h", 2), ("w", 2))),)))
     reduction_factor: int = Field(16, gt=0, description="bottleneck width = hidden_size / reduction_factor")
-    placement: Literal["attention", "mlp", "both"] = "both"
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    placement: Literal["attention", "mlp", "both"] = Field(
+        "both", description="where the bottleneck layers go: after attention's output projection (o_proj), after the "
+        "MLP's (down_proj), or both")
+    activation: Literal["relu", "gelu", "silu"] = Field("relu", description="the nonlinearity between each "
+                                                         "bottleneck's down and up projections")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before each bottleneck's up projection while "
+                           "training; 0: none")
 
     def bottleneck_width(self, hidden_size: int) -> int:
         return max(1, hidden_size // self.reduction_factor)
@@ -145,9 +152,12 @@ class PromptSettings(Strict):
         not_mergeable="soft prompts are learned input embeddings placed before the text, not changes to any weight, "
         "so there is nothing to fold into the base; use the adapter with --adapter instead",
         memory=MemoryTerms(virtual="embeddings"))
-    num_virtual_tokens: int = Field(20, gt=0)
-    init: Literal["random", "vocab", "text"] = "random"
-    init_text: str | None = None
+    num_virtual_tokens: int = Field(20, gt=0, description="how many trained embeddings are put before every input")
+    init: Literal["random", "vocab", "text"] = Field(
+        "random", description="their initial values: random (normal, at the scale of the real embeddings), vocab "
+        "(the embeddings of random vocabulary tokens) or text (init_text's token embeddings, repeated to length)")
+    init_text: str | None = Field(None, description="the text whose token embeddings start the prompt, with init: "
+                                  "text")
 
     @model_validator(mode="after")
     def _text_given(self) -> "PromptSettings":
@@ -161,21 +171,22 @@ PREFIX = MethodDeclaration(
     not_mergeable="prefixes are learned keys and values every attention layer attends to, not changes to any "
     "weight, so there is nothing to fold into the base; use the adapter with --adapter instead",
     memory=MemoryTerms(virtual="key_values"))
+PREFIX_LENGTH_HELP = "how many trained key and value positions every attention layer attends to before the text"
 
 
 class PrefixSettings(Strict):
     name: Literal["prefix"] = "prefix"
     declaration: ClassVar = PREFIX
-    num_virtual_tokens: int = Field(20, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description=PREFIX_LENGTH_HELP)
     projection: bool = Field(True, description="train through an MLP reparameterisation (folded away on save)")
-    projection_hidden: int = Field(512, gt=0)
+    projection_hidden: int = Field(512, gt=0, description="the hidden width of that MLP")
 
 
 class PtuningV2Settings(Strict):
     name: Literal["ptuning-v2"] = "ptuning-v2"
     declaration: ClassVar = PREFIX
     projection: ClassVar[bool] = False  # prefix tuning without the MLP reparameterisation
-    num_virtual_tokens: int = Field(20, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description=PREFIX_LENGTH_HELP)
 
 
 MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings | DoraSettings | QloraSettings

@@ -22,7 +22,9 @@ class RewardSettings(Strict):
 
 class DpoSettings(Strict):
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference model")
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's -log σ(β·(chosen log-ratio - rejected log-ratio)); ipo: IPO's squared "
+        "distance of the per-token log-ratio margin from 1/(2β)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5,
                                    description="conservative DPO: the probability that a pair's label is flipped")
 
@@ -47,9 +49,11 @@ class PpoSettings(Strict):
     clip_range: float = Field(0.2, gt=0, description="policy ratio clip ε")
     value_clip_range: float = Field(0.2, gt=0, description="value prediction clip around the rollout's values")
     value_coef: float = Field(0.1, ge=0, description="weight of the value loss")
-    gamma: float = Field(1.0, gt=0, le=1)
+    gamma: float = Field(1.0, gt=0, le=1, description="discount per token of later rewards in the advantages (GAE); "
+                         "1: none")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="shift and scale each rollout's advantages to mean 0 and "
+                                    "variance 1 before the policy loss")
     missing_eos_penalty: float | None = Field(None, description="subtracted from the reward of a completion that "
                                                                 "hit max_new_tokens without ending")
 

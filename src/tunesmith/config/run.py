@@ -33,7 +33,9 @@ class ModelSettings(Strict):
         "only for methods that keep the base frozen (not full, freeze, bitfit: use train.bf16 for those); auto: "
         "bfloat16 where the run trains in bf16 (train.bf16, with train.bf16_frozen_weights) and the method keeps the "
         "base frozen, so no fp32 copy of the base is ever held; float32 otherwise (effective.yaml says which)")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the Python code a model folder ships for its architecture (transformers' "
+        "trust_remote_code); off: a model that needs it is refused")
     allow_download: bool = Field(
         False, description="fetch a hub id that is not in the local Hugging Face cache from the Hub (also: "
         "TUNESMITH_ALLOW_DOWNLOAD=1); off: nothing is downloaded at run time")
@@ -43,11 +45,15 @@ FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"
 
 
 class TaskSettings(Strict):
-    name: str = Field(min_length=1)
-    train: Annotated[str | list[str], Expect.DATA]
-    eval: Annotated[str | list[str] | None, Expect.DATA] = None
-    format: FORMATS = "auto"
-    system_prompt: str | None = None
+    name: str = Field(min_length=1, description="the task's name, which data.mixture.weights and the report's "
+                      "per-task rows use")
+    train: Annotated[str | list[str], Expect.DATA] = Field(
+        description="this task's training data: one file or `datasets` folder, or a list of them read together")
+    eval: Annotated[str | list[str] | None, Expect.DATA] = Field(
+        None, description="this task's held-out data; default: none, or data.eval_fraction of its training records")
+    format: FORMATS = Field("auto", description="this task's record format; auto: recognised from the records' keys")
+    system_prompt: str | None = Field(None, description="the system message put before this task's conversations "
+                                      "that have none; default: data.system_prompt")
     instruction_prefix: str | None = Field(None, description="put before each user turn (each document) of this task")
     weight: float | None = Field(None, ge=0, description="this task's share under mixture kind explicit")
 
@@ -56,30 +62,44 @@ class MixtureSettings(Strict):
     kind: Literal["proportional", "temperature", "explicit"] = Field(
         "proportional", description="proportional: each task's share is its share of the train examples; "
         "temperature: proportional to size^(1/T); explicit: the tasks' `weight`s (or `weights` by task name)")
-    temperature: float = Field(2.0, gt=0)
-    weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    temperature: float = Field(2.0, gt=0, description="T of kind temperature: each task's share is proportional to "
+                               "its size^(1/T), so 1 is proportional and a larger T moves the mix toward equal shares")
+    weights: dict[str, Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="kind explicit: each task's weight by its name, instead of the tasks' own `weight` "
+        "(normalised to sum to 1)")
 
 
 class DataSettings(Strict):
-    train: Annotated[str | list[str] | None, Expect.DATA] = None
+    train: Annotated[str | list[str] | None, Expect.DATA] = Field(
+        None, description="the training data: a .jsonl, .json, .csv or .parquet file or a `datasets` folder, or a list "
+        "of them read together; give it or data.tasks")
     tasks: list[TaskSettings] | None = Field(
         None, description="multi-task fine-tuning: several named data sets mixed by data.mixture (instead of "
         "data.train)")
-    mixture: MixtureSettings = Field(default_factory=MixtureSettings)
-    eval: Annotated[str | list[str] | None, Expect.DATA] = None
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    format: FORMATS = "auto"
-    max_length: int = Field(1024, gt=8)
+    mixture: MixtureSettings = Field(default_factory=MixtureSettings,
+                                     description="how often each of data.tasks supplies the next training example")
+    eval: Annotated[str | list[str] | None, Expect.DATA] = Field(
+        None, description="held-out data scored before and after training; default: none, or data.eval_fraction of "
+        "data.train")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="the share of data.train's records held out for "
+                                 "scoring (picked with train.seed) where there is no data.eval; 0: none")
+    format: FORMATS = Field("auto", description="the records' format (see Data formats); auto: recognised from the "
+                            "records' keys")
+    max_length: int = Field(1024, gt=8, description="the longest example in tokens, and the length of a packed row; "
+                            "longer examples follow data.overlong")
     overlong: Literal["drop", "truncate", "split"] | None = Field(
         None, description="what to do with examples over max_length; default: drop for sft, split for text"
     )
-    train_on_prompt: bool = False
-    packing: bool = True
+    train_on_prompt: bool = Field(False, description="also train on the prompt's tokens (system and user turns); "
+                                  "false: the loss covers the answers only")
+    packing: bool = Field(True, description="put several examples in each row of up to data.max_length tokens, each "
+                          "attending to itself only; false: one example per row, padded to the batch's longest")
     share_prefixes: bool = Field(
         True, description="in packed batches, compute the leading tokens that examples share (a system prompt, a "
         "DPO pair's prompt) once: the same values, less work; applies where segment attention runs (SDPA "
         "attention without sliding windows)")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="the system message put before every conversation that has "
+                                      "none; default: none")
     max_examples: int | None = Field(None, gt=0, description="per task, in a multi-task run")
     max_eval_examples: int | None = Field(None, gt=0, description="per task, in a multi-task run")
 
@@ -125,20 +145,32 @@ class DataSettings(Strict):
 
 
 class TrainSettings(Strict):
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int | None = Field(None, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(1, gt=0)
-    seed: int = 42
+    epochs: float = Field(1.0, gt=0, description="passes over the training examples (fractions allowed) where "
+                          "train.max_steps is unset: ceil(epochs × examples / (batch_size × grad_accum × ranks)) steps")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps to train, instead of train.epochs; default: "
+                                  "from train.epochs")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch (per rank under torchrun)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches whose gradients add up before each optimizer step "
+                            "(the effective batch is batch_size × grad_accum × ranks)")
+    lr: float = Field(2e-4, gt=0, description="AdamW's peak learning rate, reached after train.warmup_steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay; 0: none")
+    warmup_steps: int = Field(0, ge=0, description="steps over which the learning rate rises linearly to train.lr; "
+                              "0: none")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="the learning rate after warm-up: cosine or linear decay to 0 at the last step, or "
+        "constant")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradients' global L2 norm to this before "
+                                        "each step; null: no clipping")
+    eval_every: int | None = Field(None, gt=0, description="also score the held-out data every N steps; null: only "
+                                   "before and after training")
+    save_every: int | None = Field(None, gt=0, description="write a checkpoint every N steps, which --resume "
+                                   "continues from; null: none (the trained artifact is still saved at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints the run folder keeps; older "
+                                  "ones are deleted")
+    log_every: int = Field(1, gt=0, description="log the step's training metrics (loss, learning rate, ...) to "
+                           "metrics.jsonl every N steps, and at the last step")
+    seed: int = Field(42, description="seed of the initial weights, the order of the training examples and the "
+                      "data.eval_fraction split")
     bf16: bool = Field(False, description="bf16 autocast with fp32 master weights")
     bf16_frozen_weights: bool = Field(
         True, description="with train.bf16, store the frozen linear weights of the base in bf16 once instead of "
@@ -169,8 +201,9 @@ class TrainSettings(Strict):
     activation_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in the backward pass: less memory, ~30 % "
         "more compute")
-    threads: int | None = Field(None, gt=0)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch's CPU threads for the run; null: torch's default")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where the run trains: auto is CUDA, else Apple's MPS, else the CPU")
 
 
 class ForgettingSettings(Strict):
@@ -181,13 +214,16 @@ class ForgettingSettings(Strict):
 
 
 class ReportSettings(Strict):
-    compare: bool = True
+    compare: bool = Field(True, description="score the held-out data and answer the sample prompts with the untrained "
+                          "model too, so report.md compares before and after; false: no before scores and no samples")
     forgetting: ForgettingSettings | None = Field(
         default_factory=ForgettingSettings, description="general-text perplexity before and after training (how much "
         "general ability the run cost); null or false: off")
-    heldout_samples: int = Field(3, ge=0)
-    trained_samples: int = Field(3, ge=0)
-    max_new_tokens: int = Field(64, gt=0)
+    heldout_samples: int = Field(3, ge=0, description="held-out prompts answered before and after training in "
+                                 "report.md; 0: none")
+    trained_samples: int = Field(3, ge=0, description="training prompts answered before and after training in "
+                                 "report.md (what the run learned); 0: none")
+    max_new_tokens: int = Field(64, gt=0, description="the longest answer of those samples, in tokens")
 
     @field_validator("forgetting", mode="before")
     @classmethod
@@ -209,25 +245,39 @@ def _quantize_base_means_qlora(data):
     return {**data, "method": method}
 
 
+def _objective_section(name: str):
+    return Field(None, description=f"the options of objective {name}, only with objective: {name}, which takes "
+                 "their defaults where the section is left out")
+
+
 class RunConfig(Strict):
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name")
-    objective: Literal[OBJECTIVE_NAMES] = "sft"
-    reward: RewardSettings | None = None
-    dpo: DpoSettings | None = None
-    orpo: OrpoSettings | None = None
-    simpo: SimpoSettings | None = None
-    kto: KtoSettings | None = None
-    ppo: PpoSettings | None = None
-    grpo: GrpoSettings | None = None
-    classify: ClassifySettings | None = None
-    data: DataSettings
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    report: ReportSettings = Field(default_factory=ReportSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings, description="the model to fine-tune and how it "
+                                 "loads")
+    method: MethodSettings = Field(default_factory=LoraSettings, discriminator="name", description="what trains: the "
+                                   "method named by method.name, with its options; default: lora")
+    objective: Literal[OBJECTIVE_NAMES] = Field(
+        "sft", description="the loss: each objective reads its own data formats (Methods table) and takes its options "
+        "from the section of its name")
+    reward: RewardSettings | None = _objective_section("reward")
+    dpo: DpoSettings | None = _objective_section("dpo")
+    orpo: OrpoSettings | None = _objective_section("orpo")
+    simpo: SimpoSettings | None = _objective_section("simpo")
+    kto: KtoSettings | None = _objective_section("kto")
+    ppo: PpoSettings | None = _objective_section("ppo")
+    grpo: GrpoSettings | None = _objective_section("grpo")
+    classify: ClassifySettings | None = _objective_section("classify")
+    data: DataSettings = Field(description="where the training and held-out examples come from and how they become "
+                               "token sequences")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="the optimisation: its length, batch, "
+                                 "learning rate, precision, speed switches, checkpoints and device")
+    report: ReportSettings = Field(default_factory=ReportSettings, description="what report.md shows beside the "
+                                   "loss: before and after scores, sample answers, forgetting")
     distributed: DistributedSettings | None = Field(
         None, description="for runs launched by torchrun: how the ranks share the work; without torchrun the run "
         "is one process")
-    output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/latest"
+    output_dir: Annotated[str, Expect.OUT_FOLDER] = Field(
+        "runs/latest", description="the run folder for the trained artifact, config.yaml, metrics.jsonl, report.md "
+        "and checkpoints; one that holds files needs --overwrite or --resume")
 
     @model_validator(mode="before")
     @classmethod

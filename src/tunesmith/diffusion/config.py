@@ -12,6 +12,8 @@ from tunesmith.config import load_yaml_model
 from tunesmith.paths import Expect
 
 DEMO_MODEL = "builtin:tiny-digits"
+RUN_FOLDER_HELP = ("the run folder for the trained weights, config.yaml, the sample grids and checkpoints; one that "
+                   "holds files needs --overwrite or --resume")
 
 
 class Strict(BaseModel):
@@ -37,10 +39,12 @@ class PriorSettings(Strict):
 
 
 class MethodSettings(Strict):
-    name: Literal["lora", "full"] = "lora"
-    r: int = Field(8, gt=0)
-    alpha: float = Field(8.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    name: Literal["lora", "full"] = Field("lora", description="lora: low-rank pairs on the denoiser's target layers; "
+                                          "full: every weight of the denoiser trains")
+    r: int = Field(8, gt=0, description="lora: the rank of each pair B·A")
+    alpha: float = Field(8.0, gt=0, description="lora: the update B·A·x is scaled by alpha/r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="lora: dropout on the input of the low-rank path while "
+                           "training; 0: none")
     target_modules: list[str] | None = Field(None, description="denoiser (UNet / transformer) linear layers LoRA "
                                              "wraps, as module-name suffixes; default: the pipeline's attention "
                                              "projections (as diffusers' LoRA training scripts)")
@@ -51,19 +55,21 @@ class MethodSettings(Strict):
 
 
 class TrainSettings(Strict):
-    steps: int = Field(200, gt=0)
+    steps: int = Field(200, gt=0, description="optimizer steps to train")
     batch_size: int = Field(4, gt=0, description="instance images per step (and as many class images)")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW's learning rate, constant over the run")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay; 0: none")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradients' global L2 norm to this before "
+                                        "each step; null: no clipping")
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (for --resume)")
-    keep_checkpoints: int = Field(2, gt=0)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints the run folder keeps")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where the run trains: auto is CUDA, else Apple's MPS, else the CPU")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has "
                                                        "it, fp32 elsewhere")
     gradient_checkpointing: bool | None = Field(None, description="recompute the denoiser's activations in the "
                                                 "backward pass; default: on on a GPU, off on the CPU")
-    threads: int | None = Field(None, gt=0)
+    threads: int | None = Field(None, gt=0, description="torch's CPU threads for the run; null: torch's default")
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR-γ loss weighting (5 is the paper's "
                                         "choice); off by default")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
@@ -75,11 +81,12 @@ class TrainSettings(Strict):
 class SampleSettings(Strict):
     prompts: list[str] = Field(default_factory=list, description="grid rows (default: the instance prompt and the "
                                "class prompt)")
-    per_prompt: int = Field(4, gt=0)
-    steps: int = Field(25, gt=0)
+    per_prompt: int = Field(4, gt=0, description="images per prompt in each grid row")
+    steps: int = Field(25, gt=0, description="denoising steps of each grid image")
     guidance_scale: float | None = Field(None, ge=1.0, description="classifier-free guidance; 1 = none; default: the "
                                          "pipeline's usual (SD 7.5, SDXL 5, SD3 7, Flux 3.5)")
-    seed: int = 1234
+    seed: int = Field(1234, description="seed of the grids' starting noise, the same before and after training so "
+                      "that the grids compare")
     every: int | None = Field(None, gt=0, description="also render the grid every N training steps "
                               "(samples/step-N.png), with the EMA weights when train.ema_decay is set")
 
@@ -89,16 +96,22 @@ class DiffusionRunConfig(Strict):
     model: Annotated[str, Expect.MODEL] = Field(
         DEMO_MODEL, description="a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux) or "
         "builtin:tiny-digits")
-    output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/dreambooth"
-    seed: int = 0
-    method: MethodSettings = Field(default_factory=MethodSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    sample: SampleSettings = Field(default_factory=SampleSettings)
+    output_dir: Annotated[str, Expect.OUT_FOLDER] = Field("runs/dreambooth", description=RUN_FOLDER_HELP)
+    seed: int = Field(0, description="seed of the training noise and timesteps (and of DreamBooth's class images); "
+                      "the grids use sample.seed")
+    method: MethodSettings = Field(default_factory=MethodSettings, description="what trains: LoRA on the denoiser "
+                                   "(and optionally the text encoder) or the whole denoiser")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="the optimisation: its length, batch, "
+                                 "learning rate, precision, checkpoints and device")
+    sample: SampleSettings = Field(default_factory=SampleSettings, description="the sample grids rendered before and "
+                                   "after training (samples_before.png, samples_after.png)")
 
 
 class DreamBoothConfig(DiffusionRunConfig):
-    instance: InstanceSettings
-    prior: PriorSettings = Field(default_factory=PriorSettings)
+    instance: InstanceSettings = Field(description="the subject: its images and the prompt that names it")
+    prior: PriorSettings = Field(default_factory=PriorSettings, description="prior preservation: images of the "
+                                 "subject's class from the base model, trained on beside the subject so the class "
+                                 "keeps its look")
 
     @model_validator(mode="after")
     def _class_prompt_when_weighted(self) -> "DreamBoothConfig":
@@ -147,8 +160,8 @@ class DataSettings(Strict):
 
 
 class TextToImageConfig(DiffusionRunConfig):
-    output_dir: Annotated[str, Expect.OUT_FOLDER] = "runs/text-to-image"
-    data: DataSettings
+    output_dir: Annotated[str, Expect.OUT_FOLDER] = Field("runs/text-to-image", description=RUN_FOLDER_HELP)
+    data: DataSettings = Field(description="the captioned images to train on and how they are read")
 
     def grid_prompts(self, captions: list[str]) -> list[str]:
         """sample.prompts, else the first two distinct non-empty captions."""
