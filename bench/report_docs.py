@@ -6,8 +6,9 @@ Writes docs/benchmarks/index.md (the headline: tunesmith against its peers, per 
 docs/benchmarks/journal.md (every run with a header row: date, CPU, command, settings, a table of its raw rows) and
 the charts under docs/images/. The prose findings are hand-written beside them (docs/benchmarks/findings.md); the
 journal links to a day's findings where that page has an anchor for the day. Rows without a header (bench/plan.py's
-and bench/diffusion_plan.py's) are the planner's: bench/report_plan_docs.py. tests/test_docs_bench.py regenerates the
-markdown and fails when a committed page differs.
+and bench/diffusion_plan.py's) are the planner's: bench/report_plan_docs.py; the 7 B table and chart of the planner's
+concept page (docs/concepts/planner.md): bench/report_plan_7b.py. tests/test_docs_bench.py regenerates the markdown and
+fails when a committed page differs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import report_plan_7b
 import report_plan_docs
 from report import PEER_NAMES, SHORT, _by_round, _median, ratio_cell
 from results_log import read_rows
@@ -147,8 +149,8 @@ def index_page(runs: list[Run]) -> str:
            "weights, examples, learning rate and precision. A speed ratio is tunesmith's tokens seen per second over "
            "the peer's (the median of the rounds' own ratios; pairs per second for DPO), a memory ratio is "
            "tunesmith's peak RSS over the peer's (below 1: tunesmith holds less). A peer's cell reads: its rate · "
-           "tunesmith's speed ratio over it · its peak RSS (tunesmith's memory ratio). How it is measured and what each "
-           "run found: [Findings](findings.md); every run with its command and raw rows: [Journal](journal.md).", "",
+           "tunesmith's speed ratio over it · its peak RSS (tunesmith's memory ratio). How it is measured and what "
+           "each run found: [Findings](findings.md); every run with its command and raw rows: [Journal](journal.md).", "",
            "Each table is the latest `bench/peers.py` run with a peer on that CPU in that precision. One round is "
            "one sample on a shared 2-core machine (±20 % between rounds has been seen), so compare ratios within "
            "a table, not rates across tables.", ""]
@@ -275,12 +277,15 @@ def _chart(run: Run, path: Path) -> None:
     plt.close(fig)
 
 
-def _generate(results: Path, docs: Path) -> tuple[dict[Path, str], list]:
+def _generate(results: Path, docs: Path) -> tuple[dict[Path, str], list, dict]:
     runs = load_runs(results)
     planner, latest = report_plan_docs.page(results, GENERATED)
+    concept = docs.parent / "concepts" / "planner.md"
+    seven_b = report_plan_7b.plans()
     return {docs / "index.md": index_page(runs),
             docs / "journal.md": journal_page(runs, findings_anchors(docs / "findings.md")),
-            docs / "planner-accuracy.md": planner}, latest
+            docs / "planner-accuracy.md": planner,
+            concept: report_plan_7b.page(concept.read_text(), seven_b)}, latest, seven_b
 
 
 def generate(results: Path = RESULTS, docs: Path = REPO / "docs" / "benchmarks") -> dict[Path, str]:
@@ -290,7 +295,7 @@ def generate(results: Path = RESULTS, docs: Path = REPO / "docs" / "benchmarks")
 
 def write(docs: Path, results: Path = RESULTS) -> list[Path]:
     """Write the pages and the charts (docs/images/ beside `docs`); the written paths."""
-    pages, latest = _generate(results, docs)
+    pages, latest, seven_b = _generate(results, docs)
     for path, text in pages.items():
         path.write_text(text)
     images = docs.parent / "images"
@@ -298,4 +303,5 @@ def write(docs: Path, results: Path = RESULTS) -> list[Path]:
     for run, path in zip(headline_runs(load_runs(results)), charts):
         _chart(run, path)
     report_plan_docs.chart_rows(latest, images / report_plan_docs.CHART)
-    return list(pages) + charts + [images / report_plan_docs.CHART]
+    report_plan_7b.chart(seven_b, images / report_plan_7b.CHART)
+    return list(pages) + charts + [images / report_plan_docs.CHART, images / report_plan_7b.CHART]

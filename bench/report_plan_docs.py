@@ -185,9 +185,9 @@ def page(results: Path, generated_note: str) -> tuple[str, list[tuple[str, int, 
            "Each row trained SmolLM2-135M-Instruct for 2 steps on the 22 longest pydoc topics (each truncated to "
            "max_length, so every batch is the largest), DPO on pairs of those texts. The predictions are the "
            "planner's as it is now, replayed from the recorded rows with the tokens the run measured in its "
-           "largest micro-batch (`bench/plan.py --replay FILE` counts them from the data instead), the runtime term the probe measured on that "
-           f"machine ({PLAN_ROWS_RUNTIME / 2**30:.2f} GiB), bf16 segments attended as on a CPU with AMX. A row an "
-           "older file measured before a change of the code is predicted for the code as it is now, so read the "
+           "largest micro-batch (`bench/plan.py --replay FILE` counts them from the data instead), the runtime "
+           f"term the probe measured on that machine ({PLAN_ROWS_RUNTIME / 2**30:.2f} GiB), bf16 segments "
+           "attended as on a CPU with AMX. A row an older file measured before a change of the code is predicted for the code as it is now, so read the "
            "file's note.", "",
            f"Over the latest measurement of each row ({len(latest)} rows): "
            f"{sum(abs(e) <= ERROR_OK for e in errors)} within ±{100 * ERROR_OK:.0f} %, largest error "
