@@ -168,6 +168,8 @@ def index_page(runs: list[Run]) -> str:
             "| what | where |", "|---|---|",
             "| how each figure is measured, and what the runs found | [Findings](findings.md) |",
             "| every run, by date: CPU, command, settings, raw rows | [Journal](journal.md) |",
+            "| every speed run's ratios, linearity, GRPO, serving, FSDP2 memory, llama.cpp, the bake-off: a table "
+            "each | [More benchmarks](more.md) |",
             "| the memory planner, predicted against measured | [Planner accuracy](planner-accuracy.md) |",
             "| text-to-image style and domain fine-tuning, before and after | [Text-to-image, measured]"
             "(text-to-image.md) |"]
@@ -177,7 +179,7 @@ def index_page(runs: list[Run]) -> str:
     for bench, members in kinds.items():
         if bench != "peers.py":
             links = ", ".join(f"[{r.id}](journal.md#{r.anchor})" for r in members)
-            out.append(f"| {BENCHES.get(bench, bench)} (`bench/{bench}`) | {links} |")
+            out.append(f"| {BENCHES.get(bench, bench)} (`bench/{bench}`) | runs {links} |")
     return "\n".join(out) + "\n"
 
 
@@ -278,12 +280,15 @@ def _chart(run: Run, path: Path) -> None:
 
 
 def _generate(results: Path, docs: Path) -> tuple[dict[Path, str], list, dict]:
+    import report_kinds_docs  # it builds on this module's runs
+
     runs = load_runs(results)
     planner, latest = report_plan_docs.page(results, GENERATED)
     concept = docs.parent / "concepts" / "planner.md"
     seven_b = report_plan_7b.plans()
     return {docs / "index.md": index_page(runs),
             docs / "journal.md": journal_page(runs, findings_anchors(docs / "findings.md")),
+            docs / "more.md": report_kinds_docs.page(runs),
             docs / "planner-accuracy.md": planner,
             concept: report_plan_7b.page(concept.read_text(), seven_b)}, latest, seven_b
 
