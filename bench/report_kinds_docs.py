@@ -40,13 +40,18 @@ def peers_history(runs: list[Run]) -> list[str]:
     return out
 
 
-def linearity(runs: list[Run]) -> list[str]:
-    out = ["| run | workload | seconds at 1× | seconds at 2× | ratio |", "|---|---|---:|---:|---:|"]
-    for run in _of(runs, "scale"):
-        for r in (r for r in run.rows if r.get("kind") == "scale" and not r.get("error")):
-            out.append(f"| {_link(run)} | {SHORT.get(r['workload'], r['workload'])} | {r['seconds_1x']:.1f} | "
-                       f"{r['seconds_scaled']:.1f} | {r['seconds_scaled'] / r['seconds_1x']:.2f} |")
+def _per_row(runs: list[Run], kind: str, header: str, align: str, cells) -> list[str]:
+    """A table of every row of `kind`, its run linked first, then `cells(row)`."""
+    out = [f"| run | {header} |", f"|---|{align}|"]
+    for run in _of(runs, kind):
+        out += [f"| {_link(run)} | {cells(r)} |" for r in run.rows if r.get("kind") == kind and not r.get("error")]
     return out
+
+
+def linearity(runs: list[Run]) -> list[str]:
+    return _per_row(runs, "scale", "workload | seconds at 1× | seconds at 2× | ratio", "---|---:|---:|---:",
+                    lambda r: f"{SHORT.get(r['workload'], r['workload'])} | {r['seconds_1x']:.1f} | "
+                              f"{r['seconds_scaled']:.1f} | {r['seconds_scaled'] / r['seconds_1x']:.2f}")
 
 
 def grpo(runs: list[Run]) -> list[str]:
@@ -65,25 +70,19 @@ def grpo(runs: list[Run]) -> list[str]:
 
 
 def serve(runs: list[Run]) -> list[str]:
-    out = ["| run | clients | generate loop tokens/s | tunesmith serve tokens/s | ratio | generate loop p50 / p95 s "
-           "| serve p50 / p95 s | same text |", "|---|---:|---:|---:|---:|---|---|---|"]
-    for run in _of(runs, "serve"):
-        for r in (r for r in run.rows if r.get("kind") == "serve"):
-            out.append(f"| {_link(run)} | {r['clients']} | {r['peer_tps']:.1f} | {r['ours_tps']:.1f} | "
-                       f"{r['ours_tps'] / r['peer_tps']:.2f}× | {r['peer_p50']:.2f} / {r['peer_p95']:.2f} | "
-                       f"{r['ours_p50']:.2f} / {r['ours_p95']:.2f} | {r['same']}/{r['requests']} |")
-    return out
+    return _per_row(runs, "serve", "clients | generate loop tokens/s | tunesmith serve tokens/s | ratio | "
+                    "generate loop p50 / p95 s | serve p50 / p95 s | same text", "---:|---:|---:|---:|---|---|---",
+                    lambda r: f"{r['clients']} | {r['peer_tps']:.1f} | {r['ours_tps']:.1f} | "
+                              f"{r['ours_tps'] / r['peer_tps']:.2f}× | {r['peer_p50']:.2f} / {r['peer_p95']:.2f} | "
+                              f"{r['ours_p50']:.2f} / {r['ours_p95']:.2f} | {r['same']}/{r['requests']}")
 
 
 def fsdp(runs: list[Run]) -> list[str]:
-    out = ["| run | method | processes | load | rank | peak RSS | runtime | expected state per rank |",
-           "|---|---|---:|---|---:|---:|---:|---:|"]
-    for run in _of(runs, "fsdp_memory"):
-        for r in (r for r in run.rows if r.get("kind") == "fsdp_memory"):
-            out.append(f"| {_link(run)} | {r['method']} | {r['ranks']} | {r['load']} | {r['rank']} | "
-                       f"{r['peak_rss_mib']:,.0f} MiB | {r['runtime_rss_mib']:,.0f} MiB | "
-                       f"{r['expected_state_per_rank_mib']:,.0f} MiB |")
-    return out
+    return _per_row(runs, "fsdp_memory", "method | processes | load | rank | peak RSS | runtime | expected state per "
+                    "rank", "---|---:|---|---:|---:|---:|---:",
+                    lambda r: f"{r['method']} | {r['ranks']} | {r['load']} | {r['rank']} | "
+                              f"{r['peak_rss_mib']:,.0f} MiB | {r['runtime_rss_mib']:,.0f} MiB | "
+                              f"{r['expected_state_per_rank_mib']:,.0f} MiB")
 
 
 def llamacpp(runs: list[Run]) -> list[str]:
