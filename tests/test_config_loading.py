@@ -63,5 +63,7 @@ def test_dreambooth_errors_name_the_field_and_images_resolve_beside_the_file(tmp
     assert load_dreambooth_config(path).instance.images == str(tmp_path / "pics")
     with pytest.raises(ConfigError) as e:
         load_dreambooth_config(path, ["train.steps=0", "method.rank=4"])
-    assert str(e.value).splitlines()[1:] == ["  - method.rank: unknown key (check the spelling; see `tunesmith train "
-                                             "--help`)", "  - train.steps: Input should be greater than 0 (got 0)"]
+    assert str(e.value).splitlines()[1:] == [
+        "  - method.rank: unknown key (check the spelling; the keys of method: "
+        "docs/reference/config.md#dreambooth-method)",
+        "  - train.steps: Input should be greater than 0 (got 0); see docs/reference/config.md#dreambooth-train-steps"]

@@ -69,3 +69,18 @@ def test_every_cli_argument_has_help():
 
     missing = missing_help()
     assert not missing, "command-line arguments without help= :\n  " + "\n  ".join(missing)
+
+
+def test_a_config_error_names_the_field_and_its_anchor_on_the_config_page():
+    from tunesmith.config import load_config
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["method.r=0", "train.lr=0", "train.lrr=1"], base={"data": {"train": "x.jsonl"}})
+    assert str(e.value).splitlines()[1:] == [
+        "  - method.r: Input should be greater than 0 (got 0); see docs/reference/config.md#method-lora-r",
+        "  - train.lr: Input should be greater than 0 (got 0); see docs/reference/config.md#train-lr",
+        "  - train.lrr: unknown key (check the spelling; the keys of train: docs/reference/config.md#train)"]
+    cited = re.findall(r"docs/reference/config\.md#([\w-]+)", str(e.value))
+    assert cited == ["method-lora-r", "train-lr", "train"]
+    assert set(cited) <= page_anchors(PAGE)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from tunesmith.errors import DataError
 
-EPILOG = "Config reference: README.md (section 'Config'). Example configs: examples/."
+EPILOG = ("Reference: every config key in docs/reference/config.md, every command in docs/reference/cli.md "
+          "(`make docs-serve` shows the docs as a site). Example configs: examples/.")
 
 
 def print_notes(notes: list[str]) -> None:

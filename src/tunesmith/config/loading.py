@@ -1,9 +1,11 @@
 """Reading a configuration: a YAML file (errors name file:line), `key.sub=value` overrides, then a pydantic model
-validated with every error naming its field. Shared by the run config (config/run.py) and DreamBooth's
+validated with every error naming its field and, for the configs the reference documents, the field's anchor on
+docs/reference/config.md (config/reference.py). Shared by the run config (config/run.py) and the diffusion configs
 (diffusion/config.py)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TypeVar
@@ -11,6 +13,8 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tunesmith.config.reference import cited_anchor
+from tunesmith.config.reference import PAGE as REFERENCE_PAGE
 from tunesmith.errors import ConfigError
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -62,10 +66,14 @@ def set_dotted(tree: dict, dotted: str, raw: str) -> None:
                           f"it, e.g. --set \"{dotted}='{raw}'\"") from None
 
 
-def format_validation_error(err: ValidationError, source: str, unions: dict[str, Collection[str]] | None = None
-                            ) -> str:
+LEADING_KEY = re.compile(r"[a-z_]+(\.[a-z0-9_]+)*")  # the dotted key a validator's message starts with
+
+
+def format_validation_error(err: ValidationError, source: str, unions: dict[str, Collection[str]] | None = None,
+                            documented: tuple[type[BaseModel], str] | None = None) -> str:
     """One line per error naming its field. `unions`: sections that are unions tagged by their `name` key
-    ({"method": the method names}); the tag pydantic puts in the field's path is left out."""
+    ({"method": the method names}); the tag pydantic puts in the field's path is left out. `documented`: (the
+    config's root model, its anchor prefix on the reference page), so each line cites the field's anchor there."""
     unions = unions or {}
     lines = [f"{source}: the configuration is not valid:"]
     for e in err.errors():
@@ -73,29 +81,51 @@ def format_validation_error(err: ValidationError, source: str, unions: dict[str,
         if len(loc) > 1 and loc[0] in unions and loc[1] in unions[loc[0]]:
             del loc[1]
         field = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "union_tag_invalid":
             got = (e.get("ctx") or {}).get("tag")
             names = ", ".join(unions.get(field, ()))
-            lines.append(f"  - {field}.name: unknown {field} {got!r}; expected one of: {names}")
+            line = f"  - {field}.name: unknown {field} {got!r}; expected one of: {names}"
+            cited = (*e["loc"], "name")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"  - {field}: unknown key (check the spelling; see `tunesmith train --help`)")
+            if documented:
+                section = cited_anchor(*documented, e["loc"], unknown_key=True)
+                where = field.rpartition(".")[0] or "the top level"
+                lines.append(f"  - {field}: unknown key (check the spelling; the keys of {where}: "
+                             f"{REFERENCE_PAGE}#{section})")
+                continue
+            line, cited = f"  - {field}: unknown key (check the spelling; see `tunesmith train --help`)", ()
         elif e["type"] == "missing":
-            lines.append(f"  - {field}: required but missing")
+            line, cited = f"  - {field}: required but missing", e["loc"]
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {field}: {msg}{got_s}")
+            line, cited = f"  - {field}: {msg}{got_s}", _named_in(msg, e["loc"])
+        if documented:
+            line += f"; see {REFERENCE_PAGE}#{cited_anchor(*documented, cited)}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _named_in(msg: str, loc: tuple) -> tuple:
+    """The field a validator's error is about: the dotted key its message starts with where that lies within
+    `loc` (a check of a whole section names the key it is about), else `loc` itself."""
+    found = LEADING_KEY.match(msg)
+    if not found:
+        return loc
+    named = tuple(found.group(0).split("."))
+    within = [str(p) for p in loc if not isinstance(p, int)]
+    return named if list(named[:len(within)]) == within else loc
 
 
 def load_yaml_model(model_class: type[Model], path: str | Path | None, overrides: list[str] | None = None,
                     base: dict | None = None, *, sections: str,
                     adjust: Callable[[dict, list[tuple[str, str]]], None] | None = None,
-                    unions: dict[str, Collection[str]] | None = None) -> Model:
+                    unions: dict[str, Collection[str]] | None = None, anchors: str | None = None) -> Model:
     """Read YAML at `path` over `base` (or `base` alone), let `adjust(tree, overrides)` change the file's tree, apply
     the `key.sub=value` overrides, validate as `model_class`. Every error is a ConfigError naming file:line or the
-    field."""
+    field; with `anchors` (the config's anchor prefix on the reference page, "" for the run config) also the field's
+    anchor there."""
     tree: dict = dict(base or {})
     source = "config"
     if path is not None:
@@ -109,4 +139,5 @@ def load_yaml_model(model_class: type[Model], path: str | Path | None, overrides
     try:
         return model_class.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, unions)) from None
+        documented = None if anchors is None else (model_class, anchors)
+        raise ConfigError(format_validation_error(e, source, unions, documented)) from None

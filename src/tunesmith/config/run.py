@@ -426,7 +426,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, bas
     tell the user (options dropped by a method switch) is appended to `notes`; nothing is printed."""
     notes = [] if notes is None else notes
     return load_yaml_model(RunConfig, path, overrides, base, sections="model, method, data, ...",
-                           adjust=lambda tree, pairs: _switch_method(tree, pairs, notes), unions={"method": METHOD_NAMES})
+                           adjust=lambda tree, pairs: _switch_method(tree, pairs, notes), unions={"method": METHOD_NAMES},
+                           anchors="")
 
 
 def dump_config(cfg: RunConfig) -> str:

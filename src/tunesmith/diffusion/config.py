@@ -173,7 +173,7 @@ class TextToImageConfig(DiffusionRunConfig):
 def load_text_to_image_config(path: str | Path | None, overrides: list[str] | None = None,
                               base: dict | None = None) -> TextToImageConfig:
     return load_yaml_model(TextToImageConfig, path, overrides, base, sections="model, data, method, train, sample",
-                           adjust=_images_beside(path, "data"))
+                           adjust=_images_beside(path, "data"), anchors="text-to-image")
 
 
 def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None = None,
@@ -181,7 +181,7 @@ def load_dreambooth_config(path: str | Path | None, overrides: list[str] | None 
     """Read YAML (or start from `base`), apply `key.sub=value` overrides, validate."""
     return load_yaml_model(DreamBoothConfig, path, overrides, base,
                            sections="model, instance, prior, method, train, sample",
-                           adjust=_images_beside(path, "instance"))
+                           adjust=_images_beside(path, "instance"), anchors="dreambooth")
 
 
 def dump(cfg: DiffusionRunConfig) -> str:

@@ -131,6 +131,9 @@ def settings_of_run(adapter: str | Path) -> QloraSettings:
     import yaml
     from pydantic import ValidationError
 
+    from tunesmith.config.reference import reference
+    from tunesmith.config.run import RunConfig
+
     path = Path(adapter).parent / "config.yaml"
     if not path.is_file():
         return QloraSettings()
@@ -147,8 +150,9 @@ def settings_of_run(adapter: str | Path) -> QloraSettings:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"])
+        cited = reference(RunConfig, "", ("method", "qlora", *err["loc"]))
         raise ConfigError(f"{path}: method.{field}: {err['msg']} (the adapter's run config, read for its 4-bit "
-                          "settings; fix or remove that file)") from None
+                          f"settings; fix or remove that file); see {cited}") from None
 
 
 def merge_into_4bit_folder(adapter: str, out: str, model_path: str | None = None, overwrite: bool = False,

@@ -10,6 +10,7 @@ import importlib
 from pydantic import ValidationError
 
 from tunesmith.config.objectives import OBJECTIVE_NAMES, objective_declaration
+from tunesmith.config.reference import PAGE, anchor
 from tunesmith.errors import ConfigError
 from tunesmith.objectives.protocol import Objective, PolicyObjective
 
@@ -49,7 +50,8 @@ def get_objective(name: str, settings=None) -> Objective | PolicyObjective:
         try:
             settings = section()
         except ValidationError:
-            raise ConfigError(f"{name}: objective {name} needs its settings (the `{name}:` config section)") from None
+            raise ConfigError(f"{name}: objective {name} needs its settings (the `{name}:` config section); see "
+                              f"{PAGE}#{anchor('', (name,))}") from None
     return found(settings)
 
 
