@@ -109,8 +109,8 @@ def _llm(argv: list[str], args, command: str, tiny: Tiny) -> list[str]:
         argv = with_option(argv, "--max-new-tokens", 2)
     if command == "icl" or command == "rag" and args.rag_command == "eval":
         argv = with_option(argv, "--limit", min(args.limit or 2, 2))
-    if command == "quantize":
-        argv = with_option(with_option(argv, "--samples", 2), "--seq-len", 32)
+    if command == "quantize":  # GPTQ needs at least as many calibration tokens as the widest input (128)
+        argv = with_option(with_option(argv, "--samples", 2), "--seq-len", 64)
         if 64 % args.group_size:  # the tiny model's layers are 64 and 128 wide
             argv = with_option(argv, "--group-size", 32)
     return argv
