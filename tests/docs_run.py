@@ -1,6 +1,6 @@
 """Running a page's blocks in page order in one scratch folder (docs/architecture/writing-docs.md): `tunesmith` lines
 in this process on tiny settings (docs_tiny.py), `tunesmith serve ... &` in a thread until the page ends, other
-lines in bash, python blocks in a fresh interpreter, yaml / json blocks checked (docs_configs.py)."""
+lines in bash, python blocks in this process (a fresh namespace), yaml / json blocks checked (docs_configs.py)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,10 @@ def fail(where: str, problem: str, command: str = "", output: str = "") -> Block
 
 
 def free(port: int) -> bool:
+    """Whether a server can listen on `port` (as uvicorn binds: SO_REUSEADDR, so closed connections' TIME_WAIT do
+    not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -315,17 +318,28 @@ class PageRun:
         self._json(block, lines=True)
 
     def _python(self, block: Block) -> None:
+        """In this process, as `python -` (or `python NAME.py` for a titled block) would run it in the current
+        folder: a fresh `__main__` namespace, its output captured, its tracebacks naming the page's own lines. (A
+        fresh interpreter would import torch and transformers again for each block: seconds each.)"""
         code = self._ports_in(block.text)
-        if block.title:
-            path = self._write(block, code, lambda text, path: text.strip() == path.read_text().strip())
-            argv, stdin = [sys.executable, str(path)], None
-        else:
-            argv, stdin = [sys.executable, "-"], code
+        path = self._write(block, code, lambda text, path: text.strip() == path.read_text().strip()) \
+            if block.title else None
+        os.chdir(self.cwd)
+        out, ident, argv = io.StringIO(), threading.get_ident(), sys.argv
+        self.stdout.buffers[ident] = self.stderr.buffers[ident] = out
+        sys.argv = [str(path) if path else "-"]
+        problem = None
         try:
-            done = subprocess.run(argv, input=stdin, cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                                  timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise fail(block.where, f"the python block still runs after {TIMEOUT} s") from None
-        if done.returncode:
-            raise fail(block.where, f"the python block exits with status {done.returncode}", "python",
-                       done.stdout + done.stderr)
+            exec(compile("\n" * block.line + code, block.page, "exec"),
+                 {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__})
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                problem = f"the python block exits with status {e.code}"
+        except Exception:
+            traceback.print_exc(file=out)
+            problem = "the python block raises"
+        finally:
+            del self.stdout.buffers[ident], self.stderr.buffers[ident]
+            sys.argv = argv
+        if problem:
+            raise fail(block.where, problem, output=out.getvalue())

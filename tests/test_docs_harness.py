@@ -149,4 +149,4 @@ def test_a_page_of_every_kind_of_block_runs(tmp_path, tiny_model_dir):
     assert (trained["method"]["name"], trained["train"]["lr"], trained["train"]["max_steps"]) == ("dora", 1e-4, 2)
     assert trained["model"]["path"] == str(tiny_model_dir)
     assert [w for w, _ in run.seconds][-2:] == ["tests/docs_pages/tour.md:56", "tests/docs_pages/tour.md:59"]
-    assert free(port)  # the page's end stopped the server
+    assert not run.servers[0].thread.is_alive() and free(port)  # the page's end stopped the server
