@@ -41,6 +41,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return folder
 
 
+@pytest.fixture(scope="session")
+def docs_tiny(tmp_path_factory):
+    """The doc-test harness's stand-ins for the models a page names (tests/docs_tiny.py), built once a session."""
+    from docs_tiny import Tiny, build_model
+
+    return Tiny(build_model(tmp_path_factory.mktemp("docs-tiny-llama")), tmp_path_factory.mktemp("docs-tiny"))
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -1,8 +1,9 @@
 """Tiny settings for the doc-test harness (docs/architecture/writing-docs.md): each `tunesmith` command a page shows is
 rewritten, as extra arguments after the page's own, so it runs in about a second on the tiny models:
 
-- a command that would load SmolLM2 (named, a hub id, or the default) loads the tiny random Llama with SmolLM2's
-  tokenizer instead; one that loads a model the page made (a run's adapter, a merged folder) keeps it;
+- a command that would load SmolLM2 (named, a hub id, or the default) loads a tiny random Llama with SmolLM2's
+  tokenizer cut to its first 2,048 tokens instead (the same chat template, special tokens and pre-tokenizer; the
+  full 49,152-token vocabulary made every load 1.5 s and a GGUF read-back 20 s); one that loads a model the page made (a run's adapter, a merged folder) keeps it;
 - a command that trains (train, advise --bake-off, dreambooth, text-to-image) takes two steps on a few examples, and
   what its report generates or measures is shrunk the same way (held-out samples, new tokens, the forgetting corpus);
 - a diffusion run trains a tiny SD-style pipeline on three 8x8 images instead of the builtin tiny-digits model;
@@ -16,7 +17,28 @@ import io
 from functools import cached_property
 from pathlib import Path
 
+TINY_VOCAB = 2048
 LLM_COMMANDS = {"generate", "chat", "serve", "score", "icl", "rag", "quantize", "merge", "export"}
+
+
+def build_model(folder: Path) -> Path:
+    """The tiny random Llama (conftest's tiny_llama) with SmolLM2's tokenizer cut to its first TINY_VOCAB tokens and
+    the merges that make them, saved as an HF folder."""
+    import json
+
+    from conftest import BUILTIN, tiny_llama
+
+    from tunesmith.models import load_tokenizer
+
+    load_tokenizer(BUILTIN).save_pretrained(folder)
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    bpe = spec["model"]
+    bpe["vocab"] = {token: i for token, i in bpe["vocab"].items() if i < TINY_VOCAB}
+    bpe["merges"] = [m for m in bpe["merges"] if {m[0], m[1], m[0] + m[1]} <= bpe["vocab"].keys()]
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    tiny_llama(TINY_VOCAB).save_pretrained(folder)
+    return folder
 
 
 class Tiny:

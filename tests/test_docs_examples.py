@@ -25,11 +25,6 @@ def pages() -> list[str]:
     return found
 
 
-@pytest.fixture(scope="session")
-def tiny(tiny_model_dir, tmp_path_factory) -> Tiny:
-    return Tiny(tiny_model_dir, tmp_path_factory.mktemp("docs-tiny"))
-
-
 @pytest.fixture(scope="module")
 def skipped(request):
     """Every skipped block (page:line (language): reason), written out when the module ends."""
@@ -64,5 +59,5 @@ def run_page(path: Path, page: str, scratch: Path, tiny: Tiny, skipped: list[str
 
 
 @pytest.mark.parametrize("page", pages())
-def test_every_block_of_the_page_runs(page, tmp_path, tiny, skipped):
-    run_page(REPO / page, page, tmp_path, tiny, skipped)
+def test_every_block_of_the_page_runs(page, tmp_path, docs_tiny, skipped):
+    run_page(REPO / page, page, tmp_path, docs_tiny, skipped)

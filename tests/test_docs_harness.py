@@ -135,18 +135,18 @@ def test_a_training_command_gets_the_tiny_settings_after_the_pages_own(tmp_path,
     assert rewrite(["generate", "hi"], tiny)[-4:] == ["--model", str(tmp_path / "tiny"), "--max-new-tokens", "2"]
 
 
-def test_a_page_of_every_kind_of_block_runs(tmp_path, tiny_model_dir):
+def test_a_page_of_every_kind_of_block_runs(tmp_path, docs_tiny):
     from docs_harness import extract as blocks_of
 
     page = REPO / "tests" / "docs_pages" / "tour.md"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    with PageRun(REPO, scratch, Tiny(tiny_model_dir, tmp_path)) as run:
+    with PageRun(REPO, scratch, docs_tiny) as run:
         run.run(blocks_of(page, "tests/docs_pages/tour.md"))
         port = int(run.ports.get("8000", 8000))
     assert run.skipped == ["tests/docs_pages/tour.md:6 (bash): the network"]
     trained = yaml.safe_load((scratch / "runs" / "mine" / "config.yaml").read_text())
     assert (trained["method"]["name"], trained["train"]["lr"], trained["train"]["max_steps"]) == ("dora", 1e-4, 2)
-    assert trained["model"]["path"] == str(tiny_model_dir)
+    assert trained["model"]["path"] == str(docs_tiny.model)
     assert [w for w, _ in run.seconds][-2:] == ["tests/docs_pages/tour.md:56", "tests/docs_pages/tour.md:59"]
     assert not run.servers[0].thread.is_alive() and free(port)  # the page's end stopped the server
