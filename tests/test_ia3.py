@@ -197,7 +197,8 @@ def test_real_model_ia3_lowers_heldout_loss(tmp_path):
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
         "method.name=ia3", f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=3e-2",
         "train.warmup_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_examples=96",
-        "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0"])
+        "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0",
+        "report.forgetting=false"])
     result = train(cfg, quiet=True)
     drop = (result.eval_before - result.eval_after) / result.eval_before
     print(f"ia3: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")

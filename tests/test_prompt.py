@@ -268,7 +268,8 @@ def real_model_drop(tmp_path, overrides: list[str]) -> tuple[float, float]:
     tree = yaml.safe_load((REPO / "examples" / "demo_lora_sft.yaml").read_text())
     tree["method"] = {}
     cfg = load_config(None, overrides + [f"output_dir={tmp_path / 'run'}", "report.heldout_samples=0",
-                                         "report.trained_samples=0", "data.max_examples=96", "data.max_eval_examples=24",
+                                         "report.trained_samples=0", "report.forgetting=false", "data.max_examples=96",
+                                         "data.max_eval_examples=24",
                                          "train.eval_every=null", "train.save_every=null"], base=tree)
     result = train(cfg, quiet=True)
     return result.eval_before, result.eval_after

@@ -14,6 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(example: str, tmp_path, *overrides: str):
+    """The example config with `overrides`; the tests that turn report.forgetting off assert nothing about it (two
+    general-text evaluations saved; tests/test_mixture.py and tests/test_grpo.py test it)."""
     cfg = load_config(REPO / "examples" / example, [f"output_dir={tmp_path / 'run'}", *overrides])
     return train(cfg, quiet=True)
 
@@ -35,7 +37,7 @@ def test_dpo_raises_heldout_reward_accuracy_above_80_percent(tmp_path):
     # baseline evaluation is skipped here. measured: 12 steps of 8 pairs → accuracy 0.923 (36 of 39), margin 1.08;
     # thresholds 0.80 and 0. About 90 s on an idle 2-core box.
     result = _run("dpo_jargon_lora.yaml", tmp_path, "train.max_steps=12", "report.compare=false",
-                  "data.max_examples=96", "data.max_eval_examples=40")
+                  "data.max_examples=96", "data.max_eval_examples=40", "report.forgetting=false")
     after = result.eval_metrics_after
     print(f"dpo: {after}")
     assert after["accuracy"] > 0.80, after
@@ -48,6 +50,7 @@ def test_ppo_raises_heldout_reward_while_kl_stays_bounded(tmp_path):
     # 1.34 nats; thresholds: +0.3 over the start, KL under kl_bound. About 50 s on an idle 2-core box.
     kl_bound = 6.0
     result = _run("ppo_jargon_hacking.yaml", tmp_path, "train.max_steps=4", "report.heldout_samples=0",
+                  "report.forgetting=false",
                   f"ppo.reward_function={REPO / 'examples' / 'ppo_rewards.py'}:mentions_hacking")
     before, after = result.eval_metrics_before["reward"], result.eval_metrics_after["reward"]
     print(f"ppo: reward {before} -> {after}")
@@ -66,7 +69,7 @@ def test_grpo_raises_heldout_exact_match_on_arithmetic(tmp_path):
     # over the start, KL under kl_bound (19 min when the box ran four other jobs).
     kl_bound = 1.0
     result = _run("grpo_arithmetic_lora.yaml", tmp_path, "train.max_steps=6", "train.batch_size=4",
-                  "data.max_eval_examples=32", "report.heldout_samples=0")
+                  "data.max_eval_examples=32", "report.heldout_samples=0", "report.forgetting=false")
     before, after = result.eval_metrics_before, result.eval_metrics_after
     print(f"grpo: {before} -> {after}")
     assert after["reward"] >= before["reward"] + 0.1, (before, after)

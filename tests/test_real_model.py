@@ -41,7 +41,7 @@ def test_demo_config_lowers_heldout_loss(tmp_path):
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
         f"output_dir={tmp_path / 'demo'}", "train.max_steps=20", "train.eval_every=null", "train.save_every=null",
         "data.max_eval_examples=40", "report.heldout_samples=1", "report.trained_samples=0",
-        "report.max_new_tokens=16"])
+        "report.max_new_tokens=16", "report.forgetting=false"])
     result = train(cfg, quiet=True)
     drop = (result.eval_before - result.eval_after) / result.eval_before
     print(f"demo, 20 steps: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")

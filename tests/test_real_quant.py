@@ -20,7 +20,8 @@ def test_qlora_lowers_heldout_loss(tmp_path):
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
         "method.name=qlora", f"output_dir={tmp_path / 'qlora'}", "train.max_steps=10", "train.warmup_steps=2",
         "train.eval_every=null", "train.save_every=null", "data.max_examples=80",
-        "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0"])
+        "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0",
+        "report.forgetting=false"])
     result = train(cfg, quiet=True)
     drop = (result.eval_before - result.eval_after) / result.eval_before
     print(f"qlora: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
