@@ -72,8 +72,8 @@ def free_port() -> int:
 class Server:
     """`tunesmith serve ...` in a thread of this process; uvicorn's server is kept so the page's end can stop it."""
 
-    def __init__(self, run: PageRun, argv: list[str]):
-        self.argv, self.output, self.rc, self.uvicorn = argv, io.StringIO(), None, None
+    def __init__(self, run: PageRun, argv: list[str], where: str):
+        self.argv, self.where, self.output, self.rc = argv, where, io.StringIO(), None
         self.thread = threading.Thread(target=self._main, args=(run,), name="docs-serve", daemon=True)
 
     def _main(self, run: PageRun) -> None:
@@ -120,6 +120,9 @@ class PageRun:
 
         try:
             self.stop_servers()
+        except BlockFailed:
+            if exc[0] is None:  # else the page's own failure is the one to show
+                raise
         finally:
             sys.stdout, sys.stderr, sys.stdin, cwd, environ, uvicorn.run = self.before
             os.chdir(cwd)
@@ -248,7 +251,7 @@ class PageRun:
             self.ports[str(args.port)] = str(port)
             argv = with_option(argv, "--port", port)
             args.port = port
-        server = Server(self, argv)
+        server = Server(self, argv, where)
         self.servers.append(server)
         server.thread.start()
         host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
@@ -266,14 +269,17 @@ class PageRun:
                    "tunesmith " + shlex.join(argv), server.output.getvalue())
 
     def stop_servers(self) -> None:
+        for process in self.processes:
+            process.terminate()
+            process.wait(10)
         for server in self.servers:
             running = self.uvicorn_servers.get(server.thread.ident)
             if running is not None:
                 running.should_exit = True
             server.thread.join(30)
-        for process in self.processes:
-            process.terminate()
-            process.wait(10)
+        left = [server.where for server in self.servers if server.thread.is_alive()]
+        if left:
+            raise BlockFailed(f"{', '.join(left)}: the server still runs 30 s after the page's end asked it to stop")
 
     def _ports_in(self, text: str) -> str:
         for named, used in self.ports.items():

