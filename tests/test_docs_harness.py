@@ -12,6 +12,8 @@ from docs_harness import BlockFailed, commands, extract, split_command
 from docs_run import PageRun, free
 from docs_tiny import Tiny, rewrite
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
+
 PAGE = """# A page
 
 <!-- doctest: skip needs a GPU -->
