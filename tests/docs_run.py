@@ -8,6 +8,7 @@ import io
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,30 @@ class ThreadOutput(io.TextIOBase):
 
     def isatty(self) -> bool:
         return False
+
+
+class TooLong(Exception):
+    pass
+
+
+@contextmanager
+def deadline(seconds: int):
+    """An in-process command or python block that runs past `seconds` is interrupted (SIGALRM; main thread only,
+    elsewhere nothing is set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_):
+        raise TooLong(f"still running after {seconds} s")
+
+    before = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def fail(where: str, problem: str, command: str = "", output: str = "") -> BlockFailed:
@@ -218,7 +243,8 @@ class PageRun:
 
         sys.stdin = io.StringIO("")
         try:
-            return main(argv)
+            with deadline(TIMEOUT):
+                return main(argv)
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except Exception:
@@ -336,8 +362,9 @@ class PageRun:
         sys.argv = [str(path) if path else "-"]
         problem = None
         try:
-            exec(compile("\n" * block.line + code, block.page, "exec"),
-                 {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__})
+            with deadline(TIMEOUT):
+                exec(compile("\n" * block.line + code, block.page, "exec"),
+                     {"__name__": "__main__", "__file__": sys.argv[0], "__builtins__": __builtins__})
         except SystemExit as e:
             if e.code not in (None, 0):
                 problem = f"the python block exits with status {e.code}"

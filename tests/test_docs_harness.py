@@ -152,3 +152,14 @@ def test_a_page_of_every_kind_of_block_runs(tmp_path, docs_tiny):
     assert trained["model"]["path"] == str(docs_tiny.model)
     assert [w for w, _ in run.seconds][-2:] == ["tests/docs_pages/tour.md:56", "tests/docs_pages/tour.md:59"]
     assert not run.servers[0].thread.is_alive() and free(port)  # the page's end stopped the server
+
+
+def test_a_python_block_that_runs_too_long_is_stopped_naming_its_line(tmp_path, monkeypatch):
+    import docs_run
+
+    monkeypatch.setattr(docs_run, "TIMEOUT", 1)
+    with pytest.raises(BlockFailed) as e:
+        run_blocks(tmp_path, "```python\nimport time\n\ntime.sleep(30)\n```\n")
+    message = str(e.value)
+    assert message.startswith("docs/p.md:1: the python block raises")
+    assert 'File "docs/p.md", line 4' in message and message.endswith("TooLong: still running after 1 s")
