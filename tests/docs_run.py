@@ -190,7 +190,9 @@ class PageRun:
             if not self.cwd.is_dir():
                 raise fail(where, f"no folder {self.cwd}", text)
         elif words[:1] == ["export"] and not parsed.operator:
-            self.env.update(w.split("=", 1) for w in words[1:] if "=" in w)
+            exported = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+            self.env.update(exported)
+            os.environ.update(exported)  # for the in-process commands; put back at the page's end
         elif parsed.background:
             self.processes.append(subprocess.Popen(["bash", "-c", text[:-1]], cwd=self.cwd, env=self.env,
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -96,6 +96,17 @@ def test_a_titled_config_is_written_and_checked_and_a_shipped_one_must_match(tmp
     assert "data:\n  train: data/jargon/train.jsonl" in (REPO / "examples" / "demo_lora_sft.yaml").read_text()
 
 
+def test_cd_and_export_last_until_the_page_ends(tmp_path):
+    import os
+
+    before = os.environ.get("DOCS_HARNESS_PROBE")
+    scratch, _ = run_blocks(tmp_path, "```bash\nmkdir -p sub\ncd sub\nexport DOCS_HARNESS_PROBE=7\n```\n\n"
+                            "```bash\necho $DOCS_HARNESS_PROBE > seen.txt\n```\n\n```python\nimport os\n"
+                            "open('env.txt', 'w').write(os.environ['DOCS_HARNESS_PROBE'])\n```\n")
+    assert (scratch / "sub" / "seen.txt").read_text() == "7\n" and (scratch / "sub" / "env.txt").read_text() == "7"
+    assert os.environ.get("DOCS_HARNESS_PROBE") == before
+
+
 def test_a_failing_command_names_page_line_command_and_output(tmp_path):
     text = "```bash\nls examples\n\nls data/missing\n```\n"
     with pytest.raises(BlockFailed) as e:
