@@ -3,7 +3,8 @@ rewritten, as extra arguments after the page's own, so it runs in about a second
 
 - a command that would load SmolLM2 (named, a hub id, or the default) loads a tiny random Llama with SmolLM2's
   tokenizer cut to its first 2,048 tokens instead (the same chat template, special tokens and pre-tokenizer; the
-  full 49,152-token vocabulary made every load 1.5 s and a GGUF read-back 20 s); one that loads a model the page made (a run's adapter, a merged folder) keeps it;
+  full 49,152-token vocabulary made every load 1.5 s and a GGUF read-back 20 s); one that loads a model the page
+  made (a run's adapter, a merged folder) keeps it;
 - a command that trains (train, advise --bake-off, dreambooth, text-to-image) takes two steps on a few examples, and
   what its report generates or measures is shrunk the same way (held-out samples, new tokens, the forgetting corpus);
 - a diffusion run trains a tiny SD-style pipeline on three 8x8 images instead of the builtin tiny-digits model;
