@@ -14,7 +14,8 @@ def register(sub) -> dict:
                        "with an identifier, prior preservation from class images the base model generates, full or "
                        "LoRA fine-tuning, weights in diffusers' format, before/after grids and report.md. "
                        "--demo pretrains the embedded tiny model once (cached) and personalises it.")
-    d.add_argument("config", nargs="?", type=PathArg(Expect.FILE), help="YAML config file (README 'DreamBooth')")
+    d.add_argument("config", nargs="?", type=PathArg(Expect.FILE),
+                   help="YAML config file (docs/how-to/dreambooth.md; its keys: docs/reference/config.md#dreambooth)")
     d.add_argument("--demo", action="store_true", help="run the embedded demo (builtin:tiny-digits)")
     add_run_options(d, "train.steps=100", " (cached class images stay)")
 

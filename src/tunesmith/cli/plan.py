@@ -21,7 +21,7 @@ def register(sub) -> dict:
                    help="YAML config file (optional with --model/--method)")
     p.add_argument("--model", type=PathArg(Expect.MODEL),
                    help="HF folder, cached hub id, builtin:NAME, or an architecture and size such as "
-                   "llama:7b, qwen2:1.5b (see README 'Planning')")
+                   "llama:7b, qwen2:1.5b (see docs/how-to/memory-budget.md)")
     p.add_argument("--method", help="method name (full, lora, qlora, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.batch_size=4 (repeatable)")

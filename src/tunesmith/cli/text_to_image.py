@@ -17,7 +17,8 @@ def register(sub) -> dict:
                        ".txt per image): aspect buckets, caption dropout, latents cached once, LoRA or full, EMA, "
                        "min-SNR, resume, before/after grids, report.md. --demo style|domain fine-tunes the embedded "
                        "tiny digits model on bold digits or on photo patches and measures the change.")
-    t.add_argument("config", nargs="?", type=PathArg(Expect.FILE), help="YAML config file (README 'Text-to-image')")
+    t.add_argument("config", nargs="?", type=PathArg(Expect.FILE),
+                   help="YAML config file (docs/how-to/text-to-image.md; its keys: docs/reference/config.md#text-to-image)")
     t.add_argument("--demo", choices=["style", "domain"], help="run an embedded demo (builtin:tiny-digits)")
     add_run_options(t, "train.steps=100")
     return {"text-to-image": cmd_text_to_image}

@@ -29,7 +29,8 @@ FULL_MIN = 20_000  # full fine-tuning only with this many examples (below it LoR
 MIN_STEPS = 20
 CHARS_PER_TOKEN = 4  # a rough English/code average, for sizing without loading a tokenizer
 # LoRA training throughput assumed without a probe (tokens/s), measured with SmolLM2-135M on a 2-core Intel Xeon
-# Sapphire Rapids (README "advise"); --bake-off measures the real rate instead. Larger models: scaled by parameters.
+# Sapphire Rapids (docs/how-to/choose-a-method.md); --bake-off measures the real rate instead. Larger models: scaled
+# by parameters.
 ASSUMED_TOKENS_PER_S = 700.0
 ASSUMED_AT_PARAMETERS = 134_515_008  # SmolLM2-135M
 DOC_SUFFIXES = (".md", ".rst", ".txt", ".html", ".htm", ".jsonl")
