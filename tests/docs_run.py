@@ -25,6 +25,7 @@ from docs_tiny import Tiny, rewrite, with_option
 LINKED = ("examples", "data")  # the repository's folders every scratch folder holds (as links to each file)
 TIMEOUT = 300  # seconds, for one shell command or python block
 TAIL = 40  # output lines a failure shows
+STDERR_REDIRECT = re.compile(r"\s2>(&1|\S+)")
 CURL_CHECKED = re.compile(r"(^|\s)(-w|--write-out|-i|--include|-f|--fail\S*)(\s|$)")
 
 
@@ -174,6 +175,8 @@ class PageRun:
 
     def _command(self, where: str, text: str) -> None:
         parsed = split_command(text)
+        if parsed.head.split()[:1] in (["tunesmith"], ["python"]) and STDERR_REDIRECT.search(text):
+            parsed = split_command(STDERR_REDIRECT.sub("", text))  # in-process, stderr is captured anyway
         try:
             env, words = program(parsed.head)
         except ValueError:

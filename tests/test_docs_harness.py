@@ -117,6 +117,13 @@ def test_a_failing_command_names_page_line_command_and_output(tmp_path):
     assert "No such file or directory" in lines[-1]
 
 
+def test_a_tunesmith_line_may_be_piped_or_redirected(tmp_path):
+    scratch, _ = run_blocks(tmp_path, "```bash\ntunesmith --help 2>&1 | grep -c COMMAND > count.txt\n"
+                            "tunesmith plan --help >> help.txt\n```\n")
+    assert (scratch / "count.txt").read_text() == "2\n"
+    assert (scratch / "help.txt").read_text().startswith("usage: tunesmith plan")
+
+
 def test_a_tunesmith_error_names_page_line_and_the_cli_message(tmp_path):
     with pytest.raises(BlockFailed) as e:
         run_blocks(tmp_path, "```bash\ntunesmith train missing.yaml\n```\n")
