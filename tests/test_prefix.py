@@ -185,11 +185,12 @@ def test_adapter_for_another_width_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, lr, margin", [("ptuning-v2", "1e-2", 0.04),  # measured: 4.565 → 4.129 (9.6 %)
-                                               ("prefix", "1e-3", 0.07)])  # measured: 4.876 → 4.096 (16.0 %)
+# measured (2026-12-07, AMD EPYC fam 25), 10 steps: ptuning-v2 4.5663 → 4.1842 (8.4 %), prefix 4.8759 → 4.1066
+# (15.8 %); 12 steps: 9.4 % and 16.0 %
+@pytest.mark.parametrize("name, lr, margin", [("ptuning-v2", "1e-2", 0.04), ("prefix", "1e-3", 0.07)])
 def test_real_model_prefix_lowers_heldout_loss(tmp_path, name, lr, margin):
     before, after = real_model_drop(tmp_path, [f"method.name={name}", "method.num_virtual_tokens=16",
-                                               "train.max_steps=12", f"train.lr={lr}"])
+                                               "train.max_steps=10", f"train.lr={lr}"])
     drop = (before - after) / before
     print(f"{name}: held-out loss {before:.4f} -> {after:.4f} ({drop:.1%})")
     assert drop >= margin, f"held-out loss {before:.4f} → {after:.4f} ({drop:.1%})"
