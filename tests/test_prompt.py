@@ -278,7 +278,8 @@ def real_model_drop(tmp_path, overrides: list[str]) -> tuple[float, float]:
 @pytest.mark.slow
 def test_real_model_prompt_tuning_lowers_heldout_loss(tmp_path):
     before, after = real_model_drop(tmp_path, ["method.name=prompt", "method.num_virtual_tokens=16",
-                                               "train.max_steps=12", "train.lr=1e-2"])
-    drop = (before - after) / before  # measured: 4.665 → 4.404 (5.6 %)
+                                               "train.max_steps=10", "train.lr=1e-2"])
+    # measured (2026-12-07, AMD EPYC fam 25): 4.6646 → 4.4208 (5.2 %); 12 steps: 5.6 %
+    drop = (before - after) / before
     print(f"prompt: held-out loss {before:.4f} -> {after:.4f} ({drop:.1%})")
     assert drop >= 0.02, f"held-out loss {before:.4f} → {after:.4f} ({drop:.1%})"
