@@ -24,8 +24,8 @@ def register(sub) -> dict:
                    help="output: a folder for --format hf, a .gguf file for --format gguf, a .safetensors file for "
                    "--format kohya")
     e.add_argument("--format", choices=["hf", "gguf", "kohya"], default="hf",
-                   help="hf: a plain HF model folder; gguf: one GGUF file for llama.cpp and Ollama; kohya: a diffusion "
-                   "LoRA as one kohya/A1111 .safetensors file")
+                   help="hf: a plain HF model (transformers loads it); gguf: one GGUF for llama.cpp and Ollama; kohya: a "
+                   "diffusion LoRA in kohya/A1111's .safetensors layout")
     e.add_argument("--quant", default="f16", metavar="TYPE",
                    help=f"GGUF weight type: {', '.join(QUANT_TYPES)} (default f16; norms stay f32)")
     e.add_argument("--model", default=None, type=PathArg(Expect.MODEL),

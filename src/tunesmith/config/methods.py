@@ -79,7 +79,7 @@ class LoraSettings(Strict):
                                               memory=MemoryTerms(low_rank=True, fused_dropout=True))
     r: int = Field(16, gt=0, description="the rank of each pair B·A: its trainable parameters grow linearly with it")
     alpha: float = Field(32.0, gt=0, description="the update B·A·x is scaled by alpha/r (alpha/sqrt(r) with rslora)")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the input of the low-rank path while "
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the input of the low-rank branch while "
                            "training; 0: none")
     target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")

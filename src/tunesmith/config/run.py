@@ -34,7 +34,7 @@ class ModelSettings(Strict):
         "bfloat16 where the run trains in bf16 (train.bf16, with train.bf16_frozen_weights) and the method keeps the "
         "base frozen, so no fp32 copy of the base is ever held; float32 otherwise (effective.yaml says which)")
     trust_remote_code: bool = Field(
-        False, description="run the Python code a model folder ships for its architecture (transformers' "
+        False, description="run the Python code a model ships for its architecture (transformers' "
         "trust_remote_code); off: a model that needs it is refused")
     allow_download: bool = Field(
         False, description="fetch a hub id that is not in the local Hugging Face cache from the Hub (also: "
@@ -165,7 +165,7 @@ class TrainSettings(Strict):
                                    "before and after training")
     save_every: int | None = Field(None, gt=0, description="write a checkpoint every N steps, which --resume "
                                    "continues from; null: none (the trained artifact is still saved at the end)")
-    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints the run folder keeps; older "
+    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints the run keeps; older "
                                   "ones are deleted")
     log_every: int = Field(1, gt=0, description="log the step's training metrics (loss, learning rate, ...) to "
                            "metrics.jsonl every N steps, and at the last step")

@@ -43,7 +43,7 @@ class MethodSettings(Strict):
                                           "full: every weight of the denoiser trains")
     r: int = Field(8, gt=0, description="lora: the rank of each pair B·A")
     alpha: float = Field(8.0, gt=0, description="lora: the update B·A·x is scaled by alpha/r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="lora: dropout on the input of the low-rank path while "
+    dropout: float = Field(0.0, ge=0, lt=1, description="lora: dropout on the input of the low-rank branch while "
                            "training; 0: none")
     target_modules: list[str] | None = Field(None, description="denoiser (UNet / transformer) linear layers LoRA "
                                              "wraps, as module-name suffixes; default: the pipeline's attention "
@@ -62,7 +62,7 @@ class TrainSettings(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradients' global L2 norm to this before "
                                         "each step; null: no clipping")
     save_every: int | None = Field(None, gt=0, description="checkpoint every N steps (for --resume)")
-    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints the run folder keeps")
+    keep_checkpoints: int = Field(2, gt=0, description="how many of the newest checkpoints the run keeps")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="where the run trains: auto is CUDA, else Apple's MPS, else the CPU")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on a GPU that has "
