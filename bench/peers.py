@@ -1,13 +1,16 @@
 """tunesmith vs HF Trainer + peft and TRL SFTTrainer: same model, data, order, steps, batch, learning rate, precision.
 
-    .venv/bin/python bench/peers.py [--workloads 1,2,3,4] [--steps 20] [--batch 8] [--rounds 1] [--bf16]
+    .venv/bin/python bench/peers.py [--workloads 1,2,3,4,5] [--steps 20] [--long-steps 300] [--batch 8] [--rounds 1] [--bf16]
                                     [--scale 2] [--levers] [--peers hf-trainer,trl,trl-packed] [--smoke]
                                     [--results bench/results/<date>-<cpu>.jsonl]
 
 Workloads: 1 LoRA r=8 (q,k,v,o) on a 58.5 M-parameter Llama built from a config (random init, seed 0, saved once as
 safetensors and loaded by every runner), on seeded random token sequences of lengths uniform in 32..256, loss on
 every token but the first; 2 the same LoRA on SmolLM2-135M-Instruct with the shipped jargon instructions, loss on
-the responses; 3 full fine-tuning of workload 1 (vs Trainer); 4 DPO vs TRL's DPOTrainer (bench/align.py's runners).
+the responses; 3 full fine-tuning of workload 1 (vs Trainer); 4 DPO vs TRL's DPOTrainer (bench/align.py's runners);
+5 workload 2 at a real run's length (--long-steps, default 300: the jargon set cycled; vs Trainer), where
+tunesmith's train.compile auto decides after its probe steps and the compile is inside its seconds; every runner's
+steady rate (tokens seen/s over the second half of its steps) is reported beside the whole run's.
 Each runner runs in its own process with the same torch threads and sees the same examples in the same order (one
 epoch of steps × batch examples). tunesmith runs its real `train` loop (bench/peers_ours.py says what its seconds
 cover); the peers run with their own default optimizer (fused AdamW with this torch). Tokens seen = the examples'
@@ -97,12 +100,18 @@ def jargon_examples(n: int) -> list[dict]:
     return [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in kept[:n]]
 
 
+def cycled(examples: list[dict], n: int) -> list[dict]:
+    """`n` examples: the list again and again (workload 5's epochs)."""
+    return [examples[i % len(examples)] for i in range(n)]
+
+
 def workload_specs(numbers: list[int], args, tmp: Path, scale: int) -> dict[int, dict]:
     """The spec every runner of a workload reads: model folder, examples in training order, method, settings."""
     from tunesmith.models import resolve_model_path
 
     smollm = resolve_model_path(SMOLLM)
     n = args.steps * args.batch * scale
+    n_long = args.long_steps * args.batch
     common = {"batch": args.batch, "bf16": args.bf16, "pad_id": PAD_ID, "max_length": MAX_LENGTH,
               "tokenizer": smollm}
     llama = tmp / "llama-58m"
@@ -113,15 +122,21 @@ def workload_specs(numbers: list[int], args, tmp: Path, scale: int) -> dict[int,
         specs[1] = {**common, "model": str(llama), "examples": random_sequences(n), "method": "lora", "lr": 2e-4}
     if 2 in numbers:
         specs[2] = {**common, "model": smollm, "examples": jargon_examples(n), "method": "lora", "lr": 2e-4}
+    if 5 in numbers:
+        specs[5] = {**common, "model": smollm, "examples": cycled(jargon_examples(min(n_long, 1200)), n_long),
+                    "method": "lora", "lr": 2e-4}
     if 3 in numbers:
         specs[3] = {**common, "model": str(llama), "examples": random_sequences(n), "method": "full", "lr": 5e-5}
     return specs
 
 
-PEERS = {1: ["hf-trainer", "trl", "trl-packed"], 2: ["hf-trainer", "trl", "trl-packed"], 3: ["hf-trainer"]}
+PEERS = {1: ["hf-trainer", "trl", "trl-packed"], 2: ["hf-trainer", "trl", "trl-packed"], 3: ["hf-trainer"],
+         5: ["hf-trainer"]}
 TITLES = {1: "LoRA r=8 (q,k,v,o), 58.5 M Llama from config, random tokens, lengths U(32,256)",
           2: "LoRA r=8 (q,k,v,o), SmolLM2-135M-Instruct, jargon instructions, loss on responses",
-          3: "full fine-tuning, 58.5 M Llama from config, random tokens, lengths U(32,256)"}
+          3: "full fine-tuning, 58.5 M Llama from config, random tokens, lengths U(32,256)",
+          5: "a real run's length: workload 2 for --long-steps steps (the jargon set cycled), tunesmith's "
+             "train.compile auto deciding, compile time included"}
 
 
 def run_in_process(runner: str, spec: dict, tmp: Path, threads: int) -> dict:
@@ -146,7 +161,14 @@ def with_rates(result: dict, spec: dict, peak_flops: float) -> dict:
     flops = training_flops(shape, spec["method"], result["tokens_computed"], result["context_computed"])
     flops_seen = training_flops(shape, spec["method"], result["tokens_seen"],
                                 example_context([len(ex["input_ids"]) for ex in spec["examples"]]))
-    return {**result, "tokens_per_s_seen": result["tokens_seen"] / seconds,
+    steady = {}
+    ends = result.get("step_ends") or []
+    if len(ends) >= 4:  # the second half of the steps: after warm-up and any compile
+        half = len(ends) // 2
+        batch = spec["batch"]
+        tokens = sum(len(ex["input_ids"]) for ex in spec["examples"][half * batch: len(ends) * batch])
+        steady = {"steady_tokens_per_s_seen": tokens / (ends[-1] - ends[half - 1])}
+    return {**result, **steady, "tokens_per_s_seen": result["tokens_seen"] / seconds,
             "tokens_per_s_computed": result["tokens_computed"] / seconds, "flops_computed": flops,
             "flops_seen": flops_seen, "peak_flops": peak_flops, "mfu": flops / seconds / peak_flops}
 
@@ -222,6 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="1,2,3,4")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--long-steps", type=int, default=300, help="workload 5's steps (default 300)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -243,9 +266,9 @@ def main() -> None:
     try:
         numbers = sorted({int(w) for w in args.workloads.split(",")})
     except ValueError:
-        raise SystemExit(f"--workloads {args.workloads!r}: expected numbers from 1..4, e.g. 1,2") from None
-    if not set(numbers) <= {1, 2, 3, 4}:
-        raise SystemExit(f"--workloads {args.workloads!r}: workloads are 1, 2, 3 and 4")
+        raise SystemExit(f"--workloads {args.workloads!r}: expected numbers from 1..5, e.g. 1,2") from None
+    if not set(numbers) <= {1, 2, 3, 4, 5}:
+        raise SystemExit(f"--workloads {args.workloads!r}: workloads are 1, 2, 3, 4 and 5")
     if args.smoke:
         args.steps, args.batch, args.rounds = 2, 2, 1
 
@@ -254,7 +277,7 @@ def main() -> None:
 
     cpu = cpu_summary()
     log = ResultsLog(Path(args.results) if args.results else default_path(cpu))
-    settings = {key: getattr(args, key) for key in ("workloads", "steps", "batch", "rounds", "threads", "bf16",
+    settings = {key: getattr(args, key) for key in ("workloads", "steps", "long_steps", "batch", "rounds", "threads", "bf16",
                                                      "scale", "levers", "peers", "smoke")}
     log.header(["bench/peers.py"] + sys.argv[1:], settings, cpu)
     probe = 0.2 if args.smoke else 2.0

@@ -15,6 +15,7 @@ clipping, fused AdamW) called directly on the same batches, without metrics, Ten
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -39,7 +40,7 @@ def _config(spec: dict, steps: int, output_dir: str):
                  "max_length": spec["max_length"], "share_prefixes": levers.get("share_prefixes", True)},
         "train": {"batch_size": spec["batch"], "lr": spec["lr"], "schedule": "constant", "max_grad_norm": 1.0,
                   "max_steps": steps, "log_every": 1, "bf16": spec["bf16"], "loss_chunk": levers.get("loss_chunk"),
-                  "compile": levers.get("compile", False),
+                  "compile": levers.get("compile", "auto"),
                   "activation_checkpointing": levers.get("activation_checkpointing", False),
                   "onednn_linear": levers.get("onednn_linear", True), "seed": 0},
         "report": {"compare": False, "forgetting": False}, "output_dir": output_dir})
@@ -101,7 +102,9 @@ def run_tunesmith_loop(spec: dict, out: str) -> dict:
     count_tunesmith_decoder(counter)
     lm.build_datasets = _bench_datasets(dataset_for_order(examples, cfg.train.seed))
     rows = train_with_progress(cfg)
+    compiled = json.loads((Path(cfg.output_dir) / "summary.json").read_text()).get("compile", {})
     return {"seconds": rows[-1]["elapsed_s"], "steps": len(rows), "losses": [row["loss"] for row in rows],
+            "step_ends": [row["elapsed_s"] for row in rows], "compile": compiled,
             "loop_tokens": sum(row["tokens"] for row in rows), "optimizer": "torch AdamW fused",
             "timed": "train loop: metrics.jsonl elapsed_s of the last step", **counter.as_dict()}
 

@@ -85,12 +85,14 @@ def step_clock():
     class StepClock(TrainerCallback):
         """From on_train_begin (optimizer and data loader built) to the end of the last optimizer step."""
         started = ended = None
+        ends: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ended = time.perf_counter()
+            self.ends.append(self.ended - self.started)
 
     return StepClock()
 
@@ -110,6 +112,7 @@ def _timed_train(trainer, counter: ComputeCounter) -> dict:
     train_call_s = time.perf_counter() - started
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {"seconds": clock.ended - clock.started, "train_call_s": train_call_s, "steps": trainer.state.global_step,
+            "step_ends": clock.ends,
             "losses": losses, "optimizer": _optimizer_name(trainer),
             "timed": "Trainer on_train_begin to the last on_step_end", **counter.as_dict()}
 

@@ -22,7 +22,7 @@ from results_log import read_rows  # noqa: E402
 PEER_NAMES = {"hf-trainer": "HF Trainer", "trl": "TRL SFTTrainer", "trl-packed": "TRL packed",
               "trl-dpo": "TRL DPOTrainer", "tunesmith": "tunesmith"}
 SHORT = {1: "1 LoRA r=8, 58.5 M Llama", 2: "2 LoRA r=8, SmolLM2-135M", 3: "3 full fine-tuning, 58.5 M Llama",
-         4: "4 DPO, LoRA r=16, SmolLM2"}
+         4: "4 DPO, LoRA r=16, SmolLM2", 5: "5 LoRA r=8, SmolLM2-135M, long run"}
 
 
 def run_rows(path: Path, run_id: str | None = None) -> list[dict]:
@@ -143,11 +143,18 @@ def workload_table(rows: list[dict], w: int) -> list[str]:
         seen = _median([r["tokens_per_s_seen"] for r in mine.values()])
         computed = _median([r["tokens_per_s_computed"] for r in mine.values()])
         speed = "—" if runner == "tunesmith" else _format_ratio(*ratio_cell(ours, mine, "tokens_per_s_seen"))
+        steady = _median([r["steady_tokens_per_s_seen"] for r in mine.values() if "steady_tokens_per_s_seen" in r])
+        seen_cell = f"{seen:.0f}" + (f" (steady {steady:.0f})" if steady else "")
         out.append(f"| {PEER_NAMES.get(runner, runner)} | {first.get('optimizer', '?')} | {first['steps']} | "
-                   f"{seen:.0f} | {computed:.0f} | {first['tokens_computed'] / first['tokens_seen']:.2f} | "
+                   f"{seen_cell} | {computed:.0f} | {first['tokens_computed'] / first['tokens_seen']:.2f} | "
                    f"{_median([r['peak_rss_gb'] for r in mine.values()]):.2f} GB | "
                    f"{first['first_loss']:.5f} → {first['last_loss']:.5f} | "
                    f"{100 * _median([r['mfu'] for r in mine.values()]):.1f} % | {speed} |")
+    for n, r in sorted(ours.items()):
+        if r.get("compile", {}).get("setting") == "auto" and w == 5:
+            spent = r["compile"].get("compile_seconds")
+            out.append(f"\nRound {n}, tunesmith's train.compile {r['compile']['reason']}"
+                       + (f"; {spent:.1f} s of compiling, inside its seconds" if spent is not None else ""))
     return out
 
 

@@ -19,9 +19,13 @@ DOWNLOAD_ENV = "TUNESMITH_ALLOW_DOWNLOAD"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
+def cache_root() -> Path:
+    """tunesmith's cache folder: $TUNESMITH_CACHE, else ~/.cache/tunesmith."""
+    return Path(os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def _gguf_path(name: str) -> Path:

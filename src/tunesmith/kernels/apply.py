@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from tunesmith.context import RunContext
 from tunesmith.errors import ConfigError
-from tunesmith.kernels import frozen_bf16, fused_norm, onednn_linear, segment_attention
+from tunesmith.kernels import compile_policy, frozen_bf16, fused_norm, onednn_linear, segment_attention
 from tunesmith.kernels.patches import Patch
 
 
@@ -38,23 +38,6 @@ def _activation_checkpointing(model) -> Patch:
         return Patch(1, model.activation_checkpointing_disable)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Patch(1, model.gradient_checkpointing_disable)
-
-
-def _compiled_layers(model, ctx: RunContext) -> Patch:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if layers is None:
-        raise ConfigError(f"train.compile: {type(model).__name__} has no list of decoder layers to compile; "
-                          "set it to false")
-    for layer in layers:
-        layer.compile()
-    ctx.compiled = True  # kernels/segment_attention.py: compiled layers skip its call count
-
-    def undo() -> None:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set; torch has no public inverse
-        ctx.compiled = False
-
-    return Patch(len(layers), undo)
 
 
 def speed_patches(train_settings, base_is_trained: bool = False) -> list[tuple[str, Callable]]:
@@ -96,8 +79,8 @@ def apply_speed_options(model, train_settings, ctx: RunContext, after_each: Call
             after_each(setting)
     if train_settings.activation_checkpointing:
         ctx.patches.append(("train.activation_checkpointing", _activation_checkpointing(model)))
-    if train_settings.compile:
-        ctx.patches.append(("train.compile", _compiled_layers(model, ctx)))
+    if train_settings.compile is True:  # `auto` is decided by the loop after measured steps (train/compile_schedule.py)
+        ctx.patches.append(("train.compile", compile_policy.compiled_layers(model, ctx)))
     return ctx
 
 

@@ -17,11 +17,12 @@ class MetricsLogger:
         self.scalars = ScalarLog(run_dir, start_step)
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, disable=quiet, transient=False,
         )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-")
+        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-",
+                                          phase="train")
         self.started = time.perf_counter()
 
     def __enter__(self):
@@ -41,6 +42,10 @@ class MetricsLogger:
     def note(self, text: str) -> None:
         self.progress.console.print(text)
 
+    def compiling(self, on: bool) -> None:
+        """The bar says "compiling" while the step that compiles the layers runs."""
+        self.progress.update(self.task, phase="compiling" if on else "train")
+
 
 class SilentLogger:
     """What the ranks other than the main one log: nothing (the main rank writes the run's files)."""
@@ -55,6 +60,9 @@ class SilentLogger:
         pass
 
     def note(self, text: str) -> None:
+        pass
+
+    def compiling(self, on: bool) -> None:
         pass
 
 

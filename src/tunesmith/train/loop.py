@@ -21,6 +21,7 @@ from tunesmith.faults import fault_after
 from tunesmith.objectives import objective_of
 from tunesmith.train.algorithm import Algorithm, apply_update
 from tunesmith.train.checkpoint import save_checkpoint
+from tunesmith.train.compile_schedule import CompileSchedule
 from tunesmith.train.distributed import OneProcess, refuse_under_torchrun
 from tunesmith.train.logging import metrics_logger
 from tunesmith.train.run import (Run, RunResult, baseline, eval_row, evaluate_data, finish_run, general_perplexity,
@@ -116,6 +117,7 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
                           f"{before['eval_metrics'][algorithm.headline]:.4f}")
 
     stream = data.stream(cfg.train.seed, position)
+    compiling = CompileSchedule(run, total_steps, start_step, objective.own_loop)
     started = time.perf_counter()
     tokens_seen = 0
     with metrics_logger(ranks.main, run.run_dir, total_steps, start_step, run.console, quiet) as log:
@@ -126,7 +128,10 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
         for step in range(start_step + 1, total_steps + 1):
             micro = [[data.train[i] for i in ranks.shard(stream.take(cfg.train.batch_size * ranks.world))]
                      for _ in range(cfg.train.grad_accum)]
+            log.compiling(compiling.compiling(step))
+            step_started = time.perf_counter()
             row, tokens = algorithm.step(run, micro, params, optimizer, scheduler)
+            compiling.after_step(step, tokens, time.perf_counter() - step_started, log.note)
             tokens_seen += tokens
             if step % cfg.train.log_every == 0 or step == total_steps:
                 log.log({"step": step, **row, "elapsed_s": time.perf_counter() - started})
@@ -150,4 +155,4 @@ def train(cfg: RunConfig, overwrite: bool = False, resume: bool = False, quiet: 
             log.log({"step": total_steps, **{f"mixture/{name}": share for name, share in mixture.items()}})
     seconds = time.perf_counter() - started
     return finish_run(run, total_steps, seconds, tokens_seen, before, after, forgetting_after=forgot,
-                      mixture=mixture)
+                      mixture=mixture, compiled=compiling.finish())

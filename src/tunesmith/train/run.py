@@ -289,7 +289,7 @@ def eval_row(metrics: dict) -> dict:
 
 def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, baseline: dict, after: dict | None,
                extra_facts: dict | None = None, forgetting_after: float | None = None,
-               mixture: dict | None = None) -> RunResult:
+               mixture: dict | None = None, compiled: dict | None = None) -> RunResult:
     """Save the trained artifact, then summary, plot, report.md and summary.json (the main rank; the others only
     help gather the full weights)."""
     cfg, model, method = run.cfg, run.model, run.method
@@ -305,6 +305,9 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
     result.summary = _summarize(cfg, run.data, result, tokens_seen, model, run.tokenizer, baseline, run.objective,
                                 run.ctx)
     result.summary["facts"].update(extra_facts or {})
+    if compiled and (compiled["compiled"] or compiled["setting"] == "auto"):
+        result.summary["facts"]["compile"] = compiled["reason"] + (
+            f"; {compiled['compile_seconds']:.1f} s of compiling" if "compile_seconds" in compiled else "")
     result.tasks = _task_results(run.data, mixture, baseline["eval_metrics"], after)
     if result.tasks:
         result.summary["tasks"] = result.tasks
@@ -323,7 +326,8 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
         "method": cfg.method.name, "objective": cfg.objective, "steps": total_steps, "trainable": run.trainable,
         "total": run.total, "eval_before": result.eval_before, "eval_after": after_loss, "train_seconds": seconds,
         "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(seconds, 1e-9), "forgetting": forgetting,
-        **({"tasks": result.tasks} if result.tasks else {})}, indent=1))
+        **({"tasks": result.tasks} if result.tasks else {}), **({"compile": compiled} if compiled else {})},
+        indent=1))
     return result
 
 
