@@ -73,3 +73,71 @@ def test_a_norm_whose_forward_differs_keeps_it_and_the_patch_says_why():
     patch = fused_norm.enable(model)
     assert not patch and [type(m) for m in model] == [MeanFreeNorm, torch.nn.LayerNorm, torch.nn.LayerNorm]
     assert patch.reason == "no RMSNorm computes what F.rms_norm does (norms: LayerNorm, MeanFreeNorm)"
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_the_norm_node_and_its_backward_equal_a_float64_reference(offset):
+    from tunesmith.kernels.rms_norm_function import rms_norm
+
+    g = torch.Generator().manual_seed(1)
+    x, upstream = torch.randn(3, 7, 64, generator=g) * 3, torch.randn(3, 7, 64, generator=g)
+    weight = torch.rand(64, generator=g) + 0.5
+
+    def run(x, w, reference: bool):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if reference:
+            out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * ((1 + w) if offset else w)
+        else:
+            out = rms_norm(x, w, 1e-5, offset)
+        out.backward(upstream.to(out.dtype))
+        return out.detach(), x.grad, w.grad
+
+    ours, exact = run(x, weight, False), run(x.double(), weight.double(), True)
+    for a, b in zip(ours, exact, strict=True):
+        torch.testing.assert_close(a, b.float(), atol=2e-5, rtol=1e-5)
+
+
+def test_under_bf16_autocast_the_norms_only_linears_read_emit_bf16_once_and_the_rest_stay_fp32():
+    model = tiny_llama(vocab_size=128)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 9, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_pre, plain_final = layer.input_layernorm(x), model.model.norm(x)
+    assert fused_norm.enable(model).changed == 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pre, final = layer.input_layernorm(x), model.model.norm(x)
+    assert pre.dtype == torch.bfloat16 and plain_pre.dtype == torch.float32
+    # what every consumer's autocast cast the fp32 output to, up to one bf16 rounding step
+    torch.testing.assert_close(pre, plain_pre.to(torch.bfloat16), atol=0, rtol=2 ** -7)
+    assert final.dtype == torch.float32 and torch.equal(final, plain_final)  # the final norm feeds the loss code
+
+    class PostNormLayer(torch.nn.Module):  # Gemma 2 / OLMo 2: a norm's output is added to the fp32 residual
+        def __init__(self):
+            super().__init__()
+            norm = copy.deepcopy(layer.input_layernorm)
+            self.input_layernorm, self.post_attention_layernorm = norm, copy.deepcopy(norm)
+            self.post_feedforward_layernorm = copy.deepcopy(norm)
+
+    assert not fused_norm._pre_norms(PostNormLayer()) and len(fused_norm._pre_norms(model)) == 4
+
+
+def test_a_bf16_layer_with_the_fused_norms_has_the_plain_layers_gradient_within_bf16_rounding():
+    """The consumers' input gradients are now summed in bf16 (the casts summed them in fp32): bounded here."""
+    model = tiny_llama(vocab_size=128)
+    layer = model.model.layers[0]
+    g = torch.Generator().manual_seed(2)
+    x, upstream = torch.randn(1, 9, 64, generator=g), torch.randn(1, 9, 64, generator=g)
+    position = torch.arange(9)[None]
+    rope = model.model.rotary_emb(x, position)
+
+    def grad_of_input():
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(leaf, position_embeddings=rope, attention_mask=None, position_ids=position)
+        (out[0] if isinstance(out, tuple) else out).backward(upstream)
+        return leaf.grad
+
+    plain = grad_of_input()
+    fused_norm.enable(model)
+    fused = grad_of_input()
+    assert (fused - plain).norm() / plain.norm() < 1e-3  # measured 2.8e-5

@@ -45,14 +45,24 @@ DEFAULT_COMPILE_S = 60.0
 MARGIN = 1.5
 
 
+def decoder_layers(model) -> list | None:
+    """The model's list of decoder layers (`layers`, GPT-2's `h`), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name in ("layers", "h"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return list(layers)
+    return None
+
+
 def compiled_layers(model, ctx: RunContext) -> Patch:
     """Compile every decoder layer but the first for the forward that records gradients (module docstring); `ctx`
     records it (kernels/segment_attention.py cannot count a compiled layer's attention calls)."""
-    layers = getattr(model.get_decoder(), "layers", None)
+    layers = decoder_layers(model)
     if layers is None:
         raise ConfigError(f"train.compile: {type(model).__name__} has no list of decoder layers to compile; "
                           "set it to false")
-    chosen = list(layers)[1:] if len(layers) > 1 else list(layers)
+    chosen = layers[1:] if len(layers) > 1 else layers
     for layer in chosen:
         compiled = torch.compile(layer._call_impl, dynamic=True)
         eager = layer._call_impl
@@ -71,7 +81,7 @@ def compiled_layers(model, ctx: RunContext) -> Patch:
 def layer_signature(model, bf16: bool) -> str:
     """What a compiled layer's graph depends on: torch, the machine, the layer's class and config, which of its
     parameters train, the precision (which decides the frozen weights' dtype)."""
-    layers = model.get_decoder().layers
+    layers = decoder_layers(model)
     layer = layers[1] if len(layers) > 1 else layers[0]
     params = sorted(f"{n}:{p.requires_grad}" for n, p in layer.named_parameters())
     config = model.config.to_json_string(use_diff=False) if hasattr(model.config, "to_json_string") else ""

@@ -16,7 +16,8 @@ class CompileSchedule:
         cfg = run.cfg
         self.run, self.setting = run, cfg.train.compile
         self.total_steps, self.start_step = total_steps, start_step
-        self.signature = compile_policy.layer_signature(run.model, cfg.train.bf16)
+        has_layers = compile_policy.decoder_layers(run.model) is not None
+        self.signature = compile_policy.layer_signature(run.model, cfg.train.bf16) if has_layers else None
         self.records = compile_policy.CompileRecords(cache_root() / "compile-records.json")
         # inductor's compiled kernels beside the records, not in /tmp, so a warm compile stays warm (a user's own
         # TORCHINDUCTOR_CACHE_DIR wins); a record is trusted only while that cache is there
@@ -30,7 +31,9 @@ class CompileSchedule:
             self.reason = "train.compile: true"
             self._compile(start_step + 1)
         elif self.setting == "auto":
-            self.reason = compile_policy.why_not(run.device.type, cfg.train.bf16, run.ranks.world, own_loop) or ""
+            why = ("the model has no list of decoder layers to compile" if not has_layers else
+                   compile_policy.why_not(run.device.type, cfg.train.bf16, run.ranks.world, own_loop))
+            self.reason = f"auto: eager ({why})" if why else ""
 
     def _compile(self, step: int) -> None:
         if not any(setting == "train.compile" for setting, _ in self.run.ctx.patches):  # not compiled already
