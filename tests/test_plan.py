@@ -285,8 +285,8 @@ def test_activation_bytes_are_what_autograd_saves(case):
                                   {"name": "ia3"}, {"name": "adapter"}],
                          ids=lambda c: c["name"] + ("-dropout" if c.get("dropout") else ""))
 def test_activation_bytes_under_bf16_autocast_are_what_autograd_saves(case):
-    """The same under bf16 autocast: fp32 residual stream and norm outputs, bf16 linear outputs, a bf16 cast of an
-    fp32 input per consumer that trains on it, CPU dropout's noise in the input's dtype. Segments of 48 and 96 keys
+    """The same under bf16 autocast: fp32 residual stream, the pre-norms' outputs written once in bf16, bf16 linear
+    outputs, CPU dropout's noise in the input's dtype. Segments of 48 and 96 keys
     are attended in fp32 on every CPU (kernels/attention_precision.py)."""
     from tunesmith.config import RunConfig
     from tunesmith.plan.memory import _saved_per_token_layer

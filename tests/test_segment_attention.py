@@ -163,17 +163,23 @@ def test_the_row_placeholder_mask_without_a_layout_is_refused_outside_run_decode
     assert out.shape == (1, 5, 4, 16)
 
 
-def test_bf16_attention_rule_follows_the_cpu_flag_and_the_segment_length(monkeypatch):
-    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: True)
-    assert not attention_precision.bf16_on_cpu(attention_precision.AMX_BF16_FROM - 1)
-    assert attention_precision.bf16_on_cpu(attention_precision.AMX_BF16_FROM)
-    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: False)
-    assert not attention_precision.bf16_on_cpu(100_000)
+@pytest.mark.parametrize("cpu,start", [
+    (("GenuineIntel", 6, {"avx512_bf16", "amx_bf16"}), 384),  # Sapphire Rapids
+    (("AuthenticAMD", 26, {"avx512_bf16"}), 512),  # Zen 5
+    (("AuthenticAMD", 25, {"avx512_bf16"}), None),  # Zen 4: unmeasured, upcast
+    (("GenuineIntel", 6, {"avx2"}), None)])
+def test_bf16_attention_rule_follows_the_cpu_kind_and_the_segment_length(monkeypatch, cpu, start):
+    vendor, family, flags = cpu
+    monkeypatch.setattr(attention_precision, "_cpuinfo", lambda: (vendor, family, frozenset(flags)))
+    if start is None:
+        assert not attention_precision.bf16_on_cpu(100_000)
+    else:
+        assert not attention_precision.bf16_on_cpu(start - 1) and attention_precision.bf16_on_cpu(start)
 
 
 def test_long_segments_keep_bf16_on_amx_and_short_ones_are_upcast_in_the_same_row(monkeypatch):
-    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: True)
-    monkeypatch.setattr(attention_precision, "AMX_BF16_FROM", 48)
+    monkeypatch.setattr(attention_precision, "cpu_kind", lambda: "amx")
+    monkeypatch.setattr(attention_precision, "BF16_FROM", {"amx": 48})
     model = tiny_llama(vocab_size=300)
     segment_attention.enable(model)
     batch = collate(_examples([60, 20, 50]), True, 64, 2)
@@ -196,9 +202,9 @@ def test_long_segments_keep_bf16_on_amx_and_short_ones_are_upcast_in_the_same_ro
     assert (bf16 - fp32).abs().mean() <= 2e-2 * fp32.abs().mean()
 
 
-def test_without_amx_bf16_autocast_attends_every_segment_in_fp32(monkeypatch):
+def test_on_an_unmeasured_cpu_bf16_autocast_attends_every_segment_in_fp32(monkeypatch):
     """RoPE promotes the query to fp32, and CPU autocast would cast SDPA's inputs back to bf16: the rule still holds."""
-    monkeypatch.setattr(attention_precision, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(attention_precision, "cpu_kind", lambda: "other")
     model = tiny_llama(vocab_size=300)
     segment_attention.enable(model)
     batch = collate(_examples([60, 20, 50]), True, 64, 2)

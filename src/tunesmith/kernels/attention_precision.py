@@ -1,13 +1,23 @@
 """In which precision segment attention runs on a CPU under bf16 autocast.
 
 PyTorch's CPU flash-attention kernel computes bf16 inputs in bf16 tiles. Its forward + backward is slower than
-fp32's on short segments and faster on long ones where the CPU has AMX tiles (Intel Xeon Sapphire Rapids, 2 cores,
-torch 2.13, SmolLM2's 9 query / 3 key-value heads of 64, `bench/attention_precision.py`: bf16 / fp32 = 3.21 at 64
-tokens, 2.14 at 128, 1.09 at 256, 0.95 at 384, 0.86 at 512, 0.64 at 1,024). Without AMX (AMD Zen 5 has AVX512-BF16
-but no tiles) every segment is upcast to fp32: an earlier session measured bf16's backward 2× slower on short
-segments there; the crossover on such a CPU is unmeasured. The choice is a fixed rule of the CPU's flags and the segment's length, never a timing
-taken at run time, so one config gives the same numbers on every run of a
-machine (and a resumed run continues exactly).
+fp32's on short segments and faster on long ones; where the crossover lies depends on the CPU kind, measured with
+`bench/attention_precision.py` (2 cores, torch 2.13, SmolLM2's 9 query / 3 key-value heads of 64; bf16 / fp32 time):
+
+| tokens | Intel Xeon Sapphire Rapids (AMX) | AMD EPYC Zen 5 (AVX512-BF16, no AMX; 2026-12-07) |
+|---:|---:|---:|
+| 32 | | 2.82 |
+| 64 | 3.21 | 2.59 |
+| 128 | 2.14 | 1.95 |
+| 256 | 1.09 | 1.17 |
+| 384 | 0.95 | |
+| 512 | 0.86 | 0.88 |
+| 1,024 | 0.64 | 0.72 |
+
+So segments from 384 tokens keep bf16 on an AMX CPU and from 512 on AMD Zen 5; on every other kind (AMD Zen 4, whose
+AVX512-BF16 runs at half Zen 5's width, is unmeasured) every segment is upcast to fp32, as before. The choice is a
+fixed rule of the CPU's kind and the segment's length, never a timing taken at run time, so one config gives the same
+numbers on every run of a machine (and a resumed run continues exactly).
 """
 
 from __future__ import annotations
@@ -19,25 +29,50 @@ import time
 import torch
 import torch.nn.functional as F
 
-# shortest segment that runs in bf16 on an AMX CPU; below it the upcast to fp32 is faster (measured, see above)
-AMX_BF16_FROM = 384
+# shortest segment that runs in bf16, per CPU kind (measured, see above); a kind not listed upcasts every segment
+BF16_FROM = {"amx": 384, "zen5": 512}
+AMX_BF16_FROM = BF16_FROM["amx"]
 
 
 @functools.cache
-def cpu_has_amx_bf16() -> bool:
+def _cpuinfo() -> tuple[str, int, frozenset]:
+    """(vendor, family, flags) of the first CPU in /proc/cpuinfo; empty where there is none."""
+    vendor, family, flags = "", -1, frozenset()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "cpu family" and family < 0:
+                    family = int(value.strip() or -1)
+                elif key == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except (OSError, ValueError):
         pass
-    return False
+    return vendor, family, flags
+
+
+def cpu_has_amx_bf16() -> bool:
+    return "amx_bf16" in _cpuinfo()[2]
+
+
+def cpu_kind() -> str:
+    """"amx" (Intel with AMX-BF16 tiles), "zen5" (AMD family 26 with AVX512-BF16), else "other"."""
+    vendor, family, flags = _cpuinfo()
+    if cpu_has_amx_bf16():
+        return "amx"
+    if vendor == "AuthenticAMD" and family == 26 and "avx512_bf16" in flags:
+        return "zen5"
+    return "other"
 
 
 def bf16_on_cpu(length: int) -> bool:
     """Whether a CPU segment of `length` tokens keeps bf16 inputs rather than being upcast to fp32."""
-    return length >= AMX_BF16_FROM and cpu_has_amx_bf16()
+    start = BF16_FROM.get(cpu_kind())
+    return start is not None and length >= start
 
 
 def time_attention(length: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,

@@ -191,8 +191,6 @@ def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
     needs_input = weights_train or (low_rank and not dropout) or fused_dropout
     if needs_input:  # a trained or adapted linear keeps its input
         terms["linear inputs (normed 2h, o_in q, down_in i)"] = (2 * h + q + i) * low
-    if weights_train:  # the fused RMSNorm keeps its normalised input for its weight's gradient
-        terms["normalised norm inputs 2h"] = 2 * h * 4
     if fused_dropout:
         terms["dropout masks, 1 B a feature"] = 5 * h + q + i
     elif dropout:  # each adapted linear keeps its own dropped input, and CPU dropout its scaled noise (same dtype)
@@ -213,12 +211,17 @@ def _method_saved(saved: tuple[Saved, ...], arch: Architecture, method, nbytes: 
     return {term.what: sum(n * width[dim] for dim, n in term.coefficients) * nbytes for term in saved}
 
 
+# families whose decoder layers have norms beyond the two pre-norms (a post-norm adds to the residual): their norms
+# keep the model's own forward under autocast (kernels/fused_norm.py `_pre_norms`)
+POST_NORM_TYPES = {"gemma2", "gemma3", "gemma3_text", "olmo2", "cohere", "cohere2"}
+
+
 def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf16: bool) -> dict[str, int]:
     """What a block keeps under bf16 autocast with frozen bases stored in bf16 (kernels/frozen_bf16.py), measured
-    tensor by tensor with saved_tensors_hooks: the residual stream and the norms' outputs stay fp32, the linears'
-    outputs are bf16. A linear keeps its input only where a weight trains on it (its own, or an adapter's A): under
-    autocast each consumer of an fp32 input (the normed attention and MLP inputs) keeps its own bf16 cast, while a
-    bf16 input (attention's output into o_proj, the gated product into down_proj) is kept once. Dropout runs in the
+    tensor by tensor with saved_tensors_hooks: the residual stream stays fp32, the linears' outputs are bf16, and so
+    are the fused norms' outputs where only linears read them. A linear keeps its input only where a weight trains on
+    it (its own, or an adapter's A): a bf16 input is kept once for all its readers, while under autocast each reader
+    of an fp32 input (a post-norm family's normed inputs) keeps its own bf16 cast. Dropout runs in the
     input's dtype and CPU dropout keeps its scaled noise in that dtype."""
     h, q, kv, i = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.intermediate_size
     method = cfg.method
@@ -233,13 +236,16 @@ def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf1
         terms["q, k, v, attention out (bf16 attention)"] = (2 * q + 2 * kv) * 2 + lse
     else:  # upcast: the fp32 q, k, v rotary gave, SDPA's fp32 output (cast to bf16 after it, not kept)
         terms["q, k, v, attention out (fp32 attention)"] = (2 * q + 2 * kv) * 4 + lse
-    sites = ((h, 4, 3), (q, 2, 1), (h, 4, 2), (i, 2, 1))  # (width, input bytes, consumers): qkv, o, gate+up, down
+    # the fused norms write the normed inputs in bf16 once (kernels/fused_norm.py) where only linears read them
+    norm_emits_bf16 = arch.model_type not in POST_NORM_TYPES
+    normed = 2 if norm_emits_bf16 else 4
+    sites = ((h, normed, 3), (q, 2, 1), (h, normed, 2), (i, 2, 1))  # (width, input bytes, readers): qkv, o, gate+up, down
     if dropout:
         terms["dropped inputs, noise, A's bf16 inputs"] = sum(n * w * (b + 2) for w, b, n in sites)
     elif weights_train or low_rank:
-        terms["linear inputs in bf16 (a cast per consumer of fp32)"] = sum((n if b == 4 else 1) * w * 2
-                                                                            for w, b, n in sites)
-    if weights_train:
+        terms["linear inputs in bf16 (a cast per reader of an fp32 input)"] = sum((n if b == 4 else 1) * w * 2
+                                                                                for w, b, n in sites)
+    if weights_train and not norm_emits_bf16:  # the model's own norm keeps its normalised input
         terms["normalised norm inputs 2h (fp32)"] = 2 * h * 4
     if low_rank:
         terms["low-rank A·x, 7 targets"] = 7 * method.r * 2
