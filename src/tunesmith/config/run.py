@@ -192,7 +192,9 @@ class TrainSettings(Strict):
         "(kernels/segment_attention.py; where the model's attention is SDPA or eager, sliding windows and soft-capping "
         "included); false: the block-diagonal mask over padded rows")
     fused_norm: bool = Field(True, description="RMSNorm (Llama's weight or Gemma's 1 + weight) of fp32 activations "
-                             "in one fused kernel (F.rms_norm, the same values); false: the model's own norm")
+                             "as one autograd node with a hand-written backward (the same values); under CPU bf16 "
+                             "autocast the norms only linears read write their output in bf16 once for all of them; "
+                             "false: the model's own norm")
     keep_freed_memory: bool = Field(
         True, description="set glibc's malloc to keep freed memory for the next step instead of handing it back "
         "(fewer page faults; kernels/allocator.py). It applies to the whole process for the rest of its life (glibc "
