@@ -50,6 +50,9 @@ def _losses(run_dir) -> list[float]:
 def test_auto_compiles_after_the_probe_with_the_same_losses_and_reports_and_records_the_cost(
         tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    # inductor's cache for this test; a record is trusted only while the cache it was measured with exists
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    (tmp_path / "inductor").mkdir()
     tiny_config["method"]["dropout"] = 0.0
     tiny_config["train"].update(max_steps=7, bf16=True, warmup_steps=0)
     # the first run: too short to repay the default compile, so eager; it names its layers' signature
