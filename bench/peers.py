@@ -1,6 +1,7 @@
 """tunesmith vs HF Trainer + peft and TRL SFTTrainer: same model, data, order, steps, batch, learning rate, precision.
 
-    .venv/bin/python bench/peers.py [--workloads 1,2,3,4,5] [--steps 20] [--long-steps 300] [--batch 8] [--rounds 1] [--bf16]
+    .venv/bin/python bench/peers.py [--workloads 1,2,3,4,5] [--steps 20] [--long-steps 300] [--batch 8]
+                                    [--rounds 1] [--bf16]
                                     [--scale 2] [--levers] [--peers hf-trainer,trl,trl-packed] [--smoke]
                                     [--results bench/results/<date>-<cpu>.jsonl]
 
@@ -277,8 +278,8 @@ def main() -> None:
 
     cpu = cpu_summary()
     log = ResultsLog(Path(args.results) if args.results else default_path(cpu))
-    settings = {key: getattr(args, key) for key in ("workloads", "steps", "long_steps", "batch", "rounds", "threads", "bf16",
-                                                     "scale", "levers", "peers", "smoke")}
+    settings = {key: getattr(args, key) for key in ("workloads", "steps", "long_steps", "batch", "rounds", "threads",
+                                                     "bf16", "scale", "levers", "peers", "smoke")}
     log.header(["bench/peers.py"] + sys.argv[1:], settings, cpu)
     probe = 0.2 if args.smoke else 2.0
     peak = matmul_flops(args.threads, args.bf16, probe)

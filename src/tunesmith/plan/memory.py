@@ -239,7 +239,8 @@ def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf1
     # the fused norms write the normed inputs in bf16 once (kernels/fused_norm.py) where only linears read them
     norm_emits_bf16 = arch.model_type not in POST_NORM_TYPES
     normed = 2 if norm_emits_bf16 else 4
-    sites = ((h, normed, 3), (q, 2, 1), (h, normed, 2), (i, 2, 1))  # (width, input bytes, readers): qkv, o, gate+up, down
+    # (width, input bytes, readers): q/k/v, o, gate + up, down
+    sites = ((h, normed, 3), (q, 2, 1), (h, normed, 2), (i, 2, 1))
     if dropout:
         terms["dropped inputs, noise, A's bf16 inputs"] = sum(n * w * (b + 2) for w, b, n in sites)
     elif weights_train or low_rank:

@@ -17,7 +17,8 @@ class MetricsLogger:
         self.scalars = ScalarLog(run_dir, start_step)
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("[bold]{task.fields[phase]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, disable=quiet, transient=False,
         )
