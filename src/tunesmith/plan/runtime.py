@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tunesmith.atomic import atomic_write_text
+from tunesmith.models import cache_root
 
 PROBE = ("import torch, transformers, tunesmith.train.loop, tunesmith.models\n"
          "from transformers import LlamaForCausalLM, AutoTokenizer\n"
@@ -40,8 +41,7 @@ def own_peak_rss() -> int:
 
 
 def cache_file() -> Path:
-    root = os.environ.get("TUNESMITH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tunesmith")
-    return Path(root) / "plan-runtime.json"
+    return cache_root() / "plan-runtime.json"
 
 
 def _key(probe: str) -> str:
