@@ -7,6 +7,7 @@ import pytest
 
 from tunesmith.config import load_config
 from tunesmith.kernels.compile_policy import CompileRecords, decide, why_not
+from tunesmith.runlog import read_metrics
 from tunesmith.train.loop import train
 
 
@@ -42,8 +43,7 @@ def test_compile_records_keep_the_last_measurement_per_signature(tmp_path):
 
 
 def _losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
 @pytest.mark.slow  # one compile of a tiny layer, ~20-30 s on two cores
