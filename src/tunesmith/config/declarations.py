@@ -33,13 +33,17 @@ class MemoryTerms:
     saved_fp32: tuple[Saved, ...] = ()   # its layers' saved activations without autocast
     saved_bf16: tuple[Saved, ...] = ()   # ... under bf16 autocast
     weight_norms: bool = False           # DoRA: ||W0 + s·B·A|| of each target
+    delta_weights: bool = False          # each target's ΔW of its weight's shape, built at every forward and kept for
+    #   backward by the product that takes it (LoHa, LoKr)
 
 
 @dataclass(frozen=True)
 class MethodDeclaration:
     # what it trains, as plan/parameters.py counts it: the whole model, base parameters chosen by name, the linears'
-    # biases, low-rank pairs on the targets, scaling vectors, bottleneck layers, or virtual tokens
-    parameters: Literal["whole", "chosen", "biases", "low_rank", "scales", "bottleneck", "virtual"]
+    # biases, low-rank pairs on the targets, scaling vectors, LoHa's two pairs, LoKr's Kronecker factors, bottleneck
+    # layers, or virtual tokens
+    parameters: Literal["whole", "chosen", "biases", "low_rank", "scales", "hadamard", "kronecker", "bottleneck",
+                        "virtual"]
     artifact: str = "adapter"            # the run folder's subfolder the trained artifact is saved in
     not_mergeable: str | None = None     # why it cannot be merged into the base; None: it can
     trains_base: bool = False            # its trainable parameters are the base's own (stored in model.dtype)

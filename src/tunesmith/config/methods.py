@@ -123,6 +123,57 @@ class IA3Settings(Strict):
         default_factory=lambda: ["down_proj"], description="targets whose input (not output) is rescaled")
 
 
+# LoHa and LoKr build each target's ΔW (its weight's whole shape) at every forward; the product taking it keeps it and
+# the adapted linears' inputs for backward
+LYCORIS_MEMORY = MemoryTerms(
+    delta_weights=True, saved_fp32=(Saved("inputs of the adapted linears", (("h", 2), ("q", 1), ("i", 1))),),
+    saved_bf16=(Saved("inputs of the adapted linears (bf16)", (("h", 2), ("q", 1), ("i", 1))),))
+RANK_DROPOUT_HELP = ("while training, the probability of zeroing each output row of ΔW (PEFT's rank dropout); "
+                     "0: none")
+MODULE_DROPOUT_HELP = ("while training, the probability that a targeted layer skips its ΔW for a whole forward "
+                       "(PEFT's module dropout); 0: never")
+
+
+class LohaSettings(Strict):
+    name: Literal["loha"] = "loha"
+    declaration: ClassVar = MethodDeclaration("hadamard", peft_type="LOHA", memory=LYCORIS_MEMORY)
+    r: int = Field(8, gt=0, description="the rank of each of the two pairs whose products are multiplied element "
+                   "by element: ΔW has rank up to r², for the parameters of a rank-2r LoRA")
+    alpha: float = Field(8.0, gt=0, description="ΔW is scaled by alpha/r")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=RANK_DROPOUT_HELP + " (the kept rows rescaled)")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=MODULE_DROPOUT_HELP)
+    target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
+    init_weights: bool = Field(True, description="true: one factor starts at zero, so training starts from the "
+                               "base; false: every factor random (PEFT discourages it)")
+
+
+class LokrSettings(Strict):
+    name: Literal["lokr"] = "lokr"
+    declaration: ClassVar = MethodDeclaration("kronecker", peft_type="LOKR", memory=LYCORIS_MEMORY)
+    r: int = Field(8, gt=0, description="the rank of a Kronecker factor stored as a low-rank pair (PEFT's rule: the "
+                   "second factor when r is under half its larger side, the first too with decompose_both)")
+    alpha: float = Field(8.0, gt=0, description="ΔW is scaled by alpha/r")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=RANK_DROPOUT_HELP)
+    rank_dropout_scale: bool = Field(False, description="rescale the rows rank_dropout keeps by one over their "
+                                     "fraction")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description=MODULE_DROPOUT_HELP)
+    target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
+    decompose_both: bool = Field(False, description="store the first Kronecker factor as a rank-r pair too, where "
+                                 "r is under half its larger side")
+    decompose_factor: int = Field(-1, description="split each width into factor × width/factor where factor divides "
+                                  "it (else the divisor pair nearest the square root with its smaller part at most "
+                                  "factor); -1: nearest the square root")
+    init_weights: bool | Literal["lycoris"] = Field(
+        True, description="true: the first factor starts at zero, so training starts from the base; lycoris: the "
+        "second one does instead (the LyCORIS library's way); false: every factor random (PEFT discourages it)")
+
+    @model_validator(mode="after")
+    def _factor_valid(self) -> "LokrSettings":
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor}")
+        return self
+
+
 class AdapterSettings(Strict):
     name: Literal["adapter"] = "adapter"
     declaration: ClassVar = MethodDeclaration(
@@ -190,7 +241,8 @@ class PtuningV2Settings(Strict):
 
 
 MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings | DoraSettings | QloraSettings
-                  | IA3Settings | AdapterSettings | PromptSettings | PrefixSettings | PtuningV2Settings)
+                  | IA3Settings | LohaSettings | LokrSettings | AdapterSettings | PromptSettings | PrefixSettings
+                  | PtuningV2Settings)
 
 METHOD_NAMES = [c.model_fields["name"].default for c in MethodSettings.__args__]
 

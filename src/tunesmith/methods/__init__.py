@@ -19,6 +19,8 @@ METHODS = {
     "dora": "dora",
     "qlora": "qlora",
     "ia3": "ia3",
+    "loha": "loha",
+    "lokr": "lokr",
     "adapter": "adapter",
     "prompt": "prompt",
     "prefix": "prefix",
