@@ -24,6 +24,7 @@ METHOD_CASES = [
     {"name": "full"}, {"name": "freeze", "last_layers": 1}, {"name": "freeze", "patterns": ["norm", "embed"]},
     {"name": "bitfit"}, {"name": "lora", "r": 4}, {"name": "lora", "r": 2, "target_modules": r"model\.layers\.1\..*proj"},
     {"name": "lora", "r": 3, "target_modules": ["q_proj", "lm_head"]}, {"name": "dora", "r": 4}, {"name": "ia3"},
+    {"name": "loha", "r": 4}, {"name": "lokr"}, {"name": "lokr", "r": 2, "decompose_both": True},
     {"name": "adapter"}, {"name": "adapter", "placement": "mlp", "reduction_factor": 8}, {"name": "prompt"},
     {"name": "prefix"}, {"name": "prefix", "projection": False}, {"name": "ptuning-v2", "num_virtual_tokens": 7},
 ]
@@ -263,7 +264,8 @@ def _saved_bytes(case: dict, layers: int, tokens: int, bf16: bool = False) -> in
 
 
 @pytest.mark.parametrize("case", [{"name": "full"}, {"name": "bitfit"}, {"name": "lora", "r": 4, "dropout": 0.1},
-                                  {"name": "dora", "r": 4, "dropout": 0.1}, {"name": "ia3"}, {"name": "adapter"}],
+                                  {"name": "dora", "r": 4, "dropout": 0.1}, {"name": "ia3"}, {"name": "adapter"},
+                                  {"name": "loha", "r": 4}, {"name": "lokr", "r": 2}],
                          ids=lambda c: c["name"])
 def test_activation_bytes_are_what_autograd_saves(case):
     """The per-token, per-layer bytes the formula counts equal what autograd saves for backward (through tunesmith's
@@ -282,7 +284,8 @@ def test_activation_bytes_are_what_autograd_saves(case):
 
 @pytest.mark.parametrize("case", [{"name": "full"}, {"name": "bitfit"}, {"name": "lora", "r": 4, "dropout": 0.1},
                                   {"name": "lora", "r": 4, "dropout": 0.0}, {"name": "dora", "r": 4, "dropout": 0.1},
-                                  {"name": "ia3"}, {"name": "adapter"}],
+                                  {"name": "ia3"}, {"name": "adapter"}, {"name": "loha", "r": 4},
+                                  {"name": "lokr", "r": 2}],
                          ids=lambda c: c["name"] + ("-dropout" if c.get("dropout") else ""))
 def test_activation_bytes_under_bf16_autocast_are_what_autograd_saves(case):
     """The same under bf16 autocast: fp32 residual stream, the pre-norms' outputs written once in bf16, bf16 linear
@@ -301,6 +304,25 @@ def test_activation_bytes_under_bf16_autocast_are_what_autograd_saves(case):
                                                attention_bf16=False)
     # adapter: 72 B a token of this tiny model's 2,408 are not accounted for (3 %; SmolLM2's block: 1.6 %)
     assert predicted == pytest.approx(measured, rel=0.05 if case["name"] == "adapter" else 0.02), detail
+
+
+def test_loha_delta_weights_are_what_autograd_keeps(bf16=True):
+    """LoHa builds each target's ΔW at every forward and the product taking it keeps it (its bf16 cast under
+    autocast; in fp32 the same, measured at 4 B a weight): the planner's term equals the token-independent bytes
+    autograd saves per block."""
+    from tunesmith.config import RunConfig
+    from tunesmith.plan.memory import _method_extras
+
+    case = {"name": "loha", "r": 4}
+    kept = {}
+    for layers in (1, 3):
+        small, large = _saved_bytes(case, layers, 48, bf16), _saved_bytes(case, layers, 96, bf16)
+        kept[layers] = small - (large - small)  # the saved bytes at zero tokens
+    cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"},
+                                    "train": {"bf16": bf16}})
+    arch = from_config(tiny_llama(256).config.to_dict(), "tiny")
+    planned = next(p for p in _method_extras(arch, cfg, count(arch, cfg.method), 1) if p.name == "ΔW of every target")
+    assert planned.bytes / arch.num_layers == (kept[3] - kept[1]) / 2
 
 
 def test_block_gradients_take_the_activations_freed_memory():

@@ -28,7 +28,7 @@ from tunesmith.config import RunConfig
 from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
-from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, matches, numel
+from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, matched_linears, matches, numel
 
 NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
 NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
@@ -374,6 +374,12 @@ def _method_extras(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, rows
     elif terms_of.weight_norms:
         biggest = max(lin.in_features * lin.out_features for lin in linears(arch) if lin.name != "lm_head")
         out.append(Part("DoRA weight norm", biggest * 4, "||W0 + s·B·A|| forms one full weight in fp32 at a time"))
+    if terms_of.delta_weights:  # fp32, or under autocast its bf16 cast (the fp32 one freed after each layer)
+        nbytes = 2 if cfg.train.bf16 else 4
+        targeted = sum(lin.in_features * lin.out_features
+                       for lin in matched_linears(arch, cfg.method.target_modules))
+        out.append(Part("ΔW of every target", targeted * nbytes, f"built at every forward, kept for backward: "
+                        f"{targeted:,} × {nbytes} B"))
     section = cfg.objective_settings
     if objective.rollout_buffers:
         values = objective.rollout_buffers

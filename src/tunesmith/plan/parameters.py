@@ -213,6 +213,32 @@ def _ia3(arch, s, params, dtype) -> tuple[list, dict, int]:
     return rows, saved, 0
 
 
+def _loha(arch, s, params, dtype) -> tuple[list, dict, int]:
+    rows, saved = [], {}
+    for lin in matched_linears(arch, s.target_modules):
+        d, k = lin.in_features, lin.out_features
+        rows.append((lin.suffix, f"2·r·(d+k) = 2·{s.r}·({d}+{k})", 2 * s.r * (d + k)))
+        for pair in ("1", "2"):
+            saved[f"{PEFT_PREFIX}{lin.name}.hada_w{pair}_a"] = ((k, s.r), "F32")
+            saved[f"{PEFT_PREFIX}{lin.name}.hada_w{pair}_b"] = ((s.r, d), "F32")
+    return rows, saved, 0
+
+
+def _lokr(arch, s, params, dtype) -> tuple[list, dict, int]:
+    """W1 (a × c) ⊗ W2 (b × d) with k = a·b, d_in = c·d (methods/lokr_shapes.py): each factor a·c (b·d) in full, or
+    r·(a+c) (r·(b+d)) as a rank-r pair."""
+    from tunesmith.methods.lokr_shapes import lokr_factors
+
+    rows, saved = [], {}
+    for lin in matched_linears(arch, s.target_modules):
+        shapes = lokr_factors(lin.in_features, lin.out_features, s.r, s.decompose_both, s.decompose_factor)
+        terms = [f"{s.r}·({shapes[k + '_a'][0]}+{shapes[k + '_b'][1]})" if k + "_a" in shapes
+                 else "×".join(map(str, shapes[k])) for k in ("lokr_w1", "lokr_w2")]
+        rows.append((lin.suffix, f"W1 + W2 = {terms[0]} + {terms[1]}", sum(numel(v) for v in shapes.values())))
+        saved.update({f"{PEFT_PREFIX}{lin.name}.{k}": (shape, "F32") for k, shape in shapes.items()})
+    return rows, saved, 0
+
+
 def _bottleneck(arch, s, params, dtype) -> tuple[list, dict, int]:
     width = max(1, arch.hidden_size // s.reduction_factor)
     rows, saved = [], {}
@@ -243,7 +269,7 @@ def _virtual(arch, s, params, dtype) -> tuple[list, dict, int]:
 
 # plan/parameters' count of each layout a method declares (MethodDeclaration.parameters)
 LAYOUTS = {"whole": _whole, "chosen": _freeze, "biases": _bitfit, "low_rank": _lora, "scales": _ia3,
-           "bottleneck": _bottleneck, "virtual": _virtual}
+           "hadamard": _loha, "kronecker": _lokr, "bottleneck": _bottleneck, "virtual": _virtual}
 
 
 def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32",
