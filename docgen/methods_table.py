@@ -18,6 +18,8 @@ TRAINS = {
     "biases": "the biases of the target linear layers",
     "low_rank": "a low-rank pair B·A beside each target linear layer",
     "scales": "a learned scaling vector per target (on its output, or its input for `feedforward_modules`)",
+    "hadamard": "two low-rank pairs per target linear layer, their products multiplied element by element (LoHa)",
+    "kronecker": "two Kronecker factors per target linear layer, each in full or as a low-rank pair (LoKr)",
     "bottleneck": "small bottleneck layers (down, activation, up) after attention and/or the MLP",
     "virtual": "virtual tokens",
 }
