@@ -22,6 +22,8 @@ METHODS = {  # each at the learning rate its real-model test uses
     "lora": ["method.name=lora", "train.lr=5e-4"],
     "dora": ["method.name=dora", "method.dropout=0.0", "train.lr=2e-3"],
     "ia3": ["method.name=ia3", "train.lr=3e-2"],
+    "loha": ["method.name=loha", "train.lr=1e-2"],
+    "lokr": ["method.name=lokr", "train.lr=1e-2"],
     "bitfit": ["method.name=bitfit", "train.lr=3e-3"],
     "adapter": ["method.name=adapter", "method.reduction_factor=16", "train.lr=2e-3"],
     "prompt": ["method.name=prompt", "method.num_virtual_tokens=16", "train.lr=1e-2"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tunesmith.bakeoff import CANDIDATES
+from tunesmith.bakeoff import CANDIDATES, MORE_CANDIDATES
 from tunesmith.cli.device import add_device_arg
 from tunesmith.cli.output import EPILOG
 from tunesmith.cli.paths import PathArg
@@ -32,7 +32,8 @@ def register(sub) -> dict:
     p.add_argument("--budget-time", help="e.g. 30m: sizes training (advise) / bounds the whole bake-off")
     p.add_argument("--bake-off", action="store_true", help="measure the candidates instead of only recommending")
     p.add_argument("--candidates", default=",".join(CANDIDATES),
-                   help=f"comma-separated subset of {','.join(CANDIDATES)} (full runs only when it fits the memory)")
+                   help=f"comma-separated subset of {','.join(CANDIDATES + MORE_CANDIDATES)} (full runs only when it "
+                   "fits the memory)")
     p.add_argument("--steps", type=int, default=30, help="training steps of each trained candidate")
     p.add_argument("--batch-size", type=int, default=4, help="train.batch_size of each trained candidate")
     p.add_argument("--k", type=int, default=3, help="few-shot examples per prompt")
@@ -117,9 +118,10 @@ def cmd_advise(args) -> int:
     if not args.data:
         raise ConfigError("--bake-off: needs --data (question/answer pairs to train on and to hold out)")
     names = [n.strip() for n in args.candidates.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CANDIDATES]
+    unknown = [n for n in names if n not in CANDIDATES + MORE_CANDIDATES]
     if unknown:
-        raise ConfigError(f"--candidates: unknown {', '.join(unknown)}; expected some of {', '.join(CANDIDATES)}")
+        raise ConfigError(f"--candidates: unknown {', '.join(unknown)}; expected some of "
+                          f"{', '.join(CANDIDATES + MORE_CANDIDATES)}")
     result, paths = bake_off(bakeoff_config(args), names, args.docs, args.k, args.steps, args.questions,
                              args.max_new_tokens, memory, seconds or 600.0, Path(args.out), args.quiet)
     if args.json:
