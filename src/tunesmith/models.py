@@ -156,7 +156,11 @@ def refuse_untrusted_code(folder: str, trust_remote_code: bool) -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False, allow_download: bool = False):
     from transformers import AutoTokenizer
 
-    folder = resolve_model_path(path, trust_remote_code, allow_download)
+    given = Path(path).expanduser()
+    if (given / "tokenizer_config.json").is_file() and not (given / "config.json").is_file():
+        folder = str(given)  # a tokenizer alone: an adapter saved with the tokens it added
+    else:
+        folder = resolve_model_path(path, trust_remote_code, allow_download)
     refuse_untrusted_code(folder, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -39,6 +39,40 @@ class ModelSettings(Strict):
     allow_download: bool = Field(
         False, description="fetch a hub id that is not in the local Hugging Face cache from the Hub (also: "
         "TUNESMITH_ALLOW_DOWNLOAD=1); off: nothing is downloaded at run time")
+    add_tokens: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="plain tokens added to the vocabulary (domain terms): the embedding, and an "
+        "untied output head, grow by one row each; a token the vocabulary already holds is reported and not added")
+    add_special_tokens: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="special tokens added to the vocabulary (a chat template's markers): never "
+        "split, skipped when decoding with skip_special_tokens; otherwise as add_tokens")
+    new_token_init_text: dict[str, str] = Field(
+        default_factory=dict, description="token -> text: that added token's row starts as the mean of the text's "
+        "token embeddings (tokenized before anything was added); an added token not listed starts as the mean of "
+        "all the existing rows")
+    trainable_tokens: list[str | int] | None = Field(
+        None, description="tokens (strings, each one token, or ids) whose embedding rows train beside the added "
+        "tokens' (which always train) and beside what the method trains, with any method but full (which trains the "
+        "whole embedding anyway); the rest of the embedding stays as it is; saved in PEFT's trainable_token_indices "
+        "layout")
+
+    @model_validator(mode="after")
+    def _new_tokens_consistent(self) -> "ModelSettings":
+        added = self.add_tokens + self.add_special_tokens
+        twice = sorted({t for t in added if added.count(t) > 1})
+        if twice:
+            raise ValueError(f"model.add_tokens / model.add_special_tokens: {twice} listed more than once")
+        for token, text in self.new_token_init_text.items():
+            if token not in added:
+                raise ValueError(f"model.new_token_init_text.{token}: {token!r} is not in model.add_tokens or "
+                                 "model.add_special_tokens")
+            if not text.strip():
+                raise ValueError(f"model.new_token_init_text.{token}: empty text; give words whose embeddings the "
+                                 "new row starts from")
+        return self
+
+    @property
+    def added_tokens(self) -> list[str]:
+        return self.add_tokens + self.add_special_tokens
 
 
 FORMATS = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "unpaired"]
@@ -313,6 +347,14 @@ class RunConfig(Strict):
                 "round away. Use model.dtype: float32 with train.bf16: true (bf16 autocast over fp32 master "
                 "weights), or a method that trains fp32 parameters beside the bf16 base (lora, qlora, ia3, adapter, "
                 "...)")
+        return self
+
+    @model_validator(mode="after")
+    def _token_rows_where_the_embedding_is_frozen(self) -> "RunConfig":
+        if self.model.trainable_tokens is not None and self.method.declaration.parameters == "whole":
+            raise ValueError(f"model.trainable_tokens: method {self.method.name} trains the whole embedding (every "
+                             "row) anyway; remove trainable_tokens (tokens added by model.add_tokens simply grow the "
+                             "model), or use an adapter method such as lora to train only chosen rows")
         return self
 
     @model_validator(mode="after")

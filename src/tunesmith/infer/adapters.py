@@ -7,8 +7,11 @@ from pathlib import Path
 from tunesmith.atomic import atomic_folder
 from tunesmith.context import RunContext
 from tunesmith.errors import ConfigError, ModelError, OutputDirError
-from tunesmith.methods import declaration, method_for_adapter
+from tunesmith.methods import declaration, method_for_adapter, trainable_tokens
 from tunesmith.methods.base import ADAPTER_CONFIG, adapter_base
+from tunesmith.methods.new_tokens import fit_embeddings
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def is_adapter_folder(folder: str | Path) -> bool:
@@ -57,7 +60,14 @@ def load_adapters(model, adapters: dict[str, str]) -> dict[str, str]:
             module.load(model, path, name)
         else:
             module.load(model, path)
+        if trainable_tokens.load(model, path) and len(adapters) > 1:
+            raise ConfigError(f"--adapter {name}={path}: it carries trained token rows, so it is loaded alone")
     return methods
+
+
+def adapter_tokenizer_folder(adapters: dict[str, str]) -> str | None:
+    """The first adapter folder that holds a tokenizer (saved with new tokens), if any."""
+    return next((path for path in adapters.values() if (Path(path) / TOKENIZER_CONFIG).is_file()), None)
 
 
 def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", trust_remote_code: bool = False,
@@ -73,7 +83,8 @@ def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", t
     adapters = parse_adapter_args(adapter)
     base = adapter_base(adapters, model_path)
     model = load_model(base, dtype, trust_remote_code).to(place)
-    tokenizer = load_tokenizer(base, trust_remote_code)
+    tokenizer = load_tokenizer(adapter_tokenizer_folder(adapters) or base, trust_remote_code)
+    fit_embeddings(model, tokenizer)
     load_adapters(model, adapters)
     if len(adapters) > 1 or use:
         if use is not None and use != "none" and use not in adapters:
@@ -99,6 +110,7 @@ def load_merged(adapter: str, model_path: str | None = None, device: str = "auto
     model, tokenizer = load_with_adapter(model_path, adapter, device=device)
     module.merge(model)
     module.unload(model)
+    trainable_tokens.merge_and_unload(model)
     return model, tokenizer
 
 

@@ -22,6 +22,7 @@ from tunesmith.surgery import replace_module
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TOKEN_ROWS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key of token rows (methods/trainable_tokens.py)
 
 
 # BASE_MODEL_KEY: the base as the run's model.path named it, kept in adapter_model.safetensors' metadata
@@ -161,6 +162,12 @@ def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
     """Write adapter_config.json + adapter_model.safetensors atomically (temp folder, fsync, rename). The config's
     base_model_name_or_path becomes what other tools resolve (`portable_base`); tunesmith's name goes in the weights'
     metadata (BASE_MODEL_KEY)."""
+    with atomic_folder(folder) as tmp:
+        write_adapter_files(tmp, config, tensors)
+
+
+def write_adapter_files(folder: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The two files of `write_adapter`, written in place (into a folder that is renamed into place afterwards)."""
     from safetensors.torch import save_file
 
     metadata = {"format": "pt"}
@@ -168,11 +175,9 @@ def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Ten
     if base:
         metadata[BASE_MODEL_KEY] = base
         config = {**config, "base_model_name_or_path": portable_base(base)}
-
-    with atomic_folder(folder) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
-                  metadata=metadata)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata=metadata)
 
 
 def read_adapter_config(folder: str | Path) -> dict:
@@ -201,7 +206,9 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def check_and_copy(folder, ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into the model's, refusing with the differing names/shapes if they do not fit."""
+    """Copy saved tensors into the model's, refusing with the differing names/shapes if they do not fit. Trained token
+    rows (TOKEN_ROWS_KEY) ride along in any method's adapter and are methods/trainable_tokens.py's to load."""
+    theirs = {k: v for k, v in theirs.items() if TOKEN_ROWS_KEY not in k or k in ours}
     missing = sorted(set(ours) - set(theirs))
     unexpected = sorted(set(theirs) - set(ours))
     wrong = [(k, tuple(theirs[k].shape), tuple(ours[k].shape))

@@ -28,7 +28,8 @@ from tunesmith.config import RunConfig
 from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
-from tunesmith.plan.parameters import BLOCKS, ParameterPlan, count, linears, matched_linears, matches, numel
+from tunesmith.plan.parameters import (BLOCKS, ParameterPlan, count, linears, matched_linears, matches, new_tokens,
+                                       numel, token_rows, with_new_tokens)
 
 NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
 NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
@@ -446,6 +447,17 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
     return parts
 
 
+def _vocabulary(cfg: RunConfig) -> set[str] | None:
+    """The tokenizer's vocabulary, where model.path names one this machine has (not a published card's name)."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.models import load_tokenizer
+
+    try:
+        return set(load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).get_vocab())
+    except TunesmithError:
+        return None
+
+
 def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = None,
             runtime_bytes: int | None = None, batch: BatchTokens | None = None) -> MemoryPlan:
     """The peak memory of training `cfg` on `device` ('cpu': peak RSS; 'cuda': peak allocated); `batch`: the largest
@@ -453,11 +465,13 @@ def predict(cfg: RunConfig, device: str = "cpu", arch: Architecture | None = Non
     from tunesmith.plan.architectures import resolve
     from tunesmith.plan.runtime import runtime_overhead
 
-    arch = arch or resolve(cfg.model.path)
+    added = new_tokens(cfg.model, _vocabulary(cfg) if cfg.model.added_tokens else None)
+    arch = with_new_tokens(arch or resolve(cfg.model.path), added)
     given = cfg
     if cfg.model.dtype == "auto":  # resolved for the device planned for; every part below reads weights_dtype
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": cfg.resolved_dtype(device)[0]})})
-    plan = count(arch, cfg.method, cfg.objective, cfg.weights_dtype, cfg.model.path)
+    plan = count(arch, cfg.method, cfg.objective, cfg.weights_dtype, cfg.model.path,
+                 token_rows(cfg.method, cfg.model, added))
     int4_group = _int4_group(cfg.model.path)
     if runtime_bytes is None:
         runtime_bytes = runtime_overhead() if device == "cpu" else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tunesmith.config.methods import ALL_LINEAR, BASE_MODEL_KEY, MethodSettings
 from tunesmith.config.objectives import objective_declaration
@@ -267,14 +267,42 @@ def _virtual(arch, s, params, dtype) -> tuple[list, dict, int]:
     return [("key/value prefix", direct, n * width)], saved, 0
 
 
+def new_tokens(model_settings, vocabulary: set[str] | None = None) -> list[str]:
+    """The tokens model.add_tokens and model.add_special_tokens add: those `vocabulary` (the tokenizer's, where the
+    planner can read it) lacks; all of them without one."""
+    return [t for t in model_settings.added_tokens if vocabulary is None or t not in vocabulary]
+
+
+def with_new_tokens(arch: Architecture, added: list[str]) -> Architecture:
+    """The architecture once the added tokens grew its vocabulary (each a new row past the embedding's; a model
+    with spare rows past its tokenizer grows by fewer)."""
+    return replace(arch, vocab_size=arch.vocab_size + len(added))
+
+
+def token_rows(settings: MethodSettings, model_settings, added: list[str]) -> int:
+    """How many tokens' embedding rows train on their own (methods/trainable_tokens.py): the `added` ones and
+    model.trainable_tokens; none where the method trains the whole model."""
+    if settings.declaration.parameters == "whole":
+        return 0
+    return len(set(added) | set(model_settings.trainable_tokens or []))
+
+
+def _token_row_parts(arch: Architecture, n: int) -> tuple[list, dict]:
+    h = arch.hidden_size
+    modules = ["model.embed_tokens"] + ([] if arch.tied_embeddings else ["lm_head"])
+    rows = [(f"{m.rsplit('.', 1)[-1]} token rows", f"n·h = {n}·{h}", n * h) for m in modules]
+    return rows, {f"{PEFT_PREFIX}{m}.token_adapter.trainable_tokens_delta": ((n, h), "F32") for m in modules}
+
+
 # plan/parameters' count of each layout a method declares (MethodDeclaration.parameters)
 LAYOUTS = {"whole": _whole, "chosen": _freeze, "biases": _bitfit, "low_rank": _lora, "scales": _ia3,
            "hadamard": _loha, "kronecker": _lokr, "bottleneck": _bottleneck, "virtual": _virtual}
 
 
 def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32",
-          base_model: str = "") -> ParameterPlan:
-    """What `settings` trains on `arch` with `objective`, and what the model then holds."""
+          base_model: str = "", trained_token_rows: int = 0) -> ParameterPlan:
+    """What `settings` trains on `arch` with `objective`, and what the model then holds; `trained_token_rows`:
+    tokens whose embedding rows train beside the method (`token_rows`)."""
     params = base_parameters(arch)
     base_total = sum(numel(s) for s in params.values())
     st_dtype = SAFETENSORS_DTYPE[dtype]
@@ -286,6 +314,11 @@ def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", 
     if head is not None:
         what, bias = head
         rows.append((what, f"{'h + 1' if bias else 'h'} = {arch.hidden_size + bias}", arch.hidden_size + bias))
+    if trained_token_rows:
+        token_parts, token_saved = _token_row_parts(arch, trained_token_rows)
+        rows += token_parts
+        saved.update(token_saved)
+        added += sum(each for _, _, each in token_parts)
     parts = _grouped(rows)
     trainable = sum(p.total for p in parts)
     if not declared.trains_base:

@@ -38,7 +38,8 @@ class Registry:
 
     def load(self, name: str, path: str | Path, check_dir: bool = True) -> None:
         from tunesmith.errors import TunesmithError
-        from tunesmith.methods import lora, method_for_adapter
+        from tunesmith.methods import lora, method_for_adapter, trainable_tokens
+        from tunesmith.methods.base import read_adapter_config
 
         folder = self.resolve_path(str(path)) if check_dir else Path(path)
         if not name.isidentifier() or name == self.base_name:
@@ -49,6 +50,10 @@ class Registry:
                 raise ApiError(409, f"an adapter named {name!r} is already loaded", "conflict", "name")
         try:
             method_name, module = method_for_adapter(folder)
+            if read_adapter_config(folder).get(trainable_tokens.CONFIG_KEY) is not None:
+                raise ApiError(400, f"{path}: the adapter carries trained token rows and its own tokenizer, which the "
+                               "server's adapters would share; merge it (tunesmith merge) and serve the merged "
+                               "model with --model", param="path")
             if method_name not in ALLOWED_METHODS:
                 raise ApiError(400, f"{path}: a {method_name} adapter cannot be served beside others; the server "
                                f"loads {' and '.join(ALLOWED_METHODS)} adapters", param="path")

@@ -25,7 +25,8 @@ from tunesmith.data.shared_prefixes import dropout_in
 from tunesmith.devices import autocast_for, require_device, to_device
 from tunesmith.errors import OutputDirError
 from tunesmith.kernels.process import init_process
-from tunesmith.methods import get_method
+from tunesmith.methods import get_method, trainable_tokens
+from tunesmith.methods.new_tokens import grow_embeddings, grow_tokenizer
 from tunesmith.methods.base import count_parameters
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
@@ -195,6 +196,9 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
         cfg = with_change(cfg, "model.dtype", *cfg.resolved_dtype(device.type), changes)
         console.print(f"[bold]model[/bold] dtype auto → {changes[-1].effective}: {changes[-1].reason}")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code, cfg.model.allow_download)
+    growth = grow_tokenizer(tokenizer, cfg.model)
+    if cfg.model.added_tokens:
+        console.print(f"[bold]tokens[/bold] {growth.summary()}")
     data: Datasets = objective.build_datasets(cfg, tokenizer)
     console.print(f"[bold]data[/bold] train: {data.train_report.summary()}")
     if data.eval_report:
@@ -204,10 +208,15 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     # a 4-bit base is quantised as it loads, never held whole in full precision first
     place = method.quantize_on_load(cfg.method) if cfg.method.declaration.memory.quantized_base else None
     model, shards_in = load_for(cfg, ranks, console, place)
+    grow_embeddings(model, growth)
     check_ids_fit(model, cfg.model.path, {"data.train": data.train, "data.eval": data.eval,
                                           **{f"data.tasks.{name}": evals for name, evals in data.task_evals.items()},
                                           "report.forgetting": forgetting.examples if forgetting else []})
     method.apply(model, cfg.method)
+    rows = trainable_tokens.apply_for_run(model, tokenizer, list(growth.added.values()),
+                                         cfg.model.trainable_tokens, cfg.method)
+    if rows:
+        console.print(f"[bold]tokens[/bold] the embedding rows of {len(rows)} tokens train, the rest stays frozen")
     if shards_in:
         shard_and_read(model, ranks, shards_in, device)
     else:
@@ -299,6 +308,8 @@ def finish_run(run: Run, total_steps: int, seconds: float, tokens_seen: int, bas
                          run.trainable, run.total, seconds, eval_metrics_before=baseline["eval_metrics"],
                          eval_metrics_after=after)
     run.objective.save(model, method, cfg, run.run_dir / cfg.method.declaration.artifact)
+    if cfg.model.added_tokens or cfg.model.trainable_tokens:
+        trainable_tokens.save_with_artifact(model, run.tokenizer, run.run_dir / cfg.method.declaration.artifact)
     after_loss = after.get("loss") if after else None
     result = RunResult(run.run_dir, total_steps, baseline["eval_loss"], after_loss, run.trainable, run.total, seconds)
     result.eval_metrics_before, result.eval_metrics_after = baseline["eval_metrics"], after
