@@ -31,6 +31,7 @@ METHODS = {  # each at the learning rate its real-model test uses
     "ptuning-v2": ["method.name=ptuning-v2", "method.num_virtual_tokens=16", "train.lr=1e-2"],
     "freeze": ["method.name=freeze", "method.last_layers=4", "train.lr=2e-4"],
     "full": ["method.name=full", "train.lr=5e-5"],
+    "lora+new-tokens": ["method.name=lora", "train.lr=5e-4", 'model.add_tokens=["hacker jargon", " hacker"]'],
 }
 
 

@@ -317,27 +317,30 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     parts.append(Part("backward workspace", seq_tokens * (3 * i + 3 * h) * 4,
                       "one block's gradients in flight: 3 × intermediate + 3 × hidden per token, fp32"))
     parts.append(Part("embeddings out, final norm", seq_tokens * 3 * h * 4, "3 × hidden per token, fp32"))
-    parts += _loss_parts(arch, cfg, batch, device)
+    parts += _loss_parts(arch, cfg, batch, device, chunked=not plan.token_rows)
     parts += _method_extras(arch, cfg, plan, rows)
     return parts
 
 
-def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: str) -> list[Part]:
+def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: str, chunked: bool = True
+                ) -> list[Part]:
+    """`chunked`: the head is a plain linear the chunked loss can take (not one reading trained token rows)."""
     vocab, h = arch.vocab_size, arch.hidden_size
+    loss_chunk = cfg.train.loss_chunk if chunked else None
     tokens = batch.labels
     head_trains = cfg.method.head_trains()
     objective = cfg.objective_declaration
     if objective.own_head:  # the reward model's scalar head, classify's label head: no LM head logits
         return [Part(f"{objective.name} head", tokens * h * 4, "hidden states at each sequence's last token")]
     if objective.scores_logps:
-        if cfg.train.loss_chunk is None:
+        if loss_chunk is None:
             # sequence_logps: fp32 logits at the label positions, the log-softmax cross_entropy keeps, and the
             # reference's (no grad) or the backward's pair of the same size alive at once
             return [Part("log-probs over the vocabulary", 3 * tokens * vocab * 4,
                          f"3 × {tokens:,} label positions × {vocab:,} × 4 B (logits, log-softmax, reference/gradient)")]
         # chunked per-token log-probs (objectives/chunked_ce.py): the same buffers as the chunked loss; the backward
         # recomputes each chunk's logits from the saved log-sum-exp
-    chunk = cfg.train.loss_chunk
+    chunk = loss_chunk
     if chunk is None:
         return [Part("logits", 3 * tokens * vocab * 4, f"3 × {tokens:,} × {vocab:,} × 4 B (logits, softmax, grad)")]
     chunk = min(chunk, tokens)

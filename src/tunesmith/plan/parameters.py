@@ -120,6 +120,7 @@ class ParameterPlan:
     saved: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # adapter file: name → (shape, dtype)
     note: str = ""
     base_model: str = ""  # model.path, which the adapter file's metadata names
+    token_rows: int = 0  # tokens whose embedding rows train beside the method (their head then computes whole logits)
 
     @property
     def fraction(self) -> float:
@@ -325,4 +326,5 @@ def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", 
         added = trainable
     elif head is not None:
         added += arch.hidden_size + head[1]
-    return ParameterPlan(settings.name, trainable, base_total + added, parts, saved, note, base_model)
+    return ParameterPlan(settings.name, trainable, base_total + added, parts, saved, note, base_model,
+                         trained_token_rows)
