@@ -60,7 +60,8 @@ def _save_plain(model_path: str, dest: Path, adapter: str | None = None) -> Path
     # an adapter saved with new tokens: the base goes with its tokenizer, resized to it, so PEFT loads the adapter
     grown = adapter_tokenizer_folder({"default": adapter}) if adapter is not None else None
     model, tokenizer = load_model(model_path), load_tokenizer(grown or model_path)
-    fit_embeddings(model, tokenizer)
+    if grown:
+        fit_embeddings(model, tokenizer)
     with atomic_folder(dest) as tmp:
         model.config.use_cache = True
         model.save_pretrained(tmp, safe_serialization=True)

@@ -83,8 +83,10 @@ def load_with_adapter(model_path: str | None, adapter, dtype: str = "float32", t
     adapters = parse_adapter_args(adapter)
     base = adapter_base(adapters, model_path)
     model = load_model(base, dtype, trust_remote_code).to(place)
-    tokenizer = load_tokenizer(adapter_tokenizer_folder(adapters) or base, trust_remote_code)
-    fit_embeddings(model, tokenizer)
+    grown = adapter_tokenizer_folder(adapters)  # saved with new tokens: the base is resized to it
+    tokenizer = load_tokenizer(grown or base, trust_remote_code)
+    if grown:
+        fit_embeddings(model, tokenizer)
     load_adapters(model, adapters)
     if len(adapters) > 1 or use:
         if use is not None and use != "none" and use not in adapters:
