@@ -20,6 +20,8 @@ TRAINS = {
     "scales": "a learned scaling vector per target (on its output, or its input for `feedforward_modules`)",
     "hadamard": "two low-rank pairs per target linear layer, their products multiplied element by element (LoHa)",
     "kronecker": "two Kronecker factors per target linear layer, each in full or as a low-rank pair (LoKr)",
+    "projection_scales": "two learned scaling vectors per target, around one pair of frozen random projections that "
+                         "all targets share",
     "bottleneck": "small bottleneck layers (down, activation, up) after attention and/or the MLP",
     "virtual": "virtual tokens",
 }

@@ -27,6 +27,8 @@ METHOD_CASES = [
     {"name": "loha", "r": 4}, {"name": "lokr"}, {"name": "lokr", "r": 2, "decompose_both": True},
     {"name": "adapter"}, {"name": "adapter", "placement": "mlp", "reduction_factor": 8}, {"name": "prompt"},
     {"name": "prefix"}, {"name": "prefix", "projection": False}, {"name": "ptuning-v2", "num_virtual_tokens": 7},
+    {"name": "vera", "r": 8},
+    {"name": "vera", "r": 4, "target_modules": r"model\.layers\.1\..*proj", "save_projection": False},
 ]
 
 
@@ -90,6 +92,17 @@ def test_lora_rows_are_r_times_d_plus_k():
     assert rows["q_proj"].each == 8 * (4096 + 4096) and rows["q_proj"].count == 32
     assert rows["down_proj"].each == 8 * (11008 + 4096)
     assert plan.trainable == 32 * 8 * (8192 + 15104)
+
+
+def test_vera_rows_are_r_plus_k_and_its_shared_pair_is_memory_not_parameters():
+    plan = count(PUBLISHED["llama:7b"], settings_class("vera")(target_modules=["q_proj", "down_proj"]))
+    rows = {p.what: p for p in plan.parts}
+    assert rows["q_proj λ_d, λ_b"].each == 256 + 4096 and rows["down_proj λ_d, λ_b"].count == 32
+    assert plan.trainable == 32 * (256 + 4096 + 256 + 4096)
+    assert plan.saved["base_model.vera_A"] == ((256, 11008), "F32")  # down_proj's input is the widest
+    memory = predict(_plan(["method.name=vera", "method.target_modules=[q_proj,down_proj]"]), device="cpu")
+    shared = {p.name: p.bytes for p in memory.training}["shared frozen projections"]
+    assert shared == 256 * (11008 + 4096) * 4
 
 
 def test_breakdown_adds_up():
@@ -265,7 +278,7 @@ def _saved_bytes(case: dict, layers: int, tokens: int, bf16: bool = False) -> in
 
 @pytest.mark.parametrize("case", [{"name": "full"}, {"name": "bitfit"}, {"name": "lora", "r": 4, "dropout": 0.1},
                                   {"name": "dora", "r": 4, "dropout": 0.1}, {"name": "ia3"}, {"name": "adapter"},
-                                  {"name": "loha", "r": 4}],
+                                  {"name": "loha", "r": 4}, {"name": "vera", "r": 16, "dropout": 0.1}],
                          ids=lambda c: c["name"])
 def test_activation_bytes_are_what_autograd_saves(case):
     """The per-token, per-layer bytes the formula counts equal what autograd saves for backward (through tunesmith's
@@ -284,7 +297,8 @@ def test_activation_bytes_are_what_autograd_saves(case):
 
 @pytest.mark.parametrize("case", [{"name": "full"}, {"name": "bitfit"}, {"name": "lora", "r": 4, "dropout": 0.1},
                                   {"name": "lora", "r": 4, "dropout": 0.0}, {"name": "dora", "r": 4, "dropout": 0.1},
-                                  {"name": "ia3"}, {"name": "adapter"}, {"name": "lokr", "r": 2}],
+                                  {"name": "ia3"}, {"name": "adapter"}, {"name": "lokr", "r": 2},
+                                  {"name": "vera", "r": 16, "dropout": 0.1}],
                          ids=lambda c: c["name"] + ("-dropout" if c.get("dropout") else ""))
 def test_activation_bytes_under_bf16_autocast_are_what_autograd_saves(case):
     """The same under bf16 autocast: fp32 residual stream, the pre-norms' outputs written once in bf16, bf16 linear

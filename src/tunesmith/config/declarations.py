@@ -35,15 +35,19 @@ class MemoryTerms:
     weight_norms: bool = False           # DoRA: ||W0 + s·B·A|| of each target
     delta_weights: bool = False          # each target's ΔW of its weight's shape, built at every forward and kept for
     #   backward by the product that takes it (LoHa, LoKr)
+    dropout_noise_only: bool = False     # its dropout feeds only products with frozen matrices (VeRA's A): autograd
+    #   keeps CPU dropout's noise for each target, not the dropped inputs
+    shared_projections: bool = False     # VeRA: one frozen pair A (r × the targets' widest input) and B (their
+    #   widest output × r) that every target reads, held in fp32 beside the weights
 
 
 @dataclass(frozen=True)
 class MethodDeclaration:
     # what it trains, as plan/parameters.py counts it: the whole model, base parameters chosen by name, the linears'
-    # biases, low-rank pairs on the targets, scaling vectors, LoHa's two pairs, LoKr's Kronecker factors, bottleneck
-    # layers, or virtual tokens
-    parameters: Literal["whole", "chosen", "biases", "low_rank", "scales", "hadamard", "kronecker", "bottleneck",
-                        "virtual"]
+    # biases, low-rank pairs on the targets, scaling vectors, scaling vectors around shared frozen projections,
+    # LoHa's two pairs, LoKr's Kronecker factors, bottleneck layers, or virtual tokens
+    parameters: Literal["whole", "chosen", "biases", "low_rank", "scales", "projection_scales", "hadamard",
+                        "kronecker", "bottleneck", "virtual"]
     artifact: str = "adapter"            # the run folder's subfolder the trained artifact is saved in
     not_mergeable: str | None = None     # why it cannot be merged into the base; None: it can
     trains_base: bool = False            # its trainable parameters are the base's own (stored in model.dtype)

@@ -174,6 +174,35 @@ class LokrSettings(Strict):
         return self
 
 
+# per target: A·x (r, "w") for λ_d's gradient and the branch's output before λ_b (k) for λ_b's; 7 targets
+VERA_SAVED = Saved("VeRA A·x and B·(λ_d ⊙ A·x) per target", (("w", 7), ("q", 1), ("kv", 2), ("h", 2), ("i", 2)))
+
+
+class VeraSettings(Strict):
+    name: Literal["vera"] = "vera"
+    declaration: ClassVar = MethodDeclaration(
+        "projection_scales", peft_type="VERA",
+        memory=MemoryTerms(shared_projections=True, dropout_noise_only=True,
+                           saved_fp32=(VERA_SAVED,), saved_bf16=(VERA_SAVED,)))
+    r: int = Field(256, gt=0, description="the rank of the shared random projections A and B; each target trains r + "
+                   "its output width scales, so r costs little (PEFT's default, 256)")
+    d_initial: float = Field(0.1, description="the initial value of every entry of each target's λ_d (λ_b starts at "
+                             "0, so the model starts as the base); the paper recommends 0.1 or less")
+    projection_prng_key: int = Field(0, ge=0, description="the seed of the torch.Generator that draws the shared A "
+                                     "and B (kaiming-uniform, as PEFT draws them)")
+    save_projection: bool = Field(True, description="store A and B in the adapter; false: only the scales are "
+                                  "stored and loading draws A and B again from projection_prng_key")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of each target's VeRA branch "
+                           "while training; 0: none")
+    target_modules: list[str] | str = Field(
+        ALL_LINEAR, description=TARGETS_HELP + "; A and B are sized to the widest targeted input and output, and "
+        "each target reads its corner of them")
+
+    def bottleneck_width(self, hidden_size: int) -> int:
+        """The width of VeRA's own activations: A·x has r features."""
+        return self.r
+
+
 class AdapterSettings(Strict):
     name: Literal["adapter"] = "adapter"
     declaration: ClassVar = MethodDeclaration(
@@ -241,8 +270,8 @@ class PtuningV2Settings(Strict):
 
 
 MethodSettings = (FullSettings | FreezeSettings | BitFitSettings | LoraSettings | DoraSettings | QloraSettings
-                  | IA3Settings | LohaSettings | LokrSettings | AdapterSettings | PromptSettings | PrefixSettings
-                  | PtuningV2Settings)
+                  | IA3Settings | LohaSettings | LokrSettings | VeraSettings | AdapterSettings | PromptSettings
+                  | PrefixSettings | PtuningV2Settings)
 
 METHOD_NAMES = [c.model_fields["name"].default for c in MethodSettings.__args__]
 

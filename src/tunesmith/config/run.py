@@ -29,10 +29,11 @@ class ModelSettings(Strict):
                                                description="builtin:NAME, a local HF folder, or a hub id")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="the dtype the model's weights load and are stored in (the trained parameters of "
-        "lora, dora, qlora, ia3, adapter, prompt, prefix, the objectives' heads are fp32 whatever it is); bfloat16 "
-        "only for methods that keep the base frozen (not full, freeze, bitfit: use train.bf16 for those); auto: "
-        "bfloat16 where the run trains in bf16 (train.bf16, with train.bf16_frozen_weights) and the method keeps the "
-        "base frozen, so no fp32 copy of the base is ever held; float32 otherwise (effective.yaml says which)")
+        "lora, dora, qlora, ia3, vera, adapter, prompt, prefix, the objectives' heads are fp32 whatever it is); "
+        "bfloat16 only for methods that keep the base frozen (not full, freeze, bitfit: use train.bf16 for those); "
+        "auto: bfloat16 where the run trains in bf16 (train.bf16, with train.bf16_frozen_weights) and the method "
+        "keeps the base frozen, so no fp32 copy of the base is ever held; float32 otherwise (effective.yaml says "
+        "which)")
     trust_remote_code: bool = Field(
         False, description="run the Python code a model ships for its architecture (transformers' "
         "trust_remote_code); off: a model that needs it is refused")

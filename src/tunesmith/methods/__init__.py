@@ -21,6 +21,7 @@ METHODS = {
     "ia3": "ia3",
     "loha": "loha",
     "lokr": "lokr",
+    "vera": "vera",
     "adapter": "adapter",
     "prompt": "prompt",
     "prefix": "prefix",

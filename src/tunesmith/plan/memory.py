@@ -29,7 +29,7 @@ from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
 from tunesmith.plan.parameters import (BLOCKS, ParameterPlan, count, linears, matched_linears, matches, new_tokens,
-                                       numel, token_rows, with_new_tokens)
+                                       numel, token_rows, widest_target, with_new_tokens)
 
 NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
 NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
@@ -125,6 +125,10 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
                           f"{frozen:,} × 2 B (train.bf16_frozen_weights; kernels/frozen_bf16.py)"))
     if added:
         parts.append(Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)"))
+    if method.declaration.memory.shared_projections:
+        widest_in, widest_out = widest_target(arch, method.target_modules)
+        parts.append(Part("shared frozen projections", method.r * (widest_in + widest_out) * 4,
+                          f"A {method.r} × {widest_in} and B {widest_out} × {method.r}, fp32 buffers"))
     return parts
 
 
@@ -199,6 +203,8 @@ def _saved_in_fp32(arch: Architecture, cfg: RunConfig) -> dict[str, int]:
         terms["dropped inputs + noise"] = d_sum * 2 * low
     if low_rank:
         terms["low-rank A·x, 7 targets"] = 7 * method.r * low
+    if terms_of.dropout_noise_only and method.dropout > 0:
+        terms["dropout noise of each target's input"] = (5 * h + q + i) * low
     if terms_of.virtual:  # transformers' SDPA path (not segment attention) under a mask
         terms["k, v repeated to every query head"] = 2 * (q - kv) * 4
     terms.update(_method_saved(terms_of.saved_fp32, arch, method, low))
@@ -251,6 +257,8 @@ def _saved_under_bf16_autocast(arch: Architecture, cfg: RunConfig, attention_bf1
         terms["normalised norm inputs 2h (fp32)"] = 2 * h * 4
     if low_rank:
         terms["low-rank A·x, 7 targets"] = 7 * method.r * 2
+    if terms_of.dropout_noise_only and method.dropout > 0:
+        terms["dropout noise of each target's input"] = sum(n * w * b for w, b, n in sites)
     terms.update(_method_saved(terms_of.saved_bf16, arch, method, 2))
     return terms
 

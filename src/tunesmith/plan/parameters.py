@@ -240,6 +240,26 @@ def _lokr(arch, s, params, dtype) -> tuple[list, dict, int]:
     return rows, saved, 0
 
 
+def widest_target(arch: Architecture, targets: list[str] | str) -> tuple[int, int]:
+    """(widest input, widest output) over the targeted linears: VeRA's shared A is r × the one, B the other × r."""
+    hits = matched_linears(arch, targets)
+    return max(lin.in_features for lin in hits), max(lin.out_features for lin in hits)
+
+
+def _vera(arch, s, params, dtype) -> tuple[list, dict, int]:
+    rows, saved = [], {}
+    for lin in matched_linears(arch, s.target_modules):
+        k = lin.out_features
+        rows.append((f"{lin.suffix} λ_d, λ_b", f"r + k = {s.r} + {k}", s.r + k))
+        saved[f"{PEFT_PREFIX}{lin.name}.vera_lambda_b"] = ((k,), "F32")
+        saved[f"{PEFT_PREFIX}{lin.name}.vera_lambda_d"] = ((s.r,), "F32")
+    if s.save_projection:  # the frozen shared pair, stored beside the scales
+        widest_in, widest_out = widest_target(arch, s.target_modules)
+        saved["base_model.vera_A"] = ((s.r, widest_in), "F32")
+        saved["base_model.vera_B"] = ((widest_out, s.r), "F32")
+    return rows, saved, 0
+
+
 def _bottleneck(arch, s, params, dtype) -> tuple[list, dict, int]:
     width = max(1, arch.hidden_size // s.reduction_factor)
     rows, saved = [], {}
@@ -297,7 +317,8 @@ def _token_row_parts(arch: Architecture, n: int) -> tuple[list, dict]:
 
 # plan/parameters' count of each layout a method declares (MethodDeclaration.parameters)
 LAYOUTS = {"whole": _whole, "chosen": _freeze, "biases": _bitfit, "low_rank": _lora, "scales": _ia3,
-           "hadamard": _loha, "kronecker": _lokr, "bottleneck": _bottleneck, "virtual": _virtual}
+           "projection_scales": _vera, "hadamard": _loha, "kronecker": _lokr, "bottleneck": _bottleneck,
+           "virtual": _virtual}
 
 
 def count(arch: Architecture, settings: MethodSettings, objective: str = "sft", dtype: str = "float32",
