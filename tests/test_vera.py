@@ -198,6 +198,24 @@ def test_adapter_for_another_base_names_shapes(tmp_path):
         vera.load(narrower, tmp_path / "adapter")
 
 
+def test_bake_off_candidate_is_planned_with_vera_and_its_rate(tmp_path):
+    """`advise --bake-off --candidates ...,vera` trains the method at the real-model test's rate; the plan it checks
+    against --budget-memory counts the method's parameters and its shared pair."""
+    from tunesmith.bakeoff import MORE_CANDIDATES
+    from tunesmith.bakeoff.candidates import Shared, _variant
+    from tunesmith.config import load_config
+    from tunesmith.plan.batches import bound
+    from tunesmith.plan.memory import predict
+
+    assert "vera" in MORE_CANDIDATES
+    cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [f"output_dir={tmp_path}"])
+    variant = _variant(Shared(cfg, tmp_path, [], [], 4, True), "vera", 5, tmp_path / "vera", False)
+    assert (variant.method.name, variant.method.r, variant.train.lr, variant.train.max_steps) == ("vera", 256, 3e-2, 5)
+    plan = predict(variant, batch=bound(variant), runtime_bytes=0)
+    assert plan.parameters.trainable == 30 * (7 * 256 + 5184) == 209_280  # SmolLM2: Σ (r + out) over its 7 linears
+    assert {p.name: p.bytes for p in plan.training}["shared frozen projections"] == 256 * (1536 + 1536) * 4
+
+
 @pytest.mark.slow
 def test_real_model_vera_lowers_heldout_loss(tmp_path):
     """The demo's config with VeRA (r 256, every linear) on the real SmolLM2 for 10 steps of 8. Measured at lr 3e-2:

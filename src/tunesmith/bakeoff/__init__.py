@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CANDIDATES = ("zero-shot", "few-shot", "rag", "lora", "qlora", "prompt", "full")
-MORE_CANDIDATES = ("loha", "lokr")  # LoRA's relatives: tried when --candidates names them, not by default
+MORE_CANDIDATES = ("loha", "lokr", "vera")  # LoRA's relatives: tried when --candidates names them, not by default
 
 
 def bake_off(cfg, names, docs, k, steps, n_questions, max_new_tokens, memory_budget, budget_s, out_dir: Path,
