@@ -83,6 +83,10 @@ class LoraSettings(Strict):
                            "training; 0: none")
     target_modules: list[str] | str = Field(ALL_LINEAR, description=TARGETS_HELP)
     rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+    lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: each B trains at train.lr × lr_ratio and each A at train.lr, in the optimizer "
+        "groups of PEFT's create_loraplus_optimizer (other 1-D parameters go with B; biases and LayerNorm weights "
+        "there without weight decay); the LoRA+ paper suggests 16; null: one learning rate for all")
 
 
 DORA_SAVED = Saved("DoRA W0·x and B·A·x per target", (("q", 2), ("kv", 4), ("h", 4), ("i", 4)))

@@ -158,6 +158,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def parameter_groups(model: nn.Module, settings, lr: float, weight_decay: float) -> list[dict]:
+    """The trained parameters as the optimizer's groups, each with its own lr and weight_decay: LoRA+'s groups
+    (methods/loraplus.py) where the method's settings give an `lr_ratio`, else one group."""
+    ratio = getattr(settings, "lr_ratio", None)  # an option of the LoRA family's settings (config/methods.py)
+    if ratio is not None:
+        from tunesmith.methods.loraplus import loraplus_groups
+
+        return loraplus_groups(model, lr, weight_decay, ratio)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
+
+
 def write_adapter(folder: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Write adapter_config.json + adapter_model.safetensors atomically (temp folder, fsync, rename). The config's
     base_model_name_or_path becomes what other tools resolve (`portable_base`); tunesmith's name goes in the weights'

@@ -27,7 +27,7 @@ from tunesmith.errors import OutputDirError
 from tunesmith.kernels.process import init_process
 from tunesmith.methods import get_method, trainable_tokens
 from tunesmith.methods.new_tokens import grow_embeddings, grow_tokenizer
-from tunesmith.methods.base import count_parameters
+from tunesmith.methods.base import count_parameters, parameter_groups
 from tunesmith.plan.report import plan_line, predicted_peak, predicted_vs_measured
 from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint
 from tunesmith.train.fsdp_load import load_for, shard_and_read
@@ -270,12 +270,22 @@ def general_perplexity(run: Run) -> float | None:
 
 
 def make_optimizer(run: Run, total_steps: int):
+    """The optimizer over the method's parameter groups (one, or LoRA+'s: methods/base.py) and its schedule, which
+    scales every group's own learning rate by the same factor."""
     cfg = run.cfg
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    # the fused kernel: one pass per tensor instead of one per operation (5x faster than foreach on 58 M CPU params)
-    fused = run.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=True if fused else None, foreach=None if fused else run.device.type != "mps")
+    groups = parameter_groups(run.model, cfg.method, cfg.train.lr, cfg.train.weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    if cfg.train.optimizer == "galore":
+        from tunesmith.train.galore import GaloreAdamW, galore_groups
+
+        optimizer = GaloreAdamW(galore_groups(run.model, groups, cfg.train.galore), lr=cfg.train.lr)
+    else:
+        # the fused kernel: one pass per tensor instead of one per operation (5x faster than foreach on 58 M CPU
+        # params)
+        fused = run.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                      fused=True if fused else None,
+                                      foreach=None if fused else run.device.type != "mps")
     scheduler = make_scheduler(optimizer, cfg.train.schedule, cfg.train.warmup_steps, total_steps)
     return params, optimizer, scheduler
 
