@@ -33,6 +33,9 @@ METHODS = {  # each at the learning rate its real-model test uses
     "freeze": ["method.name=freeze", "method.last_layers=4", "train.lr=2e-4"],
     "full": ["method.name=full", "train.lr=5e-5"],
     "lora+new-tokens": ["method.name=lora", "train.lr=5e-4", 'model.add_tokens=["hacker jargon", " hacker"]'],
+    "lora-plus": ["method.name=lora", "method.lr_ratio=16", "train.lr=2.5e-4"],
+    "full-galore": ["method.name=full", "train.optimizer=galore", "train.galore.rank=64", "train.galore.scale=1.0",
+                    "train.lr=2e-4"],
 }
 
 
@@ -49,7 +52,7 @@ def run_one(name: str, steps: int, out: Path) -> dict:
     if status != 0:
         return {"method": name, "error": proc.stderr.read()[-300:]}
     summary = json.loads((out / "summary.json").read_text())
-    artifact = out / ("model" if name == "full" else "adapter")
+    artifact = out / ("model" if (out / "model").is_dir() else "adapter")
     size = sum(f.stat().st_size for f in artifact.iterdir() if f.suffix == ".safetensors")
     return {"method": name, "trainable": summary["trainable"], "pct": 100 * summary["trainable"] / summary["total"],
             "size_mb": size / 2**20, "s_per_step": summary["train_seconds"] / summary["steps"],

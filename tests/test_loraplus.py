@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,6 +13,7 @@ from tunesmith.methods import dora, lora
 from tunesmith.methods.base import parameter_groups
 from tunesmith.train.run import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is as fast and steadier on a busy box
 LR, RATIO, DECAY = 1e-3, 16.0, 0.1
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # trained beside the adapters, one of each kind PEFT groups apart: a bias, a LayerNorm's weight and bias, an RMSNorm
@@ -92,11 +92,42 @@ def test_schedule_scales_every_group_by_the_same_factor():
     assert lrs[0] < LR  # decayed by then
 
 
-def test_resume_equals_uninterrupted(tiny_config, tmp_path, run_resumed):
-    tiny_config["method"]["lr_ratio"] = 4.0
-    tiny_config["train"].update(max_steps=4, save_every=2)
-    straight, resumed = run_resumed(tiny_config, tmp_path, 3)
-    a, b = (load_file(str(r.run_dir / "adapter" / "adapter_model.safetensors")) for r in (straight, resumed))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+def test_make_optimizer_uses_the_groups_and_a_checkpoint_resumes_them(tmp_path):
+    """The run's optimizer (train/run.py make_optimizer) holds LoRA+'s groups; two steps, a checkpoint, two more equal
+    the same two after loading the checkpoint into a fresh model and optimizer."""
+    from types import SimpleNamespace
+
+    from tunesmith.config import load_config
+    from tunesmith.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+    from tunesmith.train.run import make_optimizer
+
+    cfg = load_config(None, ["method.r=4", "method.lr_ratio=16", "train.lr=1e-2", "train.weight_decay=0.1",
+                             "train.warmup_steps=1"], base={"data": {"train": "x"}})
+
+    def run_of(seed_model):
+        model = copy.deepcopy(seed_model)
+        lora.apply(model, cfg.method)
+        _, optimizer, scheduler = make_optimizer(SimpleNamespace(cfg=cfg, model=model, device=torch.device("cpu")), 6)
+        return model, optimizer, scheduler
+
+    def steps(model, optimizer, scheduler, seeds):
+        for seed in seeds:
+            ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(seed))
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    base = _base()
+    model, optimizer, scheduler = run_of(base)
+    assert [(len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (14, 1e-2, 0.1), (14, 1e-2 * 16, 0.1)]
+    steps(model, optimizer, scheduler, (0, 1))
+    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, 0, keep=1)
+    steps(model, optimizer, scheduler, (2, 3))
+    fresh, fresh_optimizer, fresh_scheduler = run_of(base)
+    load_checkpoint(list_checkpoints(tmp_path)[-1], fresh, fresh_optimizer, fresh_scheduler)
+    steps(fresh, fresh_optimizer, fresh_scheduler, (2, 3))
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+    assert any(p.abs().max() > 0 for n, p in fresh.named_parameters() if "lora_B" in n)

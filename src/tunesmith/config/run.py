@@ -12,6 +12,7 @@ from tunesmith.config.declarations import ObjectiveDeclaration
 from tunesmith.config.distributed import DistributedSettings, refusal
 from tunesmith.config.loading import load_yaml_model
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
+from tunesmith.config.optimizer import OPTIMIZERS, GaloreSettings, galore_refusal
 from tunesmith.config.objectives import (OBJECTIVE_NAMES, OBJECTIVE_SECTIONS, OBJECTIVES, ClassifySettings,
                                          DpoSettings, GrpoSettings, KtoSettings, OrpoSettings, PpoSettings,
                                          RewardSettings, SimpoSettings, objective_declaration)
@@ -189,6 +190,11 @@ class TrainSettings(Strict):
                             "(the effective batch is batch_size × grad_accum × ranks)")
     lr: float = Field(2e-4, gt=0, description="AdamW's peak learning rate, reached after train.warmup_steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay; 0: none")
+    optimizer: Literal[OPTIMIZERS] = Field(
+        "adamw", description="adamw (fused AdamW), or galore: AdamW whose moments live in a low-rank projection of "
+        "each targeted weight matrix's gradient (train.galore; methods full and freeze)")
+    galore: GaloreSettings = Field(default_factory=GaloreSettings, description="GaLore's rank, projection refresh "
+                                   "interval, scale and target layers, with train.optimizer: galore")
     warmup_steps: int = Field(0, ge=0, description="steps over which the learning rate rises linearly to train.lr; "
                               "0: none")
     schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -374,6 +380,10 @@ class RunConfig(Strict):
                                  f"'{self.objective}'; remove the section or set objective: {name}")
         if declared.accumulates_itself and self.train.grad_accum != 1:
             raise ValueError(f"train.grad_accum: {declared.accumulates_itself}")
+        if self.train.optimizer == "galore":
+            why = galore_refusal(self.method, self.distributed.strategy if self.distributed else None)
+            if why:
+                raise ValueError(f"train.optimizer: {why}")
         return self
 
     def _refuse_settings_the_objective_cannot_use(self) -> None:

@@ -28,12 +28,12 @@ from tunesmith.config import RunConfig
 from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
+from tunesmith.plan.optimizer_state import optimizer_state, step_transient
 from tunesmith.plan.parameters import (BLOCKS, ParameterPlan, count, linears, matched_linears, matches, new_tokens,
                                        numel, token_rows, widest_target, with_new_tokens)
 
 NF4_BLOCK = 64          # weights per absmax scale (quant/nf4.py)
 NF4_SCALE_BLOCK = 256   # bitsandbytes' double quantisation: 8-bit scales, one fp32 per 256 of them
-ADAMW_MOMENTS = 2
 SDPA_LSE_BYTES = 4      # the log-sum-exp SDPA keeps per query and head, fp32
 # Peak RSS over the activations counted below, on CPU. The count itself is exact: it equals the bytes autograd saves
 # (tests/test_plan.py measures them through tunesmith's kernels). RSS holds more: glibc keeps freed blocks
@@ -296,13 +296,14 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
                        + (f" × {CPU_ACTIVATION_RSS} (CPU heap)" if device == "cpu" else "") + f" ({detail})")
     # gradients start as None (zero_grad(set_to_none=True)); a block's weight gradients are formed as backward leaves
     # the block and frees the activations it kept, so they take that memory: only the excess over the activations adds
-    parts = [Part("gradients", t * nbytes, f"{t:,} trainable × {nbytes} B")]
+    gradients = Part("gradients", t * nbytes, f"{t:,} trainable × {nbytes} B")
+    parts = [gradients]
     reused = min(_block_gradient_parameters(plan, cfg) * nbytes, activations.bytes)
     if reused:
         parts.append(Part("block gradients in freed activations", -reused, "the decoder blocks' weight gradients, "
                           "formed in the memory their activations free (up to all of the activations)"))
-    parts.append(Part("AdamW moments", ADAMW_MOMENTS * t * nbytes,
-                      f"2 × {t:,} × {nbytes} B (fused AdamW: exp_avg, exp_avg_sq in the parameter's dtype)"))
+    state = Part(*optimizer_state(arch, cfg, plan, nbytes))
+    parts.append(state)
     declared = cfg.method.declaration
     # a method that trains the base but not its linear weights (bitfit) keeps them fp32 (it saves the base), so
     # autocast casts its frozen weights at every forward
@@ -327,6 +328,12 @@ def _training_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, dev
     parts.append(Part("embeddings out, final norm", seq_tokens * 3 * h * 4, "3 × hidden per token, fp32"))
     parts += _loss_parts(arch, cfg, batch, device, chunked=not plan.token_rows)
     parts += _method_extras(arch, cfg, plan, rows)
+    transient = step_transient(arch, cfg, plan) * nbytes
+    if transient:  # GaLore's step, after backward: only the gradients and the state are held beside its temporaries
+        at_step = gradients.bytes + state.bytes + transient
+        parts.append(Part("GaLore step beyond the backward", max(0, at_step - sum(p.bytes for p in parts)),
+                          f"gradients + state + the step's largest temporary ({mib(transient)}: an SVD or a "
+                          "denominator) past what the backward holds"))
     return parts
 
 
