@@ -22,7 +22,7 @@ METHODS = {  # each at the learning rate its real-model test uses
     "lora": ["method.name=lora", "train.lr=5e-4"],
     "dora": ["method.name=dora", "method.dropout=0.0", "train.lr=2e-3"],
     "ia3": ["method.name=ia3", "train.lr=3e-2"],
-    "loha": ["method.name=loha", "train.lr=1e-2"],
+    "loha": ["method.name=loha", "train.lr=1e-2"],  # r 16, alpha 32: the demo's, as in its real-model test
     "lokr": ["method.name=lokr", "train.lr=1e-2"],
     "vera": ["method.name=vera", "train.lr=3e-2"],
     "bitfit": ["method.name=bitfit", "train.lr=3e-3"],

@@ -16,7 +16,8 @@ from tunesmith.plan.bakeoff import Candidate
 
 TRAIN_METHODS = {"lora": {"name": "lora", "r": 8, "alpha": 16}, "qlora": {"name": "qlora", "r": 8, "alpha": 16},
                  "prompt": {"name": "prompt", "num_virtual_tokens": 8}, "full": {"name": "full"},
-                 "loha": {"name": "loha", "r": 4, "alpha": 4}, "lokr": {"name": "lokr"}, "vera": {"name": "vera"}}
+                 "loha": {"name": "loha", "r": 4, "alpha": 8}, "lokr": {"name": "lokr", "r": 8, "alpha": 16},
+                 "vera": {"name": "vera"}}
 # a short run: rates that move it
 TRAIN_LR = {"lora": 1e-3, "qlora": 1e-3, "prompt": 3e-2, "full": 2e-5, "loha": 1e-2, "lokr": 1e-2, "vera": 3e-2}
 
