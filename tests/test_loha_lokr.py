@@ -120,6 +120,12 @@ def test_training_dropouts_draw_what_peft_draws(case):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     with torch.no_grad():
         assert (ours.eval()(_ids()).logits - got).abs().max() > 1e-3  # the dropouts did change something
+    layers = module.loha_layers(ours) if module is loha else module.lokr_layers(ours)
+    for layer in layers.values():
+        layer.module_dropout["default"] = 1.0  # every layer skipped: the base's logits, a zero gradient for each factor
+    ours.train()(_ids()).logits.sum().backward()
+    trained = [p for p in ours.parameters() if p.requires_grad]
+    assert all(p.grad is not None and not p.grad.any() for p in trained)
 
 
 def test_merge_equals_unmerged_unmerge_restores_base_unload_keeps_it():

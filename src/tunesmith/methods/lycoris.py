@@ -98,7 +98,9 @@ class LycorisLinear(AdapterLayer):
         if not self.training:
             delta = self.delta_weight(name)
         elif self.module_dropout[name] and not torch.rand(1) > self.module_dropout[name]:
-            return out
+            # skipped for this forward, its factors kept in the graph with zero gradients: DDP expects a gradient
+            # for every trained parameter at every step, and each rank skips other layers
+            return out + 0 * sum(f.sum() for f in self.factors(name).values()).to(out.dtype)
         else:
             delta = self.training_delta(name)
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(delta.dtype)
