@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["full", "freeze", "bitfit", "lora", "dora", "qlora", "ia3", "adapter", "prompt", "prefix", "ptuning-v2"]
+METHODS = ["full", "freeze", "bitfit", "lora", "dora", "qlora", "ia3", "vera", "adapter", "prompt", "prefix",
+           "ptuning-v2"]
 METHOD_OPTIONS = {"freeze": {"last_layers": 4}}
 
 
