@@ -202,6 +202,8 @@ def test_bad_token_settings_are_refused_naming_the_field(tokenizer):
     base = {"data": {"train": "x.jsonl"}}
     with pytest.raises(ValueError, match="model.trainable_tokens: method full trains the whole embedding"):
         RunConfig.model_validate({**base, "model": {"trainable_tokens": ["hello"]}, "method": {"name": "full"}})
+    with pytest.raises(ValueError, match=r"model.add_tokens / model.trainable_tokens: not under .* fsdp"):
+        RunConfig.model_validate({**base, "model": {"add_tokens": NEW}, "distributed": {"strategy": "fsdp"}})
     with pytest.raises(ValueError, match=r"model.new_token_init_text.<x>: '<x>' is not in model.add_tokens"):
         ModelSettings(add_tokens=NEW, new_token_init_text={"<x>": "text"})
     with pytest.raises(ValueError, match=r"listed more than once"):

@@ -362,6 +362,11 @@ class RunConfig(Strict):
             raise ValueError(f"model.trainable_tokens: method {self.method.name} trains the whole embedding (every "
                              "row) anyway; remove trainable_tokens (tokens added by model.add_tokens simply grow the "
                              "model), or use an adapter method such as lora to train only chosen rows")
+        if (self.model.added_tokens or self.model.trainable_tokens) and self.distributed is not None \
+                and self.distributed.strategy == "fsdp":
+            raise ValueError("model.add_tokens / model.trainable_tokens: not under distributed.strategy fsdp (the "
+                             "embedding is read shard by shard as the checkpoint has it, so it cannot grow first); "
+                             "use distributed.strategy: ddp or one process")
         return self
 
     @model_validator(mode="after")
