@@ -69,7 +69,8 @@ def _ids(tok):
 
 def test_only_the_listed_rows_train_and_save_load_and_peft_give_equal_logits(tokenizer, tmp_path):
     """Untied head: its rows train too ({module: ids} layout). After AdamW steps the frozen matrices are
-    bit-identical and the merged ones differ exactly in the listed rows; our load and PEFT's give the same logits."""
+    bit-identical and the merged ones differ exactly in the listed rows; our load and PEFT's give the same logits, and
+    we load what PEFT saves."""
     from peft import PeftModel
 
     from tunesmith.config.methods import LoraSettings
@@ -123,6 +124,12 @@ def test_only_the_listed_rows_train_and_save_load_and_peft_give_equal_logits(tok
         base.resize_token_embeddings(len(tok))
         theirs = PeftModel.from_pretrained(base, str(folder)).eval()
         torch.testing.assert_close(theirs(input_ids=ids).logits, expected, atol=1e-6, rtol=0)
+        theirs.save_pretrained(str(tmp_path / "peft"))  # and we load what PEFT writes
+        again = untied_tiny(len(tokenizer))
+        fit_embeddings(again, tok)
+        lora.load(again, tmp_path / "peft")
+        assert trainable_tokens.load(again, tmp_path / "peft")
+        torch.testing.assert_close(again(ids).logits, expected, atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
