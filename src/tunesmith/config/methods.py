@@ -14,6 +14,8 @@ from tunesmith.config.declarations import MemoryTerms, MethodDeclaration, Saved
 ALL_LINEAR = "all-linear"
 # adapter_model.safetensors' metadata key holding the base as the run's model.path named it (methods/base.py)
 BASE_MODEL_KEY = "tunesmith_base_model"
+# LoRA initialisations that compute A and B from the base weight W and leave W - s·B·A as the frozen base
+WEIGHT_INITS = ("pissa", "olora", "loftq")
 TARGETS_HELP = ("'all-linear' (every linear layer but the output head), module name suffixes, or a regex string "
                 "matched against full module names")
 
@@ -33,6 +35,15 @@ class Strict(BaseModel):
     def bottleneck_width(self, hidden_size: int) -> int:
         """The width `w` of the method's own layers in its saved-activation terms (MemoryTerms.saved_*)."""
         return 0
+
+    def init_reads_weights(self) -> bool:
+        """Whether its initial values are computed from the base weights (the declaration's, or an option's)."""
+        return self.declaration.init_reads_weights
+
+    def init_residual(self) -> bool:
+        """Whether its initialisation replaces the targets' base weights by residuals (new tensors, computed from the
+        full-precision weights)."""
+        return False
 
 
 class FullSettings(Strict):
@@ -87,6 +98,31 @@ class LoraSettings(Strict):
         None, gt=0, description="LoRA+: each B trains at train.lr × lr_ratio and each A at train.lr, in the optimizer "
         "groups of PEFT's create_loraplus_optimizer (other 1-D parameters go with B; biases and LayerNorm weights "
         "there without weight decay); the LoRA+ paper suggests 16; null: one learning rate for all")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default", description="the adapter's initial values: default (A Kaiming-uniform, B = 0: PEFT's "
+        "init_lora_weights true), gaussian (A normal with std 1/r, B = 0), pissa (A and B from the principal singular "
+        "vectors and values of W, the rest left as the frozen base), olora (A and B from the QR decomposition of W, "
+        "the rest left as the frozen base), loftq (qlora only: the 4-bit base and the adapter fitted together to W)")
+    pissa_niter: int | None = Field(None, gt=0, description="with init pissa: the fast randomised SVD with this "
+                                    "many subspace iterations (PEFT's pissa_niter_N); unset: the full SVD")
+    loftq_iter: int = Field(1, gt=0, description="with init loftq: how many alternating quantise and low-rank steps")
+
+    @model_validator(mode="after")
+    def _init_fits(self) -> "LoraSettings":
+        if self.init == "loftq" and self.name != "qlora":
+            raise ValueError(f"init: loftq fits the adapter to the error of a 4-bit base, and method {self.name} "
+                             "keeps its base in full precision; use method qlora, or init pissa")
+        if self.pissa_niter is not None and self.init != "pissa":
+            raise ValueError(f"pissa_niter applies to init pissa only (init is {self.init})")
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise ValueError(f"loftq_iter applies to init loftq only (init is {self.init})")
+        return self
+
+    def init_reads_weights(self) -> bool:
+        return self.declaration.init_reads_weights or self.init in WEIGHT_INITS
+
+    def init_residual(self) -> bool:
+        return self.init in WEIGHT_INITS
 
 
 DORA_SAVED = Saved("DoRA W0·x and B·A·x per target", (("q", 2), ("kv", 4), ("h", 4), ("i", 4)))

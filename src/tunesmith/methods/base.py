@@ -260,6 +260,10 @@ class AdapterLayer(nn.Module):
         """Put adapter `name`'s effect into the base weights, or (inverse) take it out."""
         raise NotImplementedError
 
+    def released(self) -> nn.Module:
+        """The base layer to put back in the wrapper's place when the adapters are unloaded."""
+        return self.base_layer
+
     def remove_adapter(self, name: str) -> None:
         """Forget adapter `name` (unmerged first); the layer runs its base alone if it was the active one."""
         raise NotImplementedError
@@ -380,7 +384,7 @@ def adapter_functions(layer_cls: type[AdapterLayer], what: str) -> AdapterFuncti
     def unload(model: nn.Module) -> nn.Module:
         """Put the plain base linears back (merge first to keep the adapters' effect)."""
         for name, layer in list(adapter_layers(model, layer_cls).items()):
-            replace_module(model, name, layer.base_layer)
+            replace_module(model, name, layer.released())
         return model
 
     def delete_adapter(model: nn.Module, adapter_name: str) -> None:

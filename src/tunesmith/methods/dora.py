@@ -37,6 +37,12 @@ class DoraLinear(lora.LoraLinear):
         super().add_adapter(name, r, alpha, dropout, rslora)
         self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name))
 
+    @torch.no_grad()
+    def keep_initial(self, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """As LoRA's, and m from the residual base plus the initial s·B0·A0 (W up to rounding), as PEFT orders it."""
+        super().keep_initial(name, a0, b0)
+        self.lora_magnitude_vector[name].copy_(self.weight_norm(name))
+
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         del self.lora_magnitude_vector[name]
@@ -64,10 +70,10 @@ class DoraLinear(lora.LoraLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rows is not None:
             return self.forward_rows(x)
-        out = self.base_layer(x)
         name = self.active
         if name is None or name in self.merged:
-            return out
+            return self.base_output(x)
+        out = self.base_layer(x)
         dropout = self.lora_dropout[name]
         if isinstance(dropout, nn.Identity) or not self.training:
             return self.with_update(name, x, out)

@@ -15,7 +15,7 @@ from torch import nn
 
 from tunesmith.config.methods import DoraSettings, LoraSettings
 from tunesmith.errors import ModelError
-from tunesmith.methods import lora_function
+from tunesmith.methods import lora_function, lora_init
 from tunesmith.methods.base import (AdapterLayer, adapter_functions, adapter_layers, adapter_targets, check_and_copy,
                                     is_conv1d, linear_features, read_adapter, set_weight_out_in, weight_out_in,
                                     wrapped, write_adapter)
@@ -43,12 +43,18 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.residual_of: str | None = None  # the adapter whose init (lora_init.py) left the base weight W − s·B0·A0
 
     def names(self) -> list[str]:
         return list(self.lora_A)
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> None:
         self.check_new_name(name, self.lora_A)
+        if self.residual_of is not None:
+            raise ModelError(f"adapter {name!r}: this layer's base weight is the residual of adapter "
+                             f"{self.residual_of!r}'s initialisation, so another adapter beside it would see a base "
+                             "without its principal part; save that adapter (saving converts it to a plain LoRA on "
+                             "the original weights) and load both on the original model")
         w = self.base_layer.weight
         fan_in, fan_out = linear_features(self.base_layer)
         a = nn.Linear(fan_in, r, bias=False, device=w.device, dtype=torch.float32)
@@ -60,8 +66,50 @@ class LoraLinear(AdapterLayer):
         self.scaling[name] = lora_scaling(r, alpha, rslora)
         self.active = name
 
+    def keep_initial(self, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Adapter `name`'s init moved s·B0·A0 out of the base weight: keep A0 and B0 (frozen, fp32) to put it back."""
+        self.register_buffer("lora_A0", a0.detach().float().clone(), persistent=False)
+        self.register_buffer("lora_B0", b0.detach().float().clone(), persistent=False)
+        self.residual_of = name
+
+    def initial(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A0, B0) where the base weight is a residual (lora_init.py), else None."""
+        return (self.lora_A0, self.lora_B0) if self.residual_of is not None else None
+
+    def initial_delta(self) -> torch.Tensor:
+        """s·B0·A0 as [out, in]: what the base weight lacks of the original W."""
+        return (self.lora_B0 @ self.lora_A0) * self.scaling[self.residual_of]
+
+    def lacks_initial(self) -> bool:
+        """Whether the running base weight is the residual alone: an init moved s·B0·A0 out and the adapter that
+        owns it is neither active nor merged, so the forward adds it back."""
+        owner = self.residual_of
+        return owner is not None and owner != self.active and owner not in self.merged
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The original base's output: the base layer's, plus s·B0·A0·x where its weight is a residual."""
+        out = self.base_layer(x)
+        if not self.lacks_initial():
+            return out
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A0.dtype)
+        return out + (((h @ self.lora_A0.t().to(h.dtype)) @ self.lora_B0.t().to(h.dtype))
+                      * self.scaling[self.residual_of]).to(out.dtype)
+
+    @torch.no_grad()
+    def released(self) -> nn.Module:
+        """The base layer alone, holding the original W again where an init left it a residual."""
+        if self.residual_of is not None and self.residual_of not in self.merged:
+            if not self.base_layer.weight.dtype.is_floating_point:
+                raise ModelError("this layer's base weight is stored quantised and holds the residual of a "
+                                 "pissa/olora/loftq initialisation; merge the adapter first (merge dequantises it)")
+            set_weight_out_in(self.base_layer, weight_out_in(self.base_layer).float() + self.initial_delta())
+            self.residual_of = None
+        return self.base_layer
+
     def remove_adapter(self, name: str) -> None:
         self.unmerge(name)
+        if name == self.residual_of:
+            self.released()
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         del self.scaling[name]
         if self.active == name:
@@ -92,7 +140,7 @@ class LoraLinear(AdapterLayer):
             return self.forward_rows(x)
         name = self.active
         if name is None or name in self.merged:
-            return self.base_layer(x)
+            return self.base_output(x)
         a, b = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         if lora_function.applies(x, self.base_layer, a.weight, b.weight):
@@ -141,11 +189,14 @@ virtual_tokens = None  # no virtual tokens
 
 
 def apply(model: nn.Module, settings: LoraSettings, adapter_name: str = DEFAULT,
-          layer_cls: type[LoraLinear] = LoraLinear) -> dict[str, LoraLinear]:
-    """Freeze the model and add an adapter (LoRA, or the variant `layer_cls` is) to every targeted linear layer."""
+          layer_cls: type[LoraLinear] = LoraLinear, quantise: lora_init.Quantiser | None = None
+          ) -> dict[str, LoraLinear]:
+    """Freeze the model and add an adapter (LoRA, or the variant `layer_cls` is) to every targeted linear layer,
+    initialised as settings.init says (lora_init.py; `quantise`: the 4-bit round trip LoftQ fits to)."""
     for name in adapter_targets(model, settings.target_modules, adapter_name, LoraLinear):
         layer = wrapped(model, name, layer_cls)
         layer.add_adapter(adapter_name, settings.r, settings.alpha, settings.dropout, settings.rslora)
+        lora_init.initialise(layer, adapter_name, settings, quantise)
     return lora_layers(model)
 
 
@@ -156,6 +207,9 @@ def per_row(model: nn.Module, adapter_names: list[str | None]):
     computes it (an adapter that does not target a layer leaves that layer's rows to the base). Inference only: no
     dropout; merged adapters are refused (a merged weight changes every row)."""
     layers = list(lora_layers(model).values())
+    if any(layer.residual_of is not None for layer in layers):
+        raise ModelError("this model's base weights hold the residual of a pissa/olora/loftq initialisation; save "
+                         "the adapter (saving converts it to a plain LoRA) and serve it on the original model")
     merged = sorted({n for layer in layers for n in layer.merged})
     if merged:
         raise ModelError(f"adapters {merged} are merged into the base weights, so rows cannot choose their adapter; "
@@ -194,7 +248,7 @@ def peft_config(settings: LoraSettings, base_model: str, targets: list[str], fan
         "use_dora": settings.name == "dora",
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": True,
+        "init_lora_weights": True,  # what PEFT writes for an adapter converted against the original weights
         "inference_mode": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -210,8 +264,12 @@ def save(model: nn.Module, settings: LoraSettings, folder, base_model: str, adap
     layers = lora_layers(model)
     targets = sorted({n.rsplit(".", 1)[-1] for n in layers})
     fan_in_fan_out = fan_in_fan_out or any(is_conv1d(layer.base_layer) for layer in layers.values())
-    write_adapter(folder, peft_config(settings, base_model, targets, fan_in_fan_out),
-                  adapter_tensors(model, adapter_name))
+    config, tensors = peft_config(settings, base_model, targets, fan_in_fan_out), adapter_tensors(model, adapter_name)
+    initial = {f"{PEFT_PREFIX}{name}.": layer.initial() for name, layer in layers.items()
+               if layer.residual_of == adapter_name}
+    if initial:  # PEFT's path_initial_model_for_weight_conversion: a rank-2r LoRA on the original weights
+        config, tensors = lora_init.converted_config(config), lora_init.converted(tensors, initial)
+    write_adapter(folder, config, tensors)
 
 
 def settings_from_peft(config: dict, folder, use_dora: bool = False) -> LoraSettings:
@@ -226,6 +284,9 @@ def settings_from_peft(config: dict, folder, use_dora: bool = False) -> LoraSett
         "modules_to_save": bool(config.get("modules_to_save")),
         "layers_to_transform": config.get("layers_to_transform") is not None,
         "bias": config.get("bias", "none") != "none",
+        f"init_lora_weights {config.get('init_lora_weights')!r} (an adapter for the residual base its "
+        "initialisation left; save it from PEFT with path_initial_model_for_weight_conversion to get one for the "
+        "original weights)": lora_init.mutates_base(config.get("init_lora_weights", True)),
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

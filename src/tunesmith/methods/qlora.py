@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunesmith.config.methods import QloraSettings
+from tunesmith.config.methods import WEIGHT_INITS, QloraSettings
 from tunesmith.errors import ConfigError, OutputDirError
 from tunesmith.methods import lora
 from tunesmith.methods.base import conv1d_class, is_conv1d, read_adapter, replace_module
@@ -43,14 +43,26 @@ def apply(model: nn.Module, settings: QloraSettings, adapter_name: str = DEFAULT
         raise ConfigError("method.name: qlora stores the base in 4 bits itself, but this model is already an int4 "
                           "folder from `tunesmith quantize`; use method lora on it")
     conv1d_as_linear(model)
+    reads_weights = settings.init in WEIGHT_INITS
+    if reads_weights:  # A, B and the residual from the full-precision W; the residual is then stored in 4 bits
+        lora.apply(model, settings, adapter_name, quantise=lambda w: round_trip(w, settings))
     if not any(nf4.is_4bit(m) for m in model.modules()) or nf4.quantizable_layers(model, missing_ok=True):
-        nf4.quantize_model(model, settings.quant_type, settings.double_quant, settings.compute_dtype)
-    return lora.apply(model, settings, adapter_name)
+        nf4.quantize_model(model, settings.quant_type, settings.double_quant, settings.compute_dtype,
+                           keep=lambda name: ".lora_A." in name or ".lora_B." in name)  # the adapters train
+    return lora.lora_layers(model) if reads_weights else lora.apply(model, settings, adapter_name)
+
+
+def round_trip(weight: torch.Tensor, settings: QloraSettings) -> torch.Tensor:
+    """deq(quant(weight)) as the 4-bit layer stores it (LoftQ's quantise step)."""
+    return nf4.dequantize_tensor(*nf4.quantize_tensor(weight, settings.quant_type, settings.double_quant)).float()
 
 
 def quantize_on_load(settings: QloraSettings):
     """What models.load_model takes as `place`: the base linears stored in 4 bits as they load (what `apply` would
-    quantise after loading, the same codes), so the full-precision model is never held whole."""
+    quantise after loading, the same codes), so the full-precision model is never held whole; None where the
+    initialisation reads the full-precision weights (method.init pissa, olora, loftq)."""
+    if settings.init in WEIGHT_INITS:
+        return None
     return nf4.quantizing_place(settings.quant_type, settings.double_quant, settings.compute_dtype)
 
 

@@ -81,12 +81,14 @@ def block_absmax(state) -> torch.Tensor:
 
 
 def unsupported_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """(name, type) of layers holding a 2-D weight that 4-bit storage cannot take (e.g. GPT-2's Conv1D)."""
+    """(name, type) of layers holding a 2-D weight that 4-bit storage cannot take (e.g. GPT-2's Conv1D). A wrapper
+    around an nn.Linear (an adapter layer, its `base_layer`) is stored through that linear."""
     out = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if (isinstance(weight, torch.Tensor) and weight.dim() == 2
-                and not isinstance(module, (nn.Linear, nn.Embedding))):
+                and not isinstance(module, (nn.Linear, nn.Embedding))
+                and not isinstance(getattr(module, "base_layer", None), nn.Linear)):
             out.append((name, type(module).__name__))
     return out
 
@@ -199,9 +201,9 @@ def _check_gradient_flows(quant_type: str, double_quant: bool) -> None:
 
 
 def quantize_model(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
-                   compute_dtype: str = "float32") -> list[str]:
-    """Replace every quantisable linear layer by its 4-bit version; returns their names."""
-    names = quantizable_layers(model)
+                   compute_dtype: str = "float32", keep=lambda name: False) -> list[str]:
+    """Replace every quantisable linear layer but those `keep` names by its 4-bit version; returns their names."""
+    names = [name for name in quantizable_layers(model) if not keep(name)]
     for name in names:
         replace_module(model, name, to_4bit(model.get_submodule(name), quant_type, double_quant, compute_dtype))
     copy_out_of_file(p for p in model.parameters() if p.dtype.is_floating_point)  # the 4-bit codes are new

@@ -51,7 +51,7 @@ def whole_load_reason(cfg, folder: str) -> str | None:
     from tunesmith.quant.folder import is_quantized_folder
 
     method, objective = cfg.method.declaration, cfg.objective_declaration
-    if method.init_reads_weights:
+    if cfg.method.init_reads_weights():
         return f"method {cfg.method.name} computes its initial values from the base weights"
     if objective.own_head:
         return f"objective {cfg.objective} adds its head to the loaded model before training"
