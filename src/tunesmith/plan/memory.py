@@ -123,6 +123,8 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
     if frozen:
         parts.append(Part("frozen linear weights in bf16", frozen * 2,
                           f"{frozen:,} × 2 B (train.bf16_frozen_weights; kernels/frozen_bf16.py)"))
+    elif method.init_residual() and device == "cpu" and dtype_bytes == arch.checkpoint_bytes == 4:
+        parts += _initialisation_parts(arch, cfg)[:1]  # the mapped file keeps W's pages beside the residuals
     if added:
         parts.append(Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)"))
     if method.declaration.memory.shared_projections:
@@ -421,11 +423,31 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
     the final dtype (4 bits for QLoRA's base linears, quantised as each arrives), plus the largest tensor converted,
     read into one staging buffer. The model is read on CPU and moved to the device after the method is applied (train/run.py),
     so on CUDA loading holds the weights as moved: an fp32 base in fp32 before train.bf16_frozen_weights converts it
-    there (unvalidated: no GPU has run it)."""
+    there (unvalidated: no GPU has run it). An initialisation that replaces the targets' weights by residuals
+    (method.init pissa, olora, loftq) holds them beside the weights as read, and makes QLoRA read the full-precision
+    weights whole (quantised after the initialisation)."""
+    parts = _weights_as_read(arch, cfg, plan, device)
+    return parts + _initialisation_parts(arch, cfg) if cfg.method.init_residual() else parts
+
+
+def _initialisation_parts(arch: Architecture, cfg: RunConfig) -> list[Part]:
+    """method.init pissa / olora / loftq (methods/lora_init.py): each target's residual is a new tensor beside the
+    weight as loaded (the file's page on CPU), and one target at a time is decomposed in fp32."""
+    dtype_bytes = 2 if cfg.weights_dtype == "bfloat16" else 4
+    targets = [lin.in_features * lin.out_features for lin in linears(arch)
+               if lin.name != "lm_head" and matches(lin.name, cfg.method.target_modules)]
+    largest = max(targets, default=0)
+    return [Part("initialisation residuals", sum(targets) * dtype_bytes,
+                 f"{sum(targets):,} target weights × {dtype_bytes} B, W − s·B0·A0 beside W as read"),
+            Part("decomposition of one target", largest * 4 * 3,
+                 f"the largest target ({largest:,} weights) in fp32, and its SVD / QR factors (≤ 2 × its size)")]
+
+
+def _weights_as_read(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
     base, stored = sum_base(arch), arch.checkpoint_bytes
     dtype_bytes = 2 if cfg.weights_dtype == "bfloat16" else 4
     declared = cfg.method.declaration
-    if declared.memory.quantized_base:
+    if declared.memory.quantized_base and not cfg.method.init_residual():  # an init reads the fp weights whole
         kept = [Part(f"{p.name} as loaded", p.bytes, p.detail)
                 for p in _weight_parts(arch, cfg, plan, None, device) if p.name != "added parameters"]
         if device != "cpu":

@@ -173,11 +173,12 @@ def _whole(arch, s, params, dtype) -> tuple[list, dict, int]:
 def _lora(arch, s, params, dtype) -> tuple[list, dict, int]:
     dora = s.declaration.memory.weight_norms  # DoRA's magnitude vector beside each target's pair
     rows, saved = [], {}
+    saved_r = 2 * s.r if s.init_residual() else s.r  # saved converted to a rank-2r LoRA (methods/lora_init.py)
     for lin in matched_linears(arch, s.target_modules):
         d, k = lin.in_features, lin.out_features
         rows.append((lin.suffix, f"r·(d+k) = {s.r}·({d}+{k})", s.r * (d + k)))
-        saved[f"{PEFT_PREFIX}{lin.name}.lora_A.weight"] = ((s.r, d), "F32")
-        saved[f"{PEFT_PREFIX}{lin.name}.lora_B.weight"] = ((k, s.r), "F32")
+        saved[f"{PEFT_PREFIX}{lin.name}.lora_A.weight"] = ((saved_r, d), "F32")
+        saved[f"{PEFT_PREFIX}{lin.name}.lora_B.weight"] = ((k, saved_r), "F32")
         if dora:
             rows.append((f"{lin.suffix} magnitude", f"k = {k}", k))
             saved[f"{PEFT_PREFIX}{lin.name}.lora_magnitude_vector"] = ((k,), "F32")
