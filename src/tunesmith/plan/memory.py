@@ -28,6 +28,7 @@ from tunesmith.config import RunConfig
 from tunesmith.config.declarations import Saved
 from tunesmith.plan.architectures import Architecture
 from tunesmith.plan.batches import BatchTokens, largest_batch
+from tunesmith.plan.initialisation import initialisation_parts
 from tunesmith.plan.optimizer_state import optimizer_state, step_transient
 from tunesmith.plan.parameters import (BLOCKS, ParameterPlan, count, linears, matched_linears, matches, new_tokens,
                                        numel, token_rows, widest_target, with_new_tokens)
@@ -124,7 +125,7 @@ def _weight_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, int4_
         parts.append(Part("frozen linear weights in bf16", frozen * 2,
                           f"{frozen:,} × 2 B (train.bf16_frozen_weights; kernels/frozen_bf16.py)"))
     elif method.init_residual() and device == "cpu" and dtype_bytes == arch.checkpoint_bytes == 4:
-        parts += _initialisation_parts(arch, cfg)[:1]  # the mapped file keeps W's pages beside the residuals
+        parts += [Part(*initialisation_parts(arch, cfg)[0])]  # the mapped file keeps W's pages beside the residuals
     if added:
         parts.append(Part("added parameters", added * 4, f"{added:,} × 4 B (fp32)"))
     if method.declaration.memory.shared_projections:
@@ -427,20 +428,7 @@ def _loading_parts(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, devi
     (method.init pissa, olora, loftq) holds them beside the weights as read, and makes QLoRA read the full-precision
     weights whole (quantised after the initialisation)."""
     parts = _weights_as_read(arch, cfg, plan, device)
-    return parts + _initialisation_parts(arch, cfg) if cfg.method.init_residual() else parts
-
-
-def _initialisation_parts(arch: Architecture, cfg: RunConfig) -> list[Part]:
-    """method.init pissa / olora / loftq (methods/lora_init.py): each target's residual is a new tensor beside the
-    weight as loaded (the file's page on CPU), and one target at a time is decomposed in fp32."""
-    dtype_bytes = 2 if cfg.weights_dtype == "bfloat16" else 4
-    targets = [lin.in_features * lin.out_features for lin in linears(arch)
-               if lin.name != "lm_head" and matches(lin.name, cfg.method.target_modules)]
-    largest = max(targets, default=0)
-    return [Part("initialisation residuals", sum(targets) * dtype_bytes,
-                 f"{sum(targets):,} target weights × {dtype_bytes} B, W − s·B0·A0 beside W as read"),
-            Part("decomposition of one target", largest * 4 * 3,
-                 f"the largest target ({largest:,} weights) in fp32, and its SVD / QR factors (≤ 2 × its size)")]
+    return parts + [Part(*p) for p in initialisation_parts(arch, cfg)] if cfg.method.init_residual() else parts
 
 
 def _weights_as_read(arch: Architecture, cfg: RunConfig, plan: ParameterPlan, device: str) -> list[Part]:
