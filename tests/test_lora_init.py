@@ -252,18 +252,18 @@ def test_plan_holds_the_residuals_while_loading_and_qlora_reads_the_fp_weights_w
 
 @pytest.mark.slow
 def test_real_model_pissa_lowers_heldout_loss(tmp_path):
-    """The demo's config with init pissa on the real SmolLM2 for 10 steps of 8 (eager). Measured: 4.5545 -> 4.2001
-    (7.8 %) at lr 1e-4; the margin is about half that."""
+    """The demo's config with init pissa on the real SmolLM2 for 10 steps of 8 (eager). Measured: 4.5545 -> 3.9871
+    (12.5 %) at LoRA's demo rate 5e-4 (4.2001, 7.8 %, at 1e-4); the margin is about half that."""
     from tunesmith.config import load_config
     from tunesmith.train.loop import train
 
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
-        "method.init=pissa", f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=1e-4",
+        "method.init=pissa", f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=5e-4",
         "train.warmup_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_examples=96",
         "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0",
         "report.forgetting=false", "train.compile=false"])
     result = train(cfg, quiet=True)
     drop = (result.eval_before - result.eval_after) / result.eval_before
     print(f"pissa: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
-    assert drop >= 0.04, f"held-out loss {result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
+    assert drop >= 0.06, f"held-out loss {result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
     assert read_adapter_config(result.run_dir / "adapter")["r"] == 2 * cfg.method.r
