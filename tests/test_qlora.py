@@ -167,8 +167,8 @@ def test_the_loop_optimises_only_lora_and_saves_a_plain_lora_adapter_on_the_fp_b
 
     class SpyAdamW(torch.optim.AdamW):
         def __init__(self, params, *args, **kwargs):
-            params = list(params)
-            seen.extend(params)
+            params = list(params)  # parameter groups (methods/base.parameter_groups)
+            seen.extend(p for group in params for p in group["params"])
             super().__init__(params, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
