@@ -27,7 +27,7 @@ METHODS = {  # each at the learning rate its real-model test uses
     "ia3": ["method.name=ia3", "train.lr=3e-2"],
     "loha": ["method.name=loha", "train.lr=1e-2"],  # r 16, alpha 32: the demo's, as in its real-model test
     "lokr": ["method.name=lokr", "train.lr=1e-2"],
-    "vera": ["method.name=vera", "train.lr=3e-2"],
+    "vera": ["method.name=vera", "method.r=256", "method.dropout=0.0", "train.lr=3e-2"],
     "bitfit": ["method.name=bitfit", "train.lr=3e-3"],
     "adapter": ["method.name=adapter", "method.reduction_factor=16", "train.lr=2e-3"],
     "prompt": ["method.name=prompt", "method.num_virtual_tokens=16", "train.lr=1e-2"],
