@@ -92,8 +92,10 @@ def test_only_the_listed_rows_train_and_save_load_and_peft_give_equal_logits(tok
     assert plan.trainable == 2 * 4 * ((64 + 64) + (64 + 32)) + 2 * 3 * 64  # q, v: r·(d+k), 2 blocks; 3 rows twice
 
     frozen = {n: model.get_submodule(n).base_layer.weight.detach().clone() for n in ("model.embed_tokens", "lm_head")}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _ids(tok)
+    with torch.no_grad():
+        untrained = model(ids).logits
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         model(ids, labels=ids).loss.backward()
         optimizer.step()
@@ -106,6 +108,11 @@ def test_only_the_listed_rows_train_and_save_load_and_peft_give_equal_logits(tok
 
     with torch.no_grad():
         expected = model(ids).logits
+        # the reference policy (DPO, KTO, PPO, GRPO) is the model before training: adapters and trained rows off
+        with trainable_tokens.with_rows_off(lora).disabled(model):
+            torch.testing.assert_close(model(ids).logits, untrained, atol=1e-6, rtol=0)  # a head column by a
+            # product of its own before training, by the whole head now: the same sums in another order
+        assert not torch.equal(model(ids).logits, untrained)
     folder = tmp_path / "adapter"
     lora.save(model, settings, folder, "tiny")
     trainable_tokens.save_with_artifact(model, tok, folder)

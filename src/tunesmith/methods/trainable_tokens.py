@@ -15,6 +15,7 @@ PeftModel loads a LoRA adapter with its rows on a base resized to that tokenizer
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,11 +35,13 @@ PEFT_PREFIX = "base_model.model."
 
 class TokenRows(nn.Module):
     """A frozen embedding (`base_layer`) or output head whose rows `token_indices` come from a trained parameter: its
-    own, or, for a head tied to the embedding, the embedding wrapper's (`tied`)."""
+    own, or, for a head tied to the embedding, the embedding wrapper's (`tied`). With `off` set it is the frozen
+    module alone: the rows as they were before training."""
 
     def __init__(self, base_layer: nn.Module, token_indices: list[int], tied: TokenRows | None = None):
         super().__init__()
         self.base_layer = base_layer
+        self.off = False
         self.token_indices = list(token_indices)
         self._tied = [tied] if tied is not None else []  # a list: not registered, so its parameter is counted once
         weight = base_layer.weight
@@ -64,6 +67,8 @@ class TokenRows(nn.Module):
         return w.index_copy(0, self.index, self.rows.to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.off:
+            return self.base_layer(x)
         if isinstance(self.base_layer, nn.Embedding):
             return self._embed(x)
         return self._project(x)
@@ -130,6 +135,42 @@ def apply(model: nn.Module, layout: dict[str, list[int]]) -> dict[str, TokenRows
 
 def wrappers(model: nn.Module) -> dict[str, TokenRows]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TokenRows)}
+
+
+@contextmanager
+def rows_off(model: nn.Module):
+    """Inside the block the frozen rows stand in for the trained ones: the token rows as they were before training."""
+    layers = list(wrappers(model).values())
+    try:
+        for layer in layers:
+            layer.off = True
+        yield model
+    finally:
+        for layer in layers:
+            layer.off = False
+
+
+class WithRowsOff:
+    """A method whose `disabled(model)` (the reference policy of DPO, KTO, PPO, GRPO: the model before training) also
+    switches the trained token rows off; everything else is the method's own."""
+
+    def __init__(self, method):
+        self._method = method
+
+    def __getattr__(self, name: str):
+        return getattr(self._method, name)
+
+    @contextmanager
+    def disabled(self, model: nn.Module):
+        with self._method.disabled(model), rows_off(model):
+            yield model
+
+
+def with_rows_off(method):
+    """`method`, or where it has a switch to the untrained model, that switch with the token rows off too (a method
+    training base weights in place has none: the reference then snapshots the trainable tensors, the rows among them).
+    """
+    return method if method.disabled is None else WithRowsOff(method)
 
 
 def peft_entries(model: nn.Module) -> tuple[object, dict[str, torch.Tensor]]:

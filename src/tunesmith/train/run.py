@@ -231,7 +231,9 @@ def open_run(cfg: RunConfig, objective, overwrite: bool, resume: bool, quiet: bo
     ctx = RunContext(virtual_tokens=method.virtual_tokens)
     # before prepare: a cached reference must be computed as the policy is
     console.print(f"[bold]speed[/bold] {checked_speed_options(model, cfg, device, pad_id, ctx, ranks)}")
-    note = objective.prepare(model, method, cfg, data, device, pad_id, ctx)
+    # the reference policy is the model before training: the token rows' switch goes with the method's
+    note = objective.prepare(model, trainable_tokens.with_rows_off(method) if rows else method, cfg, data, device,
+                             pad_id, ctx)
     trainable, total = count_parameters(model)
     ctx.memory_plan = predicted_peak(cfg, device.type, objective, data.train, pad_id)
     if ctx.memory_plan is not None:
