@@ -284,14 +284,14 @@ def test_activation_bytes_are_what_autograd_saves(case):
     """The per-token, per-layer bytes the formula counts equal what autograd saves for backward (through tunesmith's
     kernels): the growth of the saved tensors' storage with tokens and layers of a tiny Llama."""
     from tunesmith.config import RunConfig
-    from tunesmith.plan.memory import _saved_per_token_layer
+    from tunesmith.plan.saved_activations import saved_per_token_layer
 
     def per_token(layers: int) -> float:
         return (_saved_bytes(case, layers, 96) - _saved_bytes(case, layers, 48)) / 48
 
     measured = (per_token(3) - per_token(1)) / 2
     cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"}})
-    predicted, detail = _saved_per_token_layer(from_config(tiny_llama(256).config.to_dict(), "tiny"), cfg)
+    predicted, detail = saved_per_token_layer(from_config(tiny_llama(256).config.to_dict(), "tiny"), cfg)
     assert predicted == pytest.approx(measured, rel=0.02), detail
 
 
@@ -305,7 +305,7 @@ def test_activation_bytes_under_bf16_autocast_are_what_autograd_saves(case):
     outputs, CPU dropout's noise in the input's dtype. Segments of 48 and 96 keys
     are attended in fp32 on every CPU (kernels/attention_precision.py)."""
     from tunesmith.config import RunConfig
-    from tunesmith.plan.memory import _saved_per_token_layer
+    from tunesmith.plan.saved_activations import saved_per_token_layer
 
     def per_token(layers: int) -> float:
         return (_saved_bytes(case, layers, 96, bf16=True) - _saved_bytes(case, layers, 48, bf16=True)) / 48
@@ -313,7 +313,7 @@ def test_activation_bytes_under_bf16_autocast_are_what_autograd_saves(case):
     measured = (per_token(3) - per_token(1)) / 2
     cfg = RunConfig.model_validate({"model": {"path": "tiny"}, "method": case, "data": {"train": "x"},
                                     "train": {"bf16": True}})
-    predicted, detail = _saved_per_token_layer(from_config(tiny_llama(256).config.to_dict(), "tiny"), cfg,
+    predicted, detail = saved_per_token_layer(from_config(tiny_llama(256).config.to_dict(), "tiny"), cfg,
                                                attention_bf16=False)
     # adapter: 72 B a token of this tiny model's 2,408 are not accounted for (3 %; SmolLM2's block: 1.6 %)
     assert predicted == pytest.approx(measured, rel=0.05 if case["name"] == "adapter" else 0.02), detail
