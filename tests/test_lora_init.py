@@ -251,19 +251,32 @@ def test_plan_holds_the_residuals_while_loading_and_qlora_reads_the_fp_weights_w
 
 
 @pytest.mark.slow
-def test_real_model_pissa_lowers_heldout_loss(tmp_path):
-    """The demo's config with init pissa on the real SmolLM2 for 10 steps of 8 (eager). Measured: 4.5545 -> 3.9871
-    (12.5 %) at LoRA's demo rate 5e-4 (4.2001, 7.8 %, at 1e-4); the margin is about half that."""
+def test_real_model_fast_pissa_with_new_tokens_lowers_heldout_loss(tmp_path):
+    """One real run for two additions: the demo's config on the real SmolLM2 with init pissa (the randomised SVD,
+    pissa_niter 4: 0.4 s for SmolLM2's 210 linears against 8.2 s for the full SVD) and two domain tokens added (every
+    prompt says "hacker jargon") whose rows train beside the adapter, 8 steps of 8 at LoRA's demo rate 5e-4.
+    Measured: 4.6481 -> 4.1232 (11.3 %; PiSSA alone, full SVD, 10 steps: 12.5 %); the margin is about half that. The adapter is saved converted (rank 2r) with the rows in
+    PEFT's trainable_token_indices layout, and both new rows moved away from where they started (the embedding's mean).
+    """
+    from safetensors import safe_open
+
     from tunesmith.config import load_config
+    from tunesmith.models import builtin_folder
     from tunesmith.train.loop import train
 
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
-        "method.init=pissa", f"output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.lr=5e-4",
-        "train.warmup_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_examples=96",
-        "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0",
-        "report.forgetting=false", "train.compile=false"])
+        "method.init=pissa", "method.pissa_niter=4", 'model.add_tokens=["hacker jargon", " hacker"]',
+        f"output_dir={tmp_path / 'run'}", "train.max_steps=8", "train.lr=5e-4", "train.warmup_steps=2",
+        "train.eval_every=null", "train.save_every=null", "data.max_examples=80", "data.max_eval_examples=24",
+        "report.heldout_samples=0", "report.trained_samples=0", "report.forgetting=false", "train.compile=false"])
     result = train(cfg, quiet=True)
     drop = (result.eval_before - result.eval_after) / result.eval_before
-    print(f"pissa: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
-    assert drop >= 0.06, f"held-out loss {result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
-    assert read_adapter_config(result.run_dir / "adapter")["r"] == 2 * cfg.method.r
+    print(f"pissa + new tokens: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
+    assert drop >= 0.055, f"held-out loss {result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
+    config, tensors = read_adapter(result.run_dir / "adapter")
+    assert config["r"] == 2 * cfg.method.r
+    assert config["trainable_token_indices"] == [49152, 49153]
+    with safe_open(str(builtin_folder("smollm2-135m-instruct") / "model.safetensors"), "pt") as fh:
+        start = fh.get_tensor("model.embed_tokens.weight").mean(0)
+    rows = tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert (rows - start).abs().amax(1).min() > 3e-4  # about one AdamW step at lr 5e-4 (bf16 start: ~1e-4 off)

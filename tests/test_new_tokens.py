@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, qa_rows, tiny_llama, write_jsonl
+from conftest import qa_rows, tiny_llama, write_jsonl
 
 from tunesmith.config import RunConfig
 from tunesmith.config.run import ModelSettings
@@ -228,28 +228,5 @@ def test_bad_token_settings_are_refused_naming_the_field(tokenizer):
         token_ids(tokenizer, [V])
 
 
-@pytest.mark.slow
-def test_real_model_new_tokens_lower_heldout_loss(tmp_path):
-    """The demo's config on the real SmolLM2 with two domain tokens added (every prompt says "hacker jargon"), LoRA
-    and their rows training, 8 steps of 8. Measured: 4.6489 -> 4.2355 (8.9 %); the margin is about half that. Both
-    new rows moved away from where they started (the mean of the embedding's rows)."""
-    from safetensors import safe_open
-
-    from tunesmith.config import load_config
-    from tunesmith.models import builtin_folder
-    from tunesmith.train.loop import train
-
-    cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
-        f"output_dir={tmp_path / 'run'}", "train.max_steps=8", "train.warmup_steps=2", "train.eval_every=null",
-        "train.save_every=null", "data.max_examples=64", "data.max_eval_examples=24", "report.heldout_samples=0",
-        "report.trained_samples=0", "report.forgetting=false", 'model.add_tokens=["hacker jargon", " hacker"]'])
-    result = train(cfg, quiet=True)
-    drop = (result.eval_before - result.eval_after) / result.eval_before
-    print(f"new tokens: held-out loss {result.eval_before:.4f} -> {result.eval_after:.4f} ({drop:.1%})")
-    assert drop >= 0.045, f"held-out loss {result.eval_before:.4f} → {result.eval_after:.4f} ({drop:.1%})"
-    config, tensors = read_adapter(result.run_dir / "adapter")
-    assert config["trainable_token_indices"] == [49152, 49153]
-    with safe_open(str(builtin_folder("smollm2-135m-instruct") / "model.safetensors"), "pt") as fh:
-        start = fh.get_tensor("model.embed_tokens.weight").mean(0)
-    rows = tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
-    assert (rows - start).abs().amax(1).min() > 3e-4  # about one AdamW step at lr 5e-4 (bf16 start: ~1e-4 off)
+# the real-SmolLM2 run with added tokens shares one run with PiSSA:
+# tests/test_lora_init.py::test_real_model_fast_pissa_with_new_tokens_lowers_heldout_loss

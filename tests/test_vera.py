@@ -219,8 +219,8 @@ def test_bake_off_candidate_is_planned_with_vera_and_its_rate(tmp_path):
 @pytest.mark.slow
 def test_real_model_vera_lowers_heldout_loss(tmp_path):
     """The demo's config with VeRA (r 256 and no dropout, set here: the demo's LoRA r 16 and dropout 0.05 would carry
-    over; every linear) on the real SmolLM2 for 10 steps of 8. Measured at lr 3e-2: 4.5550 -> 4.1966 (7.9 %); the
-    margin is about half that. VeRA trains 0.16 % of the model's parameters and wants a far larger learning rate
+    over; every linear) on the real SmolLM2 for 8 steps of 8. Measured at lr 3e-2: 4.5550 -> 4.2365 (7.0 %; 10 steps:
+    7.9 %); the margin is about half that. VeRA trains 0.16 % of the model's parameters and wants a far larger learning rate
     than LoRA."""
     from tunesmith.config import load_config
     from tunesmith.methods.base import read_adapter_config
@@ -228,8 +228,8 @@ def test_real_model_vera_lowers_heldout_loss(tmp_path):
 
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
         "method.name=vera", "method.r=256", "method.dropout=0.0", f"output_dir={tmp_path / 'run'}",
-        "train.max_steps=10", "train.lr=3e-2",
-        "train.warmup_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_examples=96",
+        "train.max_steps=8", "train.lr=3e-2",
+        "train.warmup_steps=2", "train.eval_every=null", "train.save_every=null", "data.max_examples=80",
         "data.max_eval_examples=24", "report.heldout_samples=0", "report.trained_samples=0",
         "report.forgetting=false"])
     result = train(cfg, quiet=True)
