@@ -3,18 +3,24 @@
     .venv/bin/python bench/methods.py [--steps 20] [--methods lora,dora,...]
 
 Prints: method, trainable parameters (count and %), adapter file size, seconds per step, peak RSS of the
-training process, held-out loss before and after the same number of steps. Run by hand; nothing asserts a time.
+training process, held-out loss before and after the same number of steps; the raw rows go to
+bench/results/<date>-methods-<cpu>.jsonl. Run by hand; nothing asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_log import RESULTS, ResultsLog, cpu_slug, cpu_summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_EXAMPLES = 40
@@ -43,7 +49,7 @@ METHODS = {  # each at the learning rate its real-model test uses
 
 
 def run_one(name: str, steps: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "tunesmith.cli", "train", str(REPO / "examples" / "demo_lora_sft.yaml"), "--quiet",
+    cmd = [sys.executable, "-m", "tunesmith", "train", str(REPO / "examples" / "demo_lora_sft.yaml"), "--quiet",
            "--set", f"output_dir={out}", "--set", f"train.max_steps={steps}", "--set", "train.warmup_steps=2",
            "--set", "train.eval_every=null", "--set", "train.save_every=null",
            "--set", "report.heldout_samples=0", "--set", "report.trained_samples=0",
@@ -67,10 +73,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--methods", default=",".join(METHODS))
     args = parser.parse_args()
+    cpu = cpu_summary()
+    log = ResultsLog(RESULTS / f"{datetime.date.today()}-methods-{cpu_slug(cpu)}.jsonl")
+    log.header(sys.argv, {**vars(args), "eval_examples": EVAL_EXAMPLES}, cpu)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods.split(","):
             rows.append(run_one(name, args.steps, Path(tmp) / name))
+            log.row("method", overrides=METHODS[name], **rows[-1])
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\nSmolLM2-135M-Instruct, demo data, {args.steps} steps × batch 8, bf16 autocast, "
           f"{os.cpu_count()} CPU threads, held-out loss on {EVAL_EXAMPLES} examples\n")

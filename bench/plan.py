@@ -23,9 +23,15 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["full", "freeze", "bitfit", "lora", "dora", "qlora", "ia3", "vera", "adapter", "prompt", "prefix",
-           "ptuning-v2"]
-METHOD_OPTIONS = {"freeze": {"last_layers": 4}}
+METHODS = ["full", "freeze", "bitfit", "lora", "dora", "qlora", "ia3", "vera", "loha", "lokr", "adapter", "prompt",
+           "prefix", "ptuning-v2", "lora-pissa", "lora+new-tokens", "full-galore"]
+# a row's config sections beyond {"method": {"name": row}}: a method's options, or a variant of one (row name -> ...)
+ROW_SECTIONS = {
+    "freeze": {"method": {"name": "freeze", "last_layers": 4}},
+    "lora-pissa": {"method": {"name": "lora", "init": "pissa"}},
+    "lora+new-tokens": {"method": {"name": "lora"}, "model": {"add_tokens": ["hacker jargon", " hacker"]}},
+    "full-galore": {"method": {"name": "full"}, "train": {"optimizer": "galore", "galore": {"rank": 64}}},
+}
 
 
 def vm_hwm() -> int:
@@ -65,9 +71,10 @@ def row_config(method: str, objective: str, batch: int, length: int, steps: int,
     data = {"train": str(text_file(folder)), "max_length": length, "overlong": "truncate"}
     if objective == "dpo":
         data = {"train": str(preference_file(folder)), "max_length": length, "overlong": "truncate"}
-    return {"model": {"path": "builtin:smollm2-135m-instruct"},
-            "method": {"name": method, **METHOD_OPTIONS.get(method, {})}, "objective": objective,
-            "data": data, "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "bf16": bf16},
+    sections = ROW_SECTIONS.get(method, {"method": {"name": method}})
+    return {"model": {"path": "builtin:smollm2-135m-instruct", **sections.get("model", {})},
+            "method": sections["method"], "objective": objective, "data": data,
+            "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "bf16": bf16, **sections.get("train", {})},
             "report": {"compare": False, "heldout_samples": 0, "trained_samples": 0},
             "output_dir": str(folder / "run")}
 

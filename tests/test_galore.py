@@ -176,7 +176,8 @@ def test_real_model_full_galore_lowers_heldout_loss(tmp_path):
 
     cfg = load_config(REPO / "examples" / "demo_lora_sft.yaml", [
         "method.name=full", "train.optimizer=galore", "train.galore.rank=64", "train.galore.update_interval=100",
-        "train.galore.scale=1.0", "train.galore.target_modules=[q_proj,k_proj,v_proj,o_proj]", f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.batch_size=4",
+        "train.galore.scale=1.0", "train.galore.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+        f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "train.batch_size=4",
         "train.lr=2e-4", "train.warmup_steps=1", "train.compile=false", "train.eval_every=null",
         "train.save_every=null", "data.max_examples=24", "data.max_eval_examples=8", "report.heldout_samples=0",
         "report.trained_samples=0", "report.forgetting=false"])

@@ -189,7 +189,8 @@ def test_conv1d_bad_factor_another_base_and_foreign_options_refused(tmp_path):
 def test_real_model_loha_lowers_heldout_loss(tmp_path):
     """The demo's config with LoHa (all linear layers; r 16 and alpha 32 carried over from the demo's LoRA section)
     on the real SmolLM2 for 8 steps of 8. Measured: 4.5550 -> 4.0068 (12.0 %; 10 steps: 12.9 %); the margin is about
-    half that. LoHa's factors start small (their products are sums of r products of Kaiming-uniform entries, one pair zero), so it wants a far larger rate than LoRA."""
+    half that. LoHa's factors start small (their products are sums of r products of Kaiming-uniform entries, one
+    pair zero), so it wants a far larger rate than LoRA."""
     from tunesmith.methods.base import read_adapter_config
     from tunesmith.train.loop import train
 

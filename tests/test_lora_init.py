@@ -255,8 +255,9 @@ def test_real_model_fast_pissa_with_new_tokens_lowers_heldout_loss(tmp_path):
     """One real run for two additions: the demo's config on the real SmolLM2 with init pissa (the randomised SVD,
     pissa_niter 4: 0.4 s for SmolLM2's 210 linears against 8.2 s for the full SVD) and two domain tokens added (every
     prompt says "hacker jargon") whose rows train beside the adapter, 8 steps of 8 at LoRA's demo rate 5e-4.
-    Measured: 4.6481 -> 4.1232 (11.3 %; PiSSA alone, full SVD, 10 steps: 12.5 %); the margin is about half that. The adapter is saved converted (rank 2r) with the rows in
-    PEFT's trainable_token_indices layout, and both new rows moved away from where they started (the embedding's mean).
+    Measured: 4.6481 -> 4.1232 (11.3 %; PiSSA alone, full SVD, 10 steps: 12.5 %); the margin is about half that.
+    The adapter is saved converted (rank 2r) with the rows in PEFT's trainable_token_indices layout, and both new
+    rows moved away from where they started (the embedding's mean).
     """
     from safetensors import safe_open
 

@@ -220,8 +220,8 @@ def test_bake_off_candidate_is_planned_with_vera_and_its_rate(tmp_path):
 def test_real_model_vera_lowers_heldout_loss(tmp_path):
     """The demo's config with VeRA (r 256 and no dropout, set here: the demo's LoRA r 16 and dropout 0.05 would carry
     over; every linear) on the real SmolLM2 for 8 steps of 8. Measured at lr 3e-2: 4.5550 -> 4.2365 (7.0 %; 10 steps:
-    7.9 %); the margin is about half that. VeRA trains 0.16 % of the model's parameters and wants a far larger learning rate
-    than LoRA."""
+    7.9 %); the margin is about half that. VeRA trains 0.16 % of the model's parameters and wants a far larger
+    learning rate than LoRA."""
     from tunesmith.config import load_config
     from tunesmith.methods.base import read_adapter_config
     from tunesmith.train.loop import train
