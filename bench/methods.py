@@ -28,6 +28,7 @@ METHODS = {  # each at the learning rate its real-model test uses
     "lora": ["method.name=lora", "train.lr=5e-4"],
     "lora-pissa": ["method.name=lora", "method.init=pissa", "train.lr=5e-4"],
     "lora-olora": ["method.name=lora", "method.init=olora", "train.lr=5e-4"],
+    "qlora": ["method.name=qlora", "train.lr=5e-4"],
     "qlora-loftq": ["method.name=qlora", "method.init=loftq", "train.lr=5e-4"],
     "dora": ["method.name=dora", "method.dropout=0.0", "train.lr=2e-3"],
     "ia3": ["method.name=ia3", "train.lr=3e-2"],

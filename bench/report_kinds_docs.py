@@ -121,6 +121,19 @@ def bakeoff(runs: list[Run]) -> list[str]:
     return out
 
 
+def methods(runs: list[Run]) -> list[str]:
+    return _per_row(runs, "method", "CPU | method | trainable | % | adapter file | s/step | peak RSS | held-out loss "
+                    "before → after | drop", "---|---|---:|---:|---:|---:|---:|---|---:",
+                    lambda r: f"{cpu_name(_header_of(runs, r)['cpu'])} | {r['method']} | {r['trainable']:,} | "
+                              f"{r['pct']:.3f} | {r['size_mb']:.2f} MiB | {r['s_per_step']:.2f} | "
+                              f"{r['peak_rss_gb']:.2f} GB | {r['before']:.4f} → {r['after']:.4f} | "
+                              f"{100 * (r['before'] - r['after']) / r['before']:.1f} %")
+
+
+def _header_of(runs: list[Run], row: dict) -> dict:
+    return next(r.header for r in runs if r.id == row["run"])
+
+
 def page(runs: list[Run]) -> str:
     cpu = {r.id: cpu_name(r.header["cpu"]) for r in runs}
 
@@ -143,6 +156,10 @@ def page(runs: list[Run]) -> str:
         ("llama.cpp reads the GGUF export as transformers does", "bench/llamacpp_check.py", where("llamacpp"),
          llamacpp(runs)),
         ("The method bake-off", "bench/bakeoff.py", where("candidate"), bakeoff(runs)),
+        ("Methods side by side", "bench/methods.py",
+         "Each method (and the LoRA options: initialisations, LoRA+, added tokens; GaLore for full fine-tuning) on "
+         "SmolLM2-135M with the demo config (r 16 where a rank applies, bf16 autocast), the same steps and data, each "
+         "in its own process, at the learning rate of its real-model test.", methods(runs)),
     ]
     out = ["# More benchmarks", "", GENERATED, "",
            "The other benchmarks, one summary table each, from the raw rows; every run's settings and rows are on "

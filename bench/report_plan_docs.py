@@ -28,6 +28,9 @@ PLAN_FILES = {
     "plan-rows-bf16-unmapped": "bf16, the same rows after the conversion to bf16 unmaps the checkpoint file, "
                                "2026-12-04 (the two full rows measured once more after the trained head's bf16 "
                                "weight gradient began holding its logit gradients).",
+    "plan-rows-methods": "fp32, 4 × 256 / 8 × 512, AMD EPYC Zen 5, 2026-12-08: LoHa, LoKr and the LoRA options "
+                         "(PiSSA initialisation, added tokens with their rows training) and full fine-tuning with "
+                         "GaLore (rank 64), beside plain LoRA measured in the same session.",
     "plan-rows-lora-dropout": "fp32, LoRA text and LoRA + DPO after LoRA's dropout moved inside the fused node "
                               "(`methods/lora_function.py`), 2026-12-04.",
 }
@@ -49,11 +52,15 @@ def plan_files(results: Path) -> list[Path]:
 def _config(row: dict):
     from tunesmith.config import RunConfig
 
-    method = {"name": row["method"], **({"last_layers": 4} if row["method"] == "freeze" else {})}
+    from plan import ROW_SECTIONS  # bench/plan.py: a row's method options, or the variant of a method it names
+
+    sections = ROW_SECTIONS.get(row["method"], {"method": {"name": row["method"]}})
     return RunConfig.model_validate({
-        "model": {"path": "builtin:smollm2-135m-instruct"}, "method": method, "objective": row["objective"],
-        "data": {"train": "rows.jsonl", "max_length": row["length"], "overlong": "truncate"},
-        "train": {"max_steps": row["steps"], "batch_size": row["batch"], "lr": 1e-4, "bf16": row.get("bf16", False)},
+        "model": {"path": "builtin:smollm2-135m-instruct", **sections.get("model", {})}, "method": sections["method"],
+        "objective": row["objective"], "data": {"train": "rows.jsonl", "max_length": row["length"],
+                                                "overlong": "truncate"},
+        "train": {"max_steps": row["steps"], "batch_size": row["batch"], "lr": 1e-4, "bf16": row.get("bf16", False),
+                  **sections.get("train", {})},
         "report": {"compare": False, "heldout_samples": 0, "trained_samples": 0}, "output_dir": "run"})
 
 
