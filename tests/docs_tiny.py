@@ -187,6 +187,9 @@ def _train(argv: list[str], args, tiny: Tiny) -> list[str]:
         sets.update({"ppo.epochs": 1, "ppo.minibatch_size": 2})
     if cfg.objective == "grpo":
         sets.update({"grpo.num_generations": 2, "grpo.minibatch_size": 4})
+    if cfg.objective == "distill" and cfg.distill is not None and cfg.distill.teacher \
+            and stands_in(cfg.distill.teacher):
+        sets["distill.teacher"] = tiny.model  # a SmolLM2 teacher: the tiny model, so the vocabularies match
     return [*argv, *(x for key, value in sets.items() for x in ("--set", f"{key}={value}")), "--quiet"]
 
 

@@ -71,6 +71,7 @@ class ObjectiveDeclaration:
     reference: Literal["", "cached", "forward"] = ""  # a reference policy (the model before training): none, its
     #   log-probs computed once before training where the base trains (DPO), or forwards during training (KTO, PPO)
     reference_weight: str = ""           # its section's field that switches the reference forwards off at 0
+    teacher: bool = False                # a teacher's forward scores the answers (distill): the planner counts it
     head: tuple[str, int] | None = None  # a scalar head the planner counts: (what, its parameters beyond h)
     scores_logps: bool = False           # it scores sequences' per-token log-probs (DPO's family, PPO, GRPO)
     rollout_buffers: int = 0             # values kept per rollout token (PPO: tokens, log-probs, ..., returns)

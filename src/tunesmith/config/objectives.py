@@ -1,5 +1,5 @@
 """Each objective's declaration (config/declarations.py) and options (pydantic, no torch): the `reward:`, `dpo:`,
-`orpo:`, `simpo:`, `kto:`, `ppo:`, `grpo:` and `classify:` config sections."""
+`orpo:`, `simpo:`, `kto:`, `ppo:`, `grpo:`, `classify:` and `distill:` config sections."""
 
 from __future__ import annotations
 
@@ -181,6 +181,59 @@ class GrpoSettings(Strict):
         return list(self.reward_weights) if self.reward_weights is not None else [1.0] * n
 
 
+class TeacherContext(Strict):
+    system: str | None = Field(None, description="a system prompt the teacher sees before each question and the "
+                               "student does not (joined before the record's own system prompt, if it has one)")
+    few_shot: int = Field(0, ge=0, description="N: question/answer examples from the training data the teacher sees "
+                          "before each question (an example is never its own shot), as `tunesmith icl` puts them")
+    select: Literal["fixed", "random", "similar"] = Field(
+        "fixed", description="how the shots are chosen, as `tunesmith icl --select`: fixed (the first N, the same "
+        "prompt every time), random (seeded per example by train.seed) or similar (nearest by embedding)")
+
+    @model_validator(mode="after")
+    def _some_context(self) -> "TeacherContext":
+        if not self.system and not self.few_shot:
+            raise ValueError("distill.teacher_context: give a system prompt, few_shot examples or both; an empty "
+                             "context would make the teacher see what the student sees")
+        return self
+
+
+class DistillSettings(Strict):
+    teacher: Annotated[str | None, Expect.MODEL] = Field(
+        None, description="the teacher: another model folder or hub id with the same vocabulary as the student's "
+        "tokenizer; default: the student's own base with the trained adapters switched off")
+    teacher_adapter: Annotated[str | None, Expect.FOLDER] = Field(
+        None, description="folder of an adapter trained on this run's base: the teacher is the base with that "
+        "adapter")
+    teacher_context: TeacherContext | None = Field(
+        None, description="context distillation: what the teacher sees before each question and the student does "
+        "not; both score the same answer tokens")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl: KL(teacher || student) per answer token; reverse_kl: KL(student || "
+        "teacher); jsd: GKD's generalized Jensen-Shannon divergence with beta")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd's mixture weight: M = (1 - beta)·student + "
+                        "beta·teacher, loss beta·KL(teacher || M) + (1 - beta)·KL(student || M); 0 is forward_kl, "
+                        "1 reverse_kl (TRL's generalized_jsd_loss)")
+    temperature: float = Field(1.0, gt=0, description="both distributions are softmax(logits / temperature)")
+    sft_weight: float = Field(0.0, ge=0, description="weight of the cross-entropy on the data's own answers added "
+                              "to the distillation loss; 0: none")
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "DistillSettings":
+        if self.teacher and self.teacher_adapter:
+            raise ValueError("set distill.teacher (another model) or distill.teacher_adapter (an adapter on this "
+                             "run's base), not both")
+        if "beta" in self.model_fields_set and self.loss != "jsd":
+            raise ValueError(f"distill.beta applies to loss 'jsd' only; loss '{self.loss}' is beta "
+                             f"{0 if self.loss == 'forward_kl' else 1} by definition")
+        return self
+
+    @property
+    def jsd_beta(self) -> float:
+        """The generalized JSD's beta that the chosen loss is."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.loss, self.beta)
+
+
 def _cut_apart(name: str) -> str:
     return f"would cut {name} examples apart; use 'drop' or 'truncate'"
 
@@ -243,6 +296,11 @@ OBJECTIVES = (
         own_head="reads a label head on each text's last hidden state", default_overlong="truncate",
         split_refusal=_cut_apart("classify"),
         prompt_never_trained="reads a label head at each text's last token; a text has no prompt"),
+    ObjectiveDeclaration(
+        "distill", ("alpaca", "sharegpt", "messages"), " (conversations: the teacher scores their answers)",
+        DistillSettings, teacher=True, split_refusal=_cut_apart("distill"),
+        prompt_never_trained="matches the teacher's distribution on the answer tokens only; with a teacher_context "
+        "the teacher's prompt is not the student's, so prompts cannot be compared token by token"),
 )
 OBJECTIVE_NAMES = tuple(d.name for d in OBJECTIVES)
 OBJECTIVE_SECTIONS = {d.name: d.section for d in OBJECTIVES if d.section is not None}

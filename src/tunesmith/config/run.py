@@ -14,8 +14,8 @@ from tunesmith.config.loading import load_yaml_model
 from tunesmith.config.methods import METHOD_NAMES, LoraSettings, MethodSettings, settings_class
 from tunesmith.config.optimizer import OPTIMIZERS, GaloreSettings, galore_refusal
 from tunesmith.config.objectives import (OBJECTIVE_NAMES, OBJECTIVE_SECTIONS, OBJECTIVES, ClassifySettings,
-                                         DpoSettings, GrpoSettings, KtoSettings, OrpoSettings, PpoSettings,
-                                         RewardSettings, SimpoSettings, objective_declaration)
+                                         DistillSettings, DpoSettings, GrpoSettings, KtoSettings, OrpoSettings,
+                                         PpoSettings, RewardSettings, SimpoSettings, objective_declaration)
 from tunesmith.paths import Expect
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -314,6 +314,7 @@ class RunConfig(Strict):
     ppo: PpoSettings | None = _objective_section("ppo")
     grpo: GrpoSettings | None = _objective_section("grpo")
     classify: ClassifySettings | None = _objective_section("classify")
+    distill: DistillSettings | None = _objective_section("distill")
     data: DataSettings = Field(description="where the training and held-out examples come from and how they become "
                                "token sequences")
     train: TrainSettings = Field(default_factory=TrainSettings, description="the optimisation: its length, batch, "

@@ -27,6 +27,7 @@ OBJECTIVES = {
     "ppo": "ppo:PpoObjective",
     "grpo": "grpo:GrpoObjective",
     "classify": "classify:ClassifyObjective",
+    "distill": "distill:DistillObjective",
 }
 
 

@@ -253,6 +253,14 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
     tokens = batch.labels
     head_trains = cfg.method.head_trains()
     objective = cfg.objective_declaration
+    if objective.teacher:  # distill: the teacher's weights, forward and the divergence's buffers (plan/teacher.py)
+        from tunesmith.plan.teacher import teacher_parts
+
+        distilled = [Part(*p) for p in teacher_parts(arch, cfg, tokens, batch.decoder, batch.sequences)]
+        settings = cfg.objective_settings
+        if not (settings and settings.sft_weight):
+            return distilled
+        return distilled + _cross_entropy_parts(arch, cfg, tokens, loss_chunk, head_trains, device)
     if objective.own_head:  # the reward model's scalar head, classify's label head: no LM head logits
         return [Part(f"{objective.name} head", tokens * h * 4, "hidden states at each sequence's last token")]
     if objective.scores_logps:
@@ -263,6 +271,12 @@ def _loss_parts(arch: Architecture, cfg: RunConfig, batch: BatchTokens, device: 
                          f"3 × {tokens:,} label positions × {vocab:,} × 4 B (logits, log-softmax, reference/gradient)")]
         # chunked per-token log-probs (objectives/chunked_ce.py): the same buffers as the chunked loss; the backward
         # recomputes each chunk's logits from the saved log-sum-exp
+    return _cross_entropy_parts(arch, cfg, tokens, loss_chunk, head_trains, device)
+
+
+def _cross_entropy_parts(arch: Architecture, cfg: RunConfig, tokens: int, loss_chunk: int | None, head_trains: bool,
+                         device: str) -> list[Part]:
+    vocab, h = arch.vocab_size, arch.hidden_size
     chunk = loss_chunk
     if chunk is None:
         return [Part("logits", 3 * tokens * vocab * 4, f"3 × {tokens:,} × {vocab:,} × 4 B (logits, softmax, grad)")]
