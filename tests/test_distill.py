@@ -206,8 +206,10 @@ def test_refusals(distill_setup):
     s = distill_setup
     full = _config(s.student, s.train, s.eval, s.folder / "full", distill={"loss": "forward_kl"})
     full["method"] = {"name": "full"}
-    with pytest.raises(ConfigError, match="trains the base weights in place"):
-        train(load_config(None, [], base=full), quiet=True)
+    with pytest.raises(ConfigError, match="trains the base weights in place"):  # refused by the config itself
+        load_config(None, [], base=full)
+    full["distill"] = {"teacher": str(s.teacher)}
+    assert load_config(None, [], base=full).distill.teacher == str(s.teacher)
     for section, match in (({"loss": "forward_kl", "beta": 0.3}, "beta applies to loss 'jsd' only"),
                            ({"teacher": "x", "teacher_adapter": str(s.adapter)}, "not both"),
                            ({"teacher_context": {"few_shot": 0}}, "an empty context")):

@@ -228,6 +228,15 @@ class DistillSettings(Strict):
                              f"{0 if self.loss == 'forward_kl' else 1} by definition")
         return self
 
+    def run_refusal(self, cfg) -> str | None:
+        """Why this section cannot train with the run's method, or None (RunConfig asks every section that has
+        this)."""
+        if self.teacher or self.teacher_adapter or not cfg.method.declaration.trains_base:
+            return None
+        return (f"distill.teacher: method {cfg.method.name} trains the base weights in place, so the base cannot be "
+                "the teacher without a second copy; give distill.teacher (a model folder or hub id) or train an "
+                "adapter method (lora, ...)")
+
     @property
     def jsd_beta(self) -> float:
         """The generalized JSD's beta that the chosen loss is."""

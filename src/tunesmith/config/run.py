@@ -376,6 +376,13 @@ class RunConfig(Strict):
         if declared.split_refusal and self.data.overlong == "split":
             raise ValueError(f"data.overlong: 'split' {declared.split_refusal}")
         self._refuse_settings_the_objective_cannot_use()
+        section = declared.section
+        settings = self.objective_settings
+        if settings is None and hasattr(section, "run_refusal"):
+            settings = section()  # the defaults of a section left out
+        why = settings.run_refusal(self) if hasattr(settings, "run_refusal") else None
+        if why:
+            raise ValueError(why)
         if self.distributed is not None:
             why = refusal(declared, self.method, self.distributed.strategy)
             if why:

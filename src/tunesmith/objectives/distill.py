@@ -90,10 +90,9 @@ class DistillObjective:
             self.teacher.to(device).eval().requires_grad_(False)
             return f"teacher: {what}{seen}, frozen"
         self.switch = adapters_off(method)
-        if self.switch is None:
-            raise ConfigError(f"distill.teacher: method {cfg.method.name} trains the base weights in place, so the "
-                              "base cannot be the teacher without a second copy; give distill.teacher (a model "
-                              "folder or hub id) or train an adapter method (lora, ...)")
+        if self.switch is None:  # config refuses it first (DistillSettings.run_refusal)
+            raise ConfigError(s.run_refusal(cfg) or f"distill.teacher: method {cfg.method.name} cannot switch its "
+                              "adapters off; give distill.teacher")
         return f"teacher: the base with the trained adapters switched off (no second copy){seen}"
 
     def _load_teacher(self, model, cfg):
