@@ -120,8 +120,8 @@ def test_lora_trains_on_the_frozen_int4_weights(gptq_folder, tiny_config, tiny_m
 
     class SpyAdamW(torch.optim.AdamW):
         def __init__(self, params, *args, **kwargs):
-            params = list(params)
-            seen.extend(params)
+            params = list(params)  # parameter groups (methods/base.parameter_groups)
+            seen.extend(p for group in params for p in group["params"])
             super().__init__(params, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
