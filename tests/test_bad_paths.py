@@ -165,7 +165,7 @@ def _run_tree(tmp: Path, good_data: str) -> dict:
 
 def _with_field(tree: dict, location: tuple, value: str) -> dict:
     """`tree` with `value` at `location`, and what that field needs around it (its objective, a task list)."""
-    if location[0] in ("ppo", "grpo"):
+    if location[0] in ("ppo", "grpo", "distill"):
         tree["objective"] = location[0]
     if location[:2] == ("data", "tasks"):
         tree["data"] = {"tasks": [{"name": "t", "train": tree["data"]["train"]}]}
